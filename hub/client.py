@@ -1,0 +1,445 @@
+"""The client SDK: ``HubClient`` (blocking, thread-safe) and ``AsyncHubClient`` (asyncio).
+
+On first use a client says HELLO. It proves that it shares the supervisor's
+``/dev/shm`` by creating a small probe segment that the supervisor must read back; only
+then does it pass PCM through shared memory (the supervisor forwards a descriptor, the
+worker maps the segment). Otherwise, e.g. from another host, PCM travels inline.
+
+Every call has a deadline: nothing blocks past ``timeout``, and a supervisor that is not
+running gives ``HubUnreachable`` rather than a hang. This module imports only the
+bottom layer, so a client never drags the supervisor in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from hub import protocol, shm
+from hub.audio import AudioInput, to_pcm
+from hub.errors import HubError, HubUnreachable, JobTimeout
+from hub.protocol import Message, MsgType
+from hub.results import Segment, Transcript
+
+__all__ = ["HubClient", "AsyncHubClient", "Transcript", "Segment", "TranscriptStream"]
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+@dataclass(frozen=True)
+class _Hello:
+    hub_id: str
+    shm: bool
+    shm_prefix: str
+    default_provider: str
+
+
+@dataclass
+class _Prepared:
+    """A TRANSCRIBE request ready to send, with the segment to release once it is answered."""
+
+    body: dict[str, Any]
+    payload: bytes | None
+    segment: shm.PcmSegment | None
+
+    def release(self) -> None:
+        if self.segment is not None:
+            self.segment.release()
+
+
+def _options(language: str | None, beam_size: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    extra = {"language": language, "beam_size": beam_size}
+    return {**options, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _prepare(
+    hello: _Hello,
+    audio: AudioInput,
+    provider: str | None,
+    options: dict[str, Any],
+    stream: bool,
+    deadline: float,
+    sample_rate: int | None,
+    use_shm: bool,
+) -> _Prepared:
+    pcm = to_pcm(audio, sample_rate)
+    timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
+    body: dict[str, Any] = {"provider": provider, "options": options, "stream": stream, "timeout": timeout}
+    if use_shm and hello.shm:
+        segment = shm.create_pcm(hello.shm_prefix, pcm)
+        body["audio"] = {"samples": int(pcm.size), "shm": segment.name}
+        return _Prepared(body, None, segment)
+    body["audio"] = {"samples": int(pcm.size)}
+    return _Prepared(body, pcm.tobytes(), None)
+
+
+def _hello_body() -> tuple[dict[str, Any], shm.PcmSegment]:
+    probe, nonce = shm.create_probe()
+    return {"probe": probe.name, "nonce": nonce}, probe
+
+
+def _read_hello(body: dict[str, Any]) -> _Hello:
+    return _Hello(
+        hub_id=str(body.get("hub_id", "")),
+        shm=bool(body.get("shm")),
+        shm_prefix=str(body.get("shm_prefix", "")),
+        default_provider=str(body.get("default_provider", "")),
+    )
+
+
+def _interpret(msg: Message) -> Segment | Transcript | dict[str, Any]:
+    """A reply as a value: a streamed segment, the final transcript, a REPLY body; ERROR raises."""
+    if msg.type is MsgType.ERROR:
+        raise HubError.from_dict(msg.body)
+    if msg.type is MsgType.SEGMENT:
+        return Segment.from_dict(msg.body)
+    if msg.type is MsgType.RESULT:
+        return Transcript.from_dict(msg.body)
+    return msg.body
+
+
+def _unreachable(endpoint: str, waited: float) -> HubUnreachable:
+    return HubUnreachable(
+        f"no ASR Hub answered at {endpoint} within {waited:.1f} s; "
+        "is `python -m hub.supervisor` running there, and is the endpoint right?"
+    )
+
+
+def _timed_out(waited: float) -> JobTimeout:
+    return JobTimeout(f"no answer within {waited:.1f} s (the client's timeout); the request was cancelled")
+
+
+class TranscriptStream:
+    """Iterate it for segments as the worker decodes them; ``transcript`` holds the totals afterwards."""
+
+    def __init__(self, events: Iterator[Segment | Transcript]) -> None:
+        self._events = events
+        self.transcript: Transcript | None = None
+
+    def __iter__(self) -> Iterator[Segment]:
+        for event in self._events:
+            if isinstance(event, Transcript):
+                self.transcript = event
+            else:
+                yield event
+
+
+class HubClient:
+    """A blocking client; one instance may be shared by many threads (each gets its own socket)."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, *, use_shm: bool = True) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.use_shm = use_shm
+        self._ctx = zmq.Context()
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._hello: _Hello | None = None
+        self._closed = False
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for sock in self._sockets:
+                sock.close(linger=0)
+            self._sockets.clear()
+        self._ctx.term()
+
+    # --- public calls ---------------------------------------------------------------
+
+    def transcribe(
+        self,
+        audio: AudioInput,
+        provider: str | None = None,
+        *,
+        language: str | None = None,
+        beam_size: int | None = None,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
+    ) -> Transcript:
+        """Transcribe a file path, a numpy array (float32 or int16) or raw 16-bit PCM bytes."""
+        stream = self._start(audio, provider, _options(language, beam_size, options), timeout, sample_rate, stream=False)
+        for _ in stream:
+            pass
+        assert stream.transcript is not None
+        return stream.transcript
+
+    def transcribe_stream(
+        self,
+        audio: AudioInput,
+        provider: str | None = None,
+        *,
+        language: str | None = None,
+        beam_size: int | None = None,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
+    ) -> TranscriptStream:
+        """Like ``transcribe``, but yields each segment as soon as the worker has decoded it."""
+        return self._start(audio, provider, _options(language, beam_size, options), timeout, sample_rate, stream=True)
+
+    def _start(
+        self,
+        audio: AudioInput,
+        provider: str | None,
+        options: dict[str, Any],
+        timeout: float | None,
+        sample_rate: int | None,
+        stream: bool,
+    ) -> TranscriptStream:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        hello = self._ensure_hello(deadline)
+        prepared = _prepare(hello, audio, provider, options, stream, deadline, sample_rate, self.use_shm)
+        return TranscriptStream(self._events(prepared, deadline))
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The supervisor's view of every provider and worker (see the README for the fields)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        self._ensure_hello(deadline)
+        (body,) = self._call(MsgType.STATUS, {}, None, deadline)
+        return body  # type: ignore[return-value]
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until every enabled provider has its ``min_size`` workers ready; return the status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HubUnreachable(f"the hub at {self.endpoint} was not ready within {timeout:.0f} s")
+            try:
+                status = self.status(timeout=min(remaining, 2.0))
+            except HubUnreachable:
+                continue
+            if status["hub"]["ready"]:
+                return status
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("this HubClient is closed")
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.endpoint)
+                self._sockets.append(sock)
+            self._local.sock = sock
+        return sock
+
+    def _ensure_hello(self, deadline: float) -> _Hello:
+        if self._hello is None:
+            body, probe = _hello_body()
+            try:
+                (reply,) = self._call(MsgType.HELLO, body, None, deadline, unreachable=True)
+            finally:
+                probe.release()
+            self._hello = _read_hello(reply)  # type: ignore[arg-type]
+        return self._hello
+
+    def _call(
+        self, msg_type: MsgType, body: dict[str, Any], payload: bytes | None, deadline: float, unreachable: bool = False
+    ) -> list[Any]:
+        return list(self._exchange(msg_type, body, payload, deadline, unreachable))
+
+    def _exchange(
+        self, msg_type: MsgType, body: dict[str, Any], payload: bytes | None, deadline: float, unreachable: bool = False
+    ) -> Iterator[Any]:
+        """Send one request and yield its replies until the final one; cancel it on timeout."""
+        sock = self._socket()
+        request_id = str(next(self._ids))
+        started = time.monotonic()
+        sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
+                if not unreachable:
+                    sock.send_multipart(protocol.build(MsgType.CANCEL, request_id))
+                waited = time.monotonic() - started
+                raise _unreachable(self.endpoint, waited) if unreachable else _timed_out(waited)
+            msg = protocol.parse(sock.recv_multipart())
+            if msg.id != request_id:
+                continue  # a late answer to a request we already gave up on
+            value = _interpret(msg)
+            yield value
+            if msg.type is not MsgType.SEGMENT:
+                return
+
+    def _events(self, prepared: _Prepared, deadline: float) -> Iterator[Segment | Transcript]:
+        try:
+            yield from self._exchange(MsgType.TRANSCRIBE, prepared.body, prepared.payload, deadline)
+        finally:
+            prepared.release()
+
+
+class AsyncHubClient:
+    """The same calls as coroutines, on one socket: hundreds of requests can share one event loop."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, *, use_shm: bool = True) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.use_shm = use_shm
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Queue[Message]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._hello: _Hello | None = None
+        self._hello_lock: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> AsyncHubClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+            self._reader = None
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    async def transcribe(
+        self,
+        audio: AudioInput,
+        provider: str | None = None,
+        *,
+        language: str | None = None,
+        beam_size: int | None = None,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
+    ) -> Transcript:
+        result: Transcript | None = None
+        events = self._transcribe(audio, provider, _options(language, beam_size, options), timeout, sample_rate, False)
+        async for event in events:
+            if isinstance(event, Transcript):
+                result = event
+        assert result is not None
+        return result
+
+    async def transcribe_stream(
+        self,
+        audio: AudioInput,
+        provider: str | None = None,
+        *,
+        language: str | None = None,
+        beam_size: int | None = None,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Segment | Transcript]:
+        """Yields each ``Segment`` as it is decoded, then the final ``Transcript``."""
+        events = self._transcribe(audio, provider, _options(language, beam_size, options), timeout, sample_rate, True)
+        async for event in events:
+            yield event
+
+    async def status(self, timeout: float | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        await self._ensure_hello(deadline)
+        async for body in self._exchange(MsgType.STATUS, {}, None, deadline):
+            return body  # type: ignore[no-any-return]
+        raise AssertionError("unreachable")
+
+    async def _transcribe(
+        self,
+        audio: AudioInput,
+        provider: str | None,
+        options: dict[str, Any],
+        timeout: float | None,
+        sample_rate: int | None,
+        stream: bool,
+    ) -> AsyncIterator[Segment | Transcript]:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        hello = await self._ensure_hello(deadline)
+        prepared = _prepare(hello, audio, provider, options, stream, deadline, sample_rate, self.use_shm)
+        try:
+            async for event in self._exchange(MsgType.TRANSCRIBE, prepared.body, prepared.payload, deadline):
+                yield event
+        finally:
+            prepared.release()
+
+    async def _ensure_hello(self, deadline: float) -> _Hello:
+        if self._hello_lock is None:
+            self._hello_lock = asyncio.Lock()
+        async with self._hello_lock:
+            if self._hello is None:
+                body, probe = _hello_body()
+                try:
+                    async for reply in self._exchange(MsgType.HELLO, body, None, deadline, unreachable=True):
+                        self._hello = _read_hello(reply)  # type: ignore[arg-type]
+                finally:
+                    probe.release()
+        assert self._hello is not None
+        return self._hello
+
+    async def _exchange(
+        self, msg_type: MsgType, body: dict[str, Any], payload: bytes | None, deadline: float, unreachable: bool = False
+    ) -> AsyncIterator[Any]:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        request_id = str(next(self._ids))
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._pending[request_id] = inbox
+        started = time.monotonic()
+        try:
+            await self._sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
+            while True:
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    waited = time.monotonic() - started
+                    if unreachable:
+                        raise _unreachable(self.endpoint, waited) from None
+                    await self._sock.send_multipart(protocol.build(MsgType.CANCEL, request_id))
+                    raise _timed_out(waited) from None
+                yield _interpret(msg)
+                if msg.type is not MsgType.SEGMENT:
+                    return
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _read_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                msg = protocol.parse(frames)
+            except HubError:
+                continue
+            inbox = self._pending.get(msg.id)
+            if inbox is not None:
+                inbox.put_nowait(msg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from hub.cli import main
+
+    sys.exit(main())

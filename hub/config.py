@@ -1,0 +1,243 @@
+"""The YAML config as frozen dataclasses, loaded and checked once, before any worker starts.
+
+The schema *is* the dataclasses below: a generic builder walks their fields, so a key
+that is not a field, or a value of the wrong type, is an error naming its key path
+(``providers.whisper.pool.min_size: expected an integer, got 'two'``). An IDE completes
+``config.providers["whisper"].pool.max_queue`` like any other typed object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+PROVIDER_TYPES = ("whisper", "funasr", "echo")
+DEVICES = ("auto", "cpu", "cuda")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message starts with the key path at fault."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How many workers a provider runs and how jobs wait for them."""
+
+    enabled: bool = True
+    min_size: int = 1
+    max_size: int = 2
+    max_queue: int = 64
+    idle_timeout: float = 300.0
+    acquire_timeout: float = 30.0
+    health_check_interval: float = 60.0
+    job_timeout: float = 60.0
+    job_timeout_per_audio_second: float = 2.0
+    retry_on_crash: int = 1
+
+
+SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1)
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One pool of identical workers serving one model."""
+
+    name: str
+    type: str
+    enabled: bool = True
+    model: str = ""
+    device: str = "auto"
+    devices: tuple[int, ...] = (0,)
+    compute_type: str = "auto"
+    cpu_threads: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+    pool: PoolConfig = SINGLE_INSTANCE
+
+
+@dataclass(frozen=True)
+class HubSection:
+    """Supervisor-wide settings."""
+
+    frontend: str = "tcp://127.0.0.1:5555"
+    runtime_dir: str = ""
+    max_audio_seconds: float = 1800.0
+    drain_timeout: float = 30.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    start_timeout: float = 120.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    hub: HubSection
+    providers: dict[str, ProviderConfig]
+
+    @property
+    def enabled_providers(self) -> list[ProviderConfig]:
+        return [p for p in self.providers.values() if p.enabled]
+
+    def resolved_runtime_dir(self) -> Path:
+        """Where the backend socket lives: ``hub.runtime_dir``, else ``$XDG_RUNTIME_DIR/asr-hub``, else /tmp."""
+        if self.hub.runtime_dir:
+            return Path(self.hub.runtime_dir)
+        if os.environ.get("XDG_RUNTIME_DIR"):
+            return Path(os.environ["XDG_RUNTIME_DIR"]) / "asr-hub"
+        return Path(f"/tmp/asr-hub-{os.getuid()}")
+
+
+def load_config(path: str | os.PathLike[str]) -> HubConfig:
+    """Read and validate a config file; raise ``ConfigError`` naming the offending key path."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data or {}, base_dir=Path(path).resolve().parent)
+
+
+def parse_config(data: Any, base_dir: Path | None = None) -> HubConfig:
+    """Validate an already-parsed mapping (what ``yaml.safe_load`` returned)."""
+    root = _mapping(data, "config")
+    _reject_unknown(root, {"hub", "providers"}, "")
+    hub = _build(HubSection, _mapping(root.get("hub") or {}, "hub"), "hub")
+    raw_providers = _mapping(root.get("providers") or {}, "providers")
+    providers = {
+        name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir)
+        for name, body in raw_providers.items()
+    }
+    config = HubConfig(hub=hub, providers=providers)
+    if not config.enabled_providers:
+        raise ConfigError("providers: at least one provider must be enabled")
+    return config
+
+
+def _provider(name: str, body: dict[str, Any], base_dir: Path | None) -> ProviderConfig:
+    path = f"providers.{name}"
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{path}: provider names are 1-40 lowercase letters, digits, '_', '.' or '-'")
+    body = dict(body)
+    body.setdefault("type", name)
+    pool_body = body.pop("pool", None)
+    provider = _build(ProviderConfig, body, path, fixed={"name": name})
+    if provider.type not in PROVIDER_TYPES:
+        raise ConfigError(f"{path}.type: unknown provider type {provider.type!r} (known: {', '.join(PROVIDER_TYPES)})")
+    if provider.device not in DEVICES:
+        raise ConfigError(f"{path}.device: must be one of {', '.join(DEVICES)}, got {provider.device!r}")
+    if not provider.devices or any(d < 0 for d in provider.devices):
+        raise ConfigError(f"{path}.devices: give at least one GPU index, each >= 0")
+    if provider.cpu_threads < 0:
+        raise ConfigError(f"{path}.cpu_threads: must be >= 0 (0 lets the library choose)")
+    model = _check_model(provider, path, base_dir)
+    pool = _pool(_mapping(pool_body, f"{path}.pool") if pool_body is not None else None, f"{path}.pool")
+    return dataclasses.replace(provider, model=model, pool=pool)
+
+
+def _check_model(provider: ProviderConfig, path: str, base_dir: Path | None) -> str:
+    """A path-like model must be an existing directory (made absolute); other values are model names."""
+    model = provider.model
+    if provider.type == "echo":
+        return model
+    if not model:
+        raise ConfigError(f"{path}.model: required for a {provider.type} provider")
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or os.sep in model
+    if not looks_like_path:
+        return model
+    directory = Path(model).expanduser()
+    if not directory.is_absolute() and base_dir is not None:
+        directory = base_dir / directory
+    if not directory.is_dir():
+        raise ConfigError(f"{path}.model: model directory {str(directory)!r} does not exist")
+    return str(directory.resolve())
+
+
+def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
+    if body is None:
+        return SINGLE_INSTANCE
+    pool = _build(PoolConfig, body, path)
+    if not pool.enabled:
+        return dataclasses.replace(pool, min_size=1, max_size=1)
+    if pool.min_size < 1:
+        raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
+    if pool.min_size > pool.max_size:
+        raise ConfigError(f"{path}: min_size ({pool.min_size}) is greater than max_size ({pool.max_size})")
+    if pool.max_queue < 0:
+        raise ConfigError(f"{path}.max_queue: must be >= 0, got {pool.max_queue}")
+    for key in ("acquire_timeout", "job_timeout", "idle_timeout", "health_check_interval"):
+        if getattr(pool, key) <= 0:
+            raise ConfigError(f"{path}.{key}: must be a positive number of seconds")
+    return pool
+
+
+# --- the generic builder -----------------------------------------------------------
+
+
+def _mapping(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+    return value
+
+
+def _reject_unknown(data: dict[str, Any], known: set[str], path: str) -> None:
+    for key in data:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key (known keys: {', '.join(sorted(known))})")
+
+
+def _build(cls: type, data: dict[str, Any], path: str, fixed: dict[str, Any] | None = None) -> Any:
+    """Make ``cls`` from ``data``, checking each key against the field's type; ``fixed`` fields are not keys."""
+    fixed = fixed or {}
+    hints = typing.get_type_hints(cls)
+    _reject_unknown(data, {f.name for f in dataclasses.fields(cls)} - set(fixed), path)
+    values = {key: _coerce(value, hints[key], f"{path}.{key}") for key, value in data.items()}
+    return cls(**values, **fixed)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, path)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        return dict(_mapping(value, path))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    raise ConfigError(f"{path}: unsupported schema type {hint!r}")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"

@@ -1,0 +1,98 @@
+"""Jobs, the bounded per-provider queue they wait in, and their deadlines.
+
+A full queue rejects at once (``POOL_BUSY``): explicit backpressure instead of an
+unbounded backlog. Queued jobs expire at their acquire deadline (``ACQUIRE_TIMEOUT``);
+running jobs at a deadline scaled to the audio length (``JOB_TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.config import PoolConfig
+from hub.errors import PoolBusy
+from hub.protocol import AudioRef
+
+
+@dataclass(eq=False)
+class Job:
+    """One client request on its way through the supervisor."""
+
+    id: str
+    client: bytes
+    request: str
+    provider: str
+    audio: AudioRef
+    payload: bytes | None
+    options: dict[str, Any]
+    stream: bool
+    received_at: float
+    acquire_deadline: float
+    client_timeout: float | None
+    attempts: int = 0
+    worker: str | None = None
+    started_at: float = 0.0
+    run_deadline: float = field(default=float("inf"))
+
+    def job_body(self) -> dict[str, Any]:
+        """The JOB message a worker receives (the payload frame travels beside it)."""
+        return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
+
+
+def acquire_deadline(pool: PoolConfig, now: float, client_timeout: float | None) -> float:
+    """A queued job waits at most ``acquire_timeout``, and never longer than its client will."""
+    wait = pool.acquire_timeout if client_timeout is None else min(pool.acquire_timeout, client_timeout)
+    return now + wait
+
+
+def run_deadline(pool: PoolConfig, audio_seconds: float, now: float) -> float:
+    """A running job may take ``job_timeout`` plus an allowance per second of audio."""
+    return now + pool.job_timeout + pool.job_timeout_per_audio_second * audio_seconds
+
+
+class JobQueue:
+    """FIFO of jobs waiting for a worker of one provider, bounded by ``max_queue``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._jobs: deque[Job] = deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._jobs)
+
+    def push(self, job: Job) -> None:
+        if len(self._jobs) >= self.limit:
+            raise PoolBusy(
+                f"provider {job.provider!r} has {len(self._jobs)} jobs waiting (pool.max_queue={self.limit}); "
+                "retry shortly or raise pool.max_size / pool.max_queue",
+                job_id=job.request,
+            )
+        self._jobs.append(job)
+
+    def push_front(self, job: Job) -> None:
+        """Put back a job whose worker died, ahead of newer ones; retries may exceed the bound by one."""
+        self._jobs.appendleft(job)
+
+    def pop(self) -> Job | None:
+        return self._jobs.popleft() if self._jobs else None
+
+    def remove(self, job: Job) -> None:
+        self._jobs.remove(job)
+
+    def expired(self, now: float) -> list[Job]:
+        """Take out and return the jobs whose acquire deadline has passed."""
+        gone = [j for j in self._jobs if j.acquire_deadline <= now]
+        for job in gone:
+            self._jobs.remove(job)
+        return gone
+
+    def clear(self) -> list[Job]:
+        jobs = list(self._jobs)
+        self._jobs.clear()
+        return jobs

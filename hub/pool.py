@@ -1,0 +1,93 @@
+"""Worker handles, their states, and the least-recently-used queue of idle workers.
+
+A handle's state changes only through ``ProviderPool.set_state``, which keeps the idle
+queue in step (Ray Serve's ``ReplicaState`` discipline): a worker is in ``idle`` if and
+only if its state is IDLE.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class WorkerState(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"  # finishing its job, then it stops
+    UNHEALTHY = "unhealthy"  # being stopped: it crashed, hung or overran a job
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """The supervisor's view of one worker process."""
+
+    id: str
+    provider: str
+    proc: subprocess.Popen[bytes]
+    gpu: int | None
+    started_at: float
+    state: WorkerState = WorkerState.STARTING
+    device: str = "pending"
+    last_heartbeat: float = 0.0
+    idle_since: float = 0.0
+    job: str | None = None
+    jobs_done: int = 0
+    kill_at: float | None = None  # SIGKILL after this time, once SIGTERM was sent
+    last_error: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def live(self) -> bool:
+        """Counts toward the pool's size: not on its way out."""
+        return self.state in (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
+
+
+@dataclass
+class ProviderPool:
+    """The workers of one provider, plus what the crash-loop backoff needs to remember."""
+
+    name: str
+    workers: dict[str, WorkerHandle] = field(default_factory=dict)
+    idle: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    spawned: int = 0
+    load_failures: int = 0
+    next_spawn_at: float = 0.0
+    last_error: str = ""
+
+    def add(self, handle: WorkerHandle) -> None:
+        self.workers[handle.id] = handle
+        self.spawned += 1
+
+    def remove(self, handle: WorkerHandle) -> None:
+        self.workers.pop(handle.id, None)
+        self.idle.pop(handle.id, None)
+
+    def set_state(self, handle: WorkerHandle, state: WorkerState, now: float) -> None:
+        """The one place a worker changes state; IDLE workers join the back of the LRU queue."""
+        handle.state = state
+        self.idle.pop(handle.id, None)
+        if state is WorkerState.IDLE:
+            handle.idle_since = now
+            handle.job = None
+            self.idle[handle.id] = None
+
+    def take_idle(self) -> WorkerHandle | None:
+        """The worker idle the longest, or None."""
+        if not self.idle:
+            return None
+        worker_id, _ = self.idle.popitem(last=False)
+        return self.workers[worker_id]
+
+    def counts(self) -> Counter[WorkerState]:
+        return Counter(w.state for w in self.workers.values())
+
+    @property
+    def size(self) -> int:
+        return sum(1 for w in self.workers.values() if w.live)

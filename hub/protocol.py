@@ -1,0 +1,222 @@
+"""The wire format: the only module that knows how frames are laid out.
+
+Every message, client to supervisor and supervisor to worker alike, is one ZeroMQ
+multipart message of four or five frames::
+
+    [version (1 byte)] [type (ASCII)] [id (ASCII, <= 64 bytes)] [body (JSON object)] [payload?]
+
+A ROUTER socket puts the peer's identity in front; ``split_identity`` takes it off.
+``id`` is the client's request id on the frontend and the supervisor's job id on the
+backend. ``payload`` carries raw bytes (inline float32 PCM) and is the only frame
+that may be large. ``build`` and ``parse`` are the single place where frames are made
+and checked: anything malformed raises ``BadRequest`` and never reaches the core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+from hub.errors import BadRequest, InvalidAudio
+
+VERSION = 1
+_VERSION_FRAME = bytes([VERSION])
+MAX_ID_BYTES = 64
+MAX_BODY_BYTES = 256 * 1024
+SAMPLE_RATE = 16000
+_ID_RE = re.compile(rb"^[\x21-\x7e]{1,64}$")
+
+
+class MsgType(str, Enum):
+    """Message types; the value is what travels in the type frame."""
+
+    # client -> supervisor
+    HELLO = "HELLO"
+    STATUS = "STATUS"
+    TRANSCRIBE = "TRANSCRIBE"
+    CANCEL = "CANCEL"
+    # supervisor -> client (SEGMENT, RESULT and ERROR also travel worker -> supervisor)
+    REPLY = "REPLY"
+    SEGMENT = "SEGMENT"
+    RESULT = "RESULT"
+    ERROR = "ERROR"
+    # supervisor -> worker
+    JOB = "JOB"
+    STOP = "STOP"
+    # worker -> supervisor
+    READY = "READY"
+    LOAD_FAILED = "LOAD_FAILED"
+    HEARTBEAT = "HEARTBEAT"
+
+
+_TYPES = {t.value.encode(): t for t in MsgType}
+
+
+class ExitCode:
+    """Worker exit statuses, so the supervisor tells a bad model from a crash (as gunicorn does)."""
+
+    OK = 0
+    BOOT_ERROR = 3  # bad arguments or the backend could not be reached
+    MODEL_LOAD_ERROR = 4  # the model could not be loaded: back off before respawning
+
+
+@dataclass(frozen=True)
+class Message:
+    """A parsed message; ``body`` is a JSON object, ``payload`` raw bytes or None."""
+
+    type: MsgType
+    id: str
+    body: dict[str, Any]
+    payload: bytes | None = None
+
+
+def build(msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None, payload: bytes | None = None) -> list[bytes]:
+    """Frames for one message (without any routing identity)."""
+    frames = [
+        _VERSION_FRAME,
+        msg_type.value.encode(),
+        msg_id.encode("ascii"),
+        json.dumps(body or {}, separators=(",", ":"), allow_nan=False).encode(),
+    ]
+    if payload is not None:
+        frames.append(payload)
+    return frames
+
+
+def parse(frames: list[bytes]) -> Message:
+    """Check and decode a message; raise ``BadRequest`` saying what is wrong."""
+    if len(frames) not in (4, 5):
+        raise BadRequest(f"expected 4 or 5 frames, got {len(frames)}")
+    version, raw_type, raw_id, raw_body = frames[:4]
+    if version != _VERSION_FRAME:
+        got = version[0] if len(version) == 1 else f"{len(version)} bytes"
+        raise BadRequest(f"unsupported protocol version {got}; this hub speaks version {VERSION}")
+    msg_type = _TYPES.get(bytes(raw_type))
+    if msg_type is None:
+        raise BadRequest(f"unknown message type {bytes(raw_type)[:32]!r}")
+    if not _ID_RE.match(bytes(raw_id)):
+        raise BadRequest(f"message id must be 1-{MAX_ID_BYTES} printable ASCII characters")
+    if len(raw_body) > MAX_BODY_BYTES:
+        raise BadRequest(f"message body of {len(raw_body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        body = json.loads(raw_body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"message body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("message body must be a JSON object")
+    payload = bytes(frames[4]) if len(frames) == 5 else None
+    return Message(msg_type, bytes(raw_id).decode("ascii"), body, payload)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def split_identity(frames: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """Take the identity a ROUTER socket prepends; reject an envelope without one."""
+    if len(frames) < 2:
+        raise BadRequest("message has no routing identity")
+    return frames[0], frames[1:]
+
+
+# --- audio descriptors -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioRef:
+    """Where a job's PCM lives: a shared-memory segment by name, or the inline payload.
+
+    ``samples`` counts float32 mono samples at 16 kHz.
+    """
+
+    samples: int
+    shm: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "shm": self.shm}
+
+
+def parse_audio_ref(body: dict[str, Any], payload: bytes | None, max_samples: int) -> AudioRef:
+    """Validate the ``audio`` field of a job against its payload; errors are ``InvalidAudio``."""
+    audio = body.get("audio")
+    if not isinstance(audio, dict):
+        raise BadRequest("field 'audio' must be an object with 'samples' and optionally 'shm'")
+    samples = audio.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool):
+        raise BadRequest("field 'audio.samples' must be an integer")
+    if samples <= 0:
+        raise InvalidAudio("the audio is empty (0 samples)")
+    if samples > max_samples:
+        raise InvalidAudio(
+            f"the audio is {samples / SAMPLE_RATE:.0f} s long, over the limit of {max_samples / SAMPLE_RATE:.0f} s"
+        )
+    shm = audio.get("shm")
+    if shm is None:
+        if payload is None:
+            raise InvalidAudio("no shared-memory segment named and no inline PCM frame sent")
+        if len(payload) != samples * 4:
+            raise InvalidAudio(f"inline PCM is {len(payload)} bytes; {samples} float32 samples need {samples * 4}")
+        return AudioRef(samples=samples)
+    if not isinstance(shm, str) or not shm:
+        raise BadRequest("field 'audio.shm' must be a segment name")
+    if payload is not None:
+        raise BadRequest("send either a shared-memory segment or an inline PCM frame, not both")
+    return AudioRef(samples=samples, shm=shm)
+
+
+def parse_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` object of a job: string keys, JSON values, finite numbers."""
+    options = body.get("options", {})
+    if not isinstance(options, dict):
+        raise BadRequest("field 'options' must be an object")
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"option {key!r} must be a finite number")
+    return options
+
+
+def parse_timeout(body: dict[str, Any]) -> float | None:
+    timeout = body.get("timeout")
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise BadRequest("field 'timeout' must be a positive number of seconds")
+    return float(timeout)
+
+
+# --- the supervisor -> worker contract --------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, passed on its command line as JSON.
+
+    The supervisor builds it from the config; the worker never reads the config file.
+    """
+
+    id: str
+    provider: str
+    type: str
+    model: str
+    device: str
+    compute_type: str
+    cpu_threads: int
+    backend: str
+    shm_prefix: str
+    heartbeat_interval: float
+    options: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> WorkerSpec:
+        return WorkerSpec(**json.loads(text))

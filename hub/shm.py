@@ -1,0 +1,154 @@
+"""Shared-memory PCM: the client writes float32 samples, the worker maps them, no byte crosses the supervisor.
+
+Names are ``asrhub_<tag>_<owner pid>_<random>``: ``tag`` is the hub id (so a worker can
+refuse another hub's segment) or ``probe`` for the same-host check. The owner pid in
+the name lets the supervisor remove segments whose creator is gone, which the
+creator's resource tracker does not do when its whole process group is killed.
+
+Readers never go through ``multiprocessing.shared_memory``: on Python 3.11 merely
+attaching registers the segment with the reader's resource tracker, which then
+unlinks it when the reader exits. Readers open ``/dev/shm/<name>`` themselves.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+from hub.errors import InvalidAudio
+
+SHM_DIR = Path("/dev/shm")
+ROOT = "asrhub_"
+PROBE_TAG = "probe"
+_NAME_RE = re.compile(r"^asrhub_([0-9a-z]+)_([0-9]+)_([0-9a-f]+)$")
+
+
+def hub_prefix(hub_id: str) -> str:
+    """The prefix of every segment made for the hub ``hub_id``."""
+    return f"{ROOT}{hub_id}_"
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid that created the segment, or None for a name that is not ours."""
+    match = _NAME_RE.match(name)
+    return int(match.group(2)) if match else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PcmSegment:
+    """A segment the caller owns: written once, unlinked by ``release`` (or by the owner's tracker)."""
+
+    def __init__(self, prefix: str, data: bytes | np.ndarray) -> None:
+        raw = data.tobytes() if isinstance(data, np.ndarray) else data
+        self.name = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
+        self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=max(len(raw), 1))
+        self._shm.buf[: len(raw)] = raw
+
+    def release(self) -> None:
+        """Close and unlink; safe to call twice and after someone else removed the segment."""
+        if self._shm is None:
+            return
+        shm, self._shm = self._shm, None
+        shm.close()
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> PcmSegment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def create_pcm(prefix: str, pcm: np.ndarray) -> PcmSegment:
+    """Put float32 samples in a new segment named under ``prefix``."""
+    return PcmSegment(prefix, np.ascontiguousarray(pcm, dtype=np.float32))
+
+
+def _read_bytes(name: str, size: int) -> bytes:
+    path = SHM_DIR / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise InvalidAudio(f"shared-memory segment {name!r} does not exist (released, or never created)") from None
+    except OSError as exc:
+        raise InvalidAudio(f"shared-memory segment {name!r} cannot be opened: {exc.strerror}") from None
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < size:
+            raise InvalidAudio(f"shared-memory segment {name!r} holds {actual} bytes, fewer than the {size} claimed")
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
+            return view[:size]
+    finally:
+        os.close(fd)
+
+
+def read_pcm(name: str, samples: int, prefix: str) -> np.ndarray:
+    """Copy ``samples`` float32 samples out of a client's segment, refusing names outside ``prefix``."""
+    if not name.startswith(prefix) or owner_pid(name) is None:
+        raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {prefix!r})")
+    return np.frombuffer(_read_bytes(name, samples * 4), dtype=np.float32)
+
+
+def create_probe() -> tuple[PcmSegment, str]:
+    """A small segment holding a random nonce; the supervisor reads it to prove it shares our /dev/shm."""
+    nonce = secrets.token_hex(16)
+    return PcmSegment(hub_prefix(PROBE_TAG), nonce.encode()), nonce
+
+
+def check_probe(name: str, nonce: str) -> bool:
+    """True when the named probe segment exists here and holds ``nonce``."""
+    if not name.startswith(hub_prefix(PROBE_TAG)) or owner_pid(name) is None:
+        return False
+    try:
+        return _read_bytes(name, len(nonce)) == nonce.encode()
+    except InvalidAudio:
+        return False
+
+
+def list_segments(prefix: str = ROOT) -> list[str]:
+    """Names of the segments under ``prefix`` that exist now."""
+    try:
+        return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _unlink(name: str) -> bool:
+    try:
+        (SHM_DIR / name).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def sweep_orphans() -> list[str]:
+    """Remove every segment of ours whose creating process is gone; return their names."""
+    removed = []
+    for name in list_segments():
+        pid = owner_pid(name)
+        if pid is not None and not _pid_alive(pid) and _unlink(name):
+            removed.append(name)
+    return removed
+
+
+def remove_all(prefix: str) -> list[str]:
+    """Remove every segment under ``prefix`` (a hub's own, at shutdown)."""
+    return [name for name in list_segments(prefix) if _unlink(name)]

@@ -1,0 +1,645 @@
+"""The supervisor: one poll loop that wires the frontend, the workers, the signals and the timers.
+
+Each pass of the loop reads what the sockets have, then runs ``tick``: reap exited
+workers, kill the overdue, enforce heartbeats and deadlines, expire queued jobs, scale,
+and sweep orphaned shared memory. Signal handlers only enqueue (gunicorn's arbiter);
+a socketpair registered with ``signal.set_wakeup_fd`` wakes the poll.
+
+Run it as ``python -m hub.supervisor --config config/config.sample.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from hub import __version__, process, protocol, shm
+from hub.config import ConfigError, HubConfig, ProviderConfig, load_config
+from hub.dispatch import Job, JobQueue, acquire_deadline, run_deadline
+from hub.errors import (
+    AcquireTimeout,
+    BadRequest,
+    HubError,
+    InvalidAudio,
+    JobTimeout,
+    ProviderUnavailable,
+    ShuttingDown,
+    UnknownProvider,
+    WorkerCrashed,
+)
+from hub.policy import PoolSnapshot, decide
+from hub.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
+
+log = logging.getLogger("hub.supervisor")
+
+POLL_MS = 50
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+SHM_SWEEP_INTERVAL = 2.0
+MAX_BATCH = 256  # messages read from one socket before the loop looks at the others
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def hub_id(frontend: str) -> str:
+    """A hub's id follows from its frontend address: two live hubs never share one, and a hub restarted
+    on the same address keeps its shared-memory prefix, so connected clients carry on unaffected."""
+    return hashlib.sha1(frontend.encode()).hexdigest()[:8]
+
+
+class Supervisor:
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.hub_id = hub_id(config.hub.frontend)
+        self.shm_prefix = shm.hub_prefix(self.hub_id)
+        self.started = time.monotonic()
+        self.ctx = zmq.Context()
+        self.frontend = self._socket(zmq.ROUTER)
+        self.frontend.bind(config.hub.frontend)
+        runtime = config.resolved_runtime_dir()
+        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.backend_path = runtime / f"{self.hub_id}.backend.sock"
+        self.backend = self._socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a dead worker raises, not drops
+        self.backend.bind(f"ipc://{self.backend_path}")
+        self.pools = {p.name: ProviderPool(p.name) for p in config.enabled_providers}
+        self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
+        self.held_back: dict[str, str] = {}
+        self.running: dict[str, Job] = {}  # job id -> job on a worker
+        self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
+        self.job_ids = itertools.count(1)
+        self.signals: deque[int] = deque()
+        self.stopping = False
+        self.drain_deadline = 0.0
+        self.ready_logged = False
+        self.next_sweep = 0.0
+        self.dropped = 0  # malformed messages that could not even be answered
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    @property
+    def default_provider(self) -> str:
+        return self.config.enabled_providers[0].name
+
+    # --- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in _SHUTDOWN_SIGNALS:
+            signal.signal(signum, lambda signum, _frame: self.signals.append(signum))
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        log.info("supervisor %s (pid %d) listening on %s", self.hub_id, os.getpid(), self.config.hub.frontend)
+        try:
+            self.tick(time.monotonic())
+            while not self._finished(time.monotonic()):
+                events = dict(poller.poll(POLL_MS))
+                if wake_r.fileno() in events:
+                    try:
+                        wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                self._handle_signals()
+                if self.backend in events:
+                    self._drain_socket(self.backend, self.on_backend)
+                if self.frontend in events:
+                    self._drain_socket(self.frontend, self.on_frontend)
+                self.tick(time.monotonic())
+        finally:
+            signal.set_wakeup_fd(-1)
+            wake_r.close()
+            wake_w.close()
+            self.close()
+        return 0
+
+    def _drain_socket(self, sock: zmq.Socket, handler: Any) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            name = signal.Signals(signum).name
+            if self.stopping:
+                log.warning("%s again: stopping now, without waiting for jobs in flight", name)
+                self.drain_deadline = 0.0
+            else:
+                log.info("%s: draining (no new jobs; up to %.0f s for jobs in flight)", name, self.config.hub.drain_timeout)
+                self.stopping = True
+                self.drain_deadline = time.monotonic() + self.config.hub.drain_timeout
+
+    def _finished(self, now: float) -> bool:
+        if not self.stopping:
+            return False
+        return not self.requests or now >= self.drain_deadline
+
+    # --- frontend ------------------------------------------------------------------
+
+    def on_frontend(self, frames: list[bytes]) -> None:
+        client = frames[0] if frames else b""
+        request_id = "-"
+        try:
+            client, rest = protocol.split_identity(frames)
+            if len(rest) >= 3 and protocol.MAX_ID_BYTES >= len(rest[2]) > 0:
+                request_id = rest[2].decode("ascii", "replace")
+            msg = protocol.parse(rest)
+            request_id = msg.id
+            self.on_client_message(client, msg)
+        except HubError as exc:
+            exc.job_id = request_id
+            self.reply(client, MsgType.ERROR, request_id, exc.to_dict())
+
+    def on_client_message(self, client: bytes, msg: Message) -> None:
+        if msg.type is MsgType.TRANSCRIBE:
+            self.submit(client, msg)
+        elif msg.type is MsgType.STATUS:
+            self.reply(client, MsgType.REPLY, msg.id, self.status())
+        elif msg.type is MsgType.HELLO:
+            self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
+        elif msg.type is MsgType.CANCEL:
+            self.cancel(client, msg.id)
+        else:
+            raise BadRequest(f"message type {msg.type.value} is not accepted from clients")
+
+    def reply(self, client: bytes, msg_type: MsgType, request_id: str, body: dict[str, Any]) -> None:
+        if not client:
+            self.dropped += 1
+            return
+        try:
+            self.frontend.send_multipart([client, *protocol.build(msg_type, request_id, body)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            log.warning("client %s is not reading its replies; dropped a %s", client.hex(), msg_type.value)
+
+    def hello(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Tell the client who we are and whether it shares our /dev/shm (it proves it with a probe segment)."""
+        probe, nonce = body.get("probe"), body.get("nonce")
+        same_host = isinstance(probe, str) and isinstance(nonce, str) and shm.check_probe(probe, nonce)
+        return {
+            "hub_id": self.hub_id,
+            "version": __version__,
+            "protocol": protocol.VERSION,
+            "shm": same_host,
+            "shm_prefix": self.shm_prefix,
+            "providers": [p.name for p in self.config.enabled_providers],
+            "default_provider": self.default_provider,
+            "max_audio_seconds": self.config.hub.max_audio_seconds,
+        }
+
+    def submit(self, client: bytes, msg: Message) -> None:
+        if self.stopping:
+            raise ShuttingDown("the hub is shutting down and takes no new jobs; retry once it is back")
+        if (client, msg.id) in self.requests:
+            raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
+        provider = self._provider_for(msg.body)
+        audio = protocol.parse_audio_ref(
+            msg.body, msg.payload, max_samples=int(self.config.hub.max_audio_seconds * protocol.SAMPLE_RATE)
+        )
+        if audio.shm is not None and not audio.shm.startswith(self.shm_prefix):
+            raise InvalidAudio(f"shared-memory segment {audio.shm!r} is not one of this hub's ({self.shm_prefix}*)")
+        now = time.monotonic()
+        timeout = protocol.parse_timeout(msg.body)
+        job = Job(
+            id=f"j{next(self.job_ids)}",
+            client=client,
+            request=msg.id,
+            provider=provider.name,
+            audio=audio,
+            payload=msg.payload,
+            options=protocol.parse_options(msg.body),
+            stream=bool(msg.body.get("stream", False)),
+            received_at=now,
+            acquire_deadline=acquire_deadline(provider.pool, now, timeout),
+            client_timeout=timeout,
+        )
+        log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
+        pool = self.pools[provider.name]
+        worker = pool.take_idle()
+        if worker is not None:
+            self.start_job(job, worker, now)
+        else:
+            self.queues[provider.name].push(job)
+        self.requests[(client, msg.id)] = job
+
+    def _provider_for(self, body: dict[str, Any]) -> ProviderConfig:
+        name = body.get("provider") or self.default_provider
+        if not isinstance(name, str):
+            raise BadRequest("field 'provider' must be a provider name")
+        provider = self.config.providers.get(name)
+        if provider is None:
+            known = ", ".join(p.name for p in self.config.enabled_providers)
+            raise UnknownProvider(f"no provider named {name!r}; this hub serves: {known}")
+        if not provider.enabled:
+            raise ProviderUnavailable(f"provider {name!r} is disabled in the config (providers.{name}.enabled)")
+        pool = self.pools[name]
+        if pool.size == 0 and pool.load_failures:
+            wait = max(0.0, pool.next_spawn_at - time.monotonic())
+            raise ProviderUnavailable(
+                f"provider {name!r} has no live worker: {pool.last_error} (next start in {wait:.0f} s)"
+            )
+        return provider
+
+    def cancel(self, client: bytes, request_id: str) -> None:
+        """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
+        job = self.requests.pop((client, request_id), None)
+        if job is None:
+            return
+        if job.worker is None:
+            self.queues[job.provider].remove(job)
+        job.client = b""
+
+    # --- jobs on workers -----------------------------------------------------------
+
+    def start_job(self, job: Job, worker: WorkerHandle, now: float) -> None:
+        pool = self.pools[job.provider]
+        job.attempts += 1
+        job.worker = worker.id
+        job.started_at = now
+        job.run_deadline = run_deadline(self.config.providers[job.provider].pool, job.audio.seconds, now)
+        worker.job = job.id
+        pool.set_state(worker, WorkerState.BUSY, now)
+        self.running[job.id] = job
+        try:
+            self.backend.send_multipart(
+                [worker.id.encode(), *protocol.build(MsgType.JOB, job.id, job.job_body(), job.payload)]
+            )
+        except zmq.ZMQError as exc:
+            log.warning("worker %s unreachable (%s); recycling it", worker.id, exc)
+            self.recycle(worker, f"unreachable: {exc}", now)
+            self.job_lost(job, WorkerCrashed(f"worker {worker.id} was unreachable"))
+
+    def finish_job(self, job_id: str, worker: WorkerHandle, now: float) -> Job | None:
+        """Detach a finished job from its worker and hand the worker its next job."""
+        job = self.running.pop(job_id, None)
+        if worker.job == job_id:
+            worker.jobs_done += 1
+            self.worker_free(worker, now)
+        if job is not None:
+            self.requests.pop((job.client, job.request), None)
+        return job
+
+    def worker_free(self, worker: WorkerHandle, now: float) -> None:
+        pool = self.pools[worker.provider]
+        pool.set_state(worker, WorkerState.IDLE, now)
+        self.feed(pool, now)
+
+    def feed(self, pool: ProviderPool, now: float) -> None:
+        queue = self.queues[pool.name]
+        while queue and pool.idle:
+            job = queue.pop()
+            worker = pool.take_idle()
+            if job is not None and worker is not None:
+                self.start_job(job, worker, now)
+
+    def job_lost(self, job: Job, error: HubError) -> None:
+        """The job's worker is gone: retry it once more where allowed, else tell the client."""
+        self.running.pop(job.id, None)
+        job.worker = None
+        retries = self.config.providers[job.provider].pool.retry_on_crash
+        if job.client and job.attempts <= retries and not self.stopping:
+            log.info("job %s: retrying on another worker (%s)", job.id, error.message)
+            self.queues[job.provider].push_front(job)
+            return
+        self.fail(job, error)
+
+    def fail(self, job: Job, error: HubError) -> None:
+        self.running.pop(job.id, None)
+        self.requests.pop((job.client, job.request), None)
+        error.job_id = job.request
+        self.reply(job.client, MsgType.ERROR, job.request, error.to_dict())
+
+    # --- backend -------------------------------------------------------------------
+
+    def on_backend(self, frames: list[bytes]) -> None:
+        try:
+            identity, rest = protocol.split_identity(frames)
+            msg = protocol.parse(rest)
+        except HubError as exc:
+            self.dropped += 1
+            log.warning("dropped a malformed message from a worker: %s", exc)
+            return
+        now = time.monotonic()
+        worker = self._worker(identity.decode("ascii", "replace").removesuffix(".hb"))
+        if worker is None:
+            return
+        if msg.type is MsgType.HEARTBEAT:
+            worker.last_heartbeat = now
+        elif msg.type is MsgType.READY:
+            self.on_ready(worker, msg.body, now)
+        elif msg.type is MsgType.LOAD_FAILED:
+            worker.last_error = str(msg.body.get("error", "unknown error"))
+        elif msg.type is MsgType.SEGMENT:
+            job = self.running.get(msg.id)
+            if job is not None and job.worker == worker.id:
+                self.reply(job.client, MsgType.SEGMENT, job.request, msg.body)
+        elif msg.type in (MsgType.RESULT, MsgType.ERROR):
+            job = self.finish_job(msg.id, worker, now)
+            if job is None:
+                return
+            body = dict(msg.body)
+            if msg.type is MsgType.RESULT:
+                body.update(
+                    worker=worker.id,
+                    provider=job.provider,
+                    queue_ms=(job.started_at - job.received_at) * 1000.0,
+                )
+            else:
+                body["job_id"] = job.request
+            self.reply(job.client, msg.type, job.request, body)
+
+    def _worker(self, worker_id: str) -> WorkerHandle | None:
+        provider = worker_id.rpartition("-")[0]
+        pool = self.pools.get(provider)
+        return pool.workers.get(worker_id) if pool else None
+
+    def on_ready(self, worker: WorkerHandle, body: dict[str, Any], now: float) -> None:
+        if worker.state is not WorkerState.STARTING:
+            return
+        pool = self.pools[worker.provider]
+        worker.device = str(body.get("device", "unknown"))
+        worker.last_heartbeat = now
+        pool.load_failures = 0
+        pool.last_error = ""
+        log.info(
+            "worker %s ready (pid %d, %s) in %.2f s", worker.id, worker.pid, worker.device, now - worker.started_at
+        )
+        self.worker_free(worker, now)
+
+    # --- timers --------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        for name, pool in self.pools.items():
+            for worker in list(pool.workers.values()):
+                self._watch(pool, worker, now)
+            for job in self.queues[name].expired(now):
+                self.fail(job, self._acquire_timeout(job, now))
+            if not self.stopping:
+                self._scale(name, pool, now)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SHM_SWEEP_INTERVAL
+            for name in shm.sweep_orphans():
+                log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
+        if not self.ready_logged and self.ready:
+            self.ready_logged = True
+            sizes = ", ".join(f"{n}: {p.size} worker(s)" for n, p in self.pools.items())
+            log.info("hub ready in %.2f s on %s (%s)", now - self.started, self.config.hub.frontend, sizes)
+
+    def _acquire_timeout(self, job: Job, now: float) -> AcquireTimeout:
+        pool = self.pools[job.provider]
+        counts = pool.counts()
+        return AcquireTimeout(
+            f"no {job.provider} worker became free within {now - job.received_at:.1f} s "
+            f"({counts[WorkerState.BUSY]} busy, {counts[WorkerState.STARTING]} starting, "
+            f"max_size {self.config.providers[job.provider].pool.max_size}); retry, or raise pool.max_size"
+        )
+
+    def _watch(self, pool: ProviderPool, worker: WorkerHandle, now: float) -> None:
+        """Reap an exited worker; kill an overdue one; recycle one that is silent, slow to start or overrunning."""
+        code = worker.proc.poll()
+        if code is not None:
+            self.on_exit(pool, worker, code, now)
+            return
+        if worker.kill_at is not None:
+            if now >= worker.kill_at:
+                process.kill(worker.proc)
+            return
+        hub = self.config.hub
+        if worker.state is WorkerState.STARTING and now - worker.started_at > hub.start_timeout:
+            self.recycle(worker, f"not ready after {hub.start_timeout:.0f} s", now)
+        elif worker.live and worker.state is not WorkerState.STARTING and now - worker.last_heartbeat > hub.heartbeat_timeout:
+            self.recycle(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s", now)
+            job = self.running.get(worker.job or "")
+            if job is not None:
+                self.job_lost(job, WorkerCrashed(f"worker {worker.id} stopped answering"))
+        elif worker.state is WorkerState.BUSY:
+            job = self.running.get(worker.job or "")
+            if job is not None and now >= job.run_deadline:
+                limit = job.run_deadline - job.started_at
+                self.recycle(worker, f"job {job.id} overran its {limit:.0f} s deadline", now)
+                self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"))
+
+    def recycle(self, worker: WorkerHandle, reason: str, now: float) -> None:
+        """Stop a worker that cannot be trusted: SIGTERM now, SIGKILL after a grace period."""
+        log.warning("recycling worker %s (pid %d): %s", worker.id, worker.pid, reason)
+        worker.last_error = reason
+        self.pools[worker.provider].set_state(worker, WorkerState.UNHEALTHY, now)
+        worker.job = None
+        worker.kill_at = now + KILL_GRACE
+        process.terminate(worker.proc)
+
+    def retire(self, worker: WorkerHandle, now: float) -> None:
+        """Stop a healthy idle worker politely: it finishes nothing (it is idle) and exits on STOP."""
+        self.pools[worker.provider].set_state(worker, WorkerState.DRAINING, now)
+        worker.kill_at = now + KILL_GRACE
+        try:
+            self.backend.send_multipart([worker.id.encode(), *protocol.build(MsgType.STOP, worker.id)])
+        except zmq.ZMQError:
+            process.terminate(worker.proc)
+
+    def on_exit(self, pool: ProviderPool, worker: WorkerHandle, code: int, now: float) -> None:
+        pool.remove(worker)
+        what = process.describe_exit(code)
+        if code == ExitCode.MODEL_LOAD_ERROR:
+            pool.load_failures += 1
+            delay = process.backoff(pool.load_failures)
+            pool.next_spawn_at = now + delay
+            pool.last_error = worker.last_error or what
+            log.error("worker %s %s: %s; next start in %.0f s", worker.id, what, pool.last_error, delay)
+            if pool.size == 0:
+                for job in self.queues[pool.name].clear():
+                    self.fail(job, ProviderUnavailable(f"provider {pool.name!r} has no live worker: {pool.last_error}"))
+        elif worker.state is not WorkerState.DRAINING:
+            pool.last_error = f"worker {worker.id} {what}"
+            log.warning("worker %s (pid %d) %s%s", worker.id, worker.pid, what, f": {worker.last_error}" if worker.last_error else "")
+        job = self.running.get(worker.job or "")
+        if job is not None:
+            self.job_lost(job, WorkerCrashed(f"worker {worker.id} {what} while running the job"))
+
+    def _scale(self, name: str, pool: ProviderPool, now: float) -> None:
+        if now < pool.next_spawn_at:
+            return
+        provider = self.config.providers[name]
+        counts = pool.counts()
+        snap = PoolSnapshot(
+            live=pool.size,
+            starting=counts[WorkerState.STARTING],
+            queued=len(self.queues[name]),
+            idle_since=tuple((wid, pool.workers[wid].idle_since) for wid in pool.idle),
+        )
+        decision = decide(snap, provider.pool, now)
+        if decision.held_back != self.held_back.get(name, ""):
+            if decision.held_back:
+                log.info("scaling of %s held back: %s", name, decision.held_back)
+            self.held_back[name] = decision.held_back
+        for worker_id in decision.retire:
+            log.info("retiring worker %s: idle longer than %.0f s", worker_id, provider.pool.idle_timeout)
+            self.retire(pool.workers[worker_id], now)
+        for _ in range(decision.spawn):
+            self.spawn(provider, pool, now)
+
+    def spawn(self, provider: ProviderConfig, pool: ProviderPool, now: float) -> None:
+        in_use = [w.gpu for w in pool.workers.values() if w.live and w.gpu is not None]
+        gpu = process.gpu_for(provider, in_use)
+        spec = WorkerSpec(
+            id=f"{provider.name}-{pool.spawned + 1}",
+            provider=provider.name,
+            type=provider.type,
+            model=provider.model,
+            device=provider.device,
+            compute_type=provider.compute_type,
+            cpu_threads=provider.cpu_threads,
+            backend=f"ipc://{self.backend_path}",
+            shm_prefix=self.shm_prefix,
+            heartbeat_interval=self.config.hub.heartbeat_interval,
+            options=provider.options,
+        )
+        proc = process.spawn(spec, provider, gpu)
+        pool.add(WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now))
+        log.info("started worker %s (pid %d%s)", spec.id, proc.pid, "" if gpu is None else f", CUDA_VISIBLE_DEVICES={gpu}")
+
+    @property
+    def ready(self) -> bool:
+        """Every enabled provider has its ``min_size`` workers ready."""
+        return all(
+            sum(1 for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
+            >= self.config.providers[name].pool.min_size
+            for name, pool in self.pools.items()
+        )
+
+    # --- status and shutdown -------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        providers: dict[str, Any] = {}
+        for provider in self.config.providers.values():
+            pool = self.pools.get(provider.name)
+            workers = list(pool.workers.values()) if pool else []
+            providers[provider.name] = {
+                "type": provider.type,
+                "enabled": provider.enabled,
+                "pool_enabled": provider.pool.enabled,
+                "model": provider.model,
+                "size": pool.size if pool else 0,
+                "min_size": provider.pool.min_size,
+                "max_size": provider.pool.max_size,
+                "queue_depth": len(self.queues[provider.name]) if pool else 0,
+                "max_queue": provider.pool.max_queue,
+                "degraded": bool(pool and pool.load_failures),
+                "last_error": pool.last_error if pool else "",
+                "next_start_in": max(0.0, pool.next_spawn_at - now) if pool else 0.0,
+                "held_back": self.held_back.get(provider.name, ""),
+                "workers": [
+                    {
+                        "id": w.id,
+                        "pid": w.pid,
+                        "state": w.state.value,
+                        "device": w.device,
+                        "gpu": w.gpu,
+                        "jobs_done": w.jobs_done,
+                        "uptime": round(now - w.started_at, 3),
+                        "last_error": w.last_error,
+                    }
+                    for w in workers
+                ],
+            }
+        return {
+            "hub": {
+                "id": self.hub_id,
+                "pid": os.getpid(),
+                "version": __version__,
+                "frontend": self.config.hub.frontend,
+                "uptime": round(now - self.started, 3),
+                "ready": self.ready,
+                "shutting_down": self.stopping,
+                "dropped_messages": self.dropped,
+            },
+            "providers": providers,
+        }
+
+    def close(self) -> None:
+        """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL), remove our files."""
+        for queue in self.queues.values():
+            for job in queue.clear():
+                self.fail(job, ShuttingDown("the hub stopped before a worker could take this job"))
+        for job in list(self.running.values()):
+            self.fail(job, ShuttingDown("the hub stopped before the job finished"))
+        workers = [w for pool in self.pools.values() for w in pool.workers.values()]
+        for worker in workers:
+            try:
+                self.backend.send_multipart([worker.id.encode(), *protocol.build(MsgType.STOP, worker.id)])
+            except zmq.ZMQError:
+                pass
+        _wait_all(workers, 2.0)
+        for worker in workers:
+            process.terminate(worker.proc)
+        _wait_all(workers, KILL_GRACE)
+        for worker in workers:
+            process.kill(worker.proc)
+        _wait_all(workers, KILL_GRACE)
+        self.frontend.close()
+        self.backend.close()
+        self.ctx.term()
+        self.backend_path.unlink(missing_ok=True)
+        removed = shm.remove_all(self.shm_prefix) + shm.sweep_orphans()
+        log.info("supervisor stopped (%d worker(s) stopped, %d shared-memory segment(s) removed)", len(workers), len(removed))
+
+
+def _wait_all(workers: list[WorkerHandle], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        try:
+            worker.proc.wait(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hub.supervisor", description="Run the ASR Hub supervisor.")
+    parser.add_argument("--config", required=True, help="path to the YAML config (see config/config.sample.yaml)")
+    parser.add_argument("--frontend", help="override hub.frontend, e.g. tcp://127.0.0.1:5556")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING ... (default: hub.log_level)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.frontend:
+        config = dataclasses.replace(config, hub=dataclasses.replace(config.hub, frontend=args.frontend))
+    logging.basicConfig(
+        level=(args.log_level or config.hub.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        supervisor = Supervisor(config)
+    except zmq.ZMQError as exc:
+        print(f"cannot bind {config.hub.frontend}: {exc} (is another hub running there?)", file=sys.stderr)
+        return 2
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

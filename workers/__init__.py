@@ -1,0 +1,1 @@
+"""Worker processes: one model each, started by the supervisor as ``python -m workers``."""

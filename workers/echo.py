@@ -1,0 +1,55 @@
+"""The ``echo`` provider: no model, for tests and for measuring the hub's own overhead.
+
+It answers a deterministic text computed from the audio (its duration and RMS), so a
+test can tell which audio a worker saw. Request options make it misbehave on purpose:
+``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises, ``hang=True`` never answers,
+``exit=<code>`` ends the worker process. It must never stand in for proving that
+transcription works: that is what the whisper tests are for.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from hub.protocol import SAMPLE_RATE, WorkerSpec
+from hub.results import Segment
+from workers.engine import EngineResult, OnSegment
+
+
+def echo_text(pcm: np.ndarray) -> str:
+    """The answer for ``pcm``; tests compute it the same way to check what the worker saw."""
+    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
+    return f"echo {pcm.size / SAMPLE_RATE:.3f}s rms={rms:.4f}"
+
+
+class EchoEngine:
+    options = frozenset({"sleep", "fail", "hang", "exit", "language", "segments"})
+    device = "cpu"
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        if spec.options.get("fail_load"):
+            raise RuntimeError(f"echo provider configured to fail loading: {spec.options['fail_load']}")
+
+    def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
+        if "exit" in options:
+            os._exit(int(options["exit"]))
+        if options.get("hang"):
+            threading.Event().wait()
+        if "sleep" in options:
+            time.sleep(float(options["sleep"]))
+        if "fail" in options:
+            raise RuntimeError(str(options["fail"]))
+        duration = pcm.size / SAMPLE_RATE
+        text = echo_text(pcm)
+        count = max(1, int(options.get("segments", 1)))
+        segments = []
+        for i in range(count):
+            seg = Segment(start=duration * i / count, end=duration * (i + 1) / count, text=f"{text} #{i + 1}")
+            segments.append(seg)
+            on_segment(seg)
+        return EngineResult(text=text, segments=tuple(segments), language=options.get("language"), duration=duration)

@@ -1,0 +1,60 @@
+"""The small interface every model adapter implements, and how a worker picks its adapter.
+
+Adapters import their model library inside ``load_engine``'s branch, so importing
+``workers`` costs nothing and a worker only pays for the library it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from hub.errors import BadRequest
+from hub.protocol import WorkerSpec
+from hub.results import Segment
+
+OnSegment = Callable[[Segment], None]
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    text: str
+    segments: tuple[Segment, ...]
+    language: str | None
+    duration: float
+
+
+class Engine(Protocol):
+    """A loaded model. ``options`` names the request options it accepts."""
+
+    options: frozenset[str]
+    device: str
+
+    def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
+        """Transcribe float32 mono 16 kHz PCM, calling ``on_segment`` for each segment as it is decoded."""
+        ...
+
+
+def check_options(engine: Engine, provider_type: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - engine.options)
+    if unknown:
+        raise BadRequest(
+            f"option(s) {', '.join(unknown)} not supported by {provider_type} providers "
+            f"(supported: {', '.join(sorted(engine.options))})"
+        )
+
+
+def load_engine(spec: WorkerSpec) -> Engine:
+    """Build the adapter named by the provider's type; raises whatever the model library raises."""
+    if spec.type == "whisper":
+        from workers.whisper import WhisperEngine
+
+        return WhisperEngine(spec)
+    if spec.type == "echo":
+        from workers.echo import EchoEngine
+
+        return EchoEngine(spec)
+    raise ValueError(f"no adapter for provider type {spec.type!r}")

@@ -1,0 +1,157 @@
+"""The worker process: connect, load the model, announce ready, heartbeat, serve jobs until told to stop.
+
+The heartbeat runs on its own thread and socket, so a job stuck inside native code
+still shows the worker alive; the supervisor catches stuck jobs by their deadline
+instead. A worker that cannot load its model says why (LOAD_FAILED) and exits with
+``ExitCode.MODEL_LOAD_ERROR`` so the supervisor backs off instead of respawning in a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from hub import protocol, shm
+from hub.audio import validate_pcm
+from hub.errors import HubError, InferenceFailed
+from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
+from hub.results import Segment
+from workers.engine import Engine, check_options, load_engine
+
+log = logging.getLogger("workers")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the supervisor dies, so no worker outlives it."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _connect(ctx: zmq.Context, spec: WorkerSpec, identity: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.connect(spec.backend)
+    return sock
+
+
+def _heartbeat(ctx: zmq.Context, spec: WorkerSpec, parent: int, stop: threading.Event) -> None:
+    sock = _connect(ctx, spec, f"{spec.id}.hb")
+    try:
+        while not stop.wait(spec.heartbeat_interval):
+            if os.getppid() != parent:  # the supervisor is gone and no signal reached us
+                os._exit(ExitCode.OK)
+            sock.send_multipart(protocol.build(MsgType.HEARTBEAT, spec.id))
+    finally:
+        sock.close()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, engine: Engine, sock: zmq.Socket) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.sock = sock
+
+    def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
+        self.sock.send_multipart(protocol.build(msg_type, job_id, body))
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = protocol.parse(self.sock.recv_multipart())
+            except HubError as exc:
+                log.warning("worker %s dropped a malformed message: %s", self.spec.id, exc)
+                continue
+            if msg.type is MsgType.STOP:
+                return
+            if msg.type is MsgType.JOB:
+                self.run_job(msg)
+
+    def run_job(self, msg: Message) -> None:
+        started = time.perf_counter()
+        try:
+            pcm = self._pcm(msg)
+            options = protocol.parse_options(msg.body)
+            check_options(self.engine, self.spec.type, options)
+
+            def on_segment(segment: Segment) -> None:
+                if msg.body.get("stream"):
+                    self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
+
+            result = self.engine.transcribe(pcm, options, on_segment)
+        except HubError as exc:
+            exc.job_id = msg.id
+            self.send(MsgType.ERROR, msg.id, exc.to_dict())
+            return
+        except Exception as exc:
+            log.exception("worker %s: job %s failed", self.spec.id, msg.id)
+            err = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}", job_id=msg.id)
+            self.send(MsgType.ERROR, msg.id, err.to_dict())
+            return
+        body = {
+            "text": result.text,
+            "segments": [s.to_dict() for s in result.segments],
+            "language": result.language,
+            "duration": result.duration,
+            "inference_ms": (time.perf_counter() - started) * 1000.0,
+        }
+        self.send(MsgType.RESULT, msg.id, body)
+
+    def _pcm(self, msg: Message) -> np.ndarray:
+        ref = protocol.parse_audio_ref(msg.body, msg.payload, max_samples=2**31)
+        if ref.shm is not None:
+            pcm = shm.read_pcm(ref.shm, ref.samples, self.spec.shm_prefix)
+        else:
+            pcm = np.frombuffer(msg.payload or b"", dtype=np.float32)
+        return validate_pcm(pcm)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="ASR Hub worker (started by the supervisor)")
+    parser.add_argument("--spec", required=True, help="the WorkerSpec as JSON")
+    args = parser.parse_args(argv)
+    try:
+        spec = WorkerSpec.from_json(args.spec)
+    except (ValueError, TypeError) as exc:
+        print(f"worker: bad --spec: {exc}")
+        return ExitCode.BOOT_ERROR
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {spec.id}: %(message)s")
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # it logs every request at INFO
+    parent = os.getppid()
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+
+    ctx = zmq.Context()
+    sock = _connect(ctx, spec, spec.id)
+    try:
+        try:
+            engine = load_engine(spec)
+        except Exception as exc:
+            log.error("cannot load model: %s", exc)
+            sock.send_multipart(protocol.build(MsgType.LOAD_FAILED, spec.id, {"error": str(exc)}))
+            time.sleep(0.2)  # linger=0 would drop the message: give it time to leave
+            return ExitCode.MODEL_LOAD_ERROR
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(ctx, spec, parent, stop), daemon=True, name="heartbeat")
+        beat.start()
+        ready = {"provider": spec.provider, "model": spec.model, "device": engine.device, "pid": os.getpid()}
+        sock.send_multipart(protocol.build(MsgType.READY, spec.id, ready))
+        Worker(spec, engine, sock).serve()
+        stop.set()
+        beat.join()
+        return ExitCode.OK
+    finally:
+        sock.close()
+        ctx.term()
