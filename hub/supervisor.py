@@ -85,6 +85,7 @@ class Supervisor:
         self.ready_logged = False
         self.next_sweep = 0.0
         self.dropped = 0  # malformed messages that could not even be answered
+        self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -220,6 +221,8 @@ class Supervisor:
         )
         if audio.shm is not None and not audio.shm.startswith(self.shm_prefix):
             raise InvalidAudio(f"shared-memory segment {audio.shm!r} is not one of this hub's ({self.shm_prefix}*)")
+        if msg.payload is not None:
+            self.inline_bytes += len(msg.payload)
         now = time.monotonic()
         timeout = protocol.parse_timeout(msg.body)
         job = Job(
@@ -575,6 +578,7 @@ class Supervisor:
                 "ready": self.ready,
                 "shutting_down": self.stopping,
                 "dropped_messages": self.dropped,
+                "inline_bytes": self.inline_bytes,
             },
             "providers": providers,
         }

@@ -1,0 +1,145 @@
+"""Fixtures that start real supervisors (``python -m hub.supervisor``) on free ports and stop them after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hub import shm
+from hub.client import HubClient
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+CLIPS = ("hello", "coffee", "stella", "weather")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Hub:
+    """A running supervisor process and how to reach it."""
+
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+
+    def client(self, **kwargs: Any) -> HubClient:
+        return HubClient(self.endpoint, **{"timeout": 30.0, **kwargs})
+
+    def status(self) -> dict[str, Any]:
+        with self.client() as c:
+            return c.status()
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for p in self.status()["providers"].values() for w in p["workers"]]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+                raise AssertionError(f"supervisor did not stop within {timeout} s:\n{self.log()}")
+        return int(self.proc.returncode)
+
+
+def start_hub(tmp_path: Path, providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True) -> Hub:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = {
+        "hub": {"frontend": endpoint, "runtime_dir": str(tmp_path / "run"), **(hub or {})},
+        "providers": providers,
+    }
+    config_path = tmp_path / f"hub-{endpoint.rsplit(':', 1)[1]}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = config_path.with_suffix(".log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hub.supervisor", "--config", str(config_path)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so a test can kill it whole
+        )
+    started = Hub(endpoint, proc, config_path, log_path)
+    if ready:
+        try:
+            with started.client() as c:
+                c.wait_ready(timeout=60)
+        except BaseException:
+            started.stop()
+            raise
+    return started
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
+    """Start supervisors for one test; every one is stopped and checked for leftovers afterwards."""
+    hubs: list[Hub] = []
+
+    def factory(providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True) -> Hub:
+        started = start_hub(tmp_path, providers, hub, ready)
+        hubs.append(started)
+        return started
+
+    yield factory
+    for started in hubs:
+        started.stop()
+        pids = [int(p) for p in subprocess.run(["pgrep", "-g", str(started.proc.pid)], capture_output=True, text=True).stdout.split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert not pids, f"processes left behind by the supervisor: {pids}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_segments() -> Iterator[None]:
+    """After the whole suite, /dev/shm holds no segment of ours."""
+    before = set(shm.list_segments())
+    yield
+    deadline = time.monotonic() + 5
+    while (left := set(shm.list_segments()) - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"
+
+
+def echo_provider(**pool: Any) -> dict[str, Any]:
+    return {"type": "echo", "pool": {"min_size": 1, "max_size": 2, **pool}}
+
+
+def reference(name: str) -> str:
+    return (DATA / f"{name}.txt").read_text().strip()
+
+
+def word_error_rate(reference_text: str, hypothesis: str) -> float:
+    """Levenshtein distance over words, after lower-casing and dropping punctuation."""
+
+    def words(text: str) -> list[str]:
+        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+    ref, hyp = words(reference_text), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from hub.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sample_config_loads_into_typed_values() -> None:
+    config = load_config(ROOT / "config" / "config.sample.yaml")
+    whisper = config.providers["whisper"]
+    assert whisper.type == "whisper" and whisper.model == "tiny.en" and whisper.devices == (0,)
+    assert whisper.pool.enabled and (whisper.pool.min_size, whisper.pool.max_size) == (1, 2)
+    assert config.hub.frontend == "tcp://127.0.0.1:5555"
+    assert [p.name for p in config.enabled_providers] == ["whisper"]
+
+
+def test_type_defaults_to_name_and_pools_of_one_type_coexist() -> None:
+    config = parse_config(
+        {"providers": {"echo": {}, "fast": {"type": "echo"}, "whisper-small": {"type": "whisper", "model": "small"}}}
+    )
+    assert [p.type for p in config.providers.values()] == ["echo", "echo", "whisper"]
+
+
+@pytest.mark.parametrize("pool", [None, {"enabled": False, "min_size": 3, "max_size": 5}])
+def test_no_pool_section_or_pool_disabled_is_a_single_instance(pool: dict | None) -> None:
+    body = {"type": "echo"} if pool is None else {"type": "echo", "pool": pool}
+    p = parse_config({"providers": {"e": body}}).providers["e"].pool
+    assert not p.enabled and (p.min_size, p.max_size) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"providers": {"echo": {"pool": {"min_size": "two"}}}}, "providers.echo.pool.min_size: expected an integer"),
+        ({"providers": {"echo": {"pool": {"mn_size": 1}}}}, "providers.echo.pool.mn_size: unknown key"),
+        ({"providers": {"echo": {"pool": {"min_size": 3, "max_size": 2}}}}, "providers.echo.pool: min_size (3) is greater"),
+        ({"providers": {"whisper": {"model": "/no/such/dir"}}}, "providers.whisper.model: model directory"),
+        ({"providers": {"whisper": {}}}, "providers.whisper.model: required"),
+        ({"providers": {"x": {"type": "nope"}}}, "providers.x.type: unknown provider type"),
+        ({"providers": {"echo": {"device": "tpu"}}}, "providers.echo.device"),
+        ({"providers": {"echo": {"devices": [0, "1"]}}}, "providers.echo.devices[1]: expected an integer"),
+        ({"providers": {"echo": {"enabled": "yes"}}}, "providers.echo.enabled: expected true or false"),
+        ({"hub": {"frontend": 5555}, "providers": {"echo": {}}}, "hub.frontend: expected a string"),
+        ({"hub": {"bogus": 1}, "providers": {"echo": {}}}, "hub.bogus: unknown key"),
+        ({"providers": {"echo": {"enabled": False}}}, "at least one provider must be enabled"),
+        ({"providers": {"Bad Name": {"type": "echo"}}}, "provider names"),
+        ({"nope": 1}, "nope: unknown key"),
+        ({"providers": {"echo": {"pool": {"acquire_timeout": 0}}}}, "providers.echo.pool.acquire_timeout"),
+    ],
+)
+def test_errors_name_the_key_path(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert message in str(caught.value)
+
+
+def test_model_directory_is_resolved_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    path = tmp_path / "hub.yaml"
+    path.write_text("providers:\n  whisper:\n    model: ./models/mine\n")
+    assert load_config(path).providers["whisper"].model == str(tmp_path / "models" / "mine")
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

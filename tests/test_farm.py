@@ -1,0 +1,375 @@
+"""The worker farm with real processes and sockets, driven through the SDK. The ``echo`` provider stands in
+for a model here only to inject faults and check plumbing; transcription itself is proven in test_whisper.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from hub import protocol, shm
+from hub.client import AsyncHubClient, HubClient
+from hub.errors import (
+    AcquireTimeout,
+    BadRequest,
+    HubUnreachable,
+    InvalidAudio,
+    JobTimeout,
+    PoolBusy,
+    ProviderUnavailable,
+    UnknownProvider,
+    WorkerCrashed,
+)
+from hub.protocol import MsgType
+from tests.conftest import ROOT, echo_provider, free_port
+from workers.echo import echo_text
+
+pytestmark = pytest.mark.timeout(90)
+
+TONE = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
+
+
+def test_echo_round_trip_through_shared_memory_and_inline(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    with hub.client() as client:
+        result = client.transcribe(TONE)
+        assert result.text == echo_text(TONE) and result.worker.startswith("echo-") and result.provider == "echo"
+        assert hub.status()["hub"]["inline_bytes"] == 0, "shared-memory PCM must not cross the supervisor"
+    with hub.client(use_shm=False) as remote:
+        assert remote.transcribe(TONE).text == echo_text(TONE)
+    assert hub.status()["hub"]["inline_bytes"] == TONE.nbytes
+
+
+def test_status_shape(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=3), "off": {"type": "echo", "enabled": False}})
+    status = hub.status()
+    echo = status["providers"]["echo"]
+    assert {"type", "pool_enabled", "size", "min_size", "max_size", "queue_depth", "workers"} <= set(echo)
+    assert (echo["type"], echo["size"], echo["min_size"], echo["max_size"], echo["queue_depth"]) == ("echo", 2, 2, 3, 0)
+    assert all({"id", "pid", "state", "device"} <= set(w) for w in echo["workers"])
+    assert {w["state"] for w in echo["workers"]} == {"idle"} and status["hub"]["ready"]
+    assert status["providers"]["off"]["enabled"] is False
+    assert "hub ready in" in hub.log()
+
+
+def test_jobs_go_to_the_least_recently_used_idle_worker(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=3, max_size=3)})
+    with hub.client() as client:
+        workers = [client.transcribe(TONE).worker for _ in range(6)]
+    assert workers[:3] == workers[3:] and len(set(workers)) == 3
+
+
+def test_pools_of_one_type_side_by_side_and_provider_errors(hub_factory) -> None:
+    hub = hub_factory({"fast": echo_provider(), "slow": echo_provider(), "off": {"type": "echo", "enabled": False}})
+    with hub.client() as client:
+        assert client.transcribe(TONE).provider == "fast"  # the first enabled provider is the default
+        assert client.transcribe(TONE, "slow").worker.startswith("slow-")
+        with pytest.raises(UnknownProvider, match="no provider named 'nope'; this hub serves: fast, slow"):
+            client.transcribe(TONE, "nope")
+        with pytest.raises(ProviderUnavailable, match="disabled"):
+            client.transcribe(TONE, "off")
+        with pytest.raises(BadRequest, match="not supported by echo providers"):
+            client.transcribe(TONE, bogus_option=1)
+
+
+def test_pool_busy_when_the_queue_is_full(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, max_queue=1)})
+    errors: list[Exception] = []
+
+    def slow() -> None:
+        with hub.client() as c:
+            try:
+                c.transcribe(TONE, sleep=1.5)
+            except Exception as exc:  # collected and checked below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # the first runs, the second fills the queue
+    with hub.client() as client:
+        started = time.monotonic()
+        with pytest.raises(PoolBusy, match="max_queue=1"):
+            client.transcribe(TONE)
+        assert time.monotonic() - started < 1.0, "POOL_BUSY must come at once"
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_acquire_timeout(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, acquire_timeout=0.5)})
+    blocker = threading.Thread(target=lambda: hub.client().transcribe(TONE, sleep=2.0))
+    blocker.start()
+    time.sleep(0.2)
+    with hub.client() as client:
+        started = time.monotonic()
+        with pytest.raises(AcquireTimeout, match="no echo worker became free"):
+            client.transcribe(TONE)
+        assert 0.4 < time.monotonic() - started < 1.5
+    blocker.join()
+
+
+def test_invalid_audio_from_the_sdk_leaves_the_hub_serving(hub_factory, tmp_path: Path) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio" * 100)
+    bad_inputs = [junk, np.array([], dtype=np.float32), np.array([0.0, np.nan], dtype=np.float32), np.zeros(8, np.float64)]
+    with hub.client() as client:
+        for audio in bad_inputs:
+            with pytest.raises(InvalidAudio):
+                client.transcribe(audio)
+        assert client.transcribe(TONE).text == echo_text(TONE)
+
+
+def _raw(endpoint: str, frames: list[bytes], timeout_ms: int = 5000) -> protocol.Message:
+    """Send frames the SDK would never send, and read the answer."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "the hub did not answer"
+        return protocol.parse(sock.recv_multipart())
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_hostile_requests_get_typed_errors_and_the_hub_carries_on(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    prefix = hub.status()["hub"]["id"]
+    nan = np.array([0.0, np.nan], dtype=np.float32)
+
+    def transcribe(audio: dict, payload: bytes | None = None) -> protocol.Message:
+        return _raw(hub.endpoint, protocol.build(MsgType.TRANSCRIBE, "r1", {"audio": audio}, payload))
+
+    cases = [
+        (transcribe({"samples": 2}, nan.tobytes()), "INVALID_AUDIO", "NaN"),  # the worker checks too
+        (transcribe({"samples": 4, "shm": "asrhub_other_1_ab"}), "INVALID_AUDIO", "not one of this hub"),
+        (transcribe({"samples": 4, "shm": f"asrhub_{prefix}_1_abcdef"}), "INVALID_AUDIO", "does not exist"),
+        (_raw(hub.endpoint, [b"\x07", b"STATUS", b"1", b"{}"]), "BAD_REQUEST", "protocol version"),
+        (_raw(hub.endpoint, [b"garbage"]), "BAD_REQUEST", "frames"),
+        (_raw(hub.endpoint, protocol.build(MsgType.READY, "x")), "BAD_REQUEST", "not accepted"),
+    ]
+    for msg, code, fragment in cases:
+        assert msg.type is MsgType.ERROR and msg.body["code"] == code and fragment in msg.body["message"], msg.body
+    with shm.create_pcm(shm.hub_prefix(prefix), np.zeros(2, np.float32)) as small:
+        msg = transcribe({"samples": 1000, "shm": small.name})
+        assert msg.body["code"] == "INVALID_AUDIO" and "fewer than" in msg.body["message"]
+    with hub.client() as client:
+        assert client.transcribe(TONE).text == echo_text(TONE)
+
+
+def test_a_client_timeout_cancels_and_the_worker_stays_usable(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1)})
+    with hub.client() as client:
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match="client's timeout"):
+            client.transcribe(TONE, sleep=1.0, timeout=0.3)
+        assert time.monotonic() - started < 0.8
+        assert client.transcribe(TONE, timeout=10).text == echo_text(TONE)
+
+
+def test_no_supervisor_is_a_clear_error_not_a_hang() -> None:
+    with HubClient(f"tcp://127.0.0.1:{free_port()}", timeout=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(HubUnreachable, match="is `python -m hub.supervisor` running"):
+            client.transcribe(TONE)
+        assert time.monotonic() - started < 2.0
+
+
+def test_a_crashed_worker_is_retried_then_reported_and_replaced(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, retry_on_crash=0)})
+    first_pid = hub.worker_pids()[0]
+    with hub.client() as client:
+        started = time.monotonic()
+        with pytest.raises(WorkerCrashed, match="exit status 9"):
+            client.transcribe(TONE, exit=9)
+        assert time.monotonic() - started < 1.0
+        assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)  # the replacement serves
+    assert hub.worker_pids() != [first_pid]
+
+
+def test_sigkill_of_a_busy_worker_retries_the_job_elsewhere(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+    with hub.client() as client:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(client.transcribe(TONE, sleep=1.0)))
+        t.start()
+        time.sleep(0.4)
+        busy = [w for w in hub.status()["providers"]["echo"]["workers"] if w["state"] == "busy"]
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+        t.join(20)
+        assert result and result[0].text == echo_text(TONE) and result[0].worker != busy[0]["id"]
+    assert "killed by SIGKILL" in hub.log()
+
+
+def test_a_hung_job_times_out_and_a_fresh_worker_takes_the_next(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, job_timeout=1.0, job_timeout_per_audio_second=0.0)})
+    with hub.client() as client:
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match="1 s deadline"):
+            client.transcribe(TONE, hang=True)
+        assert time.monotonic() - started < 2.5
+        assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
+
+
+def test_an_unloadable_model_degrades_its_provider_only(hub_factory, tmp_path: Path) -> None:
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    hub = hub_factory(
+        {"echo": echo_provider(), "broken": {"type": "whisper", "model": str(empty), "device": "cpu"}}, ready=False
+    )
+    with hub.client() as client:
+        deadline = time.monotonic() + 30
+        while not (broken := client.status()["providers"]["broken"])["degraded"]:
+            assert time.monotonic() < deadline, hub.log()
+            time.sleep(0.2)
+        assert "cannot load whisper model" in broken["last_error"] and str(empty) in broken["last_error"]
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match="cannot load whisper model"):
+            client.transcribe(TONE, "broken")
+        assert time.monotonic() - started < 1.0
+        assert client.transcribe(TONE, "echo").text == echo_text(TONE)
+
+
+def test_pool_grows_under_load_and_16_concurrent_requests_succeed(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3)})
+    signals = [(0.05 * (i + 1) * np.ones(1600 * (i + 1))).astype(np.float32) for i in range(16)]
+    with hub.client() as client:
+        results: dict[int, str] = {}
+
+        def run(i: int) -> None:
+            results[i] = client.transcribe(signals[i], sleep=0.3).text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert results == {i: echo_text(s) for i, s in enumerate(signals)}
+    assert hub.status()["providers"]["echo"]["size"] == 3
+
+
+def test_async_client_many_concurrent_requests_and_streaming(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2, max_queue=256)})
+
+    async def main() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=30) as client:
+            results = await asyncio.gather(*(client.transcribe(TONE * (1 + i % 3)) for i in range(200)))
+            assert [r.text for r in results] == [echo_text(TONE * (1 + i % 3)) for i in range(200)]
+            events = [e async for e in client.transcribe_stream(TONE, segments=3)]
+            assert [type(e).__name__ for e in events] == ["Segment"] * 3 + ["Transcript"]
+            assert [e.start for e in events[:3]] == sorted(e.start for e in events[:3])
+            with pytest.raises(InvalidAudio):
+                await client.transcribe(np.array([], dtype=np.float32))
+            assert (await client.status())["hub"]["ready"]
+
+    asyncio.run(main())
+
+
+def test_sync_stream_yields_segments_in_order_before_the_result(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    with hub.client() as client:
+        stream = client.transcribe_stream(TONE, segments=4)
+        segments = []
+        for segment in stream:
+            assert stream.transcript is None  # segments arrive before the totals
+            segments.append(segment)
+        assert [s.text[-2:] for s in segments] == ["#1", "#2", "#3", "#4"]
+        assert stream.transcript is not None and stream.transcript.segments == tuple(segments)
+
+
+def _client_in_subprocess(endpoint: str, group: bool) -> tuple[subprocess.Popen, str]:
+    code = (
+        "import sys, numpy as np\n"
+        "from hub.client import HubClient\n"
+        "import hub.shm as shm\n"
+        "orig = shm.create_pcm\n"
+        "def tell(prefix, pcm):\n"
+        "    seg = orig(prefix, pcm); print(seg.name, flush=True); return seg\n"
+        "shm.create_pcm = tell\n"
+        f"HubClient({endpoint!r}).transcribe(np.ones(16000, np.float32) * 0.1, sleep=30)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=group
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("whole_group", [False, True])
+def test_segments_of_a_client_killed_mid_request_are_removed(hub_factory, whole_group: bool) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1)}, hub={"drain_timeout": 1})
+    proc, name = _client_in_subprocess(hub.endpoint, whole_group)
+    assert name in shm.list_segments()
+    time.sleep(0.5)  # the job is running now
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGKILL)  # the client's resource tracker dies with it
+    else:
+        proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 5  # the supervisor sweeps orphans every 2 s
+    while name in shm.list_segments():
+        assert time.monotonic() < deadline, f"{name} outlived its client"
+        time.sleep(0.1)
+
+
+def test_segment_is_released_when_the_worker_is_killed_mid_job(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, retry_on_crash=0)})
+    prefix = shm.hub_prefix(hub.status()["hub"]["id"])
+    with hub.client() as client:
+        errors: list[Exception] = []
+
+        def run() -> None:
+            try:
+                client.transcribe(TONE, sleep=5)
+            except WorkerCrashed as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.5)
+        assert shm.list_segments(prefix)
+        os.kill(hub.worker_pids()[0], signal.SIGKILL)
+        t.join(10)
+    assert len(errors) == 1 and shm.list_segments(prefix) == []
+
+
+def test_sigterm_drains_jobs_in_flight_and_exits_cleanly(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+    pids = hub.worker_pids()
+    prefix = shm.hub_prefix(hub.status()["hub"]["id"])
+    results: list = []
+
+    def run() -> None:
+        with hub.client() as c:
+            results.append(c.transcribe(TONE, sleep=1.0).text)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)
+    hub.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    with hub.client() as client:
+        with pytest.raises(Exception) as refused:
+            client.transcribe(TONE, timeout=2)
+        assert getattr(refused.value, "code", "") in ("SHUTTING_DOWN", "HUB_UNREACHABLE")
+    for t in threads:
+        t.join(10)
+    assert hub.proc.wait(15) == 0
+    assert results == [echo_text(TONE)] * 2
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert shm.list_segments(prefix) == []

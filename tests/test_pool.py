@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+from hub.config import ProviderConfig
+from hub.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.process import backoff, describe_exit, gpu_for, worker_env
+
+
+def handle(pool: ProviderPool, n: int, proc: subprocess.Popen) -> WorkerHandle:
+    h = WorkerHandle(f"p-{n}", "p", proc, None, started_at=0.0)
+    pool.add(h)
+    return h
+
+
+def test_idle_queue_is_least_recently_used_first() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    pool = ProviderPool("p")
+    a, b, c = (handle(pool, n, proc) for n in range(3))
+    for t, h in enumerate((b, a, c)):
+        pool.set_state(h, WorkerState.IDLE, float(t))
+    assert pool.take_idle() is b
+    pool.set_state(b, WorkerState.BUSY, 5.0)
+    pool.set_state(b, WorkerState.IDLE, 6.0)
+    assert [pool.take_idle(), pool.take_idle(), pool.take_idle(), pool.take_idle()] == [a, c, b, None]
+    pool.set_state(a, WorkerState.UNHEALTHY, 7.0)
+    assert pool.size == 2 and pool.counts()[WorkerState.UNHEALTHY] == 1 and "p-0" not in pool.idle
+
+
+def test_gpu_pinning_round_robin_and_rebalancing() -> None:
+    p = ProviderConfig(name="w", type="whisper", model="tiny.en", devices=(0, 1))
+    assert [gpu_for(p, []), gpu_for(p, [0]), gpu_for(p, [0, 1]), gpu_for(p, [0, 0, 1])] == [0, 1, 0, 1]
+    assert gpu_for(ProviderConfig(name="w", type="whisper", device="cpu"), []) is None
+    env = worker_env(ProviderConfig(name="w", type="whisper", cpu_threads=2), 1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "2"
+    assert worker_env(ProviderConfig(name="w", type="whisper"), None)["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_exit_codes_and_backoff() -> None:
+    assert "load its model" in describe_exit(4) and "SIGKILL" in describe_exit(-9)
+    assert [backoff(n) for n in (1, 2, 3, 7, 20)] == [1.0, 2.0, 4.0, 60.0, 60.0]
