@@ -42,6 +42,9 @@ class PoolConfig:
     job_timeout: float = 60.0
     job_timeout_per_audio_second: float = 2.0
     retry_on_crash: int = 1
+    max_consecutive_failures: int = 3
+    max_jobs_per_worker: int = 0
+    max_memory_mb: float = 0.0
 
 
 SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1)
@@ -60,6 +63,7 @@ class ProviderConfig:
     compute_type: str = "auto"
     cpu_threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    allow_download: bool = False
     pool: PoolConfig = SINGLE_INSTANCE
 
 

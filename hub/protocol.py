@@ -213,6 +213,7 @@ class WorkerSpec:
     shm_prefix: str
     heartbeat_interval: float
     options: dict[str, Any]
+    allow_download: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -518,6 +518,7 @@ class Supervisor:
             shm_prefix=self.shm_prefix,
             heartbeat_interval=self.config.hub.heartbeat_interval,
             options=provider.options,
+            allow_download=provider.allow_download,
         )
         proc = process.spawn(spec, provider, gpu)
         pool.add(WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now))
