@@ -24,7 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the whole transcript as JSON")
     status = commands.add_parser("status", help="show the providers and their workers")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    for sub in (run, status):
+    scale = commands.add_parser("scale", help="set a provider's size at run time, within [min_size, max_size]")
+    scale.add_argument("provider")
+    scale.add_argument("size", type=int)
+    for sub in (run, status, scale):
         sub.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "status":
                 status = client.status()
                 print(json.dumps(status, indent=2) if args.json else format_status(status))
+                return 0
+            if args.command == "scale":
+                client.scale(args.provider, args.size)
+                print(f"{args.provider}: size set to {args.size}")
                 return 0
             if args.stream and not args.json:
                 stream = client.transcribe_stream(args.file, args.provider, language=args.language)

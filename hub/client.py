@@ -211,10 +211,11 @@ class HubClient:
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The supervisor's view of every provider and worker (see the README for the fields)."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        self._ensure_hello(deadline)
-        (body,) = self._call(MsgType.STATUS, {}, None, deadline)
-        return body  # type: ignore[return-value]
+        return self._request(MsgType.STATUS, {}, timeout)
+
+    def scale(self, provider: str, size: int, timeout: float | None = None) -> dict[str, Any]:
+        """Set a provider's size at run time, within its [min_size, max_size]; autoscaling keeps it as a floor."""
+        return self._request(MsgType.SCALE, {"provider": provider, "size": size}, timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
         """Block until every enabled provider has its ``min_size`` workers ready; return the status."""
@@ -245,6 +246,13 @@ class HubClient:
                 self._sockets.append(sock)
             self._local.sock = sock
         return sock
+
+    def _request(self, msg_type: MsgType, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """One request with one REPLY."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        self._ensure_hello(deadline)
+        (reply,) = self._call(msg_type, body, None, deadline)
+        return reply  # type: ignore[no-any-return]
 
     def _ensure_hello(self, deadline: float) -> _Hello:
         if self._hello is None:
@@ -361,11 +369,16 @@ class AsyncHubClient:
             yield event
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
+        return await self._request(MsgType.STATUS, {}, timeout)
+
+    async def scale(self, provider: str, size: int, timeout: float | None = None) -> dict[str, Any]:
+        return await self._request(MsgType.SCALE, {"provider": provider, "size": size}, timeout)
+
+    async def _request(self, msg_type: MsgType, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         deadline = time.monotonic() + (timeout or self.timeout)
         await self._ensure_hello(deadline)
-        async for body in self._exchange(MsgType.STATUS, {}, None, deadline):
-            return body  # type: ignore[no-any-return]
-        raise AssertionError("unreachable")
+        replies = [reply async for reply in self._exchange(msg_type, body, None, deadline)]
+        return replies[-1]  # type: ignore[no-any-return]
 
     async def _transcribe(
         self,

@@ -14,7 +14,9 @@ from typing import Any
 
 from hub.config import PoolConfig
 from hub.errors import PoolBusy
-from hub.protocol import AudioRef
+from hub.protocol import SAMPLE_RATE, AudioRef
+
+HEALTH_CLIP_SAMPLES = 2 * SAMPLE_RATE  # an upper bound of the bundled clip's length, for its deadline
 
 
 @dataclass(eq=False)
@@ -36,10 +38,31 @@ class Job:
     worker: str | None = None
     started_at: float = 0.0
     run_deadline: float = field(default=float("inf"))
+    health: bool = False  # a health check: the worker transcribes its own bundled clip, no client waits
 
     def job_body(self) -> dict[str, Any]:
         """The JOB message a worker receives (the payload frame travels beside it)."""
+        if self.health:
+            return {"health": True}
         return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
+
+
+def health_job(job_id: str, provider: str, now: float) -> Job:
+    """A health check: the worker knows the clip, so the job carries no audio."""
+    return Job(
+        id=job_id,
+        client=b"",
+        request="",
+        provider=provider,
+        audio=AudioRef(samples=HEALTH_CLIP_SAMPLES),
+        payload=None,
+        options={},
+        stream=False,
+        received_at=now,
+        acquire_deadline=now,
+        client_timeout=None,
+        health=True,
+    )
 
 
 def acquire_deadline(pool: PoolConfig, now: float, client_timeout: float | None) -> float:

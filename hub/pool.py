@@ -12,6 +12,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
+from hub.config import ProviderConfig
+
 
 class WorkerState(str, Enum):
     STARTING = "starting"
@@ -36,8 +38,12 @@ class WorkerHandle:
     idle_since: float = 0.0
     job: str | None = None
     jobs_done: int = 0
-    kill_at: float | None = None  # SIGKILL after this time, once SIGTERM was sent
+    kill_at: float | None = None  # SIGKILL after this time, once SIGTERM or STOP was sent
     last_error: str = ""
+    generation: int = 0  # the config generation it was started with; SIGHUP bumps the pool's
+    last_check: float = 0.0  # when its last health check (or its start) was
+    consecutive_failures: int = 0
+    rss_mb: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -53,13 +59,20 @@ class WorkerHandle:
 class ProviderPool:
     """The workers of one provider, plus what the crash-loop backoff needs to remember."""
 
-    name: str
+    config: ProviderConfig
     workers: dict[str, WorkerHandle] = field(default_factory=dict)
     idle: OrderedDict[str, None] = field(default_factory=OrderedDict)
     spawned: int = 0
     load_failures: int = 0
     next_spawn_at: float = 0.0
     last_error: str = ""
+    generation: int = 0
+    floor: int = 0  # the size set at run time (scale, SIGTTIN/SIGTTOU); 0: min_size
+    removed: bool = False  # dropped from the config by a reload: its workers drain, then it goes
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     def add(self, handle: WorkerHandle) -> None:
         self.workers[handle.id] = handle

@@ -39,6 +39,7 @@ class MsgType(str, Enum):
     STATUS = "STATUS"
     TRANSCRIBE = "TRANSCRIBE"
     CANCEL = "CANCEL"
+    SCALE = "SCALE"
     # supervisor -> client (SEGMENT, RESULT and ERROR also travel worker -> supervisor)
     REPLY = "REPLY"
     SEGMENT = "SEGMENT"

@@ -1,9 +1,10 @@
 """The supervisor: one poll loop that wires the frontend, the workers, the signals and the timers.
 
 Each pass of the loop reads what the sockets have, then runs ``tick``: reap exited
-workers, kill the overdue, enforce heartbeats and deadlines, expire queued jobs, scale,
-and sweep orphaned shared memory. Signal handlers only enqueue (gunicorn's arbiter);
-a socketpair registered with ``signal.set_wakeup_fd`` wakes the poll.
+workers, kill the overdue, enforce heartbeats and deadlines, expire queued jobs, run
+health checks, roll restarts forward, scale, and sweep orphaned shared memory. Signal
+handlers only enqueue (gunicorn's arbiter); a socketpair registered with
+``signal.set_wakeup_fd`` wakes the poll.
 
 Run it as ``python -m hub.supervisor --config config/config.sample.yaml``.
 """
@@ -21,13 +22,15 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from hub import __version__, process, protocol, shm
 from hub.config import ConfigError, HubConfig, ProviderConfig, load_config
-from hub.dispatch import Job, JobQueue, acquire_deadline, run_deadline
+from hub.dispatch import Job, JobQueue, acquire_deadline, health_job, run_deadline
 from hub.errors import (
     AcquireTimeout,
     BadRequest,
@@ -39,17 +42,19 @@ from hub.errors import (
     UnknownProvider,
     WorkerCrashed,
 )
-from hub.policy import PoolSnapshot, decide
+from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
+from hub.resources import Gpus, rss_mb
 
 log = logging.getLogger("hub.supervisor")
 
 POLL_MS = 50
-KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+KILL_GRACE = 3.0  # seconds between SIGTERM (or STOP) and SIGKILL
 SHM_SWEEP_INTERVAL = 2.0
+SAMPLE_INTERVAL = 1.0  # how often worker memory is read
 MAX_BATCH = 256  # messages read from one socket before the loop looks at the others
-_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def hub_id(frontend: str) -> str:
@@ -59,8 +64,9 @@ def hub_id(frontend: str) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: HubConfig) -> None:
+    def __init__(self, config: HubConfig, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.hub_id = hub_id(config.hub.frontend)
         self.shm_prefix = shm.hub_prefix(self.hub_id)
         self.started = time.monotonic()
@@ -73,8 +79,9 @@ class Supervisor:
         self.backend = self._socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a dead worker raises, not drops
         self.backend.bind(f"ipc://{self.backend_path}")
-        self.pools = {p.name: ProviderPool(p.name) for p in config.enabled_providers}
+        self.pools = {p.name: ProviderPool(p) for p in config.enabled_providers}
         self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
+        self.gpus = Gpus()
         self.held_back: dict[str, str] = {}
         self.running: dict[str, Job] = {}  # job id -> job on a worker
         self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
@@ -84,6 +91,7 @@ class Supervisor:
         self.drain_deadline = 0.0
         self.ready_logged = False
         self.next_sweep = 0.0
+        self.next_sample = 0.0
         self.dropped = 0  # malformed messages that could not even be answered
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
 
@@ -103,7 +111,7 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in _SHUTDOWN_SIGNALS:
+        for signum in _HANDLED_SIGNALS:
             signal.signal(signum, lambda signum, _frame: self.signals.append(signum))
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
@@ -132,7 +140,7 @@ class Supervisor:
             self.close()
         return 0
 
-    def _drain_socket(self, sock: zmq.Socket, handler: Any) -> None:
+    def _drain_socket(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(MAX_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -144,7 +152,14 @@ class Supervisor:
         while self.signals:
             signum = self.signals.popleft()
             name = signal.Signals(signum).name
-            if self.stopping:
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                step = 1 if signum == signal.SIGTTIN else -1
+                for pool in self.pools.values():
+                    if not pool.removed:
+                        self.set_size(pool, floor_size(self._snapshot(pool), pool.config.pool) + step, clamp=True)
+            elif self.stopping:
                 log.warning("%s again: stopping now, without waiting for jobs in flight", name)
                 self.drain_deadline = 0.0
             else:
@@ -182,12 +197,13 @@ class Supervisor:
             self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
         elif msg.type is MsgType.CANCEL:
             self.cancel(client, msg.id)
+        elif msg.type is MsgType.SCALE:
+            self.reply(client, MsgType.REPLY, msg.id, self.scale_request(msg.body))
         else:
             raise BadRequest(f"message type {msg.type.value} is not accepted from clients")
 
     def reply(self, client: bytes, msg_type: MsgType, request_id: str, body: dict[str, Any]) -> None:
         if not client:
-            self.dropped += 1
             return
         try:
             self.frontend.send_multipart([client, *protocol.build(msg_type, request_id, body)], zmq.NOBLOCK)
@@ -239,8 +255,7 @@ class Supervisor:
             client_timeout=timeout,
         )
         log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
-        pool = self.pools[provider.name]
-        worker = pool.take_idle()
+        worker = self.pools[provider.name].take_idle()
         if worker is not None:
             self.start_job(job, worker, now)
         else:
@@ -274,6 +289,34 @@ class Supervisor:
             self.queues[job.provider].remove(job)
         job.client = b""
 
+    def scale_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        name, size = body.get("provider"), body.get("size")
+        pool = self.pools.get(name) if isinstance(name, str) else None
+        if pool is None or pool.removed:
+            raise UnknownProvider(f"no enabled provider named {name!r}")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise BadRequest("field 'size' must be an integer")
+        self.set_size(pool, size, clamp=False)
+        return {"provider": pool.name, "size": size}
+
+    def set_size(self, pool: ProviderPool, size: int, clamp: bool) -> None:
+        """Set the pool's size at run time: the floor autoscaling keeps; extra workers retire now."""
+        limits = pool.config.pool
+        if clamp:
+            size = min(limits.max_size, max(limits.min_size, size))
+        elif not limits.min_size <= size <= limits.max_size:
+            raise BadRequest(
+                f"size {size} is outside [{limits.min_size}, {limits.max_size}] "
+                f"(providers.{pool.name}.pool.min_size / max_size)"
+            )
+        pool.floor = size
+        log.info("provider %s: size set to %d", pool.name, size)
+        now = time.monotonic()
+        extra = pool.size - size
+        by_use = [pool.workers[w] for w in pool.idle] + [w for w in pool.workers.values() if w.state is not WorkerState.IDLE]
+        for worker in [w for w in by_use if w.live][: max(0, extra)]:
+            self.drain(worker, now)
+
     # --- jobs on workers -----------------------------------------------------------
 
     def start_job(self, job: Job, worker: WorkerHandle, now: float) -> None:
@@ -281,7 +324,7 @@ class Supervisor:
         job.attempts += 1
         job.worker = worker.id
         job.started_at = now
-        job.run_deadline = run_deadline(self.config.providers[job.provider].pool, job.audio.seconds, now)
+        job.run_deadline = run_deadline(pool.config.pool, job.audio.seconds, now)
         worker.job = job.id
         pool.set_state(worker, WorkerState.BUSY, now)
         self.running[job.id] = job
@@ -290,24 +333,24 @@ class Supervisor:
                 [worker.id.encode(), *protocol.build(MsgType.JOB, job.id, job.job_body(), job.payload)]
             )
         except zmq.ZMQError as exc:
-            log.warning("worker %s unreachable (%s); recycling it", worker.id, exc)
             self.recycle(worker, f"unreachable: {exc}", now)
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} was unreachable"))
 
-    def finish_job(self, job_id: str, worker: WorkerHandle, now: float) -> Job | None:
-        """Detach a finished job from its worker and hand the worker its next job."""
-        job = self.running.pop(job_id, None)
-        if worker.job == job_id:
-            worker.jobs_done += 1
-            self.worker_free(worker, now)
-        if job is not None:
-            self.requests.pop((job.client, job.request), None)
-        return job
-
     def worker_free(self, worker: WorkerHandle, now: float) -> None:
+        """A worker finished its job (or its start): give it the next job, or let it go if it is due to."""
         pool = self.pools[worker.provider]
-        pool.set_state(worker, WorkerState.IDLE, now)
-        self.feed(pool, now)
+        limits = pool.config.pool
+        if worker.state is WorkerState.DRAINING:
+            self.drain(worker, now)
+        elif worker.consecutive_failures >= limits.max_consecutive_failures:
+            log.warning("recycling worker %s: %d failed jobs in a row", worker.id, worker.consecutive_failures)
+            self.drain(worker, now)
+        elif limits.max_jobs_per_worker and worker.jobs_done >= limits.max_jobs_per_worker:
+            log.info("recycling worker %s after %d jobs (pool.max_jobs_per_worker)", worker.id, worker.jobs_done)
+            self.drain(worker, now)
+        else:
+            pool.set_state(worker, WorkerState.IDLE, now)
+            self.feed(pool, now)
 
     def feed(self, pool: ProviderPool, now: float) -> None:
         queue = self.queues[pool.name]
@@ -321,7 +364,9 @@ class Supervisor:
         """The job's worker is gone: retry it once more where allowed, else tell the client."""
         self.running.pop(job.id, None)
         job.worker = None
-        retries = self.config.providers[job.provider].pool.retry_on_crash
+        if job.health:
+            return
+        retries = self.pools[job.provider].config.pool.retry_on_crash
         if job.client and job.attempts <= retries and not self.stopping:
             log.info("job %s: retrying on another worker (%s)", job.id, error.message)
             self.queues[job.provider].push_front(job)
@@ -358,24 +403,34 @@ class Supervisor:
             job = self.running.get(msg.id)
             if job is not None and job.worker == worker.id:
                 self.reply(job.client, MsgType.SEGMENT, job.request, msg.body)
-        elif msg.type in (MsgType.RESULT, MsgType.ERROR):
-            job = self.finish_job(msg.id, worker, now)
-            if job is None:
+        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and worker.job == msg.id:
+            self.on_answer(worker, msg, now)
+
+    def on_answer(self, worker: WorkerHandle, msg: Message, now: float) -> None:
+        """A worker's final answer to its job: forward it, account for it, free or recycle the worker."""
+        job = self.running.pop(msg.id, None)
+        worker.job = None
+        model_failed = msg.type is MsgType.ERROR and msg.body.get("code") == "INFERENCE_FAILED"
+        if job is not None and job.health:
+            if model_failed or msg.type is MsgType.ERROR or not str(msg.body.get("text", "")).strip():
+                reason = msg.body.get("message") or "no text for the test clip"
+                self.recycle(worker, f"health check failed: {reason}", now)
                 return
+            worker.last_check = now
+        elif job is not None:
+            self.requests.pop((job.client, job.request), None)
+            worker.jobs_done += 1
             body = dict(msg.body)
             if msg.type is MsgType.RESULT:
-                body.update(
-                    worker=worker.id,
-                    provider=job.provider,
-                    queue_ms=(job.started_at - job.received_at) * 1000.0,
-                )
+                body.update(worker=worker.id, provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0)
             else:
                 body["job_id"] = job.request
             self.reply(job.client, msg.type, job.request, body)
+        worker.consecutive_failures = worker.consecutive_failures + 1 if model_failed else 0
+        self.worker_free(worker, now)
 
     def _worker(self, worker_id: str) -> WorkerHandle | None:
-        provider = worker_id.rpartition("-")[0]
-        pool = self.pools.get(provider)
+        pool = self.pools.get(worker_id.rpartition("-")[0])
         return pool.workers.get(worker_id) if pool else None
 
     def on_ready(self, worker: WorkerHandle, body: dict[str, Any], now: float) -> None:
@@ -383,24 +438,38 @@ class Supervisor:
             return
         pool = self.pools[worker.provider]
         worker.device = str(body.get("device", "unknown"))
-        worker.last_heartbeat = now
+        worker.last_heartbeat = worker.last_check = now
         pool.load_failures = 0
         pool.last_error = ""
-        log.info(
-            "worker %s ready (pid %d, %s) in %.2f s", worker.id, worker.pid, worker.device, now - worker.started_at
-        )
+        log.info("worker %s ready (pid %d, %s) in %.2f s", worker.id, worker.pid, worker.device, now - worker.started_at)
+        old = [w for w in pool.workers.values() if w.live and w.generation < pool.generation]
+        if worker.generation == pool.generation and old:
+            replaced = next((w for w in old if w.state is WorkerState.IDLE), old[0])
+            log.info("rolling restart of %s: %s replaces %s", pool.name, worker.id, replaced.id)
+            self.drain(replaced, now)
         self.worker_free(worker, now)
 
     # --- timers --------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        for name, pool in self.pools.items():
+        sample = now >= self.next_sample
+        if sample:
+            self.next_sample = now + SAMPLE_INTERVAL
+        for name, pool in list(self.pools.items()):
             for worker in list(pool.workers.values()):
+                if sample:
+                    worker.rss_mb = rss_mb(worker.pid)
                 self._watch(pool, worker, now)
             for job in self.queues[name].expired(now):
                 self.fail(job, self._acquire_timeout(job, now))
+            if pool.removed:
+                if not pool.workers:
+                    del self.pools[name], self.queues[name]
+                continue
             if not self.stopping:
-                self._scale(name, pool, now)
+                self._health_checks(pool, now)
+                self._roll(pool, now)
+                self._scale(pool, now)
         if now >= self.next_sweep:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
@@ -416,7 +485,7 @@ class Supervisor:
         return AcquireTimeout(
             f"no {job.provider} worker became free within {now - job.received_at:.1f} s "
             f"({counts[WorkerState.BUSY]} busy, {counts[WorkerState.STARTING]} starting, "
-            f"max_size {self.config.providers[job.provider].pool.max_size}); retry, or raise pool.max_size"
+            f"max_size {pool.config.pool.max_size}); retry, or raise pool.max_size"
         )
 
     def _watch(self, pool: ProviderPool, worker: WorkerHandle, now: float) -> None:
@@ -430,19 +499,45 @@ class Supervisor:
                 process.kill(worker.proc)
             return
         hub = self.config.hub
-        if worker.state is WorkerState.STARTING and now - worker.started_at > hub.start_timeout:
-            self.recycle(worker, f"not ready after {hub.start_timeout:.0f} s", now)
-        elif worker.live and worker.state is not WorkerState.STARTING and now - worker.last_heartbeat > hub.heartbeat_timeout:
+        job = self.running.get(worker.job or "")
+        if worker.state is WorkerState.STARTING:
+            if now - worker.started_at > hub.start_timeout:
+                self.recycle(worker, f"not ready after {hub.start_timeout:.0f} s", now)
+        elif now - worker.last_heartbeat > hub.heartbeat_timeout:
             self.recycle(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s", now)
-            job = self.running.get(worker.job or "")
             if job is not None:
                 self.job_lost(job, WorkerCrashed(f"worker {worker.id} stopped answering"))
-        elif worker.state is WorkerState.BUSY:
-            job = self.running.get(worker.job or "")
-            if job is not None and now >= job.run_deadline:
-                limit = job.run_deadline - job.started_at
-                self.recycle(worker, f"job {job.id} overran its {limit:.0f} s deadline", now)
+        elif job is not None and now >= job.run_deadline:
+            limit = job.run_deadline - job.started_at
+            what = "health check" if job.health else f"job {job.id}"
+            self.recycle(worker, f"{what} overran its {limit:.0f} s deadline", now)
+            if not job.health:
                 self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"))
+
+    def _health_checks(self, pool: ProviderPool, now: float) -> None:
+        """Send the bundled clip to idle workers whose last check is ``health_check_interval`` old.
+
+        Client jobs come first: nothing is checked while jobs wait, and the last idle worker
+        of a pool is checked only once the pool has been quiet for a whole interval.
+        """
+        interval = pool.config.pool.health_check_interval
+        if self.queues[pool.name]:
+            return
+        for worker_id in list(pool.idle):
+            worker = pool.workers[worker_id]
+            alone = len(pool.idle) == 1
+            if now - worker.last_check < interval or (alone and now - worker.idle_since < interval):
+                continue
+            pool.idle.pop(worker_id)
+            job = health_job(f"h{next(self.job_ids)}", pool.name, now)
+            self.start_job(job, worker, now)
+
+    def _roll(self, pool: ProviderPool, now: float) -> None:
+        """After a reload, start one worker of the new generation at a time; ``on_ready`` retires an old one."""
+        old = any(w.live and w.generation < pool.generation for w in pool.workers.values())
+        starting = any(w.state is WorkerState.STARTING and w.generation == pool.generation for w in pool.workers.values())
+        if old and not starting and now >= pool.next_spawn_at:
+            self.spawn(pool, now)
 
     def recycle(self, worker: WorkerHandle, reason: str, now: float) -> None:
         """Stop a worker that cannot be trusted: SIGTERM now, SIGKILL after a grace period."""
@@ -453,9 +548,11 @@ class Supervisor:
         worker.kill_at = now + KILL_GRACE
         process.terminate(worker.proc)
 
-    def retire(self, worker: WorkerHandle, now: float) -> None:
-        """Stop a healthy idle worker politely: it finishes nothing (it is idle) and exits on STOP."""
+    def drain(self, worker: WorkerHandle, now: float) -> None:
+        """Stop a healthy worker politely: it takes no new job, finishes the one it has, then exits on STOP."""
         self.pools[worker.provider].set_state(worker, WorkerState.DRAINING, now)
+        if worker.job is not None or worker.kill_at is not None:
+            return
         worker.kill_at = now + KILL_GRACE
         try:
             self.backend.send_multipart([worker.id.encode(), *protocol.build(MsgType.STOP, worker.id)])
@@ -475,37 +572,51 @@ class Supervisor:
                 for job in self.queues[pool.name].clear():
                     self.fail(job, ProviderUnavailable(f"provider {pool.name!r} has no live worker: {pool.last_error}"))
         elif worker.state is not WorkerState.DRAINING:
-            pool.last_error = f"worker {worker.id} {what}"
-            log.warning("worker %s (pid %d) %s%s", worker.id, worker.pid, what, f": {worker.last_error}" if worker.last_error else "")
+            pool.last_error = f"worker {worker.id} {what}" + (f" ({worker.last_error})" if worker.last_error else "")
+            log.warning("worker %s (pid %d) %s", worker.id, worker.pid, pool.last_error.partition(" ")[2])
         job = self.running.get(worker.job or "")
         if job is not None:
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} {what} while running the job"))
 
-    def _scale(self, name: str, pool: ProviderPool, now: float) -> None:
+    def _snapshot(self, pool: ProviderPool) -> PoolSnapshot:
+        counts = pool.counts()
+        live = [w for w in pool.workers.values() if w.live]
+        gpu = process.gpu_for(pool.config, [w.gpu for w in live if w.gpu is not None])
+        gpu_free, gpu_worker = None, 0.0
+        if gpu is not None and self.gpus.available:
+            reading = self.gpus.read(gpu)
+            on_gpu = sum(1 for w in live if w.gpu == gpu)
+            if reading.free_mb is not None and reading.used_mb is not None and on_gpu:
+                gpu_free, gpu_worker = reading.free_mb, reading.used_mb / on_gpu
+        return PoolSnapshot(
+            live=len(live),
+            starting=counts[WorkerState.STARTING],
+            queued=len(self.queues[pool.name]),
+            idle_since=tuple((wid, pool.workers[wid].idle_since) for wid in pool.idle),
+            floor=pool.floor,
+            memory_mb=sum(w.rss_mb for w in live),
+            worker_mb=max((w.rss_mb for w in live), default=0.0),
+            gpu_free_mb=gpu_free,
+            gpu_worker_mb=gpu_worker,
+        )
+
+    def _scale(self, pool: ProviderPool, now: float) -> None:
         if now < pool.next_spawn_at:
             return
-        provider = self.config.providers[name]
-        counts = pool.counts()
-        snap = PoolSnapshot(
-            live=pool.size,
-            starting=counts[WorkerState.STARTING],
-            queued=len(self.queues[name]),
-            idle_since=tuple((wid, pool.workers[wid].idle_since) for wid in pool.idle),
-        )
-        decision = decide(snap, provider.pool, now)
-        if decision.held_back != self.held_back.get(name, ""):
+        decision = decide(self._snapshot(pool), pool.config.pool, now)
+        if decision.held_back != self.held_back.get(pool.name, ""):
             if decision.held_back:
-                log.info("scaling of %s held back: %s", name, decision.held_back)
-            self.held_back[name] = decision.held_back
+                log.info("scaling of %s held back: %s", pool.name, decision.held_back)
+            self.held_back[pool.name] = decision.held_back
         for worker_id in decision.retire:
-            log.info("retiring worker %s: idle longer than %.0f s", worker_id, provider.pool.idle_timeout)
-            self.retire(pool.workers[worker_id], now)
+            log.info("retiring worker %s of %s: idle, pool above its floor", worker_id, pool.name)
+            self.drain(pool.workers[worker_id], now)
         for _ in range(decision.spawn):
-            self.spawn(provider, pool, now)
+            self.spawn(pool, now)
 
-    def spawn(self, provider: ProviderConfig, pool: ProviderPool, now: float) -> None:
-        in_use = [w.gpu for w in pool.workers.values() if w.live and w.gpu is not None]
-        gpu = process.gpu_for(provider, in_use)
+    def spawn(self, pool: ProviderPool, now: float) -> None:
+        provider = pool.config
+        gpu = process.gpu_for(provider, [w.gpu for w in pool.workers.values() if w.live and w.gpu is not None])
         spec = WorkerSpec(
             id=f"{provider.name}-{pool.spawned + 1}",
             provider=provider.name,
@@ -521,7 +632,9 @@ class Supervisor:
             allow_download=provider.allow_download,
         )
         proc = process.spawn(spec, provider, gpu)
-        pool.add(WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now))
+        handle = WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now)
+        handle.generation = pool.generation
+        pool.add(handle)
         log.info("started worker %s (pid %d%s)", spec.id, proc.pid, "" if gpu is None else f", CUDA_VISIBLE_DEVICES={gpu}")
 
     @property
@@ -529,9 +642,50 @@ class Supervisor:
         """Every enabled provider has its ``min_size`` workers ready."""
         return all(
             sum(1 for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
-            >= self.config.providers[name].pool.min_size
-            for name, pool in self.pools.items()
+            >= pool.config.pool.min_size
+            for pool in self.pools.values()
+            if not pool.removed
         )
+
+    # --- reload --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read the config again and replace every worker, one at a time; keep the old config if invalid."""
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the supervisor was not started from a config file")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload refused, the running config stays in force: %s", exc)
+            return
+        if new.hub.frontend != self.config.hub.frontend:
+            log.warning("hub.frontend cannot change on reload (still %s); restart to move it", self.config.hub.frontend)
+        new = dataclasses.replace(new, hub=dataclasses.replace(new.hub, frontend=self.config.hub.frontend))
+        now = time.monotonic()
+        for name, pool in self.pools.items():
+            provider = new.providers.get(name)
+            if provider is None or not provider.enabled:
+                log.info("provider %s left the config: draining its workers", name)
+                pool.removed = True
+                for job in self.queues[name].clear():
+                    self.fail(job, ProviderUnavailable(f"provider {name!r} was removed from the config"))
+                for worker in list(pool.workers.values()):
+                    self.drain(worker, now)
+            else:
+                pool.config = provider
+                pool.removed = False
+                pool.generation += 1
+                pool.floor = 0
+                pool.load_failures = 0
+                pool.next_spawn_at = now
+                self.queues[name].limit = provider.pool.max_queue
+        for provider in new.enabled_providers:
+            if provider.name not in self.pools:
+                self.pools[provider.name] = ProviderPool(provider)
+                self.queues[provider.name] = JobQueue(provider.pool.max_queue)
+        self.config = new
+        log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.pools))
 
     # --- status and shutdown -------------------------------------------------------
 
@@ -540,34 +694,15 @@ class Supervisor:
         providers: dict[str, Any] = {}
         for provider in self.config.providers.values():
             pool = self.pools.get(provider.name)
-            workers = list(pool.workers.values()) if pool else []
             providers[provider.name] = {
                 "type": provider.type,
                 "enabled": provider.enabled,
                 "pool_enabled": provider.pool.enabled,
                 "model": provider.model,
-                "size": pool.size if pool else 0,
+                **(self._pool_status(pool, now) if pool else {"size": 0, "queue_depth": 0, "workers": []}),
                 "min_size": provider.pool.min_size,
                 "max_size": provider.pool.max_size,
-                "queue_depth": len(self.queues[provider.name]) if pool else 0,
                 "max_queue": provider.pool.max_queue,
-                "degraded": bool(pool and pool.load_failures),
-                "last_error": pool.last_error if pool else "",
-                "next_start_in": max(0.0, pool.next_spawn_at - now) if pool else 0.0,
-                "held_back": self.held_back.get(provider.name, ""),
-                "workers": [
-                    {
-                        "id": w.id,
-                        "pid": w.pid,
-                        "state": w.state.value,
-                        "device": w.device,
-                        "gpu": w.gpu,
-                        "jobs_done": w.jobs_done,
-                        "uptime": round(now - w.started_at, 3),
-                        "last_error": w.last_error,
-                    }
-                    for w in workers
-                ],
             }
         return {
             "hub": {
@@ -582,6 +717,33 @@ class Supervisor:
                 "inline_bytes": self.inline_bytes,
             },
             "providers": providers,
+        }
+
+    def _pool_status(self, pool: ProviderPool, now: float) -> dict[str, Any]:
+        return {
+            "size": pool.size,
+            "target_size": floor_size(self._snapshot(pool), pool.config.pool),
+            "queue_depth": len(self.queues[pool.name]),
+            "degraded": bool(pool.load_failures),
+            "last_error": pool.last_error,
+            "restart_backoff": max(0.0, pool.next_spawn_at - now),
+            "held_back": self.held_back.get(pool.name, ""),
+            "workers": [
+                {
+                    "id": w.id,
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "device": w.device,
+                    "gpu": w.gpu,
+                    "jobs_done": w.jobs_done,
+                    "consecutive_failures": w.consecutive_failures,
+                    "rss_mb": round(w.rss_mb, 1),
+                    "since_health_check": round(now - w.last_check, 3) if w.last_check else None,
+                    "uptime": round(now - w.started_at, 3),
+                    "last_error": w.last_error,
+                }
+                for w in pool.workers.values()
+            ],
         }
 
     def close(self) -> None:
@@ -639,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        supervisor = Supervisor(config)
+        supervisor = Supervisor(config, Path(args.config))
     except zmq.ZMQError as exc:
         print(f"cannot bind {config.hub.frontend}: {exc} (is another hub running there?)", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ def handle(pool: ProviderPool, n: int, proc: subprocess.Popen) -> WorkerHandle:
 def test_idle_queue_is_least_recently_used_first() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    pool = ProviderPool("p")
+    pool = ProviderPool(ProviderConfig(name="p", type="echo"))
     a, b, c = (handle(pool, n, proc) for n in range(3))
     for t, h in enumerate((b, a, c)):
         pool.set_state(h, WorkerState.IDLE, float(t))

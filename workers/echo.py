@@ -32,8 +32,7 @@ class EchoEngine:
     device = "cpu"
 
     def __init__(self, spec: WorkerSpec) -> None:
-        if spec.options.get("fail_load"):
-            raise RuntimeError(f"echo provider configured to fail loading: {spec.options['fail_load']}")
+        """There is no model to load."""
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         if "exit" in options:

@@ -54,7 +54,6 @@ class WhisperEngine:
 
         path = resolve_model(spec.model)
         kind = resolve_device(spec.device)
-        self._defaults = dict(spec.options)
         try:
             self._model = WhisperModel(
                 path,
@@ -69,10 +68,9 @@ class WhisperEngine:
         self.device = f"cuda:{gpu}" if kind == "cuda" and gpu else kind
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
-        merged = {**self._defaults, **options}
-        if isinstance(merged.get("temperature"), list):
-            merged["temperature"] = tuple(merged["temperature"])
-        generator, info = self._model.transcribe(pcm, **merged)
+        if isinstance(options.get("temperature"), list):
+            options = {**options, "temperature": tuple(options["temperature"])}
+        generator, info = self._model.transcribe(pcm, **options)
         segments = []
         for seg in generator:  # decoding happens as the generator is consumed
             segment = Segment(
