@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from hub.client import DEFAULT_ENDPOINT, HubClient
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the whole transcript as JSON")
     status = commands.add_parser("status", help="show the providers and their workers")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--watch", action="store_true", help="redraw the table every second until Ctrl-C")
     scale = commands.add_parser("scale", help="set a provider's size at run time, within [min_size, max_size]")
     scale.add_argument("provider")
     scale.add_argument("size", type=int)
@@ -50,14 +52,45 @@ def format_status(status: dict[str, Any]) -> str:
             f"\n{name} ({p['type']}, {pool}): size {p['size']} [{p['min_size']}..{p['max_size']}], "
             f"queue {p['queue_depth']}/{p['max_queue']}{'  DEGRADED' if p['degraded'] else ''}"
         )
+        rate = "-" if p["success_rate"] is None else f"{p['success_rate']:.1%}"
+        lines.append(
+            f"  requests {p['requests']}: {p['succeeded']} ok, {p['failed']} failed, {p['rejected']} rejected, "
+            f"{p['timed_out']} timed out ({rate} ok)"
+        )
+        lines.append(
+            f"  wait p50/p95/p99 {_ms(p['wait_ms'])}  inference {_ms(p['inference_ms'])}  "
+            f"utilisation {p['utilization']:.0%}  throughput {p['throughput']:.2f} audio s/s"
+        )
         if p["last_error"]:
             lines.append(f"  last error: {p['last_error']}")
         if p["held_back"]:
             lines.append(f"  scaling held back: {p['held_back']}")
-        lines.append(f"  {'worker':<16} {'pid':>7}  {'state':<10} {'device':<8} {'jobs':>6}")
+        lines.append(f"  {'worker':<16} {'pid':>7}  {'state':<10} {'device':<8} {'jobs':>6} {'fails':>5} {'restarts':>8} {'RSS MiB':>8}  GPU")
         for w in p["workers"]:
-            lines.append(f"  {w['id']:<16} {w['pid']:>7}  {w['state']:<10} {w['device']:<8} {w['jobs_done']:>6}")
+            gpu = w["gpu_error"] or ("-" if w["gpu_memory_used_mb"] is None else f"{w['gpu_memory_used_mb']:.0f} MiB {w['gpu_utilization']:.0f}%")
+            lines.append(
+                f"  {w['id']:<16} {w['pid']:>7}  {w['state']:<10} {w['device']:<8} {w['jobs_done']:>6} "
+                f"{w['consecutive_failures']:>5} {w['restarts']:>8} {w['rss_mb']:>8.0f}  {gpu}"
+            )
+            if w["last_error"]:
+                lines.append(f"      last error: {w['last_error']}")
     return "\n".join(lines)
+
+
+def _ms(summary: dict[str, float | None]) -> str:
+    values = [summary[k] for k in ("p50", "p95", "p99")]
+    return "/".join("-" if v is None else f"{v:.0f}" for v in values) + " ms"
+
+
+def _watch(client: HubClient) -> int:
+    """Redraw the status table every second, in place, until Ctrl-C."""
+    try:
+        while True:
+            table = format_status(client.status())
+            print("\x1b[H\x1b[2J" + table, flush=True)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with HubClient(args.endpoint, timeout=args.timeout) as client:
             if args.command == "status":
+                if args.watch:
+                    return _watch(client)
                 status = client.status()
                 print(json.dumps(status, indent=2) if args.json else format_status(status))
                 return 0

@@ -21,6 +21,7 @@ import yaml
 
 PROVIDER_TYPES = ("whisper", "funasr", "echo")
 DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("text", "json")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
 
 
@@ -79,6 +80,10 @@ class HubSection:
     heartbeat_timeout: float = 10.0
     start_timeout: float = 120.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_log_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,10 @@ def parse_config(data: Any, base_dir: Path | None = None) -> HubConfig:
     root = _mapping(data, "config")
     _reject_unknown(root, {"hub", "providers"}, "")
     hub = _build(HubSection, _mapping(root.get("hub") or {}, "hub"), "hub")
+    if hub.log_format not in LOG_FORMATS:
+        raise ConfigError(f"hub.log_format: must be one of {', '.join(LOG_FORMATS)}, got {hub.log_format!r}")
+    if not 0 <= hub.metrics_port <= 65535:
+        raise ConfigError(f"hub.metrics_port: must be a TCP port (0 turns the HTTP endpoint off), got {hub.metrics_port}")
     raw_providers = _mapping(root.get("providers") or {}, "providers")
     providers = {
         name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir)

@@ -44,6 +44,10 @@ class WorkerHandle:
     last_check: float = 0.0  # when its last health check (or its start) was
     consecutive_failures: int = 0
     rss_mb: float = 0.0
+    slot: int = 0  # a replacement takes over its predecessor's slot ...
+    restarts: int = 0  # ... and counts one more restart of it
+    gpu_used_mb: float | None = None
+    gpu_utilization: float | None = None
 
     @property
     def pid(self) -> int:
@@ -69,6 +73,8 @@ class ProviderPool:
     generation: int = 0
     floor: int = 0  # the size set at run time (scale, SIGTTIN/SIGTTOU); 0: min_size
     removed: bool = False  # dropped from the config by a reload: its workers drain, then it goes
+    free_slots: list[tuple[int, int]] = field(default_factory=list)  # (slot, restarts so far), lowest first
+    slots: int = 0  # slots handed out so far
 
     @property
     def name(self) -> str:
@@ -79,11 +85,28 @@ class ProviderPool:
         self.spawned += 1
 
     def remove(self, handle: WorkerHandle) -> None:
+        """Forget an exited worker; one that died while live frees its slot as a crash."""
+        if handle.live:
+            self._free_slot(handle, crashed=True)
         self.workers.pop(handle.id, None)
         self.idle.pop(handle.id, None)
 
+    def take_slot(self) -> tuple[int, int]:
+        """(slot, restarts) for a new worker: the lowest freed slot first, else a new one."""
+        if self.free_slots:
+            return self.free_slots.pop(0)
+        self.slots += 1
+        return self.slots - 1, 0
+
+    def _free_slot(self, handle: WorkerHandle, crashed: bool) -> None:
+        """A worker leaving the live set hands its slot on, counting a restart when it failed."""
+        self.free_slots.append((handle.slot, handle.restarts + int(crashed)))
+        self.free_slots.sort()
+
     def set_state(self, handle: WorkerHandle, state: WorkerState, now: float) -> None:
         """The one place a worker changes state; IDLE workers join the back of the LRU queue."""
+        if handle.live and state in (WorkerState.DRAINING, WorkerState.UNHEALTHY):
+            self._free_slot(handle, crashed=state is WorkerState.UNHEALTHY)
         handle.state = state
         self.idle.pop(handle.id, None)
         if state is WorkerState.IDLE:

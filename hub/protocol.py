@@ -215,6 +215,7 @@ class WorkerSpec:
     heartbeat_interval: float
     options: dict[str, Any]
     allow_download: bool = False
+    log_format: str = "text"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

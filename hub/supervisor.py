@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from hub import __version__, process, protocol, shm
+from hub import __version__, http, logs, process, protocol, shm
 from hub.config import ConfigError, HubConfig, ProviderConfig, load_config
 from hub.dispatch import Job, JobQueue, acquire_deadline, health_job, run_deadline
 from hub.errors import (
@@ -42,6 +42,7 @@ from hub.errors import (
     UnknownProvider,
     WorkerCrashed,
 )
+from hub.metrics import Metrics
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
@@ -82,6 +83,9 @@ class Supervisor:
         self.pools = {p.name: ProviderPool(p) for p in config.enabled_providers}
         self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
         self.gpus = Gpus()
+        self.metrics = Metrics()
+        self.http: Any = None
+        self.next_summary = time.monotonic() + config.hub.metrics_log_interval
         self.held_back: dict[str, str] = {}
         self.running: dict[str, Job] = {}  # job id -> job on a worker
         self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
@@ -118,6 +122,10 @@ class Supervisor:
         poller.register(self.backend, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
         log.info("supervisor %s (pid %d) listening on %s", self.hub_id, os.getpid(), self.config.hub.frontend)
+        hub = self.config.hub
+        if hub.metrics_port:
+            self.http = http.serve(self.metrics, hub.metrics_host, hub.metrics_port)
+            log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", hub.metrics_host, hub.metrics_port)
         try:
             self.tick(time.monotonic())
             while not self._finished(time.monotonic()):
@@ -190,7 +198,13 @@ class Supervisor:
 
     def on_client_message(self, client: bytes, msg: Message) -> None:
         if msg.type is MsgType.TRANSCRIBE:
-            self.submit(client, msg)
+            try:
+                self.submit(client, msg)
+            except HubError as exc:
+                name = msg.body.get("provider") or self.default_provider
+                self.metrics.rejected(name if name in self.config.providers else "_unknown", exc.code)
+                log.debug("request %s refused: %s", msg.id, exc)
+                raise
         elif msg.type is MsgType.STATUS:
             self.reply(client, MsgType.REPLY, msg.id, self.status())
         elif msg.type is MsgType.HELLO:
@@ -287,6 +301,7 @@ class Supervisor:
             return
         if job.worker is None:
             self.queues[job.provider].remove(job)
+        self._record(job, "JOB_TIMEOUT", time.monotonic())
         job.client = b""
 
     def scale_request(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +392,17 @@ class Supervisor:
         self.running.pop(job.id, None)
         self.requests.pop((job.client, job.request), None)
         error.job_id = job.request
+        self._record(job, error.code, time.monotonic())
         self.reply(job.client, MsgType.ERROR, job.request, error.to_dict())
+
+    def _record(self, job: Job, code: str | None, now: float) -> None:
+        """Account for a client's job once, when its answer (or its client's give-up) is known."""
+        if not job.client:
+            return
+        started = job.started_at or now
+        run = now - job.started_at if job.started_at else 0.0
+        self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio.seconds, code)
+        log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request, code or "done", (now - job.received_at) * 1e3)
 
     # --- backend -------------------------------------------------------------------
 
@@ -419,6 +444,7 @@ class Supervisor:
             worker.last_check = now
         elif job is not None:
             self.requests.pop((job.client, job.request), None)
+            self._record(job, msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None, now)
             worker.jobs_done += 1
             body = dict(msg.body)
             if msg.type is MsgType.RESULT:
@@ -458,7 +484,7 @@ class Supervisor:
         for name, pool in list(self.pools.items()):
             for worker in list(pool.workers.values()):
                 if sample:
-                    worker.rss_mb = rss_mb(worker.pid)
+                    self._sample(worker)
                 self._watch(pool, worker, now)
             for job in self.queues[name].expired(now):
                 self.fail(job, self._acquire_timeout(job, now))
@@ -474,10 +500,67 @@ class Supervisor:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
-        if not self.ready_logged and self.ready:
+        self.metrics.ready = ready = self.ready
+        if sample:
+            self.metrics.publish(self._gauges(now, ready))
+        if now >= self.next_summary:
+            self.next_summary = now + self.config.hub.metrics_log_interval
+            self._log_summary(now)
+        if not self.ready_logged and ready:
             self.ready_logged = True
             sizes = ", ".join(f"{n}: {p.size} worker(s)" for n, p in self.pools.items())
             log.info("hub ready in %.2f s on %s (%s)", now - self.started, self.config.hub.frontend, sizes)
+
+    def _sample(self, worker: WorkerHandle) -> None:
+        worker.rss_mb = rss_mb(worker.pid)
+        if worker.gpu is not None and self.gpus.available:
+            reading = self.gpus.read(worker.gpu)
+            worker.gpu_used_mb, worker.gpu_utilization = reading.used_mb, reading.utilization
+
+    def _gauges(self, now: float, ready: bool) -> dict[str, Any]:
+        """What the Prometheus page exports besides the request figures: a copy, safe to read from its thread."""
+        providers = {}
+        for name, pool in self.pools.items():
+            figures = self.metrics.summary(name, now, max(1, pool.size))
+            providers[name] = {
+                "size": pool.size,
+                "min_size": pool.config.pool.min_size,
+                "max_size": pool.config.pool.max_size,
+                "queue_depth": len(self.queues[name]),
+                "utilization": figures["utilization"],
+                "throughput": figures["throughput"],
+                "degraded": int(bool(pool.load_failures)),
+                "states": {state.value: n for state, n in self._states(pool).items()},
+                "workers": [
+                    {
+                        "id": w.id,
+                        "rss_bytes": w.rss_mb * 2**20,
+                        "jobs_done": w.jobs_done,
+                        "restarts": w.restarts,
+                        "gpu_memory_used_bytes": None if w.gpu_used_mb is None else w.gpu_used_mb * 2**20,
+                        "gpu_utilization": w.gpu_utilization,
+                    }
+                    for w in pool.workers.values()
+                ],
+            }
+        return {"ready": ready, "providers": providers}
+
+    @staticmethod
+    def _states(pool: ProviderPool) -> dict[WorkerState, int]:
+        counts = pool.counts()
+        return {state: counts[state] for state in WorkerState}
+
+    def _log_summary(self, now: float) -> None:
+        for name, pool in self.pools.items():
+            f = self.metrics.summary(name, now, max(1, pool.size))
+            states = ", ".join(f"{n} {s.value}" for s, n in self._states(pool).items() if n)
+            rate = "-" if f["success_rate"] is None else f"{f['success_rate']:.1%}"
+            log.info(
+                "pool %s: size %d (%s), queue %d, %d requests, %s ok, wait p95 %s ms, inference p95 %s ms, "
+                "utilisation %.0f%%",
+                name, pool.size, states or "no workers", len(self.queues[name]), f["requests"], rate,
+                f["wait_ms"]["p95"], f["inference_ms"]["p95"], 100 * f["utilization"],
+            )
 
     def _acquire_timeout(self, job: Job, now: float) -> AcquireTimeout:
         pool = self.pools[job.provider]
@@ -617,6 +700,7 @@ class Supervisor:
     def spawn(self, pool: ProviderPool, now: float) -> None:
         provider = pool.config
         gpu = process.gpu_for(provider, [w.gpu for w in pool.workers.values() if w.live and w.gpu is not None])
+        slot, restarts = pool.take_slot()
         spec = WorkerSpec(
             id=f"{provider.name}-{pool.spawned + 1}",
             provider=provider.name,
@@ -630,10 +714,11 @@ class Supervisor:
             heartbeat_interval=self.config.hub.heartbeat_interval,
             options=provider.options,
             allow_download=provider.allow_download,
+            log_format=self.config.hub.log_format,
         )
         proc = process.spawn(spec, provider, gpu)
         handle = WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now)
-        handle.generation = pool.generation
+        handle.generation, handle.slot, handle.restarts = pool.generation, slot, restarts
         pool.add(handle)
         log.info("started worker %s (pid %d%s)", spec.id, proc.pid, "" if gpu is None else f", CUDA_VISIBLE_DEVICES={gpu}")
 
@@ -721,6 +806,8 @@ class Supervisor:
 
     def _pool_status(self, pool: ProviderPool, now: float) -> dict[str, Any]:
         return {
+            **self.metrics.summary(pool.name, now, max(1, pool.size)),
+            "workers_by_state": {state.value: n for state, n in self._states(pool).items()},
             "size": pool.size,
             "target_size": floor_size(self._snapshot(pool), pool.config.pool),
             "queue_depth": len(self.queues[pool.name]),
@@ -739,6 +826,11 @@ class Supervisor:
                     "consecutive_failures": w.consecutive_failures,
                     "rss_mb": round(w.rss_mb, 1),
                     "since_health_check": round(now - w.last_check, 3) if w.last_check else None,
+                    "slot": w.slot,
+                    "restarts": w.restarts,
+                    "gpu_memory_used_mb": None if w.gpu_used_mb is None else round(w.gpu_used_mb, 1),
+                    "gpu_utilization": w.gpu_utilization,
+                    "gpu_error": "" if w.gpu is None or self.gpus.available else self.gpus.error,
                     "uptime": round(now - w.started_at, 3),
                     "last_error": w.last_error,
                 }
@@ -766,6 +858,8 @@ class Supervisor:
         for worker in workers:
             process.kill(worker.proc)
         _wait_all(workers, KILL_GRACE)
+        if self.http is not None:
+            self.http.shutdown()
         self.frontend.close()
         self.backend.close()
         self.ctx.term()
@@ -788,18 +882,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="path to the YAML config (see config/config.sample.yaml)")
     parser.add_argument("--frontend", help="override hub.frontend, e.g. tcp://127.0.0.1:5556")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING ... (default: hub.log_level)")
+    parser.add_argument("--log-format", choices=logs.FORMATS, help="text or json lines (default: hub.log_format)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if args.frontend:
-        config = dataclasses.replace(config, hub=dataclasses.replace(config.hub, frontend=args.frontend))
-    logging.basicConfig(
-        level=(args.log_level or config.hub.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    overrides = {"frontend": args.frontend, "log_format": args.log_format}
+    config = dataclasses.replace(
+        config, hub=dataclasses.replace(config.hub, **{k: v for k, v in overrides.items() if v is not None})
     )
+    logs.configure(args.log_level or config.hub.log_level, config.hub.log_format)
     try:
         supervisor = Supervisor(config, Path(args.config))
     except zmq.ZMQError as exc:

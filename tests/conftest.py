@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -111,13 +112,26 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
         assert not pids, f"processes left behind by the supervisor: {pids}"
 
 
+def _ours(name: str) -> bool:
+    """A segment this test session answers for: made by this process, a descendant, or a process now gone
+    (other programs running beside the suite, another test run among them, keep theirs)."""
+    pid = shm.owner_pid(name)
+    if pid is None:
+        return False
+    try:
+        owner = psutil.Process(pid)
+        return pid == os.getpid() or os.getpid() in {p.pid for p in owner.parents()}
+    except psutil.NoSuchProcess:
+        return True
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_segments() -> Iterator[None]:
     """After the whole suite, /dev/shm holds no segment of ours."""
     before = set(shm.list_segments())
     yield
     deadline = time.monotonic() + 5
-    while (left := set(shm.list_segments()) - before) and time.monotonic() < deadline:
+    while (left := {n for n in set(shm.list_segments()) - before if _ours(n)}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
 

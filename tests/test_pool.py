@@ -39,3 +39,19 @@ def test_gpu_pinning_round_robin_and_rebalancing() -> None:
 def test_exit_codes_and_backoff() -> None:
     assert "load its model" in describe_exit(4) and "SIGKILL" in describe_exit(-9)
     assert [backoff(n) for n in (1, 2, 3, 7, 20)] == [1.0, 2.0, 4.0, 60.0, 60.0]
+
+
+def test_a_replacement_takes_over_the_slot_and_counts_a_restart() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    pool = ProviderPool(ProviderConfig(name="p", type="echo"))
+    assert [pool.take_slot(), pool.take_slot()] == [(0, 0), (1, 0)]
+    a = WorkerHandle("p-1", "p", proc, None, started_at=0.0, slot=0)
+    b = WorkerHandle("p-2", "p", proc, None, started_at=0.0, slot=1)
+    pool.add(a)
+    pool.add(b)
+    pool.set_state(a, WorkerState.UNHEALTHY, 1.0)  # recycled: its slot is free at once, one restart more
+    assert pool.take_slot() == (0, 1)
+    pool.set_state(b, WorkerState.DRAINING, 1.0)  # retired on purpose: no restart counted
+    pool.remove(b)
+    assert pool.take_slot() == (1, 0) and pool.take_slot() == (2, 0)

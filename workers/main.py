@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from hub import protocol, shm
+from hub import logs, protocol, shm
 from hub.audio import to_pcm, validate_pcm
 from hub.errors import HubError, InferenceFailed
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
@@ -137,8 +137,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, TypeError) as exc:
         print(f"worker: bad --spec: {exc}")
         return ExitCode.BOOT_ERROR
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {spec.id}: %(message)s")
-    logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # it logs every request at INFO
+    logs.configure("INFO", spec.log_format, name=spec.id)
     parent = os.getppid()
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides

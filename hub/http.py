@@ -1,0 +1,49 @@
+"""The supervisor's HTTP side: ``/metrics`` (Prometheus), ``/healthz`` (alive) and ``/readyz`` (ready to serve).
+
+It runs on a daemon thread and reads only ``Metrics``, which is lock-guarded, and a
+readiness flag the supervisor sets on every loop pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from hub.metrics import Metrics, PrometheusCollector
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds are not news
+        pass
+
+
+def serve(metrics: Metrics, host: str, port: int) -> WSGIServer:
+    """Start the server on a daemon thread; ``shutdown()`` stops it."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PrometheusCollector(metrics))
+    prometheus = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _text(start_response, "200 OK", "ok\n")
+        if path == "/readyz":
+            if metrics.ready:
+                return _text(start_response, "200 OK", "ready\n")
+            return _text(start_response, "503 Service Unavailable", "not ready: a provider lacks a ready worker\n")
+        if path == "/metrics":
+            return prometheus(environ, start_response)
+        return _text(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")
+
+    server = make_server(host, port, app, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+def _text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+    return [body.encode()]

@@ -1,0 +1,271 @@
+"""Counters, histograms and sliding windows per provider; the status figures and the Prometheus page.
+
+Recording is O(1) on the dispatch path: a counter bump, a bucket increment, a slot of a
+one-minute ring. Percentiles are read from the histogram buckets (interpolated), never by
+sorting samples. The Prometheus collector runs on the HTTP server's thread, so everything
+it reads is guarded by one lock, and the gauges it exports are a snapshot that the
+supervisor publishes once a second rather than its live structures.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+# seconds; wide enough for a 5 ms echo and a 5-minute clip on a CPU
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+WINDOW = 60  # seconds over which utilisation and throughput are averaged
+
+REJECTED = frozenset({"POOL_BUSY", "PROVIDER_UNAVAILABLE", "SHUTTING_DOWN", "UNKNOWN_PROVIDER", "BAD_REQUEST"})
+TIMED_OUT = frozenset({"ACQUIRE_TIMEOUT", "JOB_TIMEOUT"})
+
+
+class Histogram:
+    """Fixed buckets; ``quantile`` interpolates linearly inside the bucket that holds the rank."""
+
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+    def quantile(self, q: float) -> float | None:
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if n and seen + n >= rank:
+                low = self.bounds[i - 1] if i else 0.0
+                high = self.bounds[i] if i < len(self.bounds) else self.bounds[-1]
+                return low + (high - low) * max(0.0, rank - seen) / n
+            seen += n
+        return self.bounds[-1]
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (upper bound, cumulative count), ending with +Inf."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts):
+            total += n
+            out.append(("+Inf" if bound == math.inf else repr(bound), float(total)))
+        return out
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean and percentiles in milliseconds, for status."""
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000.0, 3)
+
+        return {"mean": ms(self.mean), "p50": ms(self.quantile(0.5)), "p95": ms(self.quantile(0.95)),
+                "p99": ms(self.quantile(0.99))}
+
+
+class Window:
+    """A sum over the last ``WINDOW`` seconds in one-second slots: O(1) to add and O(WINDOW) to read."""
+
+    def __init__(self) -> None:
+        self.slots = [0.0] * WINDOW
+        self.stamps = [-1] * WINDOW
+
+    def add(self, now: float, value: float) -> None:
+        second = int(now)
+        i = second % WINDOW
+        if self.stamps[i] != second:
+            self.stamps[i], self.slots[i] = second, 0.0
+        self.slots[i] += value
+
+    def total(self, now: float) -> float:
+        second = int(now)
+        return sum(v for v, s in zip(self.slots, self.stamps) if second - WINDOW < s <= second)
+
+
+@dataclass
+class ProviderMetrics:
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rejected: int = 0
+    timed_out: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    audio_seconds: float = 0.0
+    wait: Histogram = field(default_factory=Histogram)
+    inference: Histogram = field(default_factory=Histogram)
+    busy: Window = field(default_factory=Window)  # worker-seconds spent on jobs
+    audio: Window = field(default_factory=Window)  # audio seconds transcribed
+
+    def summary(self, now: float, workers: int) -> dict[str, Any]:
+        finished = self.succeeded + self.failed + self.timed_out
+        span = float(WINDOW)
+        return {
+            "requests": self.requests,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "timed_out": self.timed_out,
+            "errors": dict(self.errors),
+            "success_rate": round(self.succeeded / finished, 4) if finished else None,
+            "wait_ms": self.wait.summary(),
+            "inference_ms": self.inference.summary(),
+            "utilization": round(min(1.0, self.busy.total(now) / (span * workers)), 4) if workers else 0.0,
+            "throughput": round(self.audio.total(now) / span, 4),
+        }
+
+
+class Metrics:
+    """Every provider's figures, plus the gauge snapshot the Prometheus page exports."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.providers: dict[str, ProviderMetrics] = {}
+        self.gauges: dict[str, Any] = {"providers": {}, "ready": False}
+        self.ready = False  # set by the supervisor on every loop pass; read by /readyz
+
+    def _of(self, provider: str) -> ProviderMetrics:
+        metrics = self.providers.get(provider)
+        if metrics is None:
+            metrics = self.providers[provider] = ProviderMetrics()
+        return metrics
+
+    def rejected(self, provider: str, code: str) -> None:
+        """A request refused before it was queued."""
+        with self.lock:
+            m = self._of(provider)
+            m.requests += 1
+            m.rejected += 1
+            m.errors[code] += 1
+
+    def finished(self, provider: str, now: float, wait: float, run: float, audio: float, code: str | None) -> None:
+        """A request answered after it was accepted: ``code`` None for success, else the error's code."""
+        with self.lock:
+            m = self._of(provider)
+            m.requests += 1
+            m.wait.observe(wait)
+            if run > 0:
+                m.busy.add(now, run)
+            if code is None:
+                m.succeeded += 1
+                m.inference.observe(run)
+                m.audio_seconds += audio
+                m.audio.add(now, audio)
+                return
+            m.errors[code] += 1
+            if code in TIMED_OUT:
+                m.timed_out += 1
+            elif code in REJECTED:
+                m.rejected += 1
+            else:
+                m.failed += 1
+
+    def summary(self, provider: str, now: float, workers: int) -> dict[str, Any]:
+        with self.lock:
+            return self._of(provider).summary(now, workers)
+
+    def publish(self, gauges: dict[str, Any]) -> None:
+        """The supervisor's once-a-second snapshot of pool sizes, states and worker readings."""
+        with self.lock:
+            self.gauges = gauges
+
+
+class PrometheusCollector(Collector):
+    """Builds the ``asr_hub_*`` families at scrape time from ``Metrics``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        with self.metrics.lock:
+            providers = {name: _copy(m) for name, m in self.metrics.providers.items()}
+            gauges = self.metrics.gauges
+        yield from _request_families(providers)
+        yield from _gauge_families(gauges)
+
+
+def _copy(m: ProviderMetrics) -> dict[str, Any]:
+    return {
+        "requests": m.requests, "succeeded": m.succeeded, "failed": m.failed, "rejected": m.rejected,
+        "timed_out": m.timed_out, "errors": dict(m.errors), "audio_seconds": m.audio_seconds,
+        "wait": (m.wait.cumulative(), m.wait.sum), "inference": (m.inference.cumulative(), m.inference.sum),
+    }
+
+
+def _request_families(providers: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    counters = {
+        "requests": "Requests received",
+        "succeeded": "Requests answered with a transcript",
+        "failed": "Accepted requests that failed",
+        "rejected": "Requests refused before queueing (busy, unavailable, shutting down, bad request)",
+        "timed_out": "Requests that timed out waiting for a worker or running",
+        "audio_seconds": "Seconds of audio transcribed",
+    }
+    for key, doc in counters.items():
+        family = CounterMetricFamily(f"asr_hub_{key}", doc, labels=["provider"])
+        for name, m in providers.items():
+            family.add_metric([name], m[key])
+        yield family
+    errors = CounterMetricFamily("asr_hub_errors", "Errors answered, by code", labels=["provider", "code"])
+    for name, m in providers.items():
+        for code, n in m["errors"].items():
+            errors.add_metric([name, code], n)
+    yield errors
+    for key, doc in (("wait", "Seconds a job waited for a worker"), ("inference", "Seconds a worker ran a job")):
+        family = HistogramMetricFamily(f"asr_hub_{key}_seconds", doc, labels=["provider"])
+        for name, m in providers.items():
+            buckets, total = m[key]
+            family.add_metric([name], buckets, total)
+        yield family
+
+
+def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
+    ready = GaugeMetricFamily("asr_hub_ready", "1 when every enabled provider has its min_size workers ready")
+    ready.add_metric([], 1.0 if gauges.get("ready") else 0.0)
+    yield ready
+    simple = {
+        "size": "Live workers (starting, idle or busy)",
+        "min_size": "Configured min_size",
+        "max_size": "Configured max_size",
+        "queue_depth": "Jobs waiting for a worker",
+        "utilization": "Fraction of worker time spent busy over the last minute",
+        "throughput": "Audio seconds transcribed per second over the last minute",
+        "degraded": "1 while the provider's model fails to load",
+    }
+    providers = gauges.get("providers", {})
+    for key, doc in simple.items():
+        family = GaugeMetricFamily(f"asr_hub_pool_{key}", doc, labels=["provider"])
+        for name, p in providers.items():
+            family.add_metric([name], float(p[key]))
+        yield family
+    states = GaugeMetricFamily("asr_hub_workers", "Workers by state", labels=["provider", "state"])
+    for name, p in providers.items():
+        for state, n in p["states"].items():
+            states.add_metric([name, state], float(n))
+    yield states
+    per_worker = {
+        "rss_bytes": "Resident memory of a worker process",
+        "jobs_done": "Jobs a worker has finished",
+        "restarts": "Restarts of a worker's slot",
+        "gpu_memory_used_bytes": "Memory used on a worker's GPU (absent without NVML)",
+        "gpu_utilization": "Utilisation of a worker's GPU, percent (absent without NVML)",
+    }
+    for key, doc in per_worker.items():
+        family = GaugeMetricFamily(f"asr_hub_worker_{key}", doc, labels=["provider", "worker"])
+        for name, p in providers.items():
+            for w in p["workers"]:
+                if w.get(key) is not None:
+                    family.add_metric([name, w["id"]], float(w[key]))
+        yield family

@@ -1,0 +1,184 @@
+"""Status figures, the Prometheus page, health endpoints, logs and GPU readings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hub import resources
+from hub.errors import HubError, PoolBusy
+from hub.metrics import Histogram, Metrics, Window
+from tests.conftest import ROOT, echo_provider, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+TONE = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
+
+DOCUMENTED = {
+    "asr_hub_requests", "asr_hub_succeeded", "asr_hub_failed", "asr_hub_rejected", "asr_hub_timed_out",
+    "asr_hub_audio_seconds", "asr_hub_errors", "asr_hub_wait_seconds", "asr_hub_inference_seconds",
+    "asr_hub_ready", "asr_hub_pool_size", "asr_hub_pool_min_size", "asr_hub_pool_max_size",
+    "asr_hub_pool_queue_depth", "asr_hub_pool_utilization", "asr_hub_pool_throughput", "asr_hub_pool_degraded",
+    "asr_hub_workers", "asr_hub_worker_rss_bytes", "asr_hub_worker_jobs_done", "asr_hub_worker_restarts",
+    "asr_hub_worker_gpu_memory_used_bytes", "asr_hub_worker_gpu_utilization",
+}
+
+
+def test_histogram_percentiles_from_buckets() -> None:
+    h = Histogram((0.1, 0.2, 0.5, 1.0))
+    for v in [0.05] * 50 + [0.15] * 40 + [0.7] * 10:
+        h.observe(v)
+    assert h.count == 100 and h.mean == pytest.approx((50 * 0.05 + 40 * 0.15 + 10 * 0.7) / 100)
+    assert h.quantile(0.5) == pytest.approx(0.1)  # the 50th sample is the last of the first bucket
+    assert 0.1 < h.quantile(0.8) < 0.2 and 0.5 < h.quantile(0.99) <= 1.0
+    assert h.cumulative() == [("0.1", 50.0), ("0.2", 90.0), ("0.5", 90.0), ("1.0", 100.0), ("+Inf", 100.0)]
+    assert Histogram().quantile(0.5) is None
+
+
+def test_window_forgets_what_is_older_than_a_minute() -> None:
+    w = Window()
+    w.add(100.2, 1.0)
+    w.add(100.9, 2.0)
+    w.add(130.0, 4.0)
+    assert w.total(130.5) == 7.0 and w.total(160.5) == 4.0 and w.total(200.0) == 0.0
+
+
+def test_counters_match_a_known_sequence() -> None:
+    m = Metrics()
+    for _ in range(3):
+        m.finished("p", 10.0, wait=0.01, run=0.5, audio=2.0, code=None)
+    m.finished("p", 10.0, wait=0.01, run=0.1, audio=2.0, code="INFERENCE_FAILED")
+    m.finished("p", 10.0, wait=1.0, run=0.0, audio=2.0, code="ACQUIRE_TIMEOUT")
+    m.finished("p", 10.0, wait=0.0, run=5.0, audio=2.0, code="JOB_TIMEOUT")
+    m.rejected("p", "POOL_BUSY")
+    s = m.summary("p", 10.5, workers=2)
+    assert (s["requests"], s["succeeded"], s["failed"], s["rejected"], s["timed_out"]) == (7, 3, 1, 1, 2)
+    assert s["errors"] == {"INFERENCE_FAILED": 1, "ACQUIRE_TIMEOUT": 1, "JOB_TIMEOUT": 1, "POOL_BUSY": 1}
+    assert s["success_rate"] == pytest.approx(3 / 6, abs=1e-4)
+    assert s["throughput"] == pytest.approx(6.0 / 60) and s["utilization"] == pytest.approx(6.6 / 120, abs=1e-4)
+    assert s["inference_ms"]["mean"] == pytest.approx(500.0)
+
+
+def test_nvml_readings_through_a_replaced_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30, free=5 * 2**30, total=8 * 2**30),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=42, memory=10),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    reading = resources.Gpus().read(1)
+    assert (reading.used_mb, reading.free_mb, reading.total_mb, reading.utilization) == (3072, 5120, 8192, 42.0)
+    assert reading.error == ""
+
+
+def test_no_nvml_says_so_instead_of_failing() -> None:
+    gpus = resources.Gpus()
+    if gpus.available:
+        pytest.skip("this machine has an NVIDIA driver; the no-NVML path needs one without")
+    reading = gpus.read(0)
+    assert reading.used_mb is None and "NVML" in reading.error
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_status_and_metrics_page_after_a_known_sequence(hub_factory) -> None:
+    port = free_port()
+    hub = hub_factory(
+        {"echo": echo_provider(min_size=1, max_size=1, max_queue=0, job_timeout=1.5, job_timeout_per_audio_second=0.0)},
+        hub={"metrics_port": port},
+    )
+    with hub.client() as client:
+        for _ in range(3):
+            client.transcribe(TONE)
+        with pytest.raises(HubError, match="boom"):
+            client.transcribe(TONE, fail="boom")
+        with pytest.raises(HubError, match="deadline"):
+            client.transcribe(TONE, hang=True)
+        blocker = threading.Thread(target=client.transcribe, args=(TONE,), kwargs={"sleep": 0.7, "timeout": 20})
+        time.sleep(1.0)  # the hung worker is being replaced
+        blocker.start()
+        time.sleep(0.3)
+        with pytest.raises(PoolBusy):
+            client.transcribe(TONE)
+        blocker.join()
+        echo = client.status()["providers"]["echo"]
+    assert (echo["requests"], echo["succeeded"], echo["failed"], echo["rejected"], echo["timed_out"]) == (7, 4, 1, 1, 1)
+    assert echo["errors"] == {"INFERENCE_FAILED": 1, "JOB_TIMEOUT": 1, "POOL_BUSY": 1}
+    assert echo["success_rate"] == pytest.approx(4 / 6, abs=1e-3) and echo["throughput"] > 0
+    assert echo["inference_ms"]["p95"] > 0 and echo["wait_ms"]["p50"] is not None and 0 < echo["utilization"] <= 1
+    assert set(echo["workers_by_state"]) == {"starting", "idle", "busy", "draining", "unhealthy"}
+    worker = echo["workers"][0]
+    assert worker["restarts"] == 1 and worker["rss_mb"] > 0 and worker["gpu_error"] == ""  # echo has no GPU
+    time.sleep(1.2)  # gauges are published once a second
+    code, page = _get(f"http://127.0.0.1:{port}/metrics")
+    assert code == 200
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    assert DOCUMENTED - {"asr_hub_worker_gpu_memory_used_bytes", "asr_hub_worker_gpu_utilization"} <= set(families)
+    assert DOCUMENTED <= set(families) | {n for n in DOCUMENTED if "gpu" in n}
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("asr_hub_succeeded_total", (("provider", "echo"),))] == 4
+    assert value[("asr_hub_errors_total", (("code", "POOL_BUSY"), ("provider", "echo")))] == 1
+    assert value[("asr_hub_wait_seconds_count", (("provider", "echo"),))] == 6
+    assert value[("asr_hub_worker_restarts", (("provider", "echo"), ("worker", worker["id"])))] == 1
+    assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+
+
+def test_readyz_follows_the_only_worker(hub_factory) -> None:
+    port = free_port()
+    hub = hub_factory({"whisper": {"model": "tiny.en", "pool": {"min_size": 1, "max_size": 1}}}, hub={"metrics_port": port})
+    assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    worker = hub.status()["providers"]["whisper"]["workers"][0]
+    assert "NVML" in worker["gpu_error"] and worker["gpu_memory_used_mb"] is None  # device auto, no driver here
+    os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _get(f"http://127.0.0.1:{port}/readyz")[0] != 503:
+        assert time.monotonic() < deadline, "/readyz never turned unready"
+        time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while _get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "/readyz never turned ready again"
+        time.sleep(0.1)
+
+
+def test_json_logs_and_the_periodic_summary(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()}, hub={"log_format": "json", "metrics_log_interval": 0.5, "log_level": "DEBUG"})
+    with hub.client() as client:
+        client.transcribe(TONE)
+    time.sleep(1.0)
+    entries = [json.loads(line) for line in hub.log().splitlines() if line.strip()]
+    assert {"ts", "level", "logger", "msg"} <= set(entries[0])
+    messages = [e["msg"] for e in entries]
+    assert any(m.startswith("pool echo: size 1") for m in messages)
+    assert any("job j1 (request" in m for m in messages)  # each request at debug, with its job id
+    assert any(e["logger"] == "workers" or "echo-1" in e["msg"] for e in entries) or any("worker echo-1 ready" in m for m in messages)
+
+
+def test_cli_status_watch_redraws(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "status", "--watch"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and out.count("echo (echo, pool): size 1") >= 2 and "\x1b[2J" in out
