@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from hub.client import DEFAULT_ENDPOINT, HubClient
+from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient
 from hub.errors import HubError
 
 
@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hub.client", description="ASR Hub command-line client.")
     parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"the hub's frontend (default {DEFAULT_ENDPOINT})")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up (default 60)")
+    parser.add_argument("--client-key", help="CURVE: this client's .key_secret file (python -m hub.keys)")
+    parser.add_argument("--server-key", help="CURVE: the hub's public .key file")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("transcribe", help="transcribe an audio file (wav, flac, mp3, ogg, ...)")
     run.add_argument("file")
@@ -29,9 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", help="set a provider's size at run time, within [min_size, max_size]")
     scale.add_argument("provider")
     scale.add_argument("size", type=int)
-    for sub in (run, status, scale):
+    for sub in (run, status, scale):  # the global options are accepted after the command too
         sub.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("--client-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("--server-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -94,9 +98,13 @@ def _watch(client: HubClient) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.client_key) != bool(args.server_key):
+        parser.error("--client-key and --server-key go together")
+    curve = CurveKeys.load(args.client_key, args.server_key) if args.client_key else None
     try:
-        with HubClient(args.endpoint, timeout=args.timeout) as client:
+        with HubClient(args.endpoint, timeout=args.timeout, curve=curve) as client:
             if args.command == "status":
                 if args.watch:
                     return _watch(client)

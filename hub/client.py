@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+import zmq.auth
 
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
@@ -29,7 +30,7 @@ from hub.errors import HubError, HubUnreachable, JobTimeout
 from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript
 
-__all__ = ["HubClient", "AsyncHubClient", "Transcript", "Segment", "TranscriptStream"]
+__all__ = ["HubClient", "AsyncHubClient", "CurveKeys", "Transcript", "Segment", "TranscriptStream"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -106,6 +107,29 @@ def _interpret(msg: Message) -> Segment | Transcript | dict[str, Any]:
     return msg.body
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a client needs to talk to a hub that uses CURVE: its own key pair and the server's public key."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @staticmethod
+    def load(client_secret_file: str, server_public_file: str) -> CurveKeys:
+        """Read the files ``python -m hub.keys`` writes: the client's ``.key_secret`` and the server's ``.key``."""
+        public, secret = zmq.auth.load_certificate(client_secret_file)
+        server, _ = zmq.auth.load_certificate(server_public_file)
+        if secret is None:
+            raise ValueError(f"{client_secret_file} holds no secret key; pass the .key_secret file")
+        return CurveKeys(public, secret, server)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.curve_serverkey = self.server
+
+
 def _unreachable(endpoint: str, waited: float) -> HubUnreachable:
     return HubUnreachable(
         f"no ASR Hub answered at {endpoint} within {waited:.1f} s; "
@@ -135,10 +159,18 @@ class TranscriptStream:
 class HubClient:
     """A blocking client; one instance may be shared by many threads (each gets its own socket)."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, *, use_shm: bool = True) -> None:
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout: float = 60.0,
+        *,
+        use_shm: bool = True,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.use_shm = use_shm
+        self.curve = curve
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._sockets: list[zmq.Socket] = []
@@ -242,6 +274,8 @@ class HubClient:
                     raise RuntimeError("this HubClient is closed")
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
+                if self.curve is not None:
+                    self.curve.apply(sock)
                 sock.connect(self.endpoint)
                 self._sockets.append(sock)
             self._local.sock = sock
@@ -302,13 +336,22 @@ class HubClient:
 class AsyncHubClient:
     """The same calls as coroutines, on one socket: hundreds of requests can share one event loop."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, *, use_shm: bool = True) -> None:
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout: float = 60.0,
+        *,
+        use_shm: bool = True,
+        curve: CurveKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.use_shm = use_shm
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Queue[Message]] = {}

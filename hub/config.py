@@ -69,6 +69,18 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """ZeroMQ CURVE on the frontend: the server's secret key file and a folder of allowed client public keys."""
+
+    server_secret_key: str = ""
+    allowed_clients: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.server_secret_key)
+
+
+@dataclass(frozen=True)
 class HubSection:
     """Supervisor-wide settings."""
 
@@ -84,6 +96,8 @@ class HubSection:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     metrics_log_interval: float = 60.0
+    curve: CurveConfig = CurveConfig()
+    allow_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,8 @@ def parse_config(data: Any, base_dir: Path | None = None) -> HubConfig:
         raise ConfigError(f"hub.log_format: must be one of {', '.join(LOG_FORMATS)}, got {hub.log_format!r}")
     if not 0 <= hub.metrics_port <= 65535:
         raise ConfigError(f"hub.metrics_port: must be a TCP port (0 turns the HTTP endpoint off), got {hub.metrics_port}")
+    hub = dataclasses.replace(hub, curve=_check_curve(hub.curve, base_dir))
+    check_exposure(hub)
     raw_providers = _mapping(root.get("providers") or {}, "providers")
     providers = {
         name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir)
@@ -135,6 +151,47 @@ def parse_config(data: Any, base_dir: Path | None = None) -> HubConfig:
     if not config.enabled_providers:
         raise ConfigError("providers: at least one provider must be enabled")
     return config
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for endpoints no other machine can reach: ipc, inproc, and tcp on a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def check_exposure(hub: HubSection) -> None:
+    """A frontend other machines can reach needs CURVE keys, unless the operator opts out explicitly."""
+    if is_loopback(hub.frontend) or hub.curve.enabled or hub.allow_insecure:
+        return
+    raise ConfigError(
+        f"hub.frontend: {hub.frontend} can be reached from other machines, and anyone who connects could use "
+        "the hub. Set hub.curve.server_secret_key and hub.curve.allowed_clients (make them with "
+        "`python -m hub.keys`), or set hub.allow_insecure: true to accept that"
+    )
+
+
+def _check_curve(curve: CurveConfig, base_dir: Path | None) -> CurveConfig:
+    if not curve.server_secret_key and not curve.allowed_clients:
+        return curve
+    if not curve.server_secret_key or not curve.allowed_clients:
+        raise ConfigError("hub.curve: give both server_secret_key and allowed_clients")
+    secret = _resolve(curve.server_secret_key, base_dir)
+    allowed = _resolve(curve.allowed_clients, base_dir)
+    if not secret.is_file():
+        raise ConfigError(f"hub.curve.server_secret_key: {str(secret)!r} is not a file (make one with python -m hub.keys)")
+    if not allowed.is_dir():
+        raise ConfigError(f"hub.curve.allowed_clients: {str(allowed)!r} is not a directory of client public keys")
+    return CurveConfig(server_secret_key=str(secret), allowed_clients=str(allowed))
+
+
+def _resolve(path: str, base_dir: Path | None) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute() and base_dir is not None:
+        resolved = base_dir / resolved
+    return resolved.resolve()
 
 
 def _provider(name: str, body: dict[str, Any], base_dir: Path | None) -> ProviderConfig:
@@ -168,12 +225,10 @@ def _check_model(provider: ProviderConfig, path: str, base_dir: Path | None) -> 
     looks_like_path = model.startswith(("/", "./", "../", "~")) or os.sep in model
     if not looks_like_path:
         return model
-    directory = Path(model).expanduser()
-    if not directory.is_absolute() and base_dir is not None:
-        directory = base_dir / directory
+    directory = _resolve(model, base_dir)
     if not directory.is_dir():
         raise ConfigError(f"{path}.model: model directory {str(directory)!r} does not exist")
-    return str(directory.resolve())
+    return str(directory)
 
 
 def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
@@ -233,6 +288,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         return dict(_mapping(value, path))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, _mapping(value, path), path)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")

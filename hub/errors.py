@@ -112,6 +112,12 @@ class InferenceFailed(HubError):
     code = "INFERENCE_FAILED"
 
 
+class InternalError(HubError):
+    """A bug in the hub; the supervisor logged the details and carries on."""
+
+    code = "INTERNAL_ERROR"
+
+
 ERROR_CLASSES: dict[str, type[HubError]] = {
     cls.code: cls
     for cls in (
@@ -127,5 +133,6 @@ ERROR_CLASSES: dict[str, type[HubError]] = {
         HubUnreachable,
         ModelLoadFailed,
         InferenceFailed,
+        InternalError,
     )
 }

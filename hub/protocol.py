@@ -113,6 +113,13 @@ def parse(frames: list[bytes]) -> Message:
     return Message(msg_type, bytes(raw_id).decode("ascii"), body, payload)
 
 
+def peek_id(frames: list[bytes]) -> str:
+    """The id of a message that may be malformed, so an error reply can still name it; "-" if it has none."""
+    if len(frames) >= 3 and _ID_RE.match(bytes(frames[2])):
+        return bytes(frames[2]).decode("ascii")
+    return "-"
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 

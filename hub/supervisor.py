@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from hub import __version__, http, logs, process, protocol, shm
-from hub.config import ConfigError, HubConfig, ProviderConfig, load_config
+from hub.config import ConfigError, CurveConfig, HubConfig, ProviderConfig, check_exposure, load_config
 from hub.dispatch import Job, JobQueue, acquire_deadline, health_job, run_deadline
 from hub.errors import (
     AcquireTimeout,
     BadRequest,
     HubError,
+    InternalError,
     InvalidAudio,
     JobTimeout,
     ProviderUnavailable,
@@ -72,7 +75,12 @@ class Supervisor:
         self.shm_prefix = shm.hub_prefix(self.hub_id)
         self.started = time.monotonic()
         self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
         self.frontend = self._socket(zmq.ROUTER)
+        # one request may carry max_audio_seconds of float32 PCM inline, plus its frames
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, int(config.hub.max_audio_seconds * protocol.SAMPLE_RATE * 4) + 2**20)
+        if config.hub.curve.enabled:
+            self._secure(config.hub.curve)
         self.frontend.bind(config.hub.frontend)
         runtime = config.resolved_runtime_dir()
         runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -96,8 +104,19 @@ class Supervisor:
         self.ready_logged = False
         self.next_sweep = 0.0
         self.next_sample = 0.0
-        self.dropped = 0  # malformed messages that could not even be answered
+        self.dropped = 0  # replies dropped because a client stopped reading
+        self.malformed = 0  # messages refused as BAD_REQUEST, or dropped when from a worker
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
+
+    def _secure(self, curve: CurveConfig) -> None:
+        """CURVE on the frontend: only clients whose public key is in ``allowed_clients`` get through."""
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=curve.allowed_clients)
+        public, secret = zmq.auth.load_certificate(curve.server_secret_key)
+        self.frontend.curve_secretkey = secret
+        self.frontend.curve_publickey = public
+        self.frontend.curve_server = True
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -187,14 +206,18 @@ class Supervisor:
         request_id = "-"
         try:
             client, rest = protocol.split_identity(frames)
-            if len(rest) >= 3 and protocol.MAX_ID_BYTES >= len(rest[2]) > 0:
-                request_id = rest[2].decode("ascii", "replace")
+            request_id = protocol.peek_id(rest)
             msg = protocol.parse(rest)
-            request_id = msg.id
             self.on_client_message(client, msg)
         except HubError as exc:
+            if isinstance(exc, BadRequest):
+                self.malformed += 1
             exc.job_id = request_id
             self.reply(client, MsgType.ERROR, request_id, exc.to_dict())
+        except Exception:  # a bug must cost one request, never the supervisor
+            log.exception("internal error while handling request %s", request_id)
+            error = InternalError("the hub failed to handle this request; its log has the details", job_id=request_id)
+            self.reply(client, MsgType.ERROR, request_id, error.to_dict())
 
     def on_client_message(self, client: bytes, msg: Message) -> None:
         if msg.type is MsgType.TRANSCRIBE:
@@ -202,7 +225,8 @@ class Supervisor:
                 self.submit(client, msg)
             except HubError as exc:
                 name = msg.body.get("provider") or self.default_provider
-                self.metrics.rejected(name if name in self.config.providers else "_unknown", exc.code)
+                known = isinstance(name, str) and name in self.config.providers
+                self.metrics.rejected(name if known else "_unknown", exc.code)
                 log.debug("request %s refused: %s", msg.id, exc)
                 raise
         elif msg.type is MsgType.STATUS:
@@ -411,7 +435,7 @@ class Supervisor:
             identity, rest = protocol.split_identity(frames)
             msg = protocol.parse(rest)
         except HubError as exc:
-            self.dropped += 1
+            self.malformed += 1
             log.warning("dropped a malformed message from a worker: %s", exc)
             return
         now = time.monotonic()
@@ -798,7 +822,8 @@ class Supervisor:
                 "uptime": round(now - self.started, 3),
                 "ready": self.ready,
                 "shutting_down": self.stopping,
-                "dropped_messages": self.dropped,
+                "dropped_replies": self.dropped,
+                "malformed_messages": self.malformed,
                 "inline_bytes": self.inline_bytes,
             },
             "providers": providers,
@@ -862,6 +887,8 @@ class Supervisor:
             self.http.shutdown()
         self.frontend.close()
         self.backend.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self.backend_path.unlink(missing_ok=True)
         removed = shm.remove_all(self.shm_prefix) + shm.sweep_orphans()
@@ -893,6 +920,11 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclasses.replace(
         config, hub=dataclasses.replace(config.hub, **{k: v for k, v in overrides.items() if v is not None})
     )
+    try:
+        check_exposure(config.hub)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     logs.configure(args.log_level or config.hub.log_level, config.hub.log_format)
     try:
         supervisor = Supervisor(config, Path(args.config))

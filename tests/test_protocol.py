@@ -75,3 +75,9 @@ def test_options_and_timeout_validation() -> None:
 def test_worker_spec_round_trip() -> None:
     spec = WorkerSpec("w-1", "w", "whisper", "tiny.en", "auto", "auto", 1, "ipc:///x", "asrhub_a_", 1.0, {"beam_size": 1})
     assert WorkerSpec.from_json(spec.to_json()) == spec
+
+
+def test_peek_id_only_returns_ids_that_can_be_sent_back() -> None:
+    assert protocol.peek_id([b"\x01", b"X", b"abc"]) == "abc"
+    assert protocol.peek_id([b"\x01", b"X", b"\xff\xfe"]) == "-"
+    assert protocol.peek_id([b"\x01"]) == "-"
