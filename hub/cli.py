@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from typing import Any
 
-from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient
+from hub.audio import to_pcm
+from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient, StreamSession
+from hub.protocol import SAMPLE_RATE
 from hub.errors import HubError
 
 
@@ -28,10 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the providers and their workers")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--watch", action="store_true", help="redraw the table every second until Ctrl-C")
+    stream = commands.add_parser("stream", help="play a file into a live session; partials in place, finals as lines")
+    stream.add_argument("file")
+    stream.add_argument("--provider", help="provider name (default: the hub's first enabled provider)")
+    stream.add_argument("--language", help="language code, e.g. en")
+    stream.add_argument("--realtime", action="store_true", help="send at the speed of speech (else as fast as possible)")
+    stream.add_argument("--chunk-ms", type=int, default=100, help="chunk length in milliseconds (default 100)")
     scale = commands.add_parser("scale", help="set a provider's size at run time, within [min_size, max_size]")
     scale.add_argument("provider")
     scale.add_argument("size", type=int)
-    for sub in (run, status, scale):  # the global options are accepted after the command too
+    for sub in (run, status, stream, scale):  # the global options are accepted after the command too
         sub.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--client-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -97,6 +106,32 @@ def _watch(client: HubClient) -> int:
         return 0
 
 
+def _stream(client: HubClient, args: argparse.Namespace) -> int:
+    """Send the file in chunks from this thread while another prints what comes back."""
+    pcm = to_pcm(args.file)
+    chunk = max(1, args.chunk_ms * SAMPLE_RATE // 1000)
+    tty = sys.stdout.isatty()
+    with client.open_stream(args.provider, language=args.language) as session:
+        printer = threading.Thread(target=_print_events, args=(session, tty), daemon=True)
+        printer.start()
+        started = time.monotonic()
+        for offset in range(0, pcm.size, chunk):
+            if args.realtime:
+                time.sleep(max(0.0, started + offset / SAMPLE_RATE - time.monotonic()))
+            session.send(pcm[offset : offset + chunk])
+        session.close()
+        printer.join()
+    return 0
+
+
+def _print_events(session: StreamSession, tty: bool) -> None:
+    for event in session.results():
+        if event.kind == "final":
+            print(("\r\x1b[K" if tty else "") + event.text, flush=True)
+        elif tty:
+            print("\r\x1b[K" + event.text, end="", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -111,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 status = client.status()
                 print(json.dumps(status, indent=2) if args.json else format_status(status))
                 return 0
+            if args.command == "stream":
+                return _stream(client, args)
             if args.command == "scale":
                 client.scale(args.provider, args.size)
                 print(f"{args.provider}: size set to {args.size}")

@@ -27,10 +27,21 @@ import zmq.auth
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
 from hub.errors import HubError, HubUnreachable, JobTimeout
-from hub.protocol import Message, MsgType
+from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript
+from hub.stream import RING_SECONDS, AsyncStreamSession, StreamEvent, StreamSession, open_body
 
-__all__ = ["HubClient", "AsyncHubClient", "CurveKeys", "Transcript", "Segment", "TranscriptStream"]
+__all__ = [
+    "HubClient",
+    "AsyncHubClient",
+    "CurveKeys",
+    "Transcript",
+    "Segment",
+    "TranscriptStream",
+    "StreamSession",
+    "AsyncStreamSession",
+    "StreamEvent",
+]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -178,6 +189,7 @@ class HubClient:
         self._ids = itertools.count(1)
         self._hello: _Hello | None = None
         self._closed = False
+        self._streams: set[StreamSession] = set()
 
     def __enter__(self) -> HubClient:
         return self
@@ -186,6 +198,9 @@ class HubClient:
         self.close()
 
     def close(self) -> None:
+        """Close every socket; sessions still open let go of their rings (the hub times them out)."""
+        for session in list(self._streams):
+            session._release()
         with self._lock:
             self._closed = True
             for sock in self._sockets:
@@ -241,6 +256,19 @@ class HubClient:
         prepared = _prepare(hello, audio, provider, options, stream, deadline, sample_rate, self.use_shm)
         return TranscriptStream(self._events(prepared, deadline))
 
+    def open_stream(
+        self, provider: str | None = None, *, language: str | None = None, timeout: float | None = None, **options: Any
+    ) -> StreamSession:
+        """Open a live session: ``send`` chunks as they are captured, read ``results()``, ``close()`` for the
+        final transcript. It leases one worker until closed; ``POOL_BUSY`` past ``pool.max_sessions``."""
+        timeout = timeout or self.timeout
+        hello = self._ensure_hello(time.monotonic() + timeout)
+        ring = shm.Ring(hello.shm_prefix, RING_SECONDS * SAMPLE_RATE) if self.use_shm and hello.shm else None
+        session = StreamSession(self._new_socket(), str(next(self._ids)), ring, timeout, self._forget_stream)
+        with self._lock:
+            self._streams.add(session)
+        return session._start(open_body(provider, _options(language, None, options), ring, timeout))
+
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The supervisor's view of every provider and worker (see the README for the fields)."""
         return self._request(MsgType.STATUS, {}, timeout)
@@ -267,19 +295,30 @@ class HubClient:
     # --- plumbing -------------------------------------------------------------------
 
     def _socket(self) -> zmq.Socket:
+        """This thread's socket for one-shot calls."""
         sock = getattr(self._local, "sock", None)
         if sock is None:
-            with self._lock:
-                if self._closed:
-                    raise RuntimeError("this HubClient is closed")
-                sock = self._ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                if self.curve is not None:
-                    self.curve.apply(sock)
-                sock.connect(self.endpoint)
-                self._sockets.append(sock)
-            self._local.sock = sock
+            sock = self._local.sock = self._new_socket()
         return sock
+
+    def _new_socket(self) -> zmq.Socket:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this HubClient is closed")
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.apply(sock)
+            sock.connect(self.endpoint)
+            self._sockets.append(sock)
+        return sock
+
+    def _forget_stream(self, session: StreamSession) -> None:
+        with self._lock:
+            self._streams.discard(session)
+            if session.sock in self._sockets:
+                self._sockets.remove(session.sock)
+                session.sock.close(linger=0)
 
     def _request(self, msg_type: MsgType, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         """One request with one REPLY."""
@@ -358,6 +397,7 @@ class AsyncHubClient:
         self._reader: asyncio.Task[None] | None = None
         self._hello: _Hello | None = None
         self._hello_lock: asyncio.Lock | None = None
+        self._streams: set[AsyncStreamSession] = set()
 
     async def __aenter__(self) -> AsyncHubClient:
         return self
@@ -366,6 +406,8 @@ class AsyncHubClient:
         await self.close()
 
     async def close(self) -> None:
+        for session in list(self._streams):
+            session._release()
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -410,6 +452,22 @@ class AsyncHubClient:
         events = self._transcribe(audio, provider, _options(language, beam_size, options), timeout, sample_rate, True)
         async for event in events:
             yield event
+
+    async def open_stream(
+        self, provider: str | None = None, *, language: str | None = None, timeout: float | None = None, **options: Any
+    ) -> AsyncStreamSession:
+        """The coroutine twin of ``HubClient.open_stream``."""
+        timeout = timeout or self.timeout
+        hello = await self._ensure_hello(time.monotonic() + timeout)
+        ring = shm.Ring(hello.shm_prefix, RING_SECONDS * SAMPLE_RATE) if self.use_shm and hello.shm else None
+        request_id, inbox = self._inbox()
+        session = AsyncStreamSession(self._sock.send_multipart, inbox, request_id, ring, timeout, self._forget_stream)
+        self._streams.add(session)
+        return await session._start(open_body(provider, _options(language, None, options), ring, timeout))
+
+    def _forget_stream(self, session: AsyncStreamSession) -> None:
+        self._streams.discard(session)
+        self._pending.pop(session.request_id, None)
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         return await self._request(MsgType.STATUS, {}, timeout)
@@ -458,11 +516,7 @@ class AsyncHubClient:
     async def _exchange(
         self, msg_type: MsgType, body: dict[str, Any], payload: bytes | None, deadline: float, unreachable: bool = False
     ) -> AsyncIterator[Any]:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
-        request_id = str(next(self._ids))
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._pending[request_id] = inbox
+        request_id, inbox = self._inbox()
         started = time.monotonic()
         try:
             await self._sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
@@ -480,6 +534,15 @@ class AsyncHubClient:
                     return
         finally:
             self._pending.pop(request_id, None)
+
+    def _inbox(self) -> tuple[str, asyncio.Queue[Message]]:
+        """A new request id and the queue its replies are routed to (starting the reader on first use)."""
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        request_id = str(next(self._ids))
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._pending[request_id] = inbox
+        return request_id, inbox
 
     async def _read_loop(self) -> None:
         while True:

@@ -46,6 +46,21 @@ class PoolConfig:
     max_consecutive_failures: int = 3
     max_jobs_per_worker: int = 0
     max_memory_mb: float = 0.0
+    max_sessions: int | None = None  # live streams may lease at most this many workers; None: max_size - 1
+    session_idle_timeout: float = 30.0
+    max_session_seconds: float = 3600.0
+
+    @property
+    def session_limit(self) -> int:
+        return self.max_size - 1 if self.max_sessions is None else self.max_sessions
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Live-session decoding: a decode every ``step_ms`` of new audio over a window of at most ``window_seconds``."""
+
+    step_ms: int = 1000
+    window_seconds: float = 15.0
 
 
 SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1)
@@ -65,6 +80,7 @@ class ProviderConfig:
     cpu_threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
     allow_download: bool = False
+    stream: StreamConfig = StreamConfig()
     pool: PoolConfig = SINGLE_INSTANCE
 
 
@@ -210,6 +226,8 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None) -> Provide
         raise ConfigError(f"{path}.devices: give at least one GPU index, each >= 0")
     if provider.cpu_threads < 0:
         raise ConfigError(f"{path}.cpu_threads: must be >= 0 (0 lets the library choose)")
+    if provider.stream.step_ms < 100 or provider.stream.window_seconds < 2 * provider.stream.step_ms / 1000:
+        raise ConfigError(f"{path}.stream: step_ms must be >= 100 and window_seconds at least two steps long")
     model = _check_model(provider, path, base_dir)
     pool = _pool(_mapping(pool_body, f"{path}.pool") if pool_body is not None else None, f"{path}.pool")
     return dataclasses.replace(provider, model=model, pool=pool)
@@ -241,6 +259,8 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
     if pool.min_size > pool.max_size:
         raise ConfigError(f"{path}: min_size ({pool.min_size}) is greater than max_size ({pool.max_size})")
+    if pool.max_sessions is not None and not 0 <= pool.max_sessions <= pool.max_size:
+        raise ConfigError(f"{path}.max_sessions: must be between 0 and max_size ({pool.max_size}), got {pool.max_sessions}")
     if pool.max_queue < 0:
         raise ConfigError(f"{path}.max_queue: must be >= 0, got {pool.max_queue}")
     for key in ("acquire_timeout", "job_timeout", "idle_timeout", "health_check_interval"):

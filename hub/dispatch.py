@@ -14,7 +14,7 @@ from typing import Any
 
 from hub.config import PoolConfig
 from hub.errors import PoolBusy
-from hub.protocol import SAMPLE_RATE, AudioRef
+from hub.protocol import SAMPLE_RATE, AudioRef, RingRef
 
 HEALTH_CLIP_SAMPLES = 2 * SAMPLE_RATE  # an upper bound of the bundled clip's length, for its deadline
 
@@ -39,11 +39,22 @@ class Job:
     started_at: float = 0.0
     run_deadline: float = field(default=float("inf"))
     health: bool = False  # a health check: the worker transcribes its own bundled clip, no client waits
+    session: bool = False  # a live session: it leases its worker until closed
+    ring: RingRef | None = None
+    last_activity: float = 0.0
+    closing: str = ""  # why the session is being closed, once it is
+    streamed: int = 0  # samples a session has received
+
+    @property
+    def audio_seconds(self) -> float:
+        return (self.streamed if self.session else self.audio.samples) / SAMPLE_RATE
 
     def job_body(self) -> dict[str, Any]:
-        """The JOB message a worker receives (the payload frame travels beside it)."""
+        """The JOB (or STREAM_OPEN) message a worker receives (the payload frame travels beside it)."""
         if self.health:
             return {"health": True}
+        if self.session:
+            return {"ring": self.ring.to_dict() if self.ring else None, "options": self.options}
         return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
 
 
@@ -71,9 +82,12 @@ def acquire_deadline(pool: PoolConfig, now: float, client_timeout: float | None)
     return now + wait
 
 
-def run_deadline(pool: PoolConfig, audio_seconds: float, now: float) -> float:
-    """A running job may take ``job_timeout`` plus an allowance per second of audio."""
-    return now + pool.job_timeout + pool.job_timeout_per_audio_second * audio_seconds
+def run_deadline(pool: PoolConfig, job: Job, now: float) -> float:
+    """A running job may take ``job_timeout`` plus an allowance per second of audio; a session, its
+    ``max_session_seconds`` (when the hub closes it) plus ``job_timeout`` to flush."""
+    if job.session:
+        return now + pool.max_session_seconds + pool.job_timeout
+    return now + pool.job_timeout + pool.job_timeout_per_audio_second * job.audio.seconds
 
 
 class JobQueue:

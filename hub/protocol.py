@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -28,6 +28,7 @@ _VERSION_FRAME = bytes([VERSION])
 MAX_ID_BYTES = 64
 MAX_BODY_BYTES = 256 * 1024
 SAMPLE_RATE = 16000
+MAX_RING_SAMPLES = 600 * SAMPLE_RATE  # the largest ring a live session may offer: ten minutes of audio
 _ID_RE = re.compile(rb"^[\x21-\x7e]{1,64}$")
 
 
@@ -40,8 +41,12 @@ class MsgType(str, Enum):
     TRANSCRIBE = "TRANSCRIBE"
     CANCEL = "CANCEL"
     SCALE = "SCALE"
+    STREAM_OPEN = "STREAM_OPEN"  # also supervisor -> worker, with the job id
+    STREAM_DATA = "STREAM_DATA"  # likewise
+    STREAM_CLOSE = "STREAM_CLOSE"  # likewise
     # supervisor -> client (SEGMENT, RESULT and ERROR also travel worker -> supervisor)
     REPLY = "REPLY"
+    PARTIAL = "PARTIAL"  # a live session's text that may still change (worker -> supervisor too)
     SEGMENT = "SEGMENT"
     RESULT = "RESULT"
     ERROR = "ERROR"
@@ -180,6 +185,42 @@ def parse_audio_ref(body: dict[str, Any], payload: bytes | None, max_samples: in
     return AudioRef(samples=samples, shm=shm)
 
 
+@dataclass(frozen=True)
+class RingRef:
+    """A live session's shared-memory ring: its segment and its capacity in float32 samples."""
+
+    shm: str
+    capacity: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shm": self.shm, "capacity": self.capacity}
+
+
+def parse_ring(body: dict[str, Any], max_samples: int = MAX_RING_SAMPLES) -> RingRef | None:
+    """The ``ring`` of a STREAM_OPEN, or None for a client that sends its chunks inline."""
+    ring = body.get("ring")
+    if ring is None:
+        return None
+    if not isinstance(ring, dict) or not isinstance(ring.get("shm"), str):
+        raise BadRequest("field 'ring' must be an object with 'shm' (a segment name) and 'capacity'")
+    capacity = ring.get("capacity")
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or not 0 < capacity <= max_samples:
+        raise BadRequest(f"field 'ring.capacity' must be an integer number of samples in 1..{max_samples}")
+    return RingRef(shm=ring["shm"], capacity=capacity)
+
+
+def parse_stream_data(body: dict[str, Any], payload: bytes | None) -> int:
+    """A STREAM_DATA's position: ``end`` (samples written to the ring so far) or the inline chunk's size."""
+    if payload is not None:
+        if len(payload) % 4:
+            raise InvalidAudio(f"an inline chunk must be float32 samples, got {len(payload)} bytes")
+        return len(payload) // 4
+    end = body.get("end")
+    if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+        raise BadRequest("field 'end' must be the count of samples written to the ring so far")
+    return end
+
+
 def parse_options(body: dict[str, Any]) -> dict[str, Any]:
     """The ``options`` object of a job: string keys, JSON values, finite numbers."""
     options = body.get("options", {})
@@ -223,6 +264,7 @@ class WorkerSpec:
     options: dict[str, Any]
     allow_download: bool = False
     log_format: str = "text"
+    stream: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -59,6 +59,11 @@ class PcmSegment:
         self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=max(len(raw), 1))
         self._shm.buf[: len(raw)] = raw
 
+    @property
+    def buf(self) -> memoryview:
+        assert self._shm is not None, "released"
+        return self._shm.buf
+
     def release(self) -> None:
         """Close and unlink; safe to call twice and after someone else removed the segment."""
         if self._shm is None:
@@ -105,6 +110,73 @@ def read_pcm(name: str, samples: int, prefix: str) -> np.ndarray:
     if not name.startswith(prefix) or owner_pid(name) is None:
         raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {prefix!r})")
     return np.frombuffer(_read_bytes(name, samples * 4), dtype=np.float32)
+
+
+class Ring:
+    """A live stream's ring buffer (client side): float32 samples written round and round.
+
+    ``written`` counts every sample ever written; the reader asks for ``[start, end)`` in
+    those terms, and the writer must not run more than ``capacity`` ahead of what the
+    reader has taken (the client's session waits for the worker's acknowledgements).
+    """
+
+    def __init__(self, prefix: str, capacity: int) -> None:
+        self.capacity = capacity
+        self.written = 0
+        self.segment = PcmSegment(prefix, bytes(capacity * 4))
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    def write(self, pcm: np.ndarray) -> int:
+        """Append ``pcm`` (at most ``capacity`` samples); return the new ``written``."""
+        if pcm.size > self.capacity:
+            raise ValueError(f"a chunk of {pcm.size} samples exceeds the ring's {self.capacity}")
+        view = np.frombuffer(self.segment.buf, dtype=np.float32, count=self.capacity)
+        pos = self.written % self.capacity
+        first = min(pcm.size, self.capacity - pos)
+        view[pos : pos + first] = pcm[:first]
+        view[: pcm.size - first] = pcm[first:]
+        del view  # no exported buffer may outlive the call, or the segment cannot be closed
+        self.written += pcm.size
+        return self.written
+
+    def release(self) -> None:
+        self.segment.release()
+
+
+class RingReader:
+    """The worker's side of a ``Ring``: mapped once for the session, read by absolute sample positions."""
+
+    def __init__(self, name: str, capacity: int, prefix: str) -> None:
+        if not name.startswith(prefix) or owner_pid(name) is None:
+            raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {prefix!r})")
+        self.capacity = capacity
+        size = capacity * 4
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise InvalidAudio(f"shared-memory ring {name!r} cannot be opened: {exc.strerror}") from None
+        try:
+            if os.fstat(fd).st_size < size:
+                raise InvalidAudio(f"shared-memory ring {name!r} is smaller than the {size} bytes claimed")
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Copy samples ``[start, end)``; the writer may be at most ``capacity`` ahead of ``start``."""
+        if not 0 <= start <= end or end - start > self.capacity:
+            raise InvalidAudio(f"ring positions {start}..{end} are out of order or overran the ring")
+        view = np.frombuffer(self._map, dtype=np.float32, count=self.capacity)
+        idx = np.arange(start, end) % self.capacity
+        out = view[idx]  # fancy indexing copies
+        del view
+        return out
+
+    def close(self) -> None:
+        self._map.close()
 
 
 def create_probe() -> tuple[PcmSegment, str]:

@@ -40,6 +40,7 @@ from hub.errors import (
     InternalError,
     InvalidAudio,
     JobTimeout,
+    PoolBusy,
     ProviderUnavailable,
     ShuttingDown,
     UnknownProvider,
@@ -48,7 +49,7 @@ from hub.errors import (
 from hub.metrics import Metrics
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
-from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
+from hub.protocol import AudioRef, ExitCode, Message, MsgType, WorkerSpec
 from hub.resources import Gpus, rss_mb
 
 log = logging.getLogger("hub.supervisor")
@@ -220,9 +221,9 @@ class Supervisor:
             self.reply(client, MsgType.ERROR, request_id, error.to_dict())
 
     def on_client_message(self, client: bytes, msg: Message) -> None:
-        if msg.type is MsgType.TRANSCRIBE:
+        if msg.type in (MsgType.TRANSCRIBE, MsgType.STREAM_OPEN):
             try:
-                self.submit(client, msg)
+                self.submit(client, msg) if msg.type is MsgType.TRANSCRIBE else self.open_session(client, msg)
             except HubError as exc:
                 name = msg.body.get("provider") or self.default_provider
                 known = isinstance(name, str) and name in self.config.providers
@@ -237,6 +238,10 @@ class Supervisor:
             self.cancel(client, msg.id)
         elif msg.type is MsgType.SCALE:
             self.reply(client, MsgType.REPLY, msg.id, self.scale_request(msg.body))
+        elif msg.type is MsgType.STREAM_DATA:
+            self.session_data(client, msg)
+        elif msg.type is MsgType.STREAM_CLOSE:
+            self.close_session(self._session(client, msg.id), "")
         else:
             raise BadRequest(f"message type {msg.type.value} is not accepted from clients")
 
@@ -293,12 +298,91 @@ class Supervisor:
             client_timeout=timeout,
         )
         log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
-        worker = self.pools[provider.name].take_idle()
+        self.place(job, now)
+
+    def place(self, job: Job, now: float) -> None:
+        """Give a new job to the least recently used idle worker, or queue it (POOL_BUSY when full)."""
+        worker = self.pools[job.provider].take_idle()
         if worker is not None:
             self.start_job(job, worker, now)
         else:
-            self.queues[provider.name].push(job)
-        self.requests[(client, msg.id)] = job
+            self.queues[job.provider].push(job)
+        self.requests[(job.client, job.request)] = job
+
+    # --- live sessions ---------------------------------------------------------------
+
+    def open_session(self, client: bytes, msg: Message) -> None:
+        """A live stream leases one worker until it closes; at most ``pool.max_sessions`` of a pool."""
+        if self.stopping:
+            raise ShuttingDown("the hub is shutting down and opens no new sessions")
+        if (client, msg.id) in self.requests:
+            raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
+        provider = self._provider_for(msg.body)
+        limit = provider.pool.session_limit
+        active = sum(1 for j in self.requests.values() if j.session and j.provider == provider.name)
+        if active >= limit:
+            raise PoolBusy(
+                f"provider {provider.name!r} has {active} live session(s), its limit (pool.max_sessions={limit}); "
+                "the rest of the pool is kept for one-shot jobs"
+            )
+        ring = protocol.parse_ring(msg.body)
+        if ring is not None and not ring.shm.startswith(self.shm_prefix):
+            raise InvalidAudio(f"shared-memory ring {ring.shm!r} is not one of this hub's ({self.shm_prefix}*)")
+        now = time.monotonic()
+        timeout = protocol.parse_timeout(msg.body)
+        job = Job(
+            id=f"s{next(self.job_ids)}",
+            client=client,
+            request=msg.id,
+            provider=provider.name,
+            audio=AudioRef(samples=0),
+            payload=None,
+            options=protocol.parse_options(msg.body),
+            stream=True,
+            received_at=now,
+            acquire_deadline=acquire_deadline(provider.pool, now, timeout),
+            client_timeout=timeout,
+            session=True,
+            ring=ring,
+            last_activity=now,
+        )
+        log.info("session %s: opened by request %s for %s", job.id, msg.id, provider.name)
+        self.place(job, now)
+
+    def _session(self, client: bytes, request_id: str) -> Job:
+        job = self.requests.get((client, request_id))
+        if job is None or not job.session:
+            raise BadRequest(f"no live session {request_id!r} on this connection")
+        if job.worker is None:
+            raise BadRequest(f"session {request_id!r} has no worker yet; wait for the open to be answered")
+        return job
+
+    def session_data(self, client: bytes, msg: Message) -> None:
+        job = self._session(client, msg.id)
+        position = protocol.parse_stream_data(msg.body, msg.payload)
+        if msg.payload is not None:
+            self.inline_bytes += len(msg.payload)
+            job.streamed += position
+        else:
+            job.streamed = position
+        job.last_activity = time.monotonic()
+        self._to_worker(job, MsgType.STREAM_DATA, msg.body, msg.payload)
+
+    def close_session(self, job: Job, reason: str) -> None:
+        """Ask the worker to flush and answer; a client's close has no reason, the hub's says why."""
+        if job.closing:
+            return
+        job.closing = reason or "closed by the client"
+        job.run_deadline = time.monotonic() + self.pools[job.provider].config.pool.job_timeout
+        if reason:
+            log.info("session %s: closing, %s", job.id, reason)
+        self._to_worker(job, MsgType.STREAM_CLOSE, {"reason": reason} if reason else {}, None)
+
+    def _to_worker(self, job: Job, msg_type: MsgType, body: dict[str, Any], payload: bytes | None) -> None:
+        try:
+            self.backend.send_multipart([(job.worker or "").encode(), *protocol.build(msg_type, job.id, body, payload)])
+        except zmq.ZMQError:
+            pass  # the worker is gone: reaping it fails the session
 
     def _provider_for(self, body: dict[str, Any]) -> ProviderConfig:
         name = body.get("provider") or self.default_provider
@@ -325,6 +409,8 @@ class Supervisor:
             return
         if job.worker is None:
             self.queues[job.provider].remove(job)
+        elif job.session:
+            self.close_session(job, "the client went away")
         self._record(job, "JOB_TIMEOUT", time.monotonic())
         job.client = b""
 
@@ -363,17 +449,22 @@ class Supervisor:
         job.attempts += 1
         job.worker = worker.id
         job.started_at = now
-        job.run_deadline = run_deadline(pool.config.pool, job.audio.seconds, now)
+        job.run_deadline = run_deadline(pool.config.pool, job, now)
         worker.job = job.id
         pool.set_state(worker, WorkerState.BUSY, now)
         self.running[job.id] = job
+        msg_type = MsgType.STREAM_OPEN if job.session else MsgType.JOB
         try:
             self.backend.send_multipart(
-                [worker.id.encode(), *protocol.build(MsgType.JOB, job.id, job.job_body(), job.payload)]
+                [worker.id.encode(), *protocol.build(msg_type, job.id, job.job_body(), job.payload)]
             )
         except zmq.ZMQError as exc:
             self.recycle(worker, f"unreachable: {exc}", now)
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} was unreachable"))
+            return
+        if job.session:
+            job.last_activity = now
+            self.reply(job.client, MsgType.REPLY, job.request, {"session": job.id, "worker": worker.id})
 
     def worker_free(self, worker: WorkerHandle, now: float) -> None:
         """A worker finished its job (or its start): give it the next job, or let it go if it is due to."""
@@ -405,7 +496,7 @@ class Supervisor:
         job.worker = None
         if job.health:
             return
-        retries = self.pools[job.provider].config.pool.retry_on_crash
+        retries = 0 if job.session else self.pools[job.provider].config.pool.retry_on_crash
         if job.client and job.attempts <= retries and not self.stopping:
             log.info("job %s: retrying on another worker (%s)", job.id, error.message)
             self.queues[job.provider].push_front(job)
@@ -425,7 +516,7 @@ class Supervisor:
             return
         started = job.started_at or now
         run = now - job.started_at if job.started_at else 0.0
-        self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio.seconds, code)
+        self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
         log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request, code or "done", (now - job.received_at) * 1e3)
 
     # --- backend -------------------------------------------------------------------
@@ -448,10 +539,10 @@ class Supervisor:
             self.on_ready(worker, msg.body, now)
         elif msg.type is MsgType.LOAD_FAILED:
             worker.last_error = str(msg.body.get("error", "unknown error"))
-        elif msg.type is MsgType.SEGMENT:
+        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
             job = self.running.get(msg.id)
             if job is not None and job.worker == worker.id:
-                self.reply(job.client, MsgType.SEGMENT, job.request, msg.body)
+                self.reply(job.client, msg.type, job.request, msg.body)
         elif msg.type in (MsgType.RESULT, MsgType.ERROR) and worker.job == msg.id:
             self.on_answer(worker, msg, now)
 
@@ -614,12 +705,22 @@ class Supervisor:
             self.recycle(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s", now)
             if job is not None:
                 self.job_lost(job, WorkerCrashed(f"worker {worker.id} stopped answering"))
+        elif job is not None and job.session and not job.closing and (why := self._session_overdue(job, now)):
+            self.close_session(job, why)
         elif job is not None and now >= job.run_deadline:
             limit = job.run_deadline - job.started_at
             what = "health check" if job.health else f"job {job.id}"
             self.recycle(worker, f"{what} overran its {limit:.0f} s deadline", now)
             if not job.health:
                 self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"))
+
+    def _session_overdue(self, job: Job, now: float) -> str:
+        limits = self.pools[job.provider].config.pool
+        if now - job.last_activity > limits.session_idle_timeout:
+            return f"no audio for {now - job.last_activity:.0f} s (pool.session_idle_timeout={limits.session_idle_timeout:g})"
+        if now - job.started_at > limits.max_session_seconds:
+            return f"open longer than pool.max_session_seconds={limits.max_session_seconds:g}"
+        return ""
 
     def _health_checks(self, pool: ProviderPool, now: float) -> None:
         """Send the bundled clip to idle workers whose last check is ``health_check_interval`` old.
@@ -679,8 +780,9 @@ class Supervisor:
                 for job in self.queues[pool.name].clear():
                     self.fail(job, ProviderUnavailable(f"provider {pool.name!r} has no live worker: {pool.last_error}"))
         elif worker.state is not WorkerState.DRAINING:
-            pool.last_error = f"worker {worker.id} {what}" + (f" ({worker.last_error})" if worker.last_error else "")
-            log.warning("worker %s (pid %d) %s", worker.id, worker.pid, pool.last_error.partition(" ")[2])
+            what += f" ({worker.last_error})" if worker.last_error else ""
+            pool.last_error = f"worker {worker.id} {what}"
+            log.warning("worker %s (pid %d) %s", worker.id, worker.pid, what)
         job = self.running.get(worker.job or "")
         if job is not None:
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} {what} while running the job"))
@@ -739,6 +841,7 @@ class Supervisor:
             options=provider.options,
             allow_download=provider.allow_download,
             log_format=self.config.hub.log_format,
+            stream=dataclasses.asdict(provider.stream),
         )
         proc = process.spawn(spec, provider, gpu)
         handle = WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now)
@@ -836,6 +939,7 @@ class Supervisor:
             "size": pool.size,
             "target_size": floor_size(self._snapshot(pool), pool.config.pool),
             "queue_depth": len(self.queues[pool.name]),
+            "sessions": sum(1 for j in self.requests.values() if j.session and j.provider == pool.name),
             "degraded": bool(pool.load_failures),
             "last_error": pool.last_error,
             "restart_backoff": max(0.0, pool.next_spawn_at - now),

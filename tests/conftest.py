@@ -61,7 +61,7 @@ class Hub:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-                raise AssertionError(f"supervisor did not stop within {timeout} s:\n{self.log()}")
+                raise AssertionError(f"supervisor did not stop within {timeout} s:\n{self.log()}") from None
         return int(self.proc.returncode)
 
 

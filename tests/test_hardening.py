@@ -21,7 +21,7 @@ from hub.client import CurveKeys, HubClient
 from hub.config import ConfigError, parse_config
 from hub.errors import HubError, HubUnreachable, InvalidAudio
 from hub.keys import main as make_keys
-from tests.conftest import DATA, ROOT, echo_provider, free_port, reference, word_error_rate
+from tests.conftest import DATA, ROOT, echo_provider, reference, word_error_rate
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(180)

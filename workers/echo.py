@@ -18,13 +18,29 @@ import numpy as np
 
 from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.results import Segment
-from workers.engine import EngineResult, OnSegment
+from hub.results import Word
+from workers.engine import EngineResult, OnSegment, StreamSettings
+from workers.streaming import WindowStreamer
+
+WORD_SECONDS = 0.5
+
+
+def echo_words(pcm: np.ndarray) -> list[Word]:
+    """A live session's "words": one per whole half second, named by its RMS, so agreement is deterministic."""
+    step = int(WORD_SECONDS * SAMPLE_RATE)
+    return [
+        Word(i * WORD_SECONDS, (i + 1) * WORD_SECONDS, f" a{round(_rms(pcm[i * step : (i + 1) * step]) * 1000)}", 1.0)
+        for i in range(pcm.size // step)
+    ]
+
+
+def _rms(pcm: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
 
 
 def echo_text(pcm: np.ndarray) -> str:
     """The answer for ``pcm``; tests compute it the same way to check what the worker saw."""
-    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
-    return f"echo {pcm.size / SAMPLE_RATE:.3f}s rms={rms:.4f}"
+    return f"echo {pcm.size / SAMPLE_RATE:.3f}s rms={_rms(pcm):.4f}"
 
 
 class EchoEngine:
@@ -52,3 +68,13 @@ class EchoEngine:
             segments.append(seg)
             on_segment(seg)
         return EngineResult(text=text, segments=tuple(segments), language=options.get("language"), duration=duration)
+
+    def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
+        """The same window and agreement rule as whisper, over ``echo_words``; ``sleep`` slows each decode."""
+        delay = float(options.get("sleep", 0.0))
+
+        def decode(pcm: np.ndarray, prompt: str) -> list[Word]:
+            time.sleep(delay)
+            return echo_words(pcm)
+
+        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)

@@ -15,6 +15,7 @@ import numpy as np
 from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.results import Segment
+from workers.streaming import StreamUpdate
 
 OnSegment = Callable[[Segment], None]
 
@@ -27,6 +28,22 @@ class EngineResult:
     duration: float
 
 
+class Streamer(Protocol):
+    """A live session's decoder: fed chunks, stepped when ``due``, finished once (``WindowStreamer`` is one)."""
+
+    @property
+    def due(self) -> bool: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    def feed(self, pcm: np.ndarray) -> None: ...
+
+    def step(self) -> StreamUpdate: ...
+
+    def finish(self) -> StreamUpdate: ...
+
+
 class Engine(Protocol):
     """A loaded model. ``options`` names the request options it accepts."""
 
@@ -36,6 +53,18 @@ class Engine(Protocol):
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         """Transcribe float32 mono 16 kHz PCM, calling ``on_segment`` for each segment as it is decoded."""
         ...
+
+    def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> Streamer:
+        """A decoder for one live session."""
+        ...
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The provider's ``stream:`` section, as the worker receives it."""
+
+    step_ms: int = 1000
+    window_seconds: float = 15.0
 
 
 def check_options(engine: Engine, provider_type: str, options: dict[str, Any]) -> None:
@@ -53,6 +82,10 @@ def load_engine(spec: WorkerSpec) -> Engine:
         from workers.whisper import WhisperEngine
 
         return WhisperEngine(spec)
+    if spec.type == "funasr":
+        from workers.funasr import FunASREngine
+
+        return FunASREngine(spec)
     if spec.type == "echo":
         from workers.echo import EchoEngine
 

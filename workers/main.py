@@ -28,6 +28,7 @@ from hub.errors import HubError, InferenceFailed
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
 from workers.engine import Engine, check_options, load_engine
+from workers.session import Session
 
 log = logging.getLogger("workers")
 _PR_SET_PDEATHSIG = 1
@@ -81,6 +82,8 @@ class Worker:
                 return
             if msg.type is MsgType.JOB:
                 self.run_job(msg)
+            elif msg.type is MsgType.STREAM_OPEN and not self.run_session(msg):
+                return
 
     def run_job(self, msg: Message) -> None:
         started = time.perf_counter()
@@ -111,6 +114,21 @@ class Worker:
             "inference_ms": (time.perf_counter() - started) * 1000.0,
         }
         self.send(MsgType.RESULT, msg.id, body)
+
+    def run_session(self, msg: Message) -> bool:
+        """Serve a live session; False when the supervisor said STOP meanwhile."""
+        try:
+            session = Session(self.spec, self.engine, self.sock, msg)
+        except HubError as exc:
+            exc.job_id = msg.id
+            self.send(MsgType.ERROR, msg.id, exc.to_dict())
+            return True
+        except Exception as exc:
+            log.exception("worker %s: cannot open a session", self.spec.id)
+            error = InferenceFailed(f"cannot open a live session on {self.spec.type}: {exc}", job_id=msg.id)
+            self.send(MsgType.ERROR, msg.id, error.to_dict())
+            return True
+        return session.serve()
 
     def _pcm(self, msg: Message) -> np.ndarray:
         if msg.body.get("health"):

@@ -10,7 +10,8 @@ import numpy as np
 
 from hub.protocol import WorkerSpec
 from hub.results import Segment, Word
-from workers.engine import EngineResult, OnSegment
+from workers.engine import EngineResult, OnSegment, StreamSettings
+from workers.streaming import WindowStreamer
 
 BUNDLED_MODEL = "tiny.en"
 
@@ -83,3 +84,15 @@ class WhisperEngine:
             on_segment(segment)
         text = " ".join(s.text for s in segments if s.text)
         return EngineResult(text=text, segments=tuple(segments), language=info.language, duration=info.duration)
+
+    def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
+        """Local agreement over a growing window; the confirmed text is the next decode's prompt."""
+        options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt")}
+
+        def decode(pcm: np.ndarray, prompt: str) -> list[Word]:
+            generator, _ = self._model.transcribe(
+                pcm, word_timestamps=True, initial_prompt=prompt or None, condition_on_previous_text=False, **options
+            )
+            return [Word(w.start, w.end, w.word, w.probability) for seg in generator for w in seg.words or ()]
+
+        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)

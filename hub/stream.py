@@ -1,0 +1,334 @@
+"""Live sessions, client side: push audio as it is captured, read partial and final text as it settles.
+
+A session leases one worker until it is closed. On the supervisor's host the chunks go
+into a per-session shared-memory ring and only positions travel over the socket;
+elsewhere they travel inline. The worker acknowledges how far it has read with every
+event, and ``send`` waits rather than overwrite audio the worker has not taken yet.
+``StreamSession`` (blocking, safe to use from a sending and a reading thread at once)
+and ``AsyncStreamSession`` share ``_SessionState``, which holds no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from hub import protocol, shm
+from hub.audio import AudioInput, to_pcm
+from hub.errors import HubError, JobTimeout
+from hub.protocol import Message, MsgType
+from hub.results import Segment, Transcript
+
+RING_SECONDS = 30  # the ring holds this much audio the worker has not read yet
+POLL_MS = 100
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """``partial``: text that may still change; ``final``: a segment that never will."""
+
+    kind: str
+    text: str
+    segment: Segment | None = None
+
+
+class _SessionState:
+    """What a session has learned from its messages; no sockets, so both clients share it."""
+
+    def __init__(self) -> None:
+        self.events: deque[StreamEvent] = deque()
+        self.finals: list[Segment] = []
+        self.acked = 0  # samples the worker has read
+        self.transcript: Transcript | None = None
+        self.error: HubError | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.transcript is not None or self.error is not None
+
+    def handle(self, msg: Message) -> None:
+        if msg.type is MsgType.PARTIAL:
+            self.acked = int(msg.body.get("read", self.acked))
+            self.events.append(StreamEvent("partial", str(msg.body.get("text", ""))))
+        elif msg.type is MsgType.SEGMENT:
+            segment = Segment.from_dict(msg.body)
+            self.acked = int(msg.body.get("read", self.acked))
+            self.finals.append(segment)
+            self.events.append(StreamEvent("final", segment.text, segment))
+        elif msg.type is MsgType.RESULT:
+            self.transcript = Transcript.from_dict(msg.body)
+        elif msg.type is MsgType.ERROR:
+            self.error = HubError.from_dict(msg.body)
+            self.error.transcript = self.confirmed()  # type: ignore[attr-defined]
+
+    def confirmed(self) -> Transcript:
+        """The final text so far: what a session that failed still returns."""
+        return Transcript(text=" ".join(s.text for s in self.finals if s.text), segments=tuple(self.finals))
+
+    def check_open(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.transcript is not None:
+            reason = self.transcript.extra.get("closed_reason", "it was closed")
+            raise JobTimeout(f"the session is over: the hub closed it ({reason})")
+
+
+def chunk_pcm(chunk: AudioInput, sample_rate: int | None) -> np.ndarray:
+    """A chunk as float32 16 kHz; an empty chunk is nothing to send rather than an error."""
+    if isinstance(chunk, (bytes, bytearray, memoryview, np.ndarray)) and len(chunk) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return to_pcm(chunk, sample_rate)
+
+
+def open_body(provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float) -> dict[str, Any]:
+    ring_ref = {"shm": ring.name, "capacity": ring.capacity} if ring else None
+    return {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout}
+
+
+class StreamSession:
+    """A live session from ``HubClient.open_stream``; a context manager that closes itself."""
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        request_id: str,
+        ring: shm.Ring | None,
+        timeout: float,
+        on_close: Callable[[StreamSession], None],
+    ) -> None:
+        self.sock, self._id, self._ring, self._timeout = sock, request_id, ring, timeout
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._state = _SessionState()
+        self._closed = False
+        self.worker: str | None = None
+
+    def _start(self, body: dict[str, Any]) -> StreamSession:
+        deadline = time.monotonic() + self._timeout
+        with self._lock:
+            self.sock.send_multipart(protocol.build(MsgType.STREAM_OPEN, self._id, body))
+            while self.worker is None:
+                msg = self._next(deadline)
+                if msg.type is MsgType.REPLY:
+                    self.worker = str(msg.body.get("worker"))
+                else:
+                    self._state.handle(msg)
+                    if self._state.error is not None:
+                        self._release()
+                        raise self._state.error
+        return self
+
+    @property
+    def transcript(self) -> Transcript:
+        """The final transcript once closed; until then, the text confirmed so far."""
+        return self._state.transcript or self._state.confirmed()
+
+    def send(self, chunk: AudioInput, sample_rate: int | None = None) -> None:
+        """Push a chunk of any size: float32 or int16 numpy, or raw 16-bit PCM bytes (16 kHz unless told)."""
+        pcm = chunk_pcm(chunk, sample_rate)
+        step = self._ring.capacity // 2 if self._ring else pcm.size or 1
+        for start in range(0, pcm.size, step):
+            self._send_piece(pcm[start : start + step])
+
+    def _send_piece(self, pcm: np.ndarray) -> None:
+        deadline = time.monotonic() + self._timeout
+        with self._lock:
+            self._pump(0)
+            self._state.check_open()
+            if self._ring is None:
+                self.sock.send_multipart(protocol.build(MsgType.STREAM_DATA, self._id, {}, pcm.tobytes()))
+                return
+            while self._ring.written + pcm.size - self._state.acked > self._ring.capacity:
+                if time.monotonic() >= deadline:
+                    raise JobTimeout(f"the worker fell more than {RING_SECONDS} s of audio behind for {self._timeout:.0f} s")
+                self._pump(POLL_MS)
+                self._state.check_open()
+            end = self._ring.write(pcm)
+            self.sock.send_multipart(protocol.build(MsgType.STREAM_DATA, self._id, {"end": end}))
+
+    def results(self) -> Iterator[StreamEvent]:
+        """Events as they arrive, until the session is closed (by ``close`` or by the hub)."""
+        while True:
+            with self._lock:
+                if not self._state.events and not self._state.ended and not self._closed:
+                    self._pump(POLL_MS)
+                event = self._state.events.popleft() if self._state.events else None
+                over = self._state.ended or self._closed
+            if event is not None:
+                yield event
+            elif over:
+                if self._state.error is not None:
+                    raise self._state.error
+                return
+
+    def close(self) -> Transcript:
+        """Flush: the worker decodes what is left and answers the final transcript."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    if not self._state.ended:
+                        self.sock.send_multipart(protocol.build(MsgType.STREAM_CLOSE, self._id))
+                        deadline = time.monotonic() + self._timeout
+                        while not self._state.ended:
+                            self._state.handle(self._next(deadline))
+                finally:
+                    self._release()
+        if self._state.error is not None:
+            raise self._state.error
+        assert self._state.transcript is not None
+        return self._state.transcript
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.close()
+        except HubError:
+            if exc_type is None:
+                raise
+
+    def _release(self) -> None:
+        """Let go of the ring and the socket, without a word to the hub (its sweep and timeouts do the rest)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._ring is not None:
+            self._ring.release()
+        self._on_close(self)
+
+    def _next(self, deadline: float) -> Message:
+        """The next message for this session, or JobTimeout at the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
+                raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s")
+            msg = protocol.parse(self.sock.recv_multipart())
+            if msg.id == self._id:
+                return msg
+
+    def _pump(self, timeout_ms: int) -> None:
+        """Take whatever has arrived (waiting up to ``timeout_ms`` for the first message)."""
+        while self.sock.poll(timeout_ms):
+            msg = protocol.parse(self.sock.recv_multipart())
+            if msg.id == self._id:
+                self._state.handle(msg)
+            timeout_ms = 0
+
+
+class AsyncStreamSession:
+    """The asyncio twin of ``StreamSession``, from ``AsyncHubClient.open_stream``."""
+
+    def __init__(
+        self,
+        send: Callable[[list[bytes]], Any],
+        inbox: asyncio.Queue[Message],
+        request_id: str,
+        ring: shm.Ring | None,
+        timeout: float,
+        on_close: Callable[[AsyncStreamSession], None],
+    ) -> None:
+        self._send_frames, self._inbox, self._id = send, inbox, request_id
+        self.request_id = request_id
+        self._ring, self._timeout, self._on_close = ring, timeout, on_close
+        self._state = _SessionState()
+        self._closed = False
+        self.worker: str | None = None
+
+    async def _start(self, body: dict[str, Any]) -> AsyncStreamSession:
+        await self._send_frames(protocol.build(MsgType.STREAM_OPEN, self._id, body))
+        deadline = time.monotonic() + self._timeout
+        while self.worker is None:
+            msg = await self._next(deadline)
+            if msg.type is MsgType.REPLY:
+                self.worker = str(msg.body.get("worker"))
+            else:
+                self._state.handle(msg)
+                if self._state.error is not None:
+                    self._release()
+                    raise self._state.error
+        return self
+
+    @property
+    def transcript(self) -> Transcript:
+        return self._state.transcript or self._state.confirmed()
+
+    async def send(self, chunk: AudioInput, sample_rate: int | None = None) -> None:
+        pcm = chunk_pcm(chunk, sample_rate)
+        step = self._ring.capacity // 2 if self._ring else pcm.size or 1
+        for start in range(0, pcm.size, step):
+            piece = pcm[start : start + step]
+            self._drain()
+            self._state.check_open()
+            if self._ring is None:
+                await self._send_frames(protocol.build(MsgType.STREAM_DATA, self._id, {}, piece.tobytes()))
+                continue
+            deadline = time.monotonic() + self._timeout
+            while self._ring.written + piece.size - self._state.acked > self._ring.capacity:
+                self._state.handle(await self._next(deadline))
+                self._state.check_open()
+            end = self._ring.write(piece)
+            await self._send_frames(protocol.build(MsgType.STREAM_DATA, self._id, {"end": end}))
+
+    async def results(self) -> AsyncIterator[StreamEvent]:
+        while True:
+            self._drain()
+            if self._state.events:
+                yield self._state.events.popleft()
+                continue
+            if self._state.ended or self._closed:
+                if self._state.error is not None:
+                    raise self._state.error
+                return
+            self._state.handle(await self._inbox.get())
+
+    async def close(self) -> Transcript:
+        if not self._closed:
+            try:
+                if not self._state.ended:
+                    await self._send_frames(protocol.build(MsgType.STREAM_CLOSE, self._id))
+                    deadline = time.monotonic() + self._timeout
+                    while not self._state.ended:
+                        self._state.handle(await self._next(deadline))
+            finally:
+                self._release()
+        if self._state.error is not None:
+            raise self._state.error
+        assert self._state.transcript is not None
+        return self._state.transcript
+
+    async def __aenter__(self) -> AsyncStreamSession:
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            await self.close()
+        except HubError:
+            if exc_type is None:
+                raise
+
+    def _release(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._ring is not None:
+            self._ring.release()
+        self._on_close(self)
+
+    def _drain(self) -> None:
+        while not self._inbox.empty():
+            self._state.handle(self._inbox.get_nowait())
+
+    async def _next(self, deadline: float) -> Message:
+        try:
+            return await asyncio.wait_for(self._inbox.get(), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s") from None

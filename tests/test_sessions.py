@@ -1,0 +1,158 @@
+"""Live streaming sessions: the real model streamed in 100 ms chunks, and the pool's rules for sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from hub import shm
+from hub.audio import to_pcm
+from hub.client import AsyncHubClient
+from hub.errors import JobTimeout, PoolBusy, WorkerCrashed
+from tests.conftest import CLIPS, DATA, ROOT, Hub, echo_provider, reference, start_hub, word_error_rate
+from workers.echo import echo_text
+
+pytestmark = pytest.mark.timeout(180)
+
+SILENCE = np.zeros(8000, dtype=np.float32)
+TONE = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
+# for the echo provider's "words" (one per half second, named by its RMS) to differ, as spoken words do
+STEPS = np.concatenate([np.full(8000, 0.01 * (i + 1), dtype=np.float32) for i in range(12)])
+CHUNK = 1600  # 100 ms
+
+
+def send_chunks(session, pcm: np.ndarray) -> None:
+    """Send in 100 ms chunks, as a microphone would, but as fast as the session takes them."""
+    for start in range(0, pcm.size, CHUNK):
+        session.send(pcm[start : start + CHUNK])
+
+
+@pytest.fixture(scope="module")
+def whisper_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    provider = {"model": "tiny.en", "device": "cpu", "pool": {"min_size": 2, "max_size": 2, "max_sessions": 2}}
+    started = start_hub(tmp_path_factory.mktemp("sessions"), {"whisper": provider})
+    yield started
+    assert started.stop() == 0
+
+
+@pytest.mark.parametrize("use_shm, clips", [(True, CLIPS), (False, CLIPS[:2])])
+def test_real_model_streamed_in_chunks(whisper_hub: Hub, use_shm: bool, clips: tuple[str, ...]) -> None:
+    clip = np.concatenate([p for c in clips for p in (to_pcm(DATA / f"{c}.wav"), SILENCE)])
+    with whisper_hub.client(use_shm=use_shm) as client:
+        whole = client.transcribe(clip).text
+        session = client.open_stream()
+        events = []
+        reader = threading.Thread(target=lambda: events.extend(session.results()))
+        reader.start()
+        for start in range(0, clip.size, CHUNK):  # four times faster than real time
+            session.send(clip[start : start + CHUNK])
+            time.sleep(CHUNK / 16000 / 4)
+        partials_before_end = [e for e in list(events) if e.kind == "partial"]
+        finals_before_end = [e.text for e in list(events) if e.kind == "final"]
+        transcript = session.close()
+        reader.join(30)
+    references = " ".join(reference(c) for c in clips)
+    assert word_error_rate(references, transcript.text) <= word_error_rate(references, whole) + 0.15, transcript.text
+    assert partials_before_end, "partials must arrive while the stream is still going"
+    finals = [e.text for e in events if e.kind == "final"]
+    assert finals[: len(finals_before_end)] == finals_before_end  # finals are never revised
+    assert " ".join(finals) == transcript.text and [s.text for s in transcript.segments] == finals
+    assert transcript.duration == pytest.approx(clip.size / 16000, abs=0.01)
+    assert (whisper_hub.status()["hub"]["inline_bytes"] > 0) is not use_shm or not use_shm
+
+
+def test_async_session(whisper_hub: Hub) -> None:
+    async def main() -> None:
+        async with AsyncHubClient(whisper_hub.endpoint, timeout=60) as client:
+            async with await client.open_stream(language="en") as session:
+                pcm = to_pcm(DATA / "stella.wav")
+                for start in range(0, pcm.size, CHUNK):
+                    await session.send(pcm[start : start + CHUNK])
+            finals = [e async for e in session.results() if e.kind == "final"]
+            assert word_error_rate(reference("stella"), session.transcript.text) <= 0.15
+            assert " ".join(e.text for e in finals) == session.transcript.text
+
+    asyncio.run(main())
+
+
+def test_cli_stream_realtime(whisper_hub: Hub) -> None:
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "hub.client", "--endpoint", whisper_hub.endpoint, "stream", str(DATA / "coffee.wav"), "--realtime"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started >= 3.5  # the clip is 3.6 s long and was played at its own speed
+    assert word_error_rate(reference("coffee"), " ".join(out.stdout.split())) <= 0.15
+
+
+def test_sessions_past_max_sessions_are_refused_while_jobs_run(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2, max_sessions=1)})
+    with hub.client() as client:
+        with client.open_stream() as first:
+            first.send(TONE)
+            started = time.monotonic()
+            with pytest.raises(PoolBusy, match="max_sessions=1"):
+                client.open_stream()
+            assert time.monotonic() - started < 1.0
+            assert client.transcribe(TONE).text == echo_text(TONE)  # one-shot jobs keep their worker
+            assert hub.status()["providers"]["echo"]["sessions"] == 1
+        assert first.transcript.text  # closed cleanly on leaving the block
+        with client.open_stream() as again:  # the lease was returned
+            again.send(TONE)
+
+
+def test_sessions_count_as_busy_and_grow_the_pool(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3, max_sessions=2)})
+    with hub.client() as client:
+        a = client.open_stream()
+        b = client.open_stream()  # waits for the pool to grow
+        assert a.worker != b.worker and hub.status()["providers"]["echo"]["size"] >= 2
+        assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
+        a.close()
+        b.close()
+
+
+def test_an_idle_session_is_closed_with_its_reason(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(session_idle_timeout=1.0)})
+    with hub.client() as client:
+        session = client.open_stream()
+        send_chunks(session, STEPS)
+        events = list(session.results())  # ends when the hub closes the session
+        assert session.transcript.extra["closed_reason"].startswith("no audio for")
+        assert [e.kind for e in events if e.kind == "final"]
+        with pytest.raises(JobTimeout, match="session_idle_timeout"):
+            session.send(TONE)
+        assert session.close().text == session.transcript.text
+
+
+def test_killing_a_sessions_worker_fails_it_and_the_pool_recovers(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=2, max_sessions=1)})
+    prefix = shm.hub_prefix(hub.status()["hub"]["id"])
+    with hub.client() as client:
+        session = client.open_stream()
+        send_chunks(session, STEPS)
+        events = session.results()
+        while next(events).kind != "final":
+            pass
+        pid = next(w["pid"] for w in hub.status()["providers"]["echo"]["workers"] if w["id"] == session.worker)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed) as crashed:
+            for _ in events:
+                pass
+        assert crashed.value.transcript.text  # the text confirmed before the crash is kept
+        with pytest.raises(WorkerCrashed):
+            session.close()
+        assert not shm.list_segments(prefix)
+        assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
+        with client.open_stream(timeout=20) as reopened:
+            reopened.send(TONE)

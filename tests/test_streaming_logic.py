@@ -1,0 +1,81 @@
+"""The local-agreement window, with a scripted decoder standing in for the model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hub.results import Word
+from workers.streaming import WindowStreamer
+
+SENTENCE = "the quick brown fox jumps over the lazy dog and runs far away into the green hills".split()
+WORD_SECONDS = 0.5
+
+
+def scripted(unstable_tail: bool = True, prompts: list[str] | None = None):
+    """Words of SENTENCE every 0.5 s of stream time; while the stream goes on, the last word heard is garbled,
+    as a model's often is when a word is cut off."""
+    state = {"offset": 0.0, "ended": False}
+
+    def decode(pcm: np.ndarray, prompt: str) -> list[Word]:
+        if prompts is not None:
+            prompts.append(prompt)
+        offset = state["offset"]
+        length = pcm.size / 16000
+        words = []
+        for i, word in enumerate(SENTENCE):
+            start, end = i * WORD_SECONDS - offset, (i + 1) * WORD_SECONDS - offset
+            if start < 0 or end > length:
+                continue
+            words.append(Word(start, end, " " + word, 0.9))
+        if unstable_tail and words and not state["ended"]:
+            last = words[-1]
+            words[-1] = Word(last.start, last.end, f" {last.word.strip()}{int(length * 10)}", 0.4)
+        return words
+
+    return decode, state
+
+
+def run(streamer: WindowStreamer, state: dict, seconds: float, chunk: float = 0.1) -> tuple[list, list[str]]:
+    finals, partials = [], []
+    audio = np.zeros(int(chunk * 16000), dtype=np.float32)
+    for _ in range(int(seconds / chunk)):
+        streamer.feed(audio)
+        if streamer.due:
+            state["offset"] = streamer._offset
+            update = streamer.step()
+            if update.final:
+                finals.append(update.final)
+            partials.append(update.partial)
+    state["offset"], state["ended"] = streamer._offset, True
+    last = streamer.finish()
+    if last.final:
+        finals.append(last.final)
+    return finals, partials
+
+
+def test_words_become_final_once_two_decodes_agree_and_are_never_revised() -> None:
+    decode, state = scripted()
+    streamer = WindowStreamer(decode, step_seconds=1.0, window_seconds=100.0)
+    finals, partials = run(streamer, state, seconds=len(SENTENCE) * WORD_SECONDS)
+    text = " ".join(f.text for f in finals)
+    assert text.split() == SENTENCE  # everything, once, in order; garbled tails never committed
+    assert len(finals) >= 3 and any(partials)
+    assert [f.start for f in finals] == sorted(f.start for f in finals)
+    assert all(a.end <= b.start + 1e-6 for a, b in zip(finals, finals[1:]))
+
+
+def test_the_window_is_trimmed_and_the_prompt_carries_the_confirmed_text() -> None:
+    prompts: list[str] = []
+    decode, state = scripted(prompts=prompts)
+    streamer = WindowStreamer(decode, step_seconds=1.0, window_seconds=3.0)
+    finals, _ = run(streamer, state, seconds=len(SENTENCE) * WORD_SECONDS)
+    assert " ".join(f.text for f in finals).split() == SENTENCE
+    assert streamer._offset > 0 and streamer._window.size / 16000 < 6
+    assert any(p.startswith("the quick") or "fox" in p for p in prompts[3:])
+
+
+def test_repeated_words_at_the_seam_are_dropped() -> None:
+    streamer = WindowStreamer(lambda pcm, prompt: [], step_seconds=1.0)
+    streamer._committed = [Word(0, 0.5, " over", 1), Word(0.5, 1.0, " the", 1)]
+    jittered = [Word(0.9, 1.02, " the", 1), Word(1.0, 1.5, " lazy", 1)]
+    assert streamer._repeated(jittered) == 1
