@@ -30,7 +30,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from hub import __version__, http, logs, process, protocol, shm
+from hub import __version__, http, logs, process, protocol, shm, status
 from hub.config import ConfigError, CurveConfig, HubConfig, ProviderConfig, check_exposure, load_config
 from hub.dispatch import Job, JobQueue, acquire_deadline, health_job, run_deadline
 from hub.errors import (
@@ -616,11 +616,14 @@ class Supervisor:
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
         self.metrics.ready = ready = self.ready
-        if sample:
-            self.metrics.publish(self._gauges(now, ready))
-        if now >= self.next_summary:
-            self.next_summary = now + self.config.hub.metrics_log_interval
-            self._log_summary(now)
+        if sample or now >= self.next_summary:
+            views = {name: self._view(pool, now) for name, pool in self.pools.items()}
+            if sample:
+                self.metrics.publish(status.gauges(views, ready))
+            if now >= self.next_summary:
+                self.next_summary = now + self.config.hub.metrics_log_interval
+                for name, view in views.items():
+                    log.info(status.summary_line(name, view))
         if not self.ready_logged and ready:
             self.ready_logged = True
             sizes = ", ".join(f"{n}: {p.size} worker(s)" for n, p in self.pools.items())
@@ -631,51 +634,6 @@ class Supervisor:
         if worker.gpu is not None and self.gpus.available:
             reading = self.gpus.read(worker.gpu)
             worker.gpu_used_mb, worker.gpu_utilization = reading.used_mb, reading.utilization
-
-    def _gauges(self, now: float, ready: bool) -> dict[str, Any]:
-        """What the Prometheus page exports besides the request figures: a copy, safe to read from its thread."""
-        providers = {}
-        for name, pool in self.pools.items():
-            figures = self.metrics.summary(name, now, max(1, pool.size))
-            providers[name] = {
-                "size": pool.size,
-                "min_size": pool.config.pool.min_size,
-                "max_size": pool.config.pool.max_size,
-                "queue_depth": len(self.queues[name]),
-                "utilization": figures["utilization"],
-                "throughput": figures["throughput"],
-                "degraded": int(bool(pool.load_failures)),
-                "states": {state.value: n for state, n in self._states(pool).items()},
-                "workers": [
-                    {
-                        "id": w.id,
-                        "rss_bytes": w.rss_mb * 2**20,
-                        "jobs_done": w.jobs_done,
-                        "restarts": w.restarts,
-                        "gpu_memory_used_bytes": None if w.gpu_used_mb is None else w.gpu_used_mb * 2**20,
-                        "gpu_utilization": w.gpu_utilization,
-                    }
-                    for w in pool.workers.values()
-                ],
-            }
-        return {"ready": ready, "providers": providers}
-
-    @staticmethod
-    def _states(pool: ProviderPool) -> dict[WorkerState, int]:
-        counts = pool.counts()
-        return {state: counts[state] for state in WorkerState}
-
-    def _log_summary(self, now: float) -> None:
-        for name, pool in self.pools.items():
-            f = self.metrics.summary(name, now, max(1, pool.size))
-            states = ", ".join(f"{n} {s.value}" for s, n in self._states(pool).items() if n)
-            rate = "-" if f["success_rate"] is None else f"{f['success_rate']:.1%}"
-            log.info(
-                "pool %s: size %d (%s), queue %d, %d requests, %s ok, wait p95 %s ms, inference p95 %s ms, "
-                "utilisation %.0f%%",
-                name, pool.size, states or "no workers", len(self.queues[name]), f["requests"], rate,
-                f["wait_ms"]["p95"], f["inference_ms"]["p95"], 100 * f["utilization"],
-            )
 
     def _acquire_timeout(self, job: Job, now: float) -> AcquireTimeout:
         pool = self.pools[job.provider]
@@ -903,19 +861,10 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
-        providers: dict[str, Any] = {}
-        for provider in self.config.providers.values():
-            pool = self.pools.get(provider.name)
-            providers[provider.name] = {
-                "type": provider.type,
-                "enabled": provider.enabled,
-                "pool_enabled": provider.pool.enabled,
-                "model": provider.model,
-                **(self._pool_status(pool, now) if pool else {"size": 0, "queue_depth": 0, "workers": []}),
-                "min_size": provider.pool.min_size,
-                "max_size": provider.pool.max_size,
-                "max_queue": provider.pool.max_queue,
-            }
+        providers = {
+            p.name: status.provider_status(p, self._view(self.pools[p.name], now) if p.name in self.pools else None, now)
+            for p in self.config.providers.values()
+        }
         return {
             "hub": {
                 "id": self.hub_id,
@@ -932,40 +881,16 @@ class Supervisor:
             "providers": providers,
         }
 
-    def _pool_status(self, pool: ProviderPool, now: float) -> dict[str, Any]:
-        return {
-            **self.metrics.summary(pool.name, now, max(1, pool.size)),
-            "workers_by_state": {state.value: n for state, n in self._states(pool).items()},
-            "size": pool.size,
-            "target_size": floor_size(self._snapshot(pool), pool.config.pool),
-            "queue_depth": len(self.queues[pool.name]),
-            "sessions": sum(1 for j in self.requests.values() if j.session and j.provider == pool.name),
-            "degraded": bool(pool.load_failures),
-            "last_error": pool.last_error,
-            "restart_backoff": max(0.0, pool.next_spawn_at - now),
-            "held_back": self.held_back.get(pool.name, ""),
-            "workers": [
-                {
-                    "id": w.id,
-                    "pid": w.pid,
-                    "state": w.state.value,
-                    "device": w.device,
-                    "gpu": w.gpu,
-                    "jobs_done": w.jobs_done,
-                    "consecutive_failures": w.consecutive_failures,
-                    "rss_mb": round(w.rss_mb, 1),
-                    "since_health_check": round(now - w.last_check, 3) if w.last_check else None,
-                    "slot": w.slot,
-                    "restarts": w.restarts,
-                    "gpu_memory_used_mb": None if w.gpu_used_mb is None else round(w.gpu_used_mb, 1),
-                    "gpu_utilization": w.gpu_utilization,
-                    "gpu_error": "" if w.gpu is None or self.gpus.available else self.gpus.error,
-                    "uptime": round(now - w.started_at, 3),
-                    "last_error": w.last_error,
-                }
-                for w in pool.workers.values()
-            ],
-        }
+    def _view(self, pool: ProviderPool, now: float) -> status.PoolView:
+        return status.PoolView(
+            pool=pool,
+            queue_depth=len(self.queues[pool.name]),
+            sessions=sum(1 for j in self.requests.values() if j.session and j.provider == pool.name),
+            held_back=self.held_back.get(pool.name, ""),
+            target_size=floor_size(self._snapshot(pool), pool.config.pool),
+            figures=self.metrics.summary(pool.name, now, max(1, pool.size)),
+            gpu_error="" if self.gpus.available else self.gpus.error,
+        )
 
     def close(self) -> None:
         """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL), remove our files."""

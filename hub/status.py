@@ -1,0 +1,123 @@
+"""The shapes operators read: the status dict, the Prometheus gauge snapshot and the periodic log line.
+
+Pure functions of a ``PoolView`` (what the supervisor knows of one pool at one instant)
+and of the request figures from ``hub.metrics``; no sockets, no clocks of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hub.config import ProviderConfig
+from hub.pool import ProviderPool, WorkerHandle, WorkerState
+
+
+@dataclass(frozen=True)
+class PoolView:
+    pool: ProviderPool
+    queue_depth: int
+    sessions: int
+    held_back: str
+    target_size: int
+    figures: dict[str, Any]  # hub.metrics summary: counters, percentiles, utilisation, throughput
+    gpu_error: str  # why GPU readings are missing ("" when NVML works)
+
+
+def states(pool: ProviderPool) -> dict[str, int]:
+    counts = pool.counts()
+    return {state.value: counts[state] for state in WorkerState}
+
+
+def provider_status(provider: ProviderConfig, view: PoolView | None, now: float) -> dict[str, Any]:
+    """One provider's entry of ``status()["providers"]`` (a disabled provider has no pool, hence no view)."""
+    head = {
+        "type": provider.type,
+        "enabled": provider.enabled,
+        "pool_enabled": provider.pool.enabled,
+        "model": provider.model,
+        "min_size": provider.pool.min_size,
+        "max_size": provider.pool.max_size,
+        "max_queue": provider.pool.max_queue,
+    }
+    if view is None:
+        return {**head, "size": 0, "queue_depth": 0, "workers": []}
+    pool = view.pool
+    return {
+        **head,
+        **view.figures,
+        "workers_by_state": states(pool),
+        "size": pool.size,
+        "target_size": view.target_size,
+        "queue_depth": view.queue_depth,
+        "sessions": view.sessions,
+        "degraded": bool(pool.load_failures),
+        "last_error": pool.last_error,
+        "restart_backoff": max(0.0, pool.next_spawn_at - now),
+        "held_back": view.held_back,
+        "workers": [worker_status(w, now, view.gpu_error) for w in pool.workers.values()],
+    }
+
+
+def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> dict[str, Any]:
+    return {
+        "id": w.id,
+        "pid": w.pid,
+        "state": w.state.value,
+        "device": w.device,
+        "gpu": w.gpu,
+        "jobs_done": w.jobs_done,
+        "consecutive_failures": w.consecutive_failures,
+        "rss_mb": round(w.rss_mb, 1),
+        "since_health_check": round(now - w.last_check, 3) if w.last_check else None,
+        "slot": w.slot,
+        "restarts": w.restarts,
+        "gpu_memory_used_mb": None if w.gpu_used_mb is None else round(w.gpu_used_mb, 1),
+        "gpu_utilization": w.gpu_utilization,
+        "gpu_error": "" if w.gpu is None else gpu_error,
+        "uptime": round(now - w.started_at, 3),
+        "last_error": w.last_error,
+    }
+
+
+def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
+    """The snapshot the Prometheus page exports besides the request figures: plain data, safe for its thread."""
+    return {
+        "ready": ready,
+        "providers": {
+            name: {
+                "size": view.pool.size,
+                "min_size": view.pool.config.pool.min_size,
+                "max_size": view.pool.config.pool.max_size,
+                "queue_depth": view.queue_depth,
+                "utilization": view.figures["utilization"],
+                "throughput": view.figures["throughput"],
+                "degraded": int(bool(view.pool.load_failures)),
+                "states": states(view.pool),
+                "workers": [
+                    {
+                        "id": w.id,
+                        "rss_bytes": w.rss_mb * 2**20,
+                        "jobs_done": w.jobs_done,
+                        "restarts": w.restarts,
+                        "gpu_memory_used_bytes": None if w.gpu_used_mb is None else w.gpu_used_mb * 2**20,
+                        "gpu_utilization": w.gpu_utilization,
+                    }
+                    for w in view.pool.workers.values()
+                ],
+            }
+            for name, view in views.items()
+        },
+    }
+
+
+def summary_line(name: str, view: PoolView) -> str:
+    """The one-line pool summary logged every ``hub.metrics_log_interval`` seconds."""
+    f = view.figures
+    by_state = ", ".join(f"{n} {state}" for state, n in states(view.pool).items() if n)
+    rate = "-" if f["success_rate"] is None else f"{f['success_rate']:.1%}"
+    return (
+        f"pool {name}: size {view.pool.size} ({by_state or 'no workers'}), queue {view.queue_depth}, "
+        f"{f['requests']} requests, {rate} ok, wait p95 {f['wait_ms']['p95']} ms, "
+        f"inference p95 {f['inference_ms']['p95']} ms, utilisation {100 * f['utilization']:.0f}%"
+    )
