@@ -1,30 +1,41 @@
 # ASR Hub: `make run` starts the hub on the sample config, `make test` runs the suite.
-# Both create .venv and install what they need on first use.
+# Both create .venv and install what they need on first use. `make install EXTRAS=funasr`
+# adds FunASR; `make test` always installs it, so its tests run everywhere.
 
 PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?=
 CONFIG ?= config/config.sample.yaml
 PYTEST_ARGS ?=
+# FunASR needs torch but does not declare it. A bare `torch` requirement would fetch a CUDA build of
+# several GB; this pin is the CPU wheel that lies on this machine's disk. A torch already in the
+# venv (a CUDA build on a GPU host, say) is kept: override with `make install TORCH='torch==X'`.
+TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-ALL_EXTRAS := whisper,test$(if $(EXTRAS),$(comma)$(EXTRAS),)
 comma := ,
+ALL_EXTRAS := whisper,test$(if $(EXTRAS),$(comma)$(EXTRAS),)
+TEST_EXTRAS := $(ALL_EXTRAS)$(if $(findstring funasr,$(EXTRAS)),,$(comma)funasr)
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
+TEST_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TEST_EXTRAS))
+extras_of = $(subst -,$(comma),$(patsubst $(VENV)/.installed-%,%,$(1)))
 
 .PHONY: install run test clean clips
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# One recipe for both stamps; the extras are read back from the stamp's name. torch goes in first,
+# so that pip finds FunASR's needs met and never resolves a torch of its own.
+$(sort $(STAMP) $(TEST_STAMP)): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[$(ALL_EXTRAS)]'
+	$(if $(findstring funasr,$(call extras_of,$@)),$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install -q '$(TORCH)')
+	$(BIN)/python -m pip install -q -e '.[$(call extras_of,$@)]'
 	touch $@
 
 run: install
 	$(BIN)/python -m hub.supervisor --config $(CONFIG)
 
-test: install
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clips: install
@@ -32,3 +43,21 @@ clips: install
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache
+
+# `make bench` measures the pool against a single instance, direct faster-whisper and the machine's
+# ceiling (several minutes); `make bench-quick` is the reduced run (under 3 minutes on 2 cores).
+# Results go to bench/results/. Pass options with `make bench BENCH_ARGS="--max-workers 4"`.
+BENCH_ARGS ?=
+.PHONY: bench bench-quick
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[whisper,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
