@@ -9,6 +9,7 @@ that is not a field, or a value of the wrong type, is an error naming its key pa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import types
@@ -132,6 +133,17 @@ class HubConfig:
         if os.environ.get("XDG_RUNTIME_DIR"):
             return Path(os.environ["XDG_RUNTIME_DIR"]) / "asr-hub"
         return Path(f"/tmp/asr-hub-{os.getuid()}")
+
+
+def hub_id(frontend: str) -> str:
+    """A hub's id follows from its frontend address: two live hubs never share one, and a hub restarted
+    on the same address keeps its shared-memory prefix, so connected clients carry on unaffected."""
+    return hashlib.sha1(frontend.encode()).hexdigest()[:8]
+
+
+def pid_file(config: HubConfig) -> Path:
+    """Where the supervisor serving ``config`` writes its pid (for scripts that signal it)."""
+    return config.resolved_runtime_dir() / f"{hub_id(config.hub.frontend)}.pid"
 
 
 def load_config(path: str | os.PathLike[str]) -> HubConfig:

@@ -55,6 +55,8 @@ class _SessionState:
         return self.transcript is not None or self.error is not None
 
     def handle(self, msg: Message) -> None:
+        if self.ended:  # e.g. the hub refusing data sent before the client read that the session failed
+            return
         if msg.type is MsgType.PARTIAL:
             self.acked = int(msg.body.get("read", self.acked))
             self.events.append(StreamEvent("partial", str(msg.body.get("text", ""))))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import logging
 import os
@@ -31,7 +30,16 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from hub import __version__, http, logs, process, protocol, shm, status
-from hub.config import ConfigError, CurveConfig, HubConfig, ProviderConfig, check_exposure, load_config
+from hub.config import (
+    ConfigError,
+    CurveConfig,
+    HubConfig,
+    ProviderConfig,
+    check_exposure,
+    hub_id,
+    load_config,
+    pid_file,
+)
 from hub.dispatch import Job, JobQueue, acquire_deadline, health_job, run_deadline
 from hub.errors import (
     AcquireTimeout,
@@ -62,12 +70,6 @@ MAX_BATCH = 256  # messages read from one socket before the loop looks at the ot
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def hub_id(frontend: str) -> str:
-    """A hub's id follows from its frontend address: two live hubs never share one, and a hub restarted
-    on the same address keeps its shared-memory prefix, so connected clients carry on unaffected."""
-    return hashlib.sha1(frontend.encode()).hexdigest()[:8]
-
-
 class Supervisor:
     def __init__(self, config: HubConfig, config_path: Path | None = None) -> None:
         self.config = config
@@ -89,6 +91,8 @@ class Supervisor:
         self.backend = self._socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a dead worker raises, not drops
         self.backend.bind(f"ipc://{self.backend_path}")
+        self.pid_path = pid_file(config)
+        self.pid_path.write_text(f"{os.getpid()}\n")
         self.pools = {p.name: ProviderPool(p) for p in config.enabled_providers}
         self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
         self.gpus = Gpus()
@@ -920,6 +924,7 @@ class Supervisor:
             self.auth.stop()
         self.ctx.term()
         self.backend_path.unlink(missing_ok=True)
+        self.pid_path.unlink(missing_ok=True)
         removed = shm.remove_all(self.shm_prefix) + shm.sweep_orphans()
         log.info("supervisor stopped (%d worker(s) stopped, %d shared-memory segment(s) removed)", len(workers), len(removed))
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Roll back to the single-instance behaviour: set pool.enabled: false for every provider in
+# CONFIG and tell the running supervisor to reload it (a rolling restart; no request fails).
+# Undo with: scripts/rollback.sh CONFIG --undo
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 CONFIG [--undo]" >&2
+  exit 2
+fi
+root="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-$root/.venv/bin/python}"
+cd "$root"
+exec "$python" -m hub.rollback "$@" --signal
