@@ -159,8 +159,10 @@ def load_config(path: str | os.PathLike[str]) -> HubConfig:
     return parse_config(data or {}, base_dir=Path(path).resolve().parent)
 
 
-def parse_config(data: Any, base_dir: Path | None = None) -> HubConfig:
-    """Validate an already-parsed mapping (what ``yaml.safe_load`` returned)."""
+def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = True) -> HubConfig:
+    """Validate an already-parsed mapping (what ``yaml.safe_load`` returned). ``check_paths=False``
+    skips the checks that depend on this machine's files (model directories, key files), for
+    validating a config meant for another machine."""
     root = _mapping(data, "config")
     _reject_unknown(root, {"hub", "providers"}, "")
     hub = _build(HubSection, _mapping(root.get("hub") or {}, "hub"), "hub")
@@ -168,11 +170,12 @@ def parse_config(data: Any, base_dir: Path | None = None) -> HubConfig:
         raise ConfigError(f"hub.log_format: must be one of {', '.join(LOG_FORMATS)}, got {hub.log_format!r}")
     if not 0 <= hub.metrics_port <= 65535:
         raise ConfigError(f"hub.metrics_port: must be a TCP port (0 turns the HTTP endpoint off), got {hub.metrics_port}")
-    hub = dataclasses.replace(hub, curve=_check_curve(hub.curve, base_dir))
+    if check_paths:
+        hub = dataclasses.replace(hub, curve=_check_curve(hub.curve, base_dir))
     check_exposure(hub)
     raw_providers = _mapping(root.get("providers") or {}, "providers")
     providers = {
-        name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir)
+        name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir, check_paths)
         for name, body in raw_providers.items()
     }
     config = HubConfig(hub=hub, providers=providers)
@@ -222,7 +225,7 @@ def _resolve(path: str, base_dir: Path | None) -> Path:
     return resolved.resolve()
 
 
-def _provider(name: str, body: dict[str, Any], base_dir: Path | None) -> ProviderConfig:
+def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_paths: bool) -> ProviderConfig:
     path = f"providers.{name}"
     if not _NAME_RE.match(name):
         raise ConfigError(f"{path}: provider names are 1-40 lowercase letters, digits, '_', '.' or '-'")
@@ -240,7 +243,7 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None) -> Provide
         raise ConfigError(f"{path}.cpu_threads: must be >= 0 (0 lets the library choose)")
     if provider.stream.step_ms < 100 or provider.stream.window_seconds < 2 * provider.stream.step_ms / 1000:
         raise ConfigError(f"{path}.stream: step_ms must be >= 100 and window_seconds at least two steps long")
-    model = _check_model(provider, path, base_dir)
+    model = _check_model(provider, path, base_dir) if check_paths else provider.model
     pool = _pool(_mapping(pool_body, f"{path}.pool") if pool_body is not None else None, f"{path}.pool")
     return dataclasses.replace(provider, model=model, pool=pool)
 
