@@ -11,8 +11,8 @@ from typing import Any
 
 from hub.audio import to_pcm
 from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient, StreamSession
-from hub.protocol import SAMPLE_RATE
 from hub.errors import HubError
+from hub.protocol import SAMPLE_RATE
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,7 +29,13 @@ from hub.audio import AudioInput, to_pcm
 from hub.errors import HubError, HubUnreachable, JobTimeout
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript
-from hub.stream import RING_SECONDS, AsyncStreamSession, StreamEvent, StreamSession, open_body
+from hub.stream import (
+    RING_SECONDS,
+    AsyncStreamSession,
+    StreamEvent,
+    StreamSession,
+    open_body,
+)
 
 __all__ = [
     "HubClient",

@@ -18,7 +18,16 @@ from hub import shm
 from hub.audio import to_pcm
 from hub.client import AsyncHubClient
 from hub.errors import JobTimeout, PoolBusy, WorkerCrashed
-from tests.conftest import CLIPS, DATA, ROOT, Hub, echo_provider, reference, start_hub, word_error_rate
+from tests.conftest import (
+    CLIPS,
+    DATA,
+    ROOT,
+    Hub,
+    echo_provider,
+    reference,
+    start_hub,
+    word_error_rate,
+)
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(180)
