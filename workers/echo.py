@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from hub.protocol import SAMPLE_RATE, WorkerSpec
-from hub.results import Segment
-from hub.results import Word
+from hub.results import Segment, Word
 from workers.engine import EngineResult, OnSegment, StreamSettings
 from workers.streaming import WindowStreamer
 
