@@ -1,12 +1,13 @@
 """The FunASR provider end to end, on real FunASR models built offline.
 
 No FunASR model can be downloaded here, so a fixture builds tiny, randomly initialised
-Paraformer and SenseVoiceSmall models from FunASR's own registered classes and saves them
-as FunASR model directories (config.yaml, model.pt, tokens.json, an identity am.mvn).
-The hub then serves them the normal way: config, worker process, ``AutoModel(model=dir)``.
-Their text is gibberish, so these tests check the real path (load, shared memory, options,
-pool, respawn, side by side with whisper, offline refusal), and that the hub's answer is
-exactly what ``AutoModel.generate`` gives for the same audio in this process.
+Paraformer, streaming Paraformer and SenseVoiceSmall models from FunASR's own registered
+classes and saves them as FunASR model directories (config.yaml, model.pt, tokens.json, an
+identity am.mvn). The hub then serves them the normal way: config, worker process,
+``AutoModel(model=dir)``. Their text is gibberish, so these tests check the real path (load,
+shared memory, options, pool, respawn, live sessions, side by side with whisper, offline
+refusal), and that the hub's answer is exactly what FunASR (or the adapter) gives for the same
+audio in this process.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ import yaml
 from funasr import AutoModel
 from funasr.register import tables
 
+from hub import shm
 from hub.audio import to_pcm
 from hub.errors import BadRequest, ProviderUnavailable
 from hub.protocol import WorkerSpec
+from hub.stream import StreamEvent
 from tests.conftest import DATA, Hub, reference, start_hub, word_error_rate
-from workers.funasr import clean_text, resolve_model, to_segment
+from workers.engine import StreamSettings
+from workers.funasr import FunASREngine, clean_text, resolve_model, to_segment, to_words
+from workers.streaming import StreamUpdate
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -68,28 +73,45 @@ _SANM = {
     "sanm_shfit": 0,
     "selfattention_layer_type": "sanm",
 }
+_PARAFORMER: dict[str, Any] = {
+    "model": "Paraformer",
+    "model_conf": {"ctc_weight": 0.0, "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75},
+    "encoder": "SANMEncoder",
+    "encoder_conf": _SANM,
+    "decoder": "ParaformerSANMDecoder",
+    "decoder_conf": {
+        **_ATTENTION,
+        "self_attention_dropout_rate": 0.0,
+        "src_attention_dropout_rate": 0.0,
+        "att_layer_num": 2,
+        "kernel_size": 11,
+        "sanm_shfit": 0,
+    },
+    "predictor": "CifPredictorV2",
+    "predictor_conf": {"idim": DIM, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
+    "frontend": "WavFrontend",
+    "frontend_conf": FRONTEND,
+    "tokenizer": "CharTokenizer",
+    "tokenizer_conf": {"unk_symbol": "<unk>"},
+}
 # config.yaml of each tiny model: FunASR's real layouts, with two small layers each
 CONFIGS: dict[str, dict[str, Any]] = {
-    "paraformer": {
-        "model": "Paraformer",
-        "model_conf": {"ctc_weight": 0.0, "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75},
-        "encoder": "SANMEncoder",
-        "encoder_conf": _SANM,
-        "decoder": "ParaformerSANMDecoder",
-        "decoder_conf": {
-            **_ATTENTION,
-            "self_attention_dropout_rate": 0.0,
-            "src_attention_dropout_rate": 0.0,
-            "att_layer_num": 2,
-            "kernel_size": 11,
-            "sanm_shfit": 0,
+    "paraformer": _PARAFORMER,
+    # paraformer-zh-streaming's layout: the chunked encoder (600 ms chunks, 300 ms look-ahead)
+    "online": {
+        **_PARAFORMER,
+        "model": "ParaformerStreaming",
+        "encoder": "SANMEncoderChunkOpt",
+        "encoder_conf": {
+            **_SANM,
+            "input_layer": "pe_online",
+            "chunk_size": [12, 15],
+            "stride": [8, 10],
+            "pad_left": [0, 0],
+            "encoder_att_look_back_factor": [4, 4],
+            "decoder_att_look_back_factor": [1, 1],
         },
-        "predictor": "CifPredictorV2",
-        "predictor_conf": {"idim": DIM, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
-        "frontend": "WavFrontend",
-        "frontend_conf": FRONTEND,
-        "tokenizer": "CharTokenizer",
-        "tokenizer_conf": {"unk_symbol": "<unk>"},
+        "decoder_conf": {**_PARAFORMER["decoder_conf"], "sanm_shfit": 5},
     },
     "sensevoice": {
         "model": "SenseVoiceSmall",
@@ -137,11 +159,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[Hub]:
-    """One supervisor serving a Paraformer pool of two, a SenseVoiceSmall pool and whisper, side by side."""
+    """One supervisor serving a Paraformer pool of two, a streaming Paraformer, a SenseVoiceSmall pool and
+    whisper, side by side."""
     cpu = {"device": "cpu", "cpu_threads": 1}
+    one = {"min_size": 1, "max_size": 1, "max_sessions": 1}  # its one worker may be leased to a live session
     providers = {
         "funasr": {**cpu, "model": str(models["paraformer"]), "pool": {"min_size": 2, "max_size": 2}},
-        "sensevoice": {**cpu, "type": "funasr", "model": str(models["sensevoice"]), "options": {"language": "en"}},
+        "funasr-online": {**cpu, "type": "funasr", "model": str(models["online"]), "pool": one},
+        "sensevoice": {
+            **cpu, "type": "funasr", "model": str(models["sensevoice"]), "options": {"language": "en"}, "pool": one
+        },
         "whisper": {**cpu, "model": "tiny.en"},
     }
     started = start_hub(tmp_path_factory.mktemp("funasr-hub"), providers)
@@ -226,6 +253,87 @@ def test_whisper_and_funasr_served_at_the_same_time(hub: Hub) -> None:
     assert results["funasr"].worker.startswith("funasr-") and results["sensevoice"].worker.startswith("sensevoice-")
 
 
+# --- live sessions ---------------------------------------------------------------------
+
+CHUNK = 1600  # 100 ms, as a microphone sends it
+ONLINE_CHUNK = 9600  # the streaming Paraformer's default chunk: chunk_size[1] = 10 frames of 60 ms
+
+
+def stream_in_process(
+    model_dir: Path, pcm: np.ndarray, options: dict[str, Any]
+) -> tuple[list[StreamUpdate], StreamUpdate]:
+    """What the adapter itself gives for ``pcm`` fed in 100 ms chunks, stepped as a worker's session steps it
+    (after each chunk, when due): the updates of every step, then that of ``finish``."""
+    streamer = FunASREngine(_spec(str(model_dir), options=options)).open_stream(dict(options), StreamSettings())
+    steps = []
+    for start in range(0, pcm.size, CHUNK):
+        streamer.feed(pcm[start : start + CHUNK])
+        if streamer.due:
+            steps.append(streamer.step())
+    return steps, streamer.finish()
+
+
+@pytest.mark.parametrize(
+    ("provider", "kind", "defaults"),
+    [("funasr", "paraformer", {}), ("sensevoice", "sensevoice", {"language": "en"}), ("funasr-online", "online", {})],
+)
+def test_a_live_session_gives_what_the_adapter_gives_in_process(
+    hub: Hub, models: dict[str, Path], provider: str, kind: str, defaults: dict[str, Any]
+) -> None:
+    """Offline models take the window rule (Paraformer on its timestamps, SenseVoice on text spread evenly),
+    the streaming one its own chunked decoding; through the hub, each gives exactly the in-process answer."""
+    pcm = to_pcm(DATA / "stella.wav")
+    steps, last = stream_in_process(models[kind], pcm, defaults)
+    prefix = shm.hub_prefix(hub.status()["hub"]["id"])
+    events: list[StreamEvent] = []
+    with hub.client() as client:
+        session = client.open_stream(provider)
+        reader = threading.Thread(target=lambda: events.extend(session.results()))
+        reader.start()
+        for start in range(0, pcm.size, CHUNK):
+            session.send(pcm[start : start + CHUNK])
+        deadline = time.monotonic() + 60
+        while sum(e.kind == "partial" for e in list(events)) < len(steps):  # one partial a step, before the end
+            assert time.monotonic() < deadline, f"{len(events)} events of {len(steps)} steps:\n{hub.log()}"
+            time.sleep(0.05)
+        before_close = list(events)
+        transcript = session.close()
+        reader.join(30)
+    assert not reader.is_alive()
+    assert [e.text for e in before_close if e.kind == "partial"] == [u.partial for u in steps]
+    assert [e.text for e in before_close if e.kind == "final"] == [u.final.text for u in steps if u.final]
+    finals = [u.final for u in (*steps, last) if u.final]
+    assert [(s.start, s.end, s.text) for s in transcript.segments] == [(f.start, f.end, f.text) for f in finals]
+    assert transcript.text and transcript.text == " ".join(e.text for e in events if e.kind == "final")
+    assert transcript.duration == pytest.approx(pcm.size / 16000, abs=0.01)
+    assert hub.status()["hub"]["inline_bytes"] == 0, "the session's audio must travel through its ring"
+    assert not shm.list_segments(prefix)
+
+
+def test_a_streaming_model_decodes_chunk_by_chunk_through_its_cache(hub: Hub, models: dict[str, Path]) -> None:
+    pcm = to_pcm(DATA / "stella.wav")
+    steps, last = stream_in_process(models["online"], pcm, {})
+    # every 600 ms chunk is decoded as soon as it is complete, and what it gives is final at once
+    assert len(steps) == pcm.size // ONLINE_CHUNK and all(u.partial == "" for u in steps)
+    spans = [(u.final.start, u.final.end) for u in steps if u.final]
+    assert spans and all(round(end - start, 3) == 0.6 and round(start / 0.6, 6).is_integer() for start, end in spans)
+    assert last.final is not None and last.final.end == round(pcm.size / 16000, 3)
+    # FunASR's own answer, the whole clip through one cache and flushed, is the chunks' text run together
+    # (less spaces: FunASR's postprocessing spaces the words of each call)
+    model = AutoModel(model=str(models["online"]), device="cpu", ncpu=1, disable_update=True, disable_pbar=True)
+    kwargs = {"encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
+    whole = model.generate(input=pcm, cache={}, is_final=True, chunk_size=[0, 10, 5], **kwargs)[0]["text"]
+    assert "".join("".join(u.final.text for u in (*steps, last) if u.final).split()) == "".join(whole.split())
+    smaller = model.generate(input=pcm, cache={}, is_final=True, chunk_size=[0, 8, 4], **kwargs)[0]["text"]
+    with hub.client() as client:
+        assert client.transcribe(pcm, "funasr-online").text == whole  # one-shot runs to the end of the audio too
+        assert client.transcribe(pcm, "funasr-online", chunk_size=[0, 8, 4]).text == smaller
+        with pytest.raises(BadRequest, match="chunk_size must be"):
+            client.transcribe(pcm, "funasr-online", chunk_size=[0, 0, 5])
+        with pytest.raises(BadRequest, match="chunk_size"):
+            client.transcribe(pcm, "funasr", chunk_size=[0, 10, 5])  # an offline model has no chunks
+
+
 def _wait_for(condition: Any, hub: Hub, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while not (status := condition(hub.status())):
@@ -266,7 +374,7 @@ def test_a_hub_model_name_without_allow_download_fails_fast(hub_factory) -> None
 # --- the adapter's pure parts ---------------------------------------------------------
 
 
-def _spec(model: str, allow_download: bool = False) -> WorkerSpec:
+def _spec(model: str, allow_download: bool = False, options: dict[str, Any] | None = None) -> WorkerSpec:
     return WorkerSpec(
         id="funasr-1",
         provider="funasr",
@@ -278,7 +386,7 @@ def _spec(model: str, allow_download: bool = False) -> WorkerSpec:
         backend="ipc:///nowhere",
         shm_prefix="asrhub_x_",
         heartbeat_interval=1.0,
-        options={},
+        options=options or {},
         allow_download=allow_download,
     )
 
@@ -299,3 +407,11 @@ def test_sensevoice_tags_are_stripped_and_timestamps_become_the_segment_span() -
     segment = to_segment(result, "ni hao", 2.0)
     assert (segment.start, segment.end, segment.text) == (0.12, 0.91, "ni hao")
     assert (to_segment({"text": "x"}, "x", 2.5).start, to_segment({"text": "x"}, "x", 2.5).end) == (0.0, 2.5)
+
+
+def test_words_take_the_models_timestamps_where_it_gives_one_a_word_else_are_spread_evenly() -> None:
+    stamped = to_words({"text": "ni hao", "timestamp": [[120, 400], [400, 910]]}, 2.0)
+    assert [(w.start, w.end, w.word) for w in stamped] == [(0.12, 0.4, "ni"), (0.4, 0.91, " hao")]
+    spread = to_words({"text": "<|zh|><|NEUTRAL|>欢迎 hello", "timestamp": [[0, 500]]}, 1.5)
+    assert [(w.start, w.end, w.word) for w in spread] == [(0.0, 0.5, "欢"), (0.5, 1.0, "迎"), (1.0, 1.5, " hello")]
+    assert "".join(w.word for w in spread) == "欢迎 hello" and to_words({"text": ""}, 1.0) == []

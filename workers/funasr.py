@@ -5,26 +5,43 @@ optional ``am.mvn`` / ``bpe.model``). Anything else is a model-hub name, which i
 before FunASR is even imported unless the provider says ``allow_download: true``: without
 a network FunASR's own download retries take over 20 s to fail, and the pool would sit in
 ``starting`` all that time instead of reporting the reason at once.
+
+Live sessions take one of two paths. A streaming (online) model decodes chunk by chunk
+through its own cache (``OnlineStreamer``), as FunASR's own servers drive it; any other
+model is re-decoded over a growing window with the local-agreement rule (``WindowStreamer``),
+as whisper is.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hub.errors import BadRequest
 from hub.protocol import SAMPLE_RATE, WorkerSpec
-from hub.results import Segment
-from workers.engine import EngineResult, OnSegment
+from hub.results import Segment, Word
+from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings
+from workers.streaming import StreamUpdate, WindowStreamer
 
 CONFIG_FILES = ("config.yaml", "configuration.json")  # what FunASR reads to know the model's class
 BASE_OPTIONS = frozenset({"language", "use_itn", "batch_size_s"})
 _TAG_RE = re.compile(r"<\|([^|]*)\|>")  # SenseVoice's rich tags: <|en|><|NEUTRAL|><|Speech|><|woitn|>
 _LANGUAGE_TAGS = frozenset({"zh", "en", "yue", "ja", "ko"})
 _PRECISIONS = {"auto": {}, "float32": {}, "float16": {"fp16": True}, "bfloat16": {"bf16": True}}
+# FunASR's streaming ASR class (paraformer-zh-streaming and the *-online Paraformers), subclasses included
+ONLINE_MODEL = "ParaformerStreaming"
+# its chunking as FunASR's own examples set it: 600 ms chunks with 300 ms of look-ahead, the encoder looking
+# back 4 chunks and the decoder 1; the provider's or a request's options may override them
+ONLINE_DEFAULTS: dict[str, Any] = {"chunk_size": [0, 10, 5], "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
+CHUNK_UNIT = 960  # samples per unit of chunk_size (60 ms: one frame after FunASR's 6x frame stacking)
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs: one unit a character
+_UNIT_RE = re.compile(f"\\s*(?:[{_CJK}]|[^\\s{_CJK}]+)")
 
 
 def resolve_model(spec: WorkerSpec) -> str:
@@ -116,12 +133,102 @@ def to_segment(result: dict[str, Any], text: str, duration: float) -> Segment:
     return Segment(start=0.0, end=round(duration, 3), text=text)
 
 
+def to_words(result: dict[str, Any], duration: float) -> list[Word]:
+    """A FunASR result as timed words for the window rule, times relative to the decoded audio.
+
+    Each unit is a CJK character or a run of other non-space characters, with the spaces
+    before it, so the words join back into the text. Units get the model's timestamps
+    (milliseconds) where it gives one per unit (Paraformers asked for them, BiCif/SeACo
+    always); otherwise they are spread evenly over ``duration``, and only their order and
+    text mean anything.
+    """
+    units = _UNIT_RE.findall(clean_text(str(result.get("text", "")))[0])
+    stamps = result.get("timestamp") or []
+    if len(stamps) == len(units):
+        spans = [(start / 1000, end / 1000) for start, end in stamps]
+    else:
+        each = duration / max(len(units), 1)
+        spans = [(i * each, (i + 1) * each) for i in range(len(units))]
+    return [Word(round(start, 3), round(end, 3), unit, 1.0) for unit, (start, end) in zip(units, spans)]
+
+
+def is_online(model: Any) -> bool:
+    """Whether FunASR decodes ``model`` chunk by chunk through a cache (its class or a parent is ``ONLINE_MODEL``)."""
+    return any(cls.__name__ == ONLINE_MODEL for cls in type(model).__mro__)
+
+
+def online_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the online chunking filled in, refused with the reason if ``chunk_size`` is malformed
+    (FunASR would fail deep inside the encoder instead)."""
+    merged = {**ONLINE_DEFAULTS, **options}
+    size = merged["chunk_size"]
+    if not (
+        isinstance(size, list) and len(size) == 3 and all(isinstance(n, int) and n >= 0 for n in size) and size[1] > 0
+    ):
+        raise BadRequest(
+            f"chunk_size must be three whole numbers [left, chunk, look-ahead] with chunk > 0, got {size!r}"
+        )
+    return merged
+
+
+@dataclass
+class OnlineStreamer:
+    """A live session on a streaming model: FunASR's own chunked decoding, its state carried in ``cache``.
+
+    Audio is decoded in whole chunks of ``chunk_size[1]`` x 60 ms (600 ms by default) as soon as
+    one is complete, so ``step_ms`` does not apply: the chunk is the model's step. The model never
+    revises what a chunk produced, so each chunk's text is final at once and there is never a
+    partial (the session still acknowledges every step with an empty one). ``finish`` runs what
+    is left with ``is_final=True``, which flushes the look-ahead and the predictor's tail.
+    """
+
+    generate: Callable[..., list[dict[str, Any]]]
+    options: dict[str, Any]
+    _pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    _decoded: int = 0  # samples already through the model
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chunk(self) -> int:
+        return int(self.options["chunk_size"][1]) * CHUNK_UNIT
+
+    @property
+    def seconds(self) -> float:
+        return (self._decoded + self._pending.size) / SAMPLE_RATE
+
+    @property
+    def due(self) -> bool:
+        return self._pending.size >= self.chunk
+
+    def feed(self, pcm: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, pcm])
+
+    def step(self) -> StreamUpdate:
+        return self._decode(self._pending.size // self.chunk * self.chunk, is_final=False)
+
+    def finish(self) -> StreamUpdate:
+        if not self.seconds:  # no audio came: the model would decode its zeroed cache into noise
+            return StreamUpdate(final=None, partial="")
+        return self._decode(self._pending.size, is_final=True)
+
+    def _decode(self, samples: int, is_final: bool) -> StreamUpdate:
+        """Run ``samples`` of pending audio through the model; their text is one segment spanning them."""
+        pcm, self._pending = self._pending[:samples], self._pending[samples:]
+        start, self._decoded = self._decoded, self._decoded + samples
+        results = self.generate(input=pcm, cache=self._cache, is_final=is_final, **self.options)
+        text = "".join(str(r.get("text", "")) for r in results).strip()
+        final = Segment(round(start / SAMPLE_RATE, 3), round(self._decoded / SAMPLE_RATE, 3), text) if text else None
+        return StreamUpdate(final=final, partial="")
+
+
 class FunASREngine:
     """A FunASR model loaded from a local directory.
 
     Request options (the provider's defaults already merged in by the worker) go to
     ``AutoModel.generate`` as they are; ``hotword`` only where the model is a Paraformer,
     the family that biases decoding with it, so other models refuse it instead of ignoring it.
+    A streaming (online) model also takes its chunking (``ONLINE_DEFAULTS``), and is always run
+    to the end of the audio (``is_final``), one-shot or live.
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -131,8 +238,11 @@ class FunASREngine:
             self._model = AutoModel(**automodel_kwargs(spec, source))
         except Exception as exc:
             raise RuntimeError(f"cannot load funasr model {spec.model!r} (from {source}): {exc}") from exc
-        model_class = str(self._model.kwargs.get("model", ""))
-        self.options = BASE_OPTIONS | ({"hotword"} if "Paraformer" in model_class else set())
+        paraformer = "Paraformer" in str(self._model.kwargs.get("model", ""))
+        self.online = is_online(self._model.model)
+        self.options = BASE_OPTIONS.union({"hotword"} if paraformer else (), ONLINE_DEFAULTS if self.online else ())
+        # Paraformers compute their CIF token timestamps when asked; the window rule wants them
+        self._timestamps = {"output_timestamp": True} if paraformer else {}
         self.device = self._device_name()
 
     def _device_name(self) -> str:
@@ -144,7 +254,9 @@ class FunASREngine:
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         duration = pcm.size / SAMPLE_RATE
         segments, detected = [], None
-        for result in self._model.generate(input=pcm, **options):
+        # an online model given no cache and no is_final keeps the last partial chunk back, waiting for more
+        run = {**online_options(options), "cache": {}, "is_final": True} if self.online else options
+        for result in self._model.generate(input=pcm, **run):
             text, language = clean_text(str(result.get("text", "")))
             detected = detected or language
             segment = to_segment(result, text, duration)
@@ -157,3 +269,21 @@ class FunASREngine:
             language=detected or (asked if asked != "auto" else None),
             duration=duration,
         )
+
+    def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> Streamer:
+        """The model's own chunked decoding where it is a streaming model, else the window rule.
+
+        On the window path the prompt goes unused (FunASR models take none), and where the model
+        gives no timestamps ``to_words`` spreads the words evenly over the window: agreement then
+        works on the text alone, and the times on the words, the trimming of a window longer than
+        ``window_seconds`` among them, are estimates.
+        """
+        if self.online:
+            return OnlineStreamer(self._model.generate, online_options(options))
+        run = {**options, **self._timestamps}
+
+        def decode(pcm: np.ndarray, prompt: str) -> list[Word]:
+            duration = pcm.size / SAMPLE_RATE
+            return [w for result in self._model.generate(input=pcm, **run) for w in to_words(result, duration)]
+
+        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)
