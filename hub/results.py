@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def _unspaced(char: str) -> bool:
+    """Scripts written without spaces between words (CJK ideographs, kana, hangul syllables)."""
+    name = unicodedata.name(char, "")
+    return name.startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL")) or "IDEOGRAPH" in name
+
+
+def join_text(parts: Iterable[str]) -> str:
+    """Join segment texts: with a space, except between two characters of a script written without one."""
+    out = ""
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if out and not (_unspaced(out[-1]) and _unspaced(part[0])):
+            out += " "
+        out += part
+    return out
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
 from hub.errors import HubError, JobTimeout
 from hub.protocol import Message, MsgType
-from hub.results import Segment, Transcript
+from hub.results import Segment, Transcript, join_text
 
 RING_SECONDS = 30  # the ring holds this much audio the worker has not read yet
 POLL_MS = 100
@@ -73,7 +73,7 @@ class _SessionState:
 
     def confirmed(self) -> Transcript:
         """The final text so far: what a session that failed still returns."""
-        return Transcript(text=" ".join(s.text for s in self.finals if s.text), segments=tuple(self.finals))
+        return Transcript(text=join_text(s.text for s in self.finals), segments=tuple(self.finals))
 
     def check_open(self) -> None:
         if self.error is not None:

@@ -79,3 +79,11 @@ def test_repeated_words_at_the_seam_are_dropped() -> None:
     streamer._committed = [Word(0, 0.5, " over", 1), Word(0.5, 1.0, " the", 1)]
     jittered = [Word(0.9, 1.02, " the", 1), Word(1.0, 1.5, " lazy", 1)]
     assert streamer._repeated(jittered) == 1
+
+
+def test_segment_texts_join_with_spaces_except_between_unspaced_scripts() -> None:
+    from hub.results import join_text
+
+    assert join_text(["Please call", " Stella.", "", "Thanks"]) == "Please call Stella. Thanks"
+    assert join_text(["今天天气", "很好"]) == "今天天气很好"
+    assert join_text(["今天 OK", "很好"]) == "今天 OK 很好"

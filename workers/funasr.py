@@ -25,7 +25,7 @@ import numpy as np
 
 from hub.errors import BadRequest
 from hub.protocol import SAMPLE_RATE, WorkerSpec
-from hub.results import Segment, Word
+from hub.results import Segment, Word, join_text
 from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings
 from workers.streaming import StreamUpdate, WindowStreamer
 
@@ -264,7 +264,7 @@ class FunASREngine:
             on_segment(segment)
         asked = options.get("language")
         return EngineResult(
-            text=" ".join(s.text for s in segments if s.text),
+            text=join_text(s.text for s in segments),
             segments=tuple(segments),
             language=detected or (asked if asked != "auto" else None),
             duration=duration,

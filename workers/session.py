@@ -19,7 +19,7 @@ from hub import protocol, shm
 from hub.audio import validate_pcm
 from hub.errors import BadRequest, HubError, InferenceFailed
 from hub.protocol import Message, MsgType, WorkerSpec
-from hub.results import Segment
+from hub.results import Segment, join_text
 from workers.engine import Engine, StreamSettings, check_options
 from workers.streaming import StreamUpdate
 
@@ -99,7 +99,7 @@ class Session:
         self.send(
             MsgType.RESULT,
             {
-                "text": " ".join(s.text for s in self.finals if s.text),
+                "text": join_text(s.text for s in self.finals),
                 "segments": [s.to_dict() for s in self.finals],
                 "language": self.language,
                 "duration": self.streamer.seconds,

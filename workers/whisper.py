@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hub.protocol import WorkerSpec
-from hub.results import Segment, Word
+from hub.results import Segment, Word, join_text
 from workers.engine import EngineResult, OnSegment, StreamSettings
 from workers.streaming import WindowStreamer
 
@@ -82,7 +82,7 @@ class WhisperEngine:
             )
             segments.append(segment)
             on_segment(segment)
-        text = " ".join(s.text for s in segments if s.text)
+        text = join_text(s.text for s in segments)
         return EngineResult(text=text, segments=tuple(segments), language=info.language, duration=info.duration)
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
