@@ -273,12 +273,16 @@ class Supervisor:
             "max_audio_seconds": self.config.hub.max_audio_seconds,
         }
 
-    def submit(self, client: bytes, msg: Message) -> None:
+    def _admit(self, client: bytes, msg: Message) -> ProviderConfig:
+        """The checks every new job or session passes first; returns the provider it asks for."""
         if self.farm.stopping:
-            raise ShuttingDown("the hub is shutting down and takes no new jobs; retry once it is back")
+            raise ShuttingDown("the hub is shutting down and takes no new work; retry once it is back")
         if (client, msg.id) in self.farm.requests:
             raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
-        provider = self._provider_for(msg.body)
+        return self._provider_for(msg.body)
+
+    def submit(self, client: bytes, msg: Message) -> None:
+        provider = self._admit(client, msg)
         audio = protocol.parse_audio_ref(
             msg.body, msg.payload, max_samples=int(self.config.hub.max_audio_seconds * protocol.SAMPLE_RATE)
         )
@@ -306,11 +310,7 @@ class Supervisor:
 
     def open_session(self, client: bytes, msg: Message) -> None:
         """A live stream leases one worker until it closes; at most ``pool.max_sessions`` of a pool."""
-        if self.farm.stopping:
-            raise ShuttingDown("the hub is shutting down and opens no new sessions")
-        if (client, msg.id) in self.farm.requests:
-            raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
-        provider = self._provider_for(msg.body)
+        provider = self._admit(client, msg)
         limit = provider.pool.session_limit
         active = self.farm.sessions(provider.name)
         if active >= limit:

@@ -7,18 +7,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import yaml
 
 from hub import shm
 from hub.client import HubClient
+from hub.errors import HubError
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -134,6 +139,35 @@ def no_leaked_segments() -> Iterator[None]:
     while (left := {n for n in set(shm.list_segments()) - before if _ours(n)}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
+
+
+@contextmanager
+def steady_load(hub: Hub, clients: int = 3) -> Iterator[Counter[str]]:
+    """Echo requests from ``clients`` threads until the block ends; yields the outcomes by code ("ok" for success)."""
+    from workers.echo import echo_text
+
+    tone = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
+    stop = threading.Event()
+    outcomes: Counter[str] = Counter()
+
+    def load() -> None:
+        with hub.client() as client:
+            while not stop.is_set():
+                try:
+                    assert client.transcribe(tone, sleep=0.05, timeout=30).text == echo_text(tone)
+                    outcomes["ok"] += 1
+                except HubError as exc:
+                    outcomes[exc.code] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
 
 
 def echo_provider(**pool: Any) -> dict[str, Any]:

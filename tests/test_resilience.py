@@ -17,7 +17,15 @@ import yaml
 from hub import shm
 from hub.audio import to_pcm
 from hub.errors import HubError, WorkerCrashed
-from tests.conftest import CLIPS, DATA, Hub, echo_provider, reference, word_error_rate
+from tests.conftest import (
+    CLIPS,
+    DATA,
+    Hub,
+    echo_provider,
+    reference,
+    steady_load,
+    word_error_rate,
+)
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(120)
@@ -189,34 +197,17 @@ def test_scale_by_sdk_cli_and_signals(hub_factory) -> None:
 def test_sighup_rolling_restart_under_load_fails_nothing(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
     old = {w["pid"] for w in workers(hub)}
-    stop = threading.Event()
-    outcomes: Counter[str] = Counter()
-
-    def load() -> None:
-        with hub.client() as c:
-            while not stop.is_set():
-                try:
-                    assert c.transcribe(TONE, sleep=0.05, timeout=20).text == echo_text(TONE)
-                    outcomes["ok"] += 1
-                except HubError as exc:
-                    outcomes[exc.code] += 1
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    config = yaml.safe_load(hub.config_path.read_text())
-    config["providers"]["echo"]["pool"]["max_queue"] = 32
-    hub.config_path.write_text(yaml.safe_dump(config))
-    hub.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: not old & {w["pid"] for w in workers(hub)} and len(workers(hub)) == 2, what="all workers replaced")
-    time.sleep(0.5)
-    hub.config_path.write_text("providers: {echo: {pool: {min_size: 5, max_size: 1}}}\n")
-    hub.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join(20)
+    with steady_load(hub) as outcomes:
+        time.sleep(0.5)
+        config = yaml.safe_load(hub.config_path.read_text())
+        config["providers"]["echo"]["pool"]["max_queue"] = 32
+        hub.config_path.write_text(yaml.safe_dump(config))
+        hub.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: not old & {w["pid"] for w in workers(hub)} and len(workers(hub)) == 2, what="all replaced")
+        time.sleep(0.5)
+        hub.config_path.write_text("providers: {echo: {pool: {min_size: 5, max_size: 1}}}\n")
+        hub.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
     assert outcomes["ok"] > 20 and set(outcomes) == {"ok"}, outcomes
     assert "config reload refused" in hub.log() and hub.status()["providers"]["echo"]["max_queue"] == 32
 

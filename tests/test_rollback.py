@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
 import yaml
 
 from hub.config import parse_config
-from hub.errors import HubError
 from hub.rollback import set_pool_enabled
-from tests.conftest import ROOT, echo_provider
-from workers.echo import echo_text
+from tests.conftest import ROOT, echo_provider, steady_load
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,37 +55,20 @@ def test_the_switch_flips_every_pool_and_keeps_comments() -> None:
 def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
     old = {w["pid"] for w in hub.status()["providers"]["echo"]["workers"]}
-    stop = threading.Event()
-    outcomes: Counter[str] = Counter()
-
-    def load() -> None:
-        with hub.client() as client:
-            while not stop.is_set():
-                try:
-                    assert client.transcribe(TONE, sleep=0.05, timeout=30).text == echo_text(TONE)
-                    outcomes["ok"] += 1
-                except HubError as exc:
-                    outcomes[exc.code] += 1
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    out = subprocess.run(["scripts/rollback.sh", str(hub.config_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "sent SIGHUP" in out.stdout and hub.config_path.with_name(hub.config_path.name + ".bak").exists()
-    deadline = time.monotonic() + 30
-    while True:
-        echo = hub.status()["providers"]["echo"]
-        if not echo["pool_enabled"] and [w["state"] for w in echo["workers"]] in (["idle"], ["busy"]):
-            if not old & {w["pid"] for w in echo["workers"]}:
+    with steady_load(hub) as outcomes:
+        time.sleep(0.5)
+        out = subprocess.run(["scripts/rollback.sh", str(hub.config_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "sent SIGHUP" in out.stdout and hub.config_path.with_name(hub.config_path.name + ".bak").exists()
+        deadline = time.monotonic() + 30
+        while True:
+            echo = hub.status()["providers"]["echo"]
+            single = not echo["pool_enabled"] and [w["state"] for w in echo["workers"]] in (["idle"], ["busy"])
+            if single and not old & {w["pid"] for w in echo["workers"]}:
                 break
-        assert time.monotonic() < deadline, echo
-        time.sleep(0.1)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join(30)
+            assert time.monotonic() < deadline, echo
+            time.sleep(0.1)
+        time.sleep(0.5)
     assert outcomes["ok"] > 10 and set(outcomes) == {"ok"}, outcomes
     undo = subprocess.run(["scripts/rollback.sh", str(hub.config_path), "--undo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert undo.returncode == 0, undo.stderr
