@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 import zmq.auth
 
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
-from hub.errors import HubError, HubUnreachable, JobTimeout
+from hub.errors import HubError, HubUnreachable, JobTimeout, ProviderUnavailable
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript
 from hub.stream import (
@@ -62,11 +63,22 @@ class _Hello:
 
 @dataclass
 class _Prepared:
-    """A TRANSCRIBE request ready to send, with the segment to release once it is answered."""
+    """A TRANSCRIBE request: audio already converted (so bad input fails at the call), its shared-memory
+    segment made only when the request is sent, and released once it is answered."""
 
     body: dict[str, Any]
-    payload: bytes | None
-    segment: shm.PcmSegment | None
+    pcm: np.ndarray
+    shm_prefix: str | None  # None: the PCM travels inline
+    segment: shm.PcmSegment | None = None
+
+    def open(self) -> bytes | None:
+        """Describe the audio in the body; return the inline payload, or None when it went to shared memory."""
+        if self.shm_prefix is None:
+            self.body["audio"] = {"samples": int(self.pcm.size)}
+            return self.pcm.tobytes()
+        self.segment = shm.create_pcm(self.shm_prefix, self.pcm)
+        self.body["audio"] = {"samples": int(self.pcm.size), "shm": self.segment.name}
+        return None
 
     def release(self) -> None:
         if self.segment is not None:
@@ -91,12 +103,7 @@ def _prepare(
     pcm = to_pcm(audio, sample_rate)
     timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
     body: dict[str, Any] = {"provider": provider, "options": options, "stream": stream, "timeout": timeout}
-    if use_shm and hello.shm:
-        segment = shm.create_pcm(hello.shm_prefix, pcm)
-        body["audio"] = {"samples": int(pcm.size), "shm": segment.name}
-        return _Prepared(body, None, segment)
-    body["audio"] = {"samples": int(pcm.size)}
-    return _Prepared(body, pcm.tobytes(), None)
+    return _Prepared(body, pcm, hello.shm_prefix if use_shm and hello.shm else None)
 
 
 def _hello_body() -> tuple[dict[str, Any], shm.PcmSegment]:
@@ -152,6 +159,18 @@ def _unreachable(endpoint: str, waited: float) -> HubUnreachable:
         f"no ASR Hub answered at {endpoint} within {waited:.1f} s; "
         "is `python -m hub.supervisor` running there, and is the endpoint right?"
     )
+
+
+def _not_ready(endpoint: str, timeout: float, status: dict[str, Any] | None) -> HubError:
+    if status is None:
+        return _unreachable(endpoint, timeout)
+    short = [
+        f"{name} ({sum(w['state'] in ('idle', 'busy') for w in p['workers'])} of {p['min_size']} ready"
+        + (f"; {p['last_error']}" if p.get("last_error") else "") + ")"
+        for name, p in status["providers"].items()
+        if p["enabled"] and sum(w["state"] in ("idle", "busy") for w in p["workers"]) < p["min_size"]
+    ]
+    return ProviderUnavailable(f"the hub at {endpoint} answers but was not ready within {timeout:.0f} s: " + ", ".join(short))
 
 
 def _timed_out(waited: float) -> JobTimeout:
@@ -284,12 +303,11 @@ class HubClient:
         return self._request(MsgType.SCALE, {"provider": provider, "size": size}, timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Block until every enabled provider has its ``min_size`` workers ready; return the status."""
+        """Block until every enabled provider has its ``min_size`` workers ready; return the status.
+        ``HubUnreachable`` if no hub answered, ``ProviderUnavailable`` if it answered but was not ready."""
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HubUnreachable(f"the hub at {self.endpoint} was not ready within {timeout:.0f} s")
+        status: dict[str, Any] | None = None
+        while (remaining := deadline - time.monotonic()) > 0:
             try:
                 status = self.status(timeout=min(remaining, 2.0))
             except HubUnreachable:
@@ -297,11 +315,14 @@ class HubClient:
             if status["hub"]["ready"]:
                 return status
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        raise _not_ready(self.endpoint, timeout, status)
 
     # --- plumbing -------------------------------------------------------------------
 
     def _socket(self) -> zmq.Socket:
         """This thread's socket for one-shot calls."""
+        if self._closed:
+            raise RuntimeError("this HubClient is closed")
         sock = getattr(self._local, "sock", None)
         if sock is None:
             sock = self._local.sock = self._new_socket()
@@ -373,7 +394,8 @@ class HubClient:
 
     def _events(self, prepared: _Prepared, deadline: float) -> Iterator[Segment | Transcript]:
         try:
-            yield from self._exchange(MsgType.TRANSCRIBE, prepared.body, prepared.payload, deadline)
+            payload = prepared.open()
+            yield from self._exchange(MsgType.TRANSCRIBE, prepared.body, payload, deadline)
         finally:
             prepared.release()
 
@@ -478,6 +500,20 @@ class AsyncHubClient:
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         return await self._request(MsgType.STATUS, {}, timeout)
 
+    async def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The coroutine twin of ``HubClient.wait_ready``."""
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] | None = None
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                status = await self.status(timeout=min(remaining, 2.0))
+            except HubUnreachable:
+                continue
+            if status["hub"]["ready"]:
+                return status
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        raise _not_ready(self.endpoint, timeout, status)
+
     async def scale(self, provider: str, size: int, timeout: float | None = None) -> dict[str, Any]:
         return await self._request(MsgType.SCALE, {"provider": provider, "size": size}, timeout)
 
@@ -500,7 +536,8 @@ class AsyncHubClient:
         hello = await self._ensure_hello(deadline)
         prepared = _prepare(hello, audio, provider, options, stream, deadline, sample_rate, self.use_shm)
         try:
-            async for event in self._exchange(MsgType.TRANSCRIBE, prepared.body, prepared.payload, deadline):
+            payload = prepared.open()
+            async for event in self._exchange(MsgType.TRANSCRIBE, prepared.body, payload, deadline):
                 yield event
         finally:
             prepared.release()

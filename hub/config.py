@@ -21,6 +21,18 @@ from typing import Any, Union
 import yaml
 
 PROVIDER_TYPES = ("whisper", "funasr", "echo")
+# the request options each provider type understands; a model may take a subset (hotword is for
+# Paraformers, the chunking options for streaming models). Provider `options:` are checked against these.
+OPTIONS = {
+    "whisper": frozenset(
+        {"language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "temperature"}
+    ),
+    "funasr": frozenset(
+        {"language", "use_itn", "batch_size_s", "hotword", "chunk_size", "encoder_chunk_look_back", "decoder_chunk_look_back"}
+    ),
+    "echo": frozenset({"sleep", "fail", "hang", "exit", "language", "segments"}),
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
@@ -53,7 +65,11 @@ class PoolConfig:
 
     @property
     def session_limit(self) -> int:
-        return self.max_size - 1 if self.max_sessions is None else self.max_sessions
+        """How many workers live sessions may hold: by default all but one, and in a single instance its one
+        worker (one-shot jobs then wait behind the session, as they waited behind the old global lock)."""
+        if self.max_sessions is not None:
+            return self.max_sessions
+        return self.max_size - 1 if self.enabled else 1
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,8 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
     root = _mapping(data, "config")
     _reject_unknown(root, {"hub", "providers"}, "")
     hub = _build(HubSection, _mapping(root.get("hub") or {}, "hub"), "hub")
+    if hub.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"hub.log_level: must be one of {', '.join(LOG_LEVELS)}, got {hub.log_level!r}")
     if hub.log_format not in LOG_FORMATS:
         raise ConfigError(f"hub.log_format: must be one of {', '.join(LOG_FORMATS)}, got {hub.log_format!r}")
     if not 0 <= hub.metrics_port <= 65535:
@@ -239,6 +257,12 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
         raise ConfigError(f"{path}.device: must be one of {', '.join(DEVICES)}, got {provider.device!r}")
     if not provider.devices or any(d < 0 for d in provider.devices):
         raise ConfigError(f"{path}.devices: give at least one GPU index, each >= 0")
+    unknown = sorted(set(provider.options) - OPTIONS[provider.type])
+    if unknown:
+        raise ConfigError(
+            f"{path}.options: {', '.join(unknown)} not understood by {provider.type} providers "
+            f"(known: {', '.join(sorted(OPTIONS[provider.type]))})"
+        )
     if provider.cpu_threads < 0:
         raise ConfigError(f"{path}.cpu_threads: must be >= 0 (0 lets the library choose)")
     if provider.stream.step_ms < 100 or provider.stream.window_seconds < 2 * provider.stream.step_ms / 1000:
@@ -269,7 +293,8 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
         return SINGLE_INSTANCE
     pool = _build(PoolConfig, body, path)
     if not pool.enabled:
-        return dataclasses.replace(pool, min_size=1, max_size=1)
+        sessions = None if pool.max_sessions is None else min(pool.max_sessions, 1)
+        return dataclasses.replace(pool, min_size=1, max_size=1, max_sessions=sessions)
     if pool.min_size < 1:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
     if pool.min_size > pool.max_size:

@@ -100,12 +100,6 @@ class HubUnreachable(HubError):
     code = "HUB_UNREACHABLE"
 
 
-class ModelLoadFailed(HubError):
-    """A worker could not load its model."""
-
-    code = "MODEL_LOAD_FAILED"
-
-
 class InferenceFailed(HubError):
     """The model raised while transcribing."""
 
@@ -131,7 +125,6 @@ ERROR_CLASSES: dict[str, type[HubError]] = {
         BadRequest,
         ShuttingDown,
         HubUnreachable,
-        ModelLoadFailed,
         InferenceFailed,
         InternalError,
     )

@@ -40,6 +40,7 @@ from hub.resources import Gpus, rss_mb
 log = logging.getLogger("hub.supervisor")
 
 KILL_GRACE = 3.0  # seconds between SIGTERM (or STOP) and SIGKILL
+HELD_LOG_INTERVAL = 60.0  # a pool held back under steady load says so once a minute, not on every pass
 
 Reply = Callable[[bytes, MsgType, str, dict[str, Any]], None]
 
@@ -58,6 +59,7 @@ class Farm:
         self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
         self.gpus = Gpus()
         self.held_back: dict[str, str] = {}
+        self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
         self.running: dict[str, Job] = {}  # job id -> job on a worker
         self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
         self.job_ids = itertools.count(1)
@@ -76,6 +78,18 @@ class Farm:
             self.queues[job.provider].push(job)
         self.requests[(job.client, job.request)] = job
 
+
+    def cancel(self, client: bytes, request_id: str) -> None:
+        """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
+        job = self.requests.pop((client, request_id), None)
+        if job is None:
+            return
+        if job.worker is None:
+            self.queues[job.provider].remove(job)
+        elif job.session:
+            self.close_session(job, "the client went away")
+        self._record(job, "JOB_TIMEOUT", time.monotonic())
+        job.client = b""
 
     def close_session(self, job: Job, reason: str) -> None:
         """Ask the worker to flush and answer; a client's close has no reason, the hub's says why."""
@@ -178,12 +192,14 @@ class Farm:
         self._record(job, error.code, time.monotonic())
         self.reply(job.client, MsgType.ERROR, job.request, error.to_dict())
 
-    def _record(self, job: Job, code: str | None, now: float) -> None:
-        """Account for a client's job once, when its answer (or its client's give-up) is known."""
+    def _record(self, job: Job, code: str | None, now: float, run: float | None = None) -> None:
+        """Account for a client's job once, when its answer (or its client's give-up) is known. ``run`` is the
+        worker's busy time where it differs from the time on the worker (a session's decoding, not its lease)."""
         if not job.client:
             return
         started = job.started_at or now
-        run = now - job.started_at if job.started_at else 0.0
+        if run is None:
+            run = now - job.started_at if job.started_at else 0.0
         self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
         log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request, code or "done", (now - job.received_at) * 1e3)
 
@@ -202,7 +218,9 @@ class Farm:
             worker.last_check = now
         elif job is not None:
             self.requests.pop((job.client, job.request), None)
-            self._record(job, msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None, now)
+            code = msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None
+            decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.session else None
+            self._record(job, code, now, decoding)
             worker.jobs_done += 1
             body = dict(msg.body)
             if msg.type is MsgType.RESULT:
@@ -376,10 +394,10 @@ class Farm:
         if now < pool.next_spawn_at:
             return
         decision = decide(self._snapshot(pool), pool.config.pool, now)
-        if decision.held_back != self.held_back.get(pool.name, ""):
-            if decision.held_back:
-                log.info("scaling of %s held back: %s", pool.name, decision.held_back)
-            self.held_back[pool.name] = decision.held_back
+        if decision.held_back and now - self.held_logged.get(pool.name, -HELD_LOG_INTERVAL) >= HELD_LOG_INTERVAL:
+            log.info("scaling of %s held back: %s", pool.name, decision.held_back)
+            self.held_logged[pool.name] = now
+        self.held_back[pool.name] = decision.held_back
         for worker_id in decision.retire:
             log.info("retiring worker %s of %s: idle, pool above its floor", worker_id, pool.name)
             self.drain(pool.workers[worker_id], now)

@@ -1,12 +1,14 @@
 """The supervisor's HTTP side: ``/metrics`` (Prometheus), ``/healthz`` (alive) and ``/readyz`` (ready to serve).
 
-It runs on a daemon thread and reads only ``Metrics``, which is lock-guarded, and a
-readiness flag the supervisor sets on every loop pass.
+It runs on a daemon thread and reads only ``Metrics``, which is lock-guarded, and the
+readiness flag and loop timestamp the supervisor sets on every loop pass: ``/healthz``
+answers 503 when the loop has stalled, not merely while the process exists.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -14,6 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from hub.metrics import Metrics, PrometheusCollector
+
+STALL_SECONDS = 5.0  # the loop passes every 50 ms; this long without one means it is stuck
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -30,11 +34,14 @@ def serve(metrics: Metrics, host: str, port: int) -> WSGIServer:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            return _text(start_response, "200 OK", "ok\n")
+            stalled = time.monotonic() - metrics.loop_at
+            if stalled < STALL_SECONDS:
+                return _text(start_response, "200 OK", "ok\n")
+            return _text(start_response, "503 Service Unavailable", f"the supervisor's loop has not run for {stalled:.0f} s\n")
         if path == "/readyz":
             if metrics.ready:
                 return _text(start_response, "200 OK", "ready\n")
-            return _text(start_response, "503 Service Unavailable", "not ready: a provider lacks a ready worker\n")
+            return _text(start_response, "503 Service Unavailable", "not ready: a provider has fewer than min_size ready workers\n")
         if path == "/metrics":
             return prometheus(environ, start_response)
         return _text(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 # seconds; wide enough for a 5 ms echo and a 5-minute clip on a CPU
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BUCKETS = tuple(
+    round(m * 10.0**e, 4) for e in range(-3, 3) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+) + (1000.0,)  # 1 ms .. 1000 s, about six buckets a decade, so percentiles are read to within ~25 %
 WINDOW = 60  # seconds over which utilisation and throughput are averaged
 
 REJECTED = frozenset({"POOL_BUSY", "PROVIDER_UNAVAILABLE", "SHUTTING_DOWN", "UNKNOWN_PROVIDER", "BAD_REQUEST"})
@@ -139,6 +142,7 @@ class Metrics:
         self.providers: dict[str, ProviderMetrics] = {}
         self.gauges: dict[str, Any] = {"providers": {}, "ready": False}
         self.ready = False  # set by the supervisor on every loop pass; read by /readyz
+        self.loop_at = time.monotonic()  # when the supervisor's loop last ran; /healthz fails when it stalls
 
     def _of(self, provider: str) -> ProviderMetrics:
         metrics = self.providers.get(provider)
@@ -247,6 +251,9 @@ def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
         "utilization": "Fraction of worker time spent busy over the last minute",
         "throughput": "Audio seconds transcribed per second over the last minute",
         "degraded": "1 while the provider's model fails to load",
+        "max_queue": "Configured max_queue",
+        "sessions": "Live sessions, open or waiting for a worker",
+        "held_back": "1 while the pool wants to grow but max_size, memory or GPU memory holds it back",
     }
     providers = gauges.get("providers", {})
     for key, doc in simple.items():

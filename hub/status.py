@@ -93,6 +93,9 @@ def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
                 "utilization": view.figures["utilization"],
                 "throughput": view.figures["throughput"],
                 "degraded": int(bool(view.pool.load_failures)),
+                "max_queue": view.pool.config.pool.max_queue,
+                "sessions": view.sessions,
+                "held_back": int(bool(view.held_back)),
                 "states": states(view.pool),
                 "workers": [
                     {

@@ -229,7 +229,7 @@ class Supervisor:
         elif msg.type is MsgType.HELLO:
             self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
         elif msg.type is MsgType.CANCEL:
-            self.cancel(client, msg.id)
+            self.farm.cancel(client, msg.id)
         elif msg.type is MsgType.SCALE:
             self.reply(client, MsgType.REPLY, msg.id, self.scale_request(msg.body))
         elif msg.type is MsgType.STREAM_DATA:
@@ -379,18 +379,6 @@ class Supervisor:
             )
         return provider
 
-    def cancel(self, client: bytes, request_id: str) -> None:
-        """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
-        job = self.farm.requests.pop((client, request_id), None)
-        if job is None:
-            return
-        if job.worker is None:
-            self.farm.queues[job.provider].remove(job)
-        elif job.session:
-            self.farm.close_session(job, "the client went away")
-        self._record(job, "JOB_TIMEOUT", time.monotonic())
-        job.client = b""
-
     def scale_request(self, body: dict[str, Any]) -> dict[str, Any]:
         name, size = body.get("provider"), body.get("size")
         pool = self.farm.pools.get(name) if isinstance(name, str) else None
@@ -411,6 +399,7 @@ class Supervisor:
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
         self.metrics.ready = ready = self.farm.ready
+        self.metrics.loop_at = now
         if sample or now >= self.next_summary:
             views = {name: self.farm.view(pool, now) for name, pool in self.farm.pools.items()}
             if sample:

@@ -59,6 +59,8 @@ class Hub:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; also fails the test if the supervisor hit a bug on the way (an internal error)."""
+        assert "internal error" not in self.log(), self.log()[-5000:]
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

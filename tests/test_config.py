@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.config import ConfigError, load_config, parse_config
+from hub.config import ConfigError, ProviderConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,9 @@ def test_no_pool_section_or_pool_disabled_is_a_single_instance(pool: dict | None
         ({"providers": {"Bad Name": {"type": "echo"}}}, "provider names"),
         ({"nope": 1}, "nope: unknown key"),
         ({"providers": {"echo": {"pool": {"acquire_timeout": 0}}}}, "providers.echo.pool.acquire_timeout"),
+        ({"hub": {"log_level": "LOUD"}, "providers": {"echo": {}}}, "hub.log_level: must be one of"),
+        ({"providers": {"whisper": {"model": "x", "options": {"beam": 5}}}}, "providers.whisper.options: beam not understood"),
+        ({"providers": {"echo": {"pool": {"max_sessions": 3, "max_size": 2}}}}, "providers.echo.pool.max_sessions"),
     ],
 )
 def test_errors_name_the_key_path(data: dict, message: str) -> None:
@@ -70,3 +73,21 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("providers: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_the_sample_config_documents_every_key() -> None:
+    import dataclasses
+
+    from hub.config import CurveConfig, HubSection, PoolConfig, StreamConfig
+
+    text = (ROOT / "config" / "config.sample.yaml").read_text()
+    keys = {f.name for cls in (HubSection, CurveConfig, ProviderConfig, StreamConfig, PoolConfig) for f in dataclasses.fields(cls)}
+    missing = sorted(k for k in keys - {"name"} if f"{k}:" not in text)
+    assert not missing, f"config/config.sample.yaml does not mention {missing}"
+
+
+def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
+    pools = parse_config({"providers": {"a": {"type": "echo"}, "b": {"type": "echo", "pool": {"max_size": 3}}}})
+    assert pools.providers["a"].pool.session_limit == 1 and pools.providers["b"].pool.session_limit == 2
+    capped = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "max_sessions": 1}}}})
+    assert capped.providers["a"].pool.session_limit == 1

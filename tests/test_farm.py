@@ -373,3 +373,15 @@ def test_sigterm_drains_jobs_in_flight_and_exits_cleanly(hub_factory) -> None:
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert shm.list_segments(prefix) == []
+
+
+def test_a_stream_makes_its_segment_only_when_iterated_and_a_closed_client_says_so(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    client = hub.client()
+    before = set(shm.list_segments())
+    stream = client.transcribe_stream(TONE)
+    assert set(shm.list_segments()) == before  # nothing made yet: a stream never iterated leaks nothing
+    assert [s.text for s in stream] == [f"{echo_text(TONE)} #1"]
+    client.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        client.transcribe(TONE)

@@ -182,3 +182,20 @@ def test_cli_status_watch_redraws(hub_factory) -> None:
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0 and out.count("echo (echo, pool): size 1") >= 2 and "\x1b[2J" in out
+
+
+def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:
+    from hub import http
+
+    metrics = Metrics()
+    port = free_port()
+    server = http.serve(metrics, "127.0.0.1", port)
+    try:
+        assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        metrics.loop_at -= 60  # as if the loop had not run for a minute
+        code, body = _get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 503 and "has not run for 60 s" in body
+        assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 503
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,7 +16,7 @@ import yaml
 
 from hub import shm
 from hub.audio import to_pcm
-from hub.errors import HubError, WorkerCrashed
+from hub.errors import HubError, ProviderUnavailable, WorkerCrashed
 from tests.conftest import (
     CLIPS,
     DATA,
@@ -110,6 +110,9 @@ def test_crash_loop_backs_off_and_shows_it(hub_factory, tmp_path: Path) -> None:
     wait_for(lambda: hub.status()["providers"]["broken"]["degraded"], what="degraded")
     first = hub.status()["providers"]["broken"]
     assert 0 < first["restart_backoff"] <= 1.0 and "cannot load whisper model" in first["last_error"]
+    with hub.client() as client:
+        with pytest.raises(ProviderUnavailable, match=r"answers but was not ready .*broken \(0 of 1 ready; cannot load"):
+            client.wait_ready(timeout=1.0)
     time.sleep(4.5)  # starts at +1 s and +2 s (+ load time) have failed by now: the next wait is longer
     assert hub.log().count("failed to load its model") in (2, 3)
     assert "next start in 4 s" in hub.log() or "next start in 2 s" in hub.log()

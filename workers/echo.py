@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.config import OPTIONS
 from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.results import Segment, Word
 from workers.engine import EngineResult, OnSegment, StreamSettings
@@ -43,7 +44,7 @@ def echo_text(pcm: np.ndarray) -> str:
 
 
 class EchoEngine:
-    options = frozenset({"sleep", "fail", "hang", "exit", "language", "segments"})
+    options = OPTIONS["echo"]
     device = "cpu"
 
     def __init__(self, spec: WorkerSpec) -> None:

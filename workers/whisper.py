@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.config import OPTIONS
 from hub.protocol import WorkerSpec
 from hub.results import Segment, Word, join_text
 from workers.engine import EngineResult, OnSegment, StreamSettings
@@ -46,9 +47,7 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
 
 
 class WhisperEngine:
-    options = frozenset(
-        {"language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "temperature"}
-    )
+    options = OPTIONS["whisper"]
 
     def __init__(self, spec: WorkerSpec) -> None:
         from faster_whisper import WhisperModel
