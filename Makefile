@@ -61,3 +61,10 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
+# `make soak DURATION=600`: a steady mixed load with periodic worker kills; exits non-zero on any
+# lost request, an error rate of 0.1 % or more, memory growth or leaked descriptors or segments.
+DURATION ?= 600
+.PHONY: soak
+soak: $(BENCH_STAMP)
+	$(BIN)/python -m bench.soak --duration $(DURATION)

@@ -1,0 +1,102 @@
+"""``python -m bench [--quick] [--device cpu|cuda] [--max-workers N]``: run every comparison, print the
+table, and write bench/results/<timestamp>.json and .png."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import chart, report
+from bench.clips import build_clips, duration
+from bench.matrix import MatrixPlan, run_matrix
+from bench.overhead import OverheadPlan, measure
+from bench.procstats import describe_machine
+from bench.progress import elapsed, say
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPlan]:
+    """The full matrix, or the reduced one (fewer sizes, levels and jobs) that fits in 3 minutes on 2 cores."""
+    top = args.max_workers
+    if args.quick:
+        sizes = tuple(sorted({1, top}))
+        return (
+            MatrixPlan(
+                args.device,
+                cores,
+                sizes,
+                (1, 2, 4),
+                jobs=8,
+                load_jobs=30,
+                settle_s=2,
+                direct_threads=(cores,),
+                retries=0,
+            ),
+            OverheadPlan(round_trips=500, seconds=2, size_reps=(10, 5, 2), workers=top, settle_s=2),
+        )
+    return (
+        MatrixPlan(
+            args.device,
+            cores,
+            tuple(range(1, top + 1)),
+            (1, 2, 4, 8, 16),
+            jobs=24,
+            load_jobs=120,
+            settle_s=30,
+            direct_threads=tuple(sorted({cores, 1}, reverse=True)),
+            retries=2,
+        ),
+        OverheadPlan(round_trips=2000, seconds=5, size_reps=(30, 20, 5), workers=top, settle_s=30),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cores = len(os.sched_getaffinity(0))
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-workers", type=int, default=cores, help="largest pool (default: the number of cores)")
+    parser.add_argument("--quick", action="store_true", help="the reduced run (pool N=1 and max, C=1,2,4, fewer jobs)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    args = parser.parse_args(argv)
+    if args.max_workers < 1:
+        parser.error("--max-workers must be at least 1")
+    matrix_plan, overhead_plan = plans(args, cores)
+    clips = build_clips()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    say(
+        f"{'quick' if args.quick else 'full'} run on {cores} cores, device {args.device}, "
+        f"pool sizes {matrix_plan.pool_sizes}, concurrency {matrix_plan.concurrency}"
+    )
+    with tempfile.TemporaryDirectory(prefix="asr-bench-") as tmp:
+        workdir = Path(tmp)
+        result: report.Result = run_matrix(workdir, matrix_plan, clips)
+        result["overhead"] = measure(workdir, clips, overhead_plan)
+    result["clips"] = [duration(c) for c in clips]
+    result["meta"] = {
+        "timestamp": stamp,
+        "device": args.device,
+        "quick": args.quick,
+        "max_workers": args.max_workers,
+        "machine": describe_machine(),
+        "plan": {"matrix": vars(matrix_plan), "overhead": vars(overhead_plan)},
+        "duration_s": elapsed(),
+    }
+    result["ratios"] = report.ratios(result)
+    result["targets"] = report.targets(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"{stamp}.json", args.out / f"{stamp}.png"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    chart.draw(result, png_path)
+    print(report.format_table(result))
+    say(f"done in {elapsed():.0f} s: {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""From the raw results to what the issue asks: ratios measured in one run, the targets met or
+missed (and by how much), and the printed table. Works on the same dict that is saved as
+JSON, so a saved run can be re-read and reported again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.procstats import FOREIGN_LIMIT_PCT, disturbed
+
+Result = dict[str, Any]
+
+
+def _cells(result: Result, kind: str, workers: int | None = None) -> list[Result]:
+    return [c for c in result["cells"] if c["kind"] == kind and (workers is None or c["workers"] == workers)]
+
+
+def _best(result: Result, kind: str, workers: int | None = None) -> Result | None:
+    cells = _cells(result, kind, workers)
+    return max(cells, key=lambda c: c["audio_per_s"]) if cells else None
+
+
+def ceiling(result: Result, workers: int, threads: int) -> Result | None:
+    """The ceiling for N processes of ``threads`` threads each; for N=1 that is the direct run with those threads."""
+    kind = "direct" if workers == 1 else "ceiling"
+    return next((c for c in _cells(result, kind, workers) if c["threads"] == threads), None)
+
+
+def ratios(result: Result) -> dict[str, Any]:
+    """Throughput ratios between configurations of this one run (absolute figures depend on the machine)."""
+    top = max(c["workers"] for c in _cells(result, "pool"))
+    pool, single, best_direct = _best(result, "pool", top), _best(result, "single"), _best(result, "direct")
+    assert pool and single and best_direct
+    roof = ceiling(result, top, pool["threads"])
+    direct = ceiling(result, 1, single["threads"])
+    assert roof and direct
+    out: dict[str, Any] = {
+        "pool_workers": top,
+        "pool_vs_single": pool["audio_per_s"] / single["audio_per_s"],
+        "pool_vs_ceiling": pool["audio_per_s"] / roof["audio_per_s"],
+        "pool_vs_direct": pool["audio_per_s"] / direct["audio_per_s"],
+        "pool_vs_best_direct": pool["audio_per_s"] / best_direct["audio_per_s"],
+        "best_direct_threads": best_direct["threads"],
+        "single_vs_direct": single["audio_per_s"] / direct["audio_per_s"],
+        "per_pool_size": {},
+    }
+    for n in sorted({c["workers"] for c in _cells(result, "pool")}):
+        best = _best(result, "pool", n)
+        assert best
+        roof_n = ceiling(result, n, best["threads"])
+        out["per_pool_size"][n] = {
+            "best_audio_per_s": best["audio_per_s"],
+            "best_at_concurrency": best["concurrency"],
+            "vs_single": best["audio_per_s"] / single["audio_per_s"],
+            "vs_ceiling": best["audio_per_s"] / roof_n["audio_per_s"] if roof_n else None,
+        }
+    return out
+
+
+def _target(name: str, measured: float, limit: float, higher_is_better: bool, unit: str, note: str = "") -> Result:
+    met = measured >= limit if higher_is_better else measured <= limit
+    gap = measured / limit if limit else float("inf")
+    return {
+        "name": name,
+        "target": limit,
+        "measured": measured,
+        "unit": unit,
+        "met": met,
+        "direction": "≥" if higher_is_better else "≤",
+        "measured_over_target": gap,
+        "note": note,
+    }
+
+
+def targets(result: Result) -> list[Result]:
+    """The targets of issue 7, each with the measured figure and whether it was met."""
+    r, o, load = result["ratios"], result["overhead"], result["load80"]
+    bare = o["bare_1hop"]["latency_ms"]["p50"]
+    added = o["hub_shm"]["latency_ms"]["p50"] - bare
+    added_inline = o["hub_inline"]["latency_ms"]["p50"] - bare
+    p99_ratio = load["cell"]["latency_ms"]["p99"] / load["unloaded_p50_ms"]
+    return [
+        _target("pool throughput vs single instance", r["pool_vs_single"], 1.4, True, "×"),
+        _target("pool throughput vs ceiling", r["pool_vs_ceiling"], 0.95, True, "×"),
+        _target(
+            "hub's added latency p50 over bare ZeroMQ (shared memory, the default)",
+            added,
+            0.3,
+            False,
+            "ms",
+            f"inline frames: {added_inline:.3f} ms",
+        ),
+        _target(
+            "echo requests per second (shared memory, the default)",
+            o["hub_shm"]["requests_per_s"],
+            3000,
+            True,
+            "req/s",
+            f"inline frames: {o['hub_inline']['requests_per_s']:.0f} req/s",
+        ),
+        _target(
+            "p99 at 80% of peak throughput vs unloaded p50",
+            p99_ratio,
+            2.0,
+            False,
+            "×",
+            f"p99 {load['cell']['latency_ms']['p99']:.0f} ms against {load['unloaded_p50_ms']:.0f} ms",
+        ),
+    ]
+
+
+def _cell_row(c: Result) -> str:
+    lat = c["latency_ms"]
+    rss = sum(c["rss_mb"]) / len(c["rss_mb"]) if c["rss_mb"] else float("nan")
+    u = c["usage"]
+    infer = f"{c['inference_ms_p50']:>7.0f}" if c["inference_ms_p50"] is not None else f"{'-':>7}"
+    conc = "open" if c["kind"] == "load80" else str(c["concurrency"])
+    return (
+        f"{c['kind']:<8}{c['workers']:>3}{c['threads']:>4}{conc:>5}{c['jobs']:>5}"
+        f"{c['audio_per_s']:>9.1f}{c['requests_per_s']:>7.2f}{lat['p50']:>8.0f}{lat['p95']:>8.0f}{lat['p99']:>8.0f}{infer}"
+        f"{c['rtf_p50']:>7.3f}{rss:>7.0f}{u.get('machine_pct', 0):>6.0f}{u.get('workers_pct', 0):>6.0f}"
+        f"{u.get('hub_pct') or 0:>5.0f}{u.get('foreign_pct', 0):>6.0f}{' *' if disturbed(c['usage']) else ''}"
+    )
+
+
+def format_table(result: Result) -> str:
+    """The whole report as text: matrix, 80% load, overhead, transport, ratios, targets."""
+    m = result["meta"]
+    lines = [
+        (
+            f"ASR Hub benchmark {m['timestamp']}: {m['machine']['cores']} cores ({m['machine']['cpu']}), "
+            f"device {m['device']}, tiny.en, {len(result['clips'])} clips of "
+            f"{min(result['clips']):.1f}-{max(result['clips']):.1f} s, {'quick' if m['quick'] else 'full'} run"
+        ),
+        "",
+        "kind      N thr    C jobs  audio/s  req/s  p50 ms  p95 ms  p99 ms  infer    RTF  RSS MB  cpu%  wrk%  hub% other",
+    ]
+    lines += [_cell_row(c) for c in result["cells"]]
+    load = result["load80"]
+    lines += [
+        "",
+        (
+            "(N thr: processes × threads each; infer: the worker's own time per job, p50; RSS: peak per model "
+            "process; cpu%: machine, all cores; wrk%, hub%, other: % of one core for the workers, the supervisor, "
+            "and everything else)"
+        ),
+    ]
+    lines.append(
+        _cell_row(load["cell"]) + f"   <- open loop at {load['offered_rps']:.2f} req/s "
+        f"(80% of {load['peak_rps']:.2f}); unloaded p50 {load['unloaded_p50_ms']:.0f} ms"
+    )
+    lines += ["", "start-up (process start to ready, to first answer; supervisor peak RSS):"]
+    lines += [
+        f"  {name:<10} {s['ready_s']:5.1f} s {s['first_answer_s']:5.1f} s {s['hub_rss_mb']:6.0f} MB"
+        for name, s in result["startup"].items()
+    ]
+    o = result["overhead"]
+    lines += [
+        "",
+        (
+            "overhead (echo provider, 10 ms of audio; latency one at a time, req/s with "
+            f"{o['in_flight']} in flight; CPU µs per request):"
+        ),
+        "                 p50 ms  p99 ms    req/s  client     hub workers  other (% of a core)",
+    ]
+    for key, name in (
+        ("bare_1hop", "bare ZeroMQ"),
+        ("bare_broker", "bare broker"),
+        ("hub_shm", "hub, shm"),
+        ("hub_inline", "hub, inline"),
+    ):
+        f, cpu = o[key], o[key]["cpu_us_per_request"]
+        lines.append(
+            f"  {name:<13}{f['latency_ms']['p50']:>8.3f}{f['latency_ms']['p99']:>8.3f}"
+            f"{f['requests_per_s']:>9.0f}{cpu.get('client', 0):>8.0f}{cpu.get('hub', 0):>8.0f}"
+            f"{cpu.get('workers', 0):>8.0f}{f['usage']['foreign_pct']:>7.0f}{' *' if disturbed(f['usage']) else ''}"
+        )
+    lines += ["", "shared memory vs inline (echo, p50 / p99 ms; bytes through the supervisor per request):"]
+    for row in o["sizes"]:
+        lines.append(
+            f"  {row['audio_s']:>5g} s   shm {row['shm']['p50']:8.2f} / {row['shm']['p99']:8.2f}  "
+            f"({row['shm_bytes_through_hub']} B)   inline {row['inline']['p50']:8.2f} / "
+            f"{row['inline']['p99']:8.2f}  ({row['inline_bytes_through_hub']} B)"
+        )
+    r = result["ratios"]
+    lines += [
+        "",
+        (
+            f"ratios (throughput, this run): pool N={r['pool_workers']} vs single {r['pool_vs_single']:.2f}×, "
+            f"vs ceiling {r['pool_vs_ceiling']:.1%}, vs direct {r['pool_vs_direct']:.2f}× "
+            f"(vs the best direct run, {r['best_direct_threads']} thread(s): {r['pool_vs_best_direct']:.2f}×); "
+            f"single vs direct {r['single_vs_direct']:.2f}×"
+        ),
+    ]
+    for n, p in r["per_pool_size"].items():
+        roof = f"{p['vs_ceiling']:.1%} of its ceiling" if p["vs_ceiling"] else "no ceiling measured"
+        lines.append(
+            f"  pool N={n}: best {p['best_audio_per_s']:.1f} audio s/s at C={p['best_at_concurrency']}, "
+            f"{p['vs_single']:.2f}× single, {roof}"
+        )
+    runs = [
+        *result["cells"],
+        result["load80"]["cell"],
+        *(o[k] for k in ("bare_1hop", "bare_broker", "hub_shm", "hub_inline")),
+    ]
+    marked = [c for c in runs if disturbed(c["usage"])]
+    if marked:
+        lines += [
+            "",
+            f"* {len(marked)} measurement(s) ran while other processes used more than {FOREIGN_LIMIT_PCT:.0f}% of a core "
+            "(column 'other'): their figures, and the ratios built on them, are doubtful: rerun on a quiet machine.",
+        ]
+    lines += ["", "targets (issue 7):"]
+    for t in result["targets"]:
+        lines.append(
+            f"  [{'met ' if t['met'] else 'MISS'}] {t['name']}: {t['measured']:.3g} {t['unit']} "
+            f"(target {t['direction']} {t['target']:g}){'; ' + t['note'] if t['note'] else ''}"
+        )
+    return "\n".join(lines)
