@@ -28,7 +28,7 @@ from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript, join_text
 
 RING_SECONDS = 30  # the ring holds this much audio the worker has not read yet
-POLL_MS = 100
+POLL_S = 0.01  # how often a waiting reader looks for events; the socket's lock is free in between
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class StreamSession:
             while self._ring.written + pcm.size - self._state.acked > self._ring.capacity:
                 if time.monotonic() >= deadline:
                     raise JobTimeout(f"the worker fell more than {RING_SECONDS} s of audio behind for {self._timeout:.0f} s")
-                self._pump(POLL_MS)
+                self._pump(int(POLL_S * 1000))
                 self._state.check_open()
             end = self._ring.write(pcm)
             self.sock.send_multipart(protocol.build(MsgType.STREAM_DATA, self._id, {"end": end}))
@@ -159,9 +159,9 @@ class StreamSession:
     def results(self) -> Iterator[StreamEvent]:
         """Events as they arrive, until the session is closed (by ``close`` or by the hub)."""
         while True:
-            with self._lock:
+            with self._lock:  # never held while waiting, or a sending thread would starve
                 if not self._state.events and not self._state.ended and not self._closed:
-                    self._pump(POLL_MS)
+                    self._pump(0)
                 event = self._state.events.popleft() if self._state.events else None
                 over = self._state.ended or self._closed
             if event is not None:
@@ -170,6 +170,8 @@ class StreamSession:
                 if self._state.error is not None:
                     raise self._state.error
                 return
+            else:
+                time.sleep(POLL_S)
 
     def close(self) -> Transcript:
         """Flush: the worker decodes what is left and answers the final transcript."""

@@ -1,9 +1,10 @@
 """A live session on a worker: chunks in (from the client's ring or inline), partials and finals out.
 
-The worker is leased to the session until STREAM_CLOSE. It decodes once per ``step_ms``
-of audio received, whatever the chunk sizes and however fast they come, so a session's
-text depends on its audio alone. Every PARTIAL and SEGMENT says how far the ring has
-been read, which is how the client knows it may write on.
+The worker is leased to the session until STREAM_CLOSE. It decodes once ``step_ms`` of
+new audio has come, after taking every chunk already waiting: a decode slower than the
+speech then covers more audio rather than falling further behind, so the delay from
+speaking to final text stays bounded. Every PARTIAL and SEGMENT says how far the ring
+has been read, which is how the client knows it may write on.
 """
 
 from __future__ import annotations
@@ -46,16 +47,19 @@ class Session:
         """Run until the session closes; False when a STOP came instead (the worker should exit)."""
         try:
             while True:
-                msg = protocol.parse(self.sock.recv_multipart())
-                if msg.type is MsgType.STOP:
-                    return False
-                if msg.id == self.id and msg.type is MsgType.STREAM_CLOSE:
-                    self._finish(msg.body.get("reason"))
-                    return True
-                if msg.id == self.id and msg.type is MsgType.STREAM_DATA:
-                    self._take(msg)
-                    if self.streamer.due:
-                        self._emit(self._timed(self.streamer.step))
+                frames = self.sock.recv_multipart()
+                while frames is not None:  # take everything already waiting before the next decode
+                    msg = protocol.parse(frames)
+                    if msg.type is MsgType.STOP:
+                        return False
+                    if msg.id == self.id and msg.type is MsgType.STREAM_CLOSE:
+                        self._finish(msg.body.get("reason"))
+                        return True
+                    if msg.id == self.id and msg.type is MsgType.STREAM_DATA:
+                        self._take(msg)
+                    frames = self._pending()
+                if self.streamer.due:
+                    self._emit(self._timed(self.streamer.step))
         except HubError as exc:
             exc.job_id = self.id
             self.send(MsgType.ERROR, exc.to_dict())
@@ -68,6 +72,12 @@ class Session:
         finally:
             if self.ring is not None:
                 self.ring.close()
+
+    def _pending(self) -> list[bytes] | None:
+        try:
+            return self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
 
     def _take(self, msg: Message) -> None:
         position = protocol.parse_stream_data(msg.body, msg.payload)

@@ -1,0 +1,104 @@
+"""Live sessions under the benchmark: how long after a word is spoken it arrives as final text, and how
+far the streamed text strays from the same audio transcribed whole.
+
+The clips play into a session at real-time speed (``speed`` > 1 plays faster) in 100 ms chunks, as a
+microphone would send them. A final segment's latency is the time it arrived minus the moment its
+last word had been "spoken" (its end time in the stream, on the playback clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.clips import build_clips
+from bench.hubproc import running_hub, whisper_provider
+from hub.client import HubClient
+
+CHUNK = 1600  # 100 ms at 16 kHz
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Levenshtein distance over lower-cased words without punctuation, per reference word."""
+    ref, hyp = (re.sub(r"[^\w\s']", " ", text.lower()).split() for text in (reference, hypothesis))
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+def play(client: HubClient, pcm: np.ndarray, speed: float) -> tuple[list[float], str, int]:
+    """Stream ``pcm``; return each final's latency, the final text and the number of partials."""
+    latencies: list[float] = []
+    partials = 0
+    with client.open_stream("whisper") as session:
+        started = time.monotonic()
+
+        def read() -> None:
+            nonlocal partials
+            for event in session.results():
+                if event.kind == "final" and event.segment is not None:
+                    spoken_at = started + event.segment.end / speed
+                    latencies.append(time.monotonic() - spoken_at)
+                else:
+                    partials += 1
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for offset in range(0, pcm.size, CHUNK):
+            time.sleep(max(0.0, started + offset / 16000 / speed - time.monotonic()))
+            session.send(pcm[offset : offset + CHUNK])
+        transcript = session.close()
+        reader.join()
+    return latencies, transcript.text, partials
+
+
+def measure(workdir: Path, device: str = "cpu", speed: float = 1.0) -> dict[str, Any]:
+    clips = build_clips()
+    silence = np.zeros(8000, dtype=np.float32)
+    pcm = np.concatenate([part for clip in clips for part in (clip, silence)])
+    provider = whisper_provider(1, 2, device)
+    provider["pool"] = {"min_size": 1, "max_size": 1, "max_sessions": 1}
+    with running_hub(workdir, "streaming", {"whisper": provider}) as hub, HubClient(hub.endpoint, timeout=120) as client:
+        whole = client.transcribe(pcm, "whisper").text
+        latencies, streamed, partials = play(client, pcm, speed)
+    ordered = sorted(latencies)
+    return {
+        "audio_s": round(pcm.size / 16000, 2),
+        "speed": speed,
+        "finals": len(latencies),
+        "partials": partials,
+        "final_latency_s": {
+            "mean": round(float(np.mean(ordered)), 3) if ordered else None,
+            "p50": round(ordered[len(ordered) // 2], 3) if ordered else None,
+            "max": round(ordered[-1], 3) if ordered else None,
+        },
+        "wer_vs_whole": round(word_error_rate(whole, streamed), 4),
+        "whole_text": whole,
+        "streamed_text": streamed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="asr-hub-bench-stream-") as workdir:
+        print(json.dumps(measure(Path(workdir), args.device, args.speed), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
