@@ -50,7 +50,7 @@ def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPla
             load_jobs=120,
             settle_s=30,
             direct_threads=tuple(sorted({cores, 1}, reverse=True)),
-            retries=2,
+            retries=1,
         ),
         OverheadPlan(round_trips=2000, seconds=5, size_reps=(30, 20, 5), workers=top, settle_s=30),
     )
