@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, report
+from bench import chart, report, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         result: report.Result = run_matrix(workdir, matrix_plan, clips)
         result["overhead"] = measure(workdir, clips, overhead_plan)
+        say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
+        result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {
         "timestamp": stamp,
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(result, indent=1, default=str))
     chart.draw(result, png_path)
     print(report.format_table(result))
+    print(streaming.summary(result["streaming"]))
     say(f"done in {elapsed():.0f} s: {json_path} and {png_path}")
     return 0
 

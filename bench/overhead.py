@@ -66,7 +66,7 @@ def _latency(times_s: list[float]) -> dict[str, float]:
 def _hub_round_trips(endpoint: str, pcm: np.ndarray, count: int, use_shm: bool, warm: int = 50) -> list[float]:
     with HubClient(endpoint, timeout=60, use_shm=use_shm) as client:
         times = []
-        for n in range(warm + count):
+        for _ in range(warm + count):
             sent = time.perf_counter()
             client.transcribe(pcm, "echo")
             times.append(time.perf_counter() - sent)

@@ -74,10 +74,10 @@ def client_loop(hub: RunningHub, tally: Tally, stop: threading.Event, kind: str,
         while not stop.is_set():
             if kind == "whisper":
                 audio = long_clip if rng.random() < 0.25 else rng.choice(clips)
-                tally.run("whisper", lambda: client.transcribe(audio, "whisper"))
+                tally.run("whisper", lambda audio=audio: client.transcribe(audio, "whisper"))
             elif kind == "whisper-stream":
                 audio = rng.choice(clips)
-                tally.run("whisper-stream", lambda: list(client.transcribe_stream(audio, "whisper")))
+                tally.run("whisper-stream", lambda audio=audio: list(client.transcribe_stream(audio, "whisper")))
             elif kind == "echo":
                 tally.run("echo", lambda: client.transcribe(tone[: rng.randint(1600, 16000)], "echo"))
                 time.sleep(0.01)

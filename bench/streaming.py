@@ -90,13 +90,26 @@ def measure(workdir: Path, device: str = "cpu", speed: float = 1.0) -> dict[str,
     }
 
 
+def summary(figures: dict[str, Any]) -> str:
+    """The live-session lines of the benchmark's table."""
+    latency = figures["final_latency_s"]
+    return (
+        f"\nlive session ({figures['audio_s']:.0f} s of speech at {figures['speed']:g}x real time, 100 ms chunks): "
+        f"{figures['finals']} finals, {figures['partials']} partials\n"
+        f"  speech to final text: mean {latency['mean']} s, p50 {latency['p50']} s, max {latency['max']} s\n"
+        f"  word error rate of the streamed text against the same audio transcribed whole: {figures['wer_vs_whole']:.1%}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="asr-hub-bench-stream-") as workdir:
-        print(json.dumps(measure(Path(workdir), args.device, args.speed), indent=2))
+        figures = measure(Path(workdir), args.device, args.speed)
+    print(json.dumps(figures, indent=2))
+    print(summary(figures))
     return 0
 
 
