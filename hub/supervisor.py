@@ -65,7 +65,7 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN
 
 
 class Supervisor:
-    def __init__(self, config: HubConfig, config_path: Path | None = None) -> None:
+    def __init__(self, config: HubConfig, config_path: Path | None = None, pid_path: Path | None = None) -> None:
         self.config_path = config_path
         self.hub_id = hub_id(config.hub.frontend)
         self.shm_prefix = shm.hub_prefix(self.hub_id)
@@ -84,7 +84,7 @@ class Supervisor:
         self.backend = self._socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a dead worker raises, not drops
         self.backend.bind(f"ipc://{self.backend_path}")
-        self.pid_path = pid_file(config)
+        self.pid_path = pid_path or pid_file(config)
         self.pid_path.write_text(f"{os.getpid()}\n")
         self.metrics = Metrics()
         self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics)
@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    pid_path = pid_file(config)  # from the file as written, where scripts/rollback.sh looks, whatever the flags
     overrides = {"frontend": args.frontend, "log_format": args.log_format}
     config = dataclasses.replace(
         config, hub=dataclasses.replace(config.hub, **{k: v for k, v in overrides.items() if v is not None})
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(args.log_level or config.hub.log_level, config.hub.log_format)
     try:
-        supervisor = Supervisor(config, Path(args.config))
+        supervisor = Supervisor(config, Path(args.config), pid_path)
     except zmq.ZMQError as exc:
         print(f"cannot bind {config.hub.frontend}: {exc} (is another hub running there?)", file=sys.stderr)
         return 2
