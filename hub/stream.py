@@ -245,6 +245,7 @@ class AsyncStreamSession:
         self._ring, self._timeout, self._on_close = ring, timeout, on_close
         self._state = _SessionState()
         self._closed = False
+        self._changed = asyncio.Event()  # set (and replaced) whenever a message has been taken in
         self.worker: str | None = None
 
     async def _start(self, body: dict[str, Any]) -> AsyncStreamSession:
@@ -277,7 +278,7 @@ class AsyncStreamSession:
                 continue
             deadline = time.monotonic() + self._timeout
             while self._ring.written + piece.size - self._state.acked > self._ring.capacity:
-                self._state.handle(await self._next(deadline))
+                await self._await_change(deadline)
                 self._state.check_open()
             end = self._ring.write(piece)
             await self._send_frames(protocol.build(MsgType.STREAM_DATA, self._id, {"end": end}))
@@ -292,7 +293,7 @@ class AsyncStreamSession:
                 if self._state.error is not None:
                     raise self._state.error
                 return
-            self._state.handle(await self._inbox.get())
+            await self._await_change(None)
 
     async def close(self) -> Transcript:
         if not self._closed:
@@ -301,7 +302,7 @@ class AsyncStreamSession:
                     await self._send_frames(protocol.build(MsgType.STREAM_CLOSE, self._id))
                     deadline = time.monotonic() + self._timeout
                     while not self._state.ended:
-                        self._state.handle(await self._next(deadline))
+                        await self._await_change(deadline)
             finally:
                 self._release()
         if self._state.error is not None:
@@ -329,7 +330,31 @@ class AsyncStreamSession:
 
     def _drain(self) -> None:
         while not self._inbox.empty():
-            self._state.handle(self._inbox.get_nowait())
+            self._handle(self._inbox.get_nowait())
+
+    def _handle(self, msg: Message) -> None:
+        self._state.handle(msg)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _await_change(self, deadline: float | None) -> None:
+        """Take the next message, or wake when another task (a reader, a closer) took one.
+
+        A sender, a reader and ``close`` may all wait at once: whichever gets a message
+        takes it into the shared state and wakes the others, so none waits for a message
+        that another already consumed."""
+        changed = self._changed
+        getter = asyncio.ensure_future(self._inbox.get())
+        waiter = asyncio.ensure_future(changed.wait())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait({getter, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if getter in done:
+            self._handle(getter.result())
+            return
+        getter.cancel()  # a queued message stays queued: Queue.get only removes it when it returns
+        if not done:
+            raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s")
 
     async def _next(self, deadline: float) -> Message:
         try:

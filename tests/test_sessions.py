@@ -165,3 +165,29 @@ def test_killing_a_sessions_worker_fails_it_and_the_pool_recovers(hub_factory) -
         assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
         with client.open_stream(timeout=20) as reopened:
             reopened.send(TONE)
+
+
+def test_async_session_with_a_reader_task_closes_at_once(hub_factory) -> None:
+    """The sender and the reader as separate tasks, as the API guide shows: close() must not wait for a
+    message the reader already took."""
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, max_sessions=1)})
+
+    async def main() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=30) as client:
+            session = await client.open_stream()
+            events: list = []
+
+            async def read() -> None:
+                async for event in session.results():
+                    events.append(event)
+
+            reader = asyncio.create_task(read())
+            for start in range(0, STEPS.size, CHUNK):
+                await session.send(STEPS[start : start + CHUNK])
+            started = time.monotonic()
+            transcript = await session.close()
+            assert time.monotonic() - started < 5.0
+            await asyncio.wait_for(reader, 5)
+            assert transcript.text == " ".join(e.text for e in events if e.kind == "final")
+
+    asyncio.run(main())
