@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -33,6 +34,62 @@ OPTIONS = {
     "echo": frozenset({"sleep", "fail", "hang", "exit", "language", "segments"}),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _integer(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _number(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+
+
+def _flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+# what each option's value must be, so that a typo is a BAD_REQUEST (or a config error) rather than a model
+# failure that counts against the worker
+OPTION_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "language": (lambda v: isinstance(v, str) and 0 < len(v) <= 16, "a language code such as 'en'"),
+    "task": (lambda v: v in ("transcribe", "translate"), "'transcribe' or 'translate'"),
+    "beam_size": (_integer(1, 32), "an integer from 1 to 32"),
+    "vad_filter": (_flag, "true or false"),
+    "word_timestamps": (_flag, "true or false"),
+    "initial_prompt": (_text, "a string"),
+    "temperature": (
+        lambda v: _number(0, 1)(v) or (isinstance(v, list) and bool(v) and all(_number(0, 1)(t) for t in v)),
+        "a number from 0 to 1, or a list of them",
+    ),
+    "use_itn": (_flag, "true or false"),
+    "batch_size_s": (_number(1, 3600), "a number of seconds from 1 to 3600"),
+    "hotword": (_text, "a string"),
+    "chunk_size": (lambda v: isinstance(v, list) and len(v) == 3 and all(_integer(0, 100)(c) for c in v), "three integers"),
+    "encoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
+    "decoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
+    "sleep": (_number(0, 3600), "a number of seconds"),
+    "fail": (_text, "a message"),
+    "hang": (_flag, "true or false"),
+    "exit": (_integer(0, 255), "an exit status from 0 to 255"),
+    "segments": (_integer(1, 1000), "an integer from 1 to 1000"),
+}
+
+
+def option_problems(options: dict[str, Any]) -> list[str]:
+    """What is wrong with the values of known options, one line each (names are checked elsewhere)."""
+    problems = []
+    for key, value in options.items():
+        if key in OPTION_VALUES:
+            valid, expected = OPTION_VALUES[key]
+            if not valid(value):
+                problems.append(f"{key} must be {expected}, got {value!r}")
+    return problems
+
+
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
@@ -263,6 +320,9 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
             f"{path}.options: {', '.join(unknown)} not understood by {provider.type} providers "
             f"(known: {', '.join(sorted(OPTIONS[provider.type]))})"
         )
+    problems = option_problems(provider.options)
+    if problems:
+        raise ConfigError(f"{path}.options: " + "; ".join(problems))
     if provider.cpu_threads < 0:
         raise ConfigError(f"{path}.cpu_threads: must be >= 0 (0 lets the library choose)")
     if provider.stream.step_ms < 100 or provider.stream.window_seconds < 2 * provider.stream.step_ms / 1000:

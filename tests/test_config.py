@@ -50,6 +50,7 @@ def test_no_pool_section_or_pool_disabled_is_a_single_instance(pool: dict | None
         ({"providers": {"echo": {"pool": {"acquire_timeout": 0}}}}, "providers.echo.pool.acquire_timeout"),
         ({"hub": {"log_level": "LOUD"}, "providers": {"echo": {}}}, "hub.log_level: must be one of"),
         ({"providers": {"whisper": {"model": "x", "options": {"beam": 5}}}}, "providers.whisper.options: beam not understood"),
+        ({"providers": {"whisper": {"model": "x", "options": {"beam_size": "five"}}}}, "beam_size must be an integer"),
         ({"providers": {"echo": {"pool": {"max_sessions": 3, "max_size": 2}}}}, "providers.echo.pool.max_sessions"),
     ],
 )

@@ -385,3 +385,14 @@ def test_a_stream_makes_its_segment_only_when_iterated_and_a_closed_client_says_
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         client.transcribe(TONE)
+
+
+def test_wrongly_typed_options_are_bad_requests_and_spare_the_worker(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, max_consecutive_failures=2)})
+    pid = hub.worker_pids()[0]
+    with hub.client() as client:
+        for options in ({"sleep": "long"}, {"segments": 0}, {"hang": "yes"}, {"language": 5}):
+            with pytest.raises(BadRequest, match="must be"):
+                client.transcribe(TONE, **options)
+        assert client.transcribe(TONE).text == echo_text(TONE)
+    assert hub.worker_pids() == [pid]  # bad requests do not count as the model failing

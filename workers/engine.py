@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hub.config import option_problems
 from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.results import Segment
@@ -68,12 +69,17 @@ class StreamSettings:
 
 
 def check_options(engine: Engine, provider_type: str, options: dict[str, Any]) -> None:
+    """A request's options: names this model takes, values of the right kind (else BAD_REQUEST, which,
+    unlike a model failure, does not count against the worker)."""
     unknown = sorted(set(options) - engine.options)
     if unknown:
         raise BadRequest(
             f"option(s) {', '.join(unknown)} not supported by {provider_type} providers "
             f"(supported: {', '.join(sorted(engine.options))})"
         )
+    problems = option_problems(options)
+    if problems:
+        raise BadRequest("; ".join(problems))
 
 
 def load_engine(spec: WorkerSpec) -> Engine:
