@@ -47,6 +47,17 @@ def _block_end(lines: list[str], start: int) -> int:
     return len(lines)
 
 
+def _set_value(line: str, value: str) -> str:
+    """Replace a ``key: value`` line's value, keeping a trailing comment where it was."""
+    m = re.match(r"^(\s*[\w.-]+:\s*)(\S+)(\s*)(#.*)?$", line)
+    if m is None:
+        raise ConfigError(f"cannot edit the line {line.strip()!r}; edit the file by hand")
+    gap = m.group(3)
+    if m.group(4):
+        gap = " " * max(1, len(gap) - (len(value) - len(m.group(2))))
+    return f"{m.group(1)}{value}{gap}{m.group(4) or ''}".rstrip()
+
+
 def set_pool_enabled(text: str, enabled: bool) -> str:
     """``text`` with ``pool.enabled`` set for every provider that has a ``pool:`` section."""
     value = "true" if enabled else "false"
@@ -72,9 +83,7 @@ def set_pool_enabled(text: str, enabled: bool) -> str:
         entries = _children(lines, pool + 1, _block_end(lines, pool))
         flag = next((i for key, i in entries if key == "enabled"), None)
         if flag is not None:
-            m = _KEY.match(lines[flag])
-            assert m is not None
-            lines[flag] = f"{m.group(1)}enabled: {value}" + (f"  {m.group(4)}" if m.group(4) else "")
+            lines[flag] = _set_value(lines[flag], value)
         else:
             depth = _indent(lines[entries[0][1]]) if entries else _indent(lines[pool]) + 2
             lines.insert(pool + 1, " " * depth + f"enabled: {value}")

@@ -7,7 +7,9 @@ if [ $# -lt 1 ]; then
   echo "usage: $0 CONFIG [--undo]" >&2
   exit 2
 fi
+config="$(realpath "$1")"  # before the cd below: a path relative to where the script was called from
+shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$root/.venv/bin/python}"
 cd "$root"
-exec "$python" -m hub.rollback "$@" --signal
+exec "$python" -m hub.rollback "$config" "$@" --signal
