@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 import zmq.auth
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
@@ -173,6 +174,41 @@ def _not_ready(endpoint: str, timeout: float, status: dict[str, Any] | None) -> 
     return ProviderUnavailable(f"the hub at {endpoint} answers but was not ready within {timeout:.0f} s: " + ", ".join(short))
 
 
+def _gone(endpoint: str) -> HubUnreachable:
+    return HubUnreachable(
+        f"the connection to the hub at {endpoint} closed while the request was in flight: the supervisor "
+        "stopped or restarted; retry once it is back"
+    )
+
+
+LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+RECONNECT_GRACE = 1.0  # seconds a request waits for a closed connection to come back before giving up
+
+
+class _Link:
+    """A socket's connection state, read from its monitor: known down after a close until it reconnects."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.monitor = sock.get_monitor_socket(LINK_EVENTS)
+        self.down = False
+
+    def update(self, timeout_ms: int = 0) -> bool:
+        """Take the pending events (waiting up to ``timeout_ms`` for the first); True if a close was among them."""
+        closed = False
+        while self.monitor.poll(timeout_ms):
+            event = recv_monitor_message(self.monitor)["event"]
+            closed = closed or event == zmq.EVENT_DISCONNECTED
+            self.down = event == zmq.EVENT_DISCONNECTED
+            timeout_ms = 0
+        return closed
+
+    def wait_up(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.down and (left := deadline - time.monotonic()) > 0:
+            self.update(int(left * 1000) + 1)
+        return not self.down
+
+
 def _timed_out(waited: float) -> JobTimeout:
     return JobTimeout(f"no answer within {waited:.1f} s (the client's timeout); the request was cancelled")
 
@@ -319,14 +355,18 @@ class HubClient:
 
     # --- plumbing -------------------------------------------------------------------
 
-    def _socket(self) -> zmq.Socket:
-        """This thread's socket for one-shot calls."""
+    def _socket(self) -> tuple[zmq.Socket, _Link]:
+        """This thread's socket for one-shot calls, and what its monitor says of its connection."""
         if self._closed:
             raise RuntimeError("this HubClient is closed")
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = self._local.sock = self._new_socket()
-        return sock
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            sock = self._new_socket()
+            link = _Link(sock)
+            with self._lock:
+                self._sockets.insert(0, link.monitor)  # closed before its socket
+            pair = self._local.pair = (sock, link)
+        return pair
 
     def _new_socket(self) -> zmq.Socket:
         with self._lock:
@@ -372,14 +412,26 @@ class HubClient:
     def _exchange(
         self, msg_type: MsgType, body: dict[str, Any], payload: bytes | None, deadline: float, unreachable: bool = False
     ) -> Iterator[Any]:
-        """Send one request and yield its replies until the final one; cancel it on timeout."""
-        sock = self._socket()
+        """Send one request and yield its replies until the final one; cancel it on timeout, and give up at
+        once if the connection to the hub closes meanwhile."""
+        sock, link = self._socket()
+        link.update()
+        if link.down and not link.wait_up(min(RECONNECT_GRACE, max(0.0, deadline - time.monotonic()))):
+            raise _unreachable(self.endpoint, RECONNECT_GRACE)
         request_id = str(next(self._ids))
         started = time.monotonic()
         sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(link.monitor, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
+            ready = dict(poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
+            if link.monitor in ready and link.update():
+                raise _gone(self.endpoint)
+            if sock not in ready:
+                if ready and remaining > 0:
+                    continue
                 if not unreachable:
                     sock.send_multipart(protocol.build(MsgType.CANCEL, request_id))
                 waited = time.monotonic() - started
@@ -419,6 +471,8 @@ class AsyncHubClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.apply(self._sock)
+        self._monitor = self._sock.get_monitor_socket(LINK_EVENTS)
+        self._down = False
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Queue[Message]] = {}
@@ -443,6 +497,7 @@ class AsyncHubClient:
             except asyncio.CancelledError:
                 pass
             self._reader = None
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
 
@@ -561,7 +616,12 @@ class AsyncHubClient:
     ) -> AsyncIterator[Any]:
         request_id, inbox = self._inbox()
         started = time.monotonic()
+        grace = time.monotonic() + min(RECONNECT_GRACE, max(0.0, deadline - started))
+        while self._down and time.monotonic() < grace:
+            await asyncio.sleep(0.05)
         try:
+            if self._down:
+                raise _unreachable(self.endpoint, RECONNECT_GRACE)
             await self._sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
             while True:
                 try:
@@ -588,15 +648,27 @@ class AsyncHubClient:
         return request_id, inbox
 
     async def _read_loop(self) -> None:
+        """Route replies to their requests; when the connection closes, fail every request in flight."""
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                msg = protocol.parse(frames)
-            except HubError:
-                continue
-            inbox = self._pending.get(msg.id)
-            if inbox is not None:
-                inbox.put_nowait(msg)
+            ready = dict(await poller.poll())
+            if self._monitor in ready:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+                self._down = event["event"] == zmq.EVENT_DISCONNECTED
+                if self._down:
+                    gone = _gone(self.endpoint).to_dict()
+                    for request_id, inbox in list(self._pending.items()):
+                        inbox.put_nowait(Message(MsgType.ERROR, request_id, gone))
+            if self._sock in ready:
+                try:
+                    msg = protocol.parse(await self._sock.recv_multipart())
+                except HubError:
+                    continue
+                inbox = self._pending.get(msg.id)
+                if inbox is not None:
+                    inbox.put_nowait(msg)
 
 
 if __name__ == "__main__":

@@ -396,3 +396,37 @@ def test_wrongly_typed_options_are_bad_requests_and_spare_the_worker(hub_factory
                 client.transcribe(TONE, **options)
         assert client.transcribe(TONE).text == echo_text(TONE)
     assert hub.worker_pids() == [pid]  # bad requests do not count as the model failing
+
+
+def test_a_client_whose_hub_went_away_is_told_at_once(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider()})
+    with hub.client(timeout=20) as client:
+        assert client.transcribe(TONE).text == echo_text(TONE)
+        in_flight: list[Exception] = []
+
+        def run() -> None:
+            try:
+                client.transcribe(TONE, sleep=10)
+            except HubUnreachable as exc:
+                in_flight.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.5)
+        hub.proc.send_signal(signal.SIGKILL)  # the supervisor dies with a request in flight
+        hub.proc.wait(10)
+        t.join(5)
+        assert in_flight and "closed while the request was in flight" in in_flight[0].message
+        started = time.monotonic()
+        with pytest.raises(HubUnreachable):
+            client.status()
+        assert time.monotonic() - started < 3.0
+
+    async def main() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=2) as client:
+            started = time.monotonic()
+            with pytest.raises(HubUnreachable):
+                await client.status()
+            assert time.monotonic() - started < 5.0
+
+    asyncio.run(main())

@@ -261,16 +261,17 @@ ONLINE_CHUNK = 9600  # the streaming Paraformer's default chunk: chunk_size[1] =
 
 def stream_in_process(
     model_dir: Path, pcm: np.ndarray, options: dict[str, Any]
-) -> tuple[list[StreamUpdate], StreamUpdate]:
-    """What the adapter itself gives for ``pcm`` fed in 100 ms chunks, stepped as a worker's session steps it
-    (after each chunk, when due): the updates of every step, then that of ``finish``."""
+) -> tuple[list[StreamUpdate], StreamUpdate, list[int]]:
+    """What the adapter itself gives for ``pcm`` fed in 100 ms chunks and stepped when due: the updates of
+    every step, that of ``finish``, and after which chunk each step came."""
     streamer = FunASREngine(_spec(str(model_dir), options=options)).open_stream(dict(options), StreamSettings())
-    steps = []
-    for start in range(0, pcm.size, CHUNK):
+    steps, after = [], []
+    for index, start in enumerate(range(0, pcm.size, CHUNK)):
         streamer.feed(pcm[start : start + CHUNK])
         if streamer.due:
             steps.append(streamer.step())
-    return steps, streamer.finish()
+            after.append(index)
+    return steps, streamer.finish(), after
 
 
 @pytest.mark.parametrize(
@@ -283,19 +284,20 @@ def test_a_live_session_gives_what_the_adapter_gives_in_process(
     """Offline models take the window rule (Paraformer on its timestamps, SenseVoice on text spread evenly),
     the streaming one its own chunked decoding; through the hub, each gives exactly the in-process answer."""
     pcm = to_pcm(DATA / "stella.wav")
-    steps, last = stream_in_process(models[kind], pcm, defaults)
+    steps, last, after = stream_in_process(models[kind], pcm, defaults)
     prefix = shm.hub_prefix(hub.status()["hub"]["id"])
     events: list[StreamEvent] = []
     with hub.client() as client:
         session = client.open_stream(provider)
         reader = threading.Thread(target=lambda: events.extend(session.results()))
         reader.start()
-        for start in range(0, pcm.size, CHUNK):
-            session.send(pcm[start : start + CHUNK])
         deadline = time.monotonic() + 60
-        while sum(e.kind == "partial" for e in list(events)) < len(steps):  # one partial a step, before the end
-            assert time.monotonic() < deadline, f"{len(events)} events of {len(steps)} steps:\n{hub.log()}"
-            time.sleep(0.05)
+        for index, start in enumerate(range(0, pcm.size, CHUNK)):
+            session.send(pcm[start : start + CHUNK])
+            if index in after:  # the worker decodes what has come; wait for it, so it steps where the adapter did
+                while sum(e.kind == "partial" for e in list(events)) < after.index(index) + 1:
+                    assert time.monotonic() < deadline, f"{len(events)} events of {len(steps)} steps:\n{hub.log()}"
+                    time.sleep(0.01)
         before_close = list(events)
         transcript = session.close()
         reader.join(30)
@@ -312,7 +314,7 @@ def test_a_live_session_gives_what_the_adapter_gives_in_process(
 
 def test_a_streaming_model_decodes_chunk_by_chunk_through_its_cache(hub: Hub, models: dict[str, Path]) -> None:
     pcm = to_pcm(DATA / "stella.wav")
-    steps, last = stream_in_process(models["online"], pcm, {})
+    steps, last, _ = stream_in_process(models["online"], pcm, {})
     # every 600 ms chunk is decoded as soon as it is complete, and what it gives is final at once
     assert len(steps) == pcm.size // ONLINE_CHUNK and all(u.partial == "" for u in steps)
     spans = [(u.final.start, u.final.end) for u in steps if u.final]

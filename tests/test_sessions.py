@@ -149,8 +149,11 @@ def test_killing_a_sessions_worker_fails_it_and_the_pool_recovers(hub_factory) -
     prefix = shm.hub_prefix(hub.status()["hub"]["id"])
     with hub.client() as client:
         session = client.open_stream()
-        send_chunks(session, STEPS)
         events = session.results()
+        half = STEPS.size // 2  # two decodes, so that some words are final before the kill
+        send_chunks(session, STEPS[:half])
+        next(events)
+        send_chunks(session, STEPS[half:])
         while next(events).kind != "final":
             pass
         pid = next(w["pid"] for w in hub.status()["providers"]["echo"]["workers"] if w["id"] == session.worker)
