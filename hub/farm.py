@@ -322,10 +322,16 @@ class Farm:
             self.start_job(job, worker, now)
 
     def _roll(self, pool: ProviderPool, now: float) -> None:
-        """After a reload, start one worker of the new generation at a time; ``on_ready`` retires an old one."""
-        old = any(w.live and w.generation < pool.generation for w in pool.workers.values())
-        starting = any(w.state is WorkerState.STARTING and w.generation == pool.generation for w in pool.workers.values())
-        if old and not starting and now >= pool.next_spawn_at:
+        """After a reload, start one worker of the new generation at a time; ``on_ready`` retires an old one.
+        Once the new generation fills the (perhaps smaller) pool, the old workers that remain just drain."""
+        old = [w for w in pool.workers.values() if w.live and w.generation < pool.generation]
+        new = [w for w in pool.workers.values() if w.live and w.generation == pool.generation]
+        if not old:
+            return
+        if len(new) >= pool.config.pool.max_size and all(w.state is not WorkerState.STARTING for w in new):
+            for worker in old:
+                self.drain(worker, now)
+        elif not any(w.state is WorkerState.STARTING for w in new) and now >= pool.next_spawn_at:
             self.spawn(pool, now)
 
     def recycle(self, worker: WorkerHandle, reason: str, now: float) -> None:
@@ -428,7 +434,8 @@ class Farm:
         handle = WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now)
         handle.generation, handle.slot, handle.restarts = pool.generation, slot, restarts
         pool.add(handle)
-        log.info("started worker %s (pid %d%s)", spec.id, proc.pid, "" if gpu is None else f", CUDA_VISIBLE_DEVICES={gpu}")
+        pinned = "" if gpu is None or not self.gpus.available else f", GPU {gpu}"
+        log.info("started worker %s (pid %d%s)", spec.id, proc.pid, pinned)
 
     @property
     def ready(self) -> bool:
