@@ -21,6 +21,7 @@ import psutil
 import pytest
 import yaml
 
+from bench.streaming import word_error_rate  # noqa: F401  (the tests' WER is the benchmark's)
 from hub import shm
 from hub.client import HubClient
 from hub.errors import HubError
@@ -178,18 +179,3 @@ def echo_provider(**pool: Any) -> dict[str, Any]:
 
 def reference(name: str) -> str:
     return (DATA / f"{name}.txt").read_text().strip()
-
-
-def word_error_rate(reference_text: str, hypothesis: str) -> float:
-    """Levenshtein distance over words, after lower-casing and dropping punctuation."""
-
-    def words(text: str) -> list[str]:
-        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
-
-    ref, hyp = words(reference_text), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
