@@ -69,10 +69,6 @@ class WindowStreamer:
     def due(self) -> bool:
         return self._fresh >= self.step_seconds * SAMPLE_RATE
 
-    @property
-    def committed(self) -> list[Word]:
-        return list(self._committed)
-
     def feed(self, pcm: np.ndarray) -> None:
         self._window = np.concatenate([self._window, pcm])
         self._fresh += pcm.size
