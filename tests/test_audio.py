@@ -24,6 +24,9 @@ def test_int16_and_bytes_match_float32() -> None:
 def test_other_rates_are_resampled() -> None:
     pcm = to_pcm(np.zeros(44100, dtype=np.float32) + 0.25, sample_rate=44100)
     assert abs(pcm.size - 16000) <= 32 and abs(float(pcm[8000]) - 0.25) < 1e-3
+    for rate in (100, 10**6, 16000.5, True):
+        with pytest.raises(InvalidAudio, match="sample_rate must be"):
+            to_pcm(np.zeros(100, dtype=np.float32), sample_rate=rate)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
