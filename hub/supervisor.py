@@ -286,27 +286,35 @@ class Supervisor:
         audio = protocol.parse_audio_ref(
             msg.body, msg.payload, max_samples=int(self.config.hub.max_audio_seconds * protocol.SAMPLE_RATE)
         )
-        if audio.shm is not None and not audio.shm.startswith(self.shm_prefix):
-            raise InvalidAudio(f"shared-memory segment {audio.shm!r} is not one of this hub's ({self.shm_prefix}*)")
+        if audio.shm is not None:
+            self._own_segment(audio.shm)
         if msg.payload is not None:
             self.inline_bytes += len(msg.payload)
+        job = self._new_job(
+            client, msg, provider, "j", audio=audio, payload=msg.payload, stream=bool(msg.body.get("stream", False))
+        )
+        log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
+        self.farm.place(job, job.received_at)
+
+    def _own_segment(self, name: str) -> None:
+        if not name.startswith(self.shm_prefix):
+            raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's ({self.shm_prefix}*)")
+
+    def _new_job(self, client: bytes, msg: Message, provider: ProviderConfig, kind: str, **fields: Any) -> Job:
+        """A job or a session (``kind`` "j" or "s" prefixes its id) with what every request has in common."""
         now = time.monotonic()
         timeout = protocol.parse_timeout(msg.body)
-        job = Job(
-            id=f"j{next(self.farm.job_ids)}",
+        return Job(
+            id=f"{kind}{next(self.farm.job_ids)}",
             client=client,
             request=msg.id,
             provider=provider.name,
-            audio=audio,
-            payload=msg.payload,
             options=protocol.parse_options(msg.body),
-            stream=bool(msg.body.get("stream", False)),
             received_at=now,
             acquire_deadline=acquire_deadline(provider.pool, now, timeout),
             client_timeout=timeout,
+            **fields,
         )
-        log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
-        self.farm.place(job, now)
 
     def open_session(self, client: bytes, msg: Message) -> None:
         """A live stream leases one worker until it closes; at most ``pool.max_sessions`` of a pool."""
@@ -319,28 +327,14 @@ class Supervisor:
                 "the rest of the pool is kept for one-shot jobs"
             )
         ring = protocol.parse_ring(msg.body)
-        if ring is not None and not ring.shm.startswith(self.shm_prefix):
-            raise InvalidAudio(f"shared-memory ring {ring.shm!r} is not one of this hub's ({self.shm_prefix}*)")
-        now = time.monotonic()
-        timeout = protocol.parse_timeout(msg.body)
-        job = Job(
-            id=f"s{next(self.farm.job_ids)}",
-            client=client,
-            request=msg.id,
-            provider=provider.name,
-            audio=AudioRef(samples=0),
-            payload=None,
-            options=protocol.parse_options(msg.body),
-            stream=True,
-            received_at=now,
-            acquire_deadline=acquire_deadline(provider.pool, now, timeout),
-            client_timeout=timeout,
-            session=True,
-            ring=ring,
-            last_activity=now,
+        if ring is not None:
+            self._own_segment(ring.shm)
+        job = self._new_job(
+            client, msg, provider, "s", audio=AudioRef(samples=0), payload=None, stream=True, session=True, ring=ring
         )
+        job.last_activity = job.received_at
         log.info("session %s: opened by request %s for %s", job.id, msg.id, provider.name)
-        self.farm.place(job, now)
+        self.farm.place(job, job.received_at)
 
     def _session(self, client: bytes, request_id: str) -> Job:
         job = self.farm.requests.get((client, request_id))
