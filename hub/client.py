@@ -49,6 +49,8 @@ __all__ = [
     "StreamSession",
     "AsyncStreamSession",
     "StreamEvent",
+    "HubPool",
+    "AsyncHubPool",
 ]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -182,6 +184,12 @@ def _gone(endpoint: str) -> HubUnreachable:
 
 
 LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000  # ZMTP pings: a hub silent this long (a cut link) counts as disconnected
+
+
+def _heartbeat(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
 RECONNECT_GRACE = 1.0  # seconds a request waits for a closed connection to come back before giving up
 
 
@@ -374,6 +382,7 @@ class HubClient:
                 raise RuntimeError("this HubClient is closed")
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            _heartbeat(sock)
             if self.curve is not None:
                 self.curve.apply(sock)
             sock.connect(self.endpoint)
@@ -469,6 +478,7 @@ class AsyncHubClient:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        _heartbeat(self._sock)
         if curve is not None:
             curve.apply(self._sock)
         self._monitor = self._sock.get_monitor_socket(LINK_EVENTS)
@@ -669,6 +679,15 @@ class AsyncHubClient:
                 inbox = self._pending.get(msg.id)
                 if inbox is not None:
                     inbox.put_nowait(msg)
+
+
+def __getattr__(name: str) -> Any:
+    """``HubPool``/``AsyncHubPool`` live in ``hub.balance``, which imports this module: loaded on first use."""
+    if name in ("HubPool", "AsyncHubPool"):
+        from hub import balance
+
+        return getattr(balance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
