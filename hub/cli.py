@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from hub.audio import to_pcm
+from hub.balance import DNS_SCHEME, HubPool
 from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient, StreamSession
 from hub.errors import HubError
 from hub.protocol import SAMPLE_RATE
@@ -17,7 +18,11 @@ from hub.protocol import SAMPLE_RATE
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hub.client", description="ASR Hub command-line client.")
-    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"the hub's frontend (default {DEFAULT_ENDPOINT})")
+    parser.add_argument(
+        "--endpoint",
+        action="append",
+        help=f"a hub's frontend (default {DEFAULT_ENDPOINT}); repeat it, or give {DNS_SCHEME}NAME:PORT, to balance over many hubs",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up (default 60)")
     parser.add_argument("--client-key", help="CURVE: this client's .key_secret file (python -m hub.keys)")
     parser.add_argument("--server-key", help="CURVE: the hub's public .key file")
@@ -41,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("provider")
     scale.add_argument("size", type=int)
     for sub in (run, status, stream, scale):  # the global options are accepted after the command too
-        sub.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("--endpoint", action="append", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--client-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--server-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -90,23 +95,33 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _status_text(status: dict[str, Any]) -> str:
+    """One hub's table, or one per hub of a pool (``HubPool.status``)."""
+    if "hubs" not in status:
+        return format_status(status)
+    return "\n\n".join(
+        f"{endpoint}: error {s['error']['code']}: {s['error']['message']}" if "error" in s else format_status(s)
+        for endpoint, s in status["hubs"].items()
+    )
+
+
 def _ms(summary: dict[str, float | None]) -> str:
     values = [summary[k] for k in ("p50", "p95", "p99")]
     return "/".join("-" if v is None else f"{v:.0f}" for v in values) + " ms"
 
 
-def _watch(client: HubClient) -> int:
+def _watch(client: HubClient | HubPool) -> int:
     """Redraw the status table every second, in place, until Ctrl-C."""
     try:
         while True:
-            table = format_status(client.status())
+            table = _status_text(client.status())
             print("\x1b[H\x1b[2J" + table, flush=True)
             time.sleep(1.0)
     except KeyboardInterrupt:
         return 0
 
 
-def _stream(client: HubClient, args: argparse.Namespace) -> int:
+def _stream(client: HubClient | HubPool, args: argparse.Namespace) -> int:
     """Send the file in chunks from this thread while another prints what comes back."""
     pcm = to_pcm(args.file)
     chunk = max(1, args.chunk_ms * SAMPLE_RATE // 1000)
@@ -138,17 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.client_key) != bool(args.server_key):
         parser.error("--client-key and --server-key go together")
     curve = CurveKeys.load(args.client_key, args.server_key) if args.client_key else None
+    endpoints = args.endpoint or [DEFAULT_ENDPOINT]
+    pooled = len(endpoints) > 1 or endpoints[0].startswith(DNS_SCHEME)
+    if pooled and args.command == "scale":
+        parser.error("scale sets one hub's size: give that hub's --endpoint alone")
     try:
-        with HubClient(args.endpoint, timeout=args.timeout, curve=curve) as client:
+        client = HubPool(endpoints, timeout=args.timeout, curve=curve) if pooled else HubClient(endpoints[0], timeout=args.timeout, curve=curve)
+        with client:
             if args.command == "status":
                 if args.watch:
                     return _watch(client)
                 status = client.status()
-                print(json.dumps(status, indent=2) if args.json else format_status(status))
+                print(json.dumps(status, indent=2) if args.json else _status_text(status))
                 return 0
             if args.command == "stream":
                 return _stream(client, args)
             if args.command == "scale":
+                assert isinstance(client, HubClient)
                 client.scale(args.provider, args.size)
                 print(f"{args.provider}: size set to {args.size}")
                 return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,7 +22,7 @@ import pytest
 
 from hub.balance import Balancer, Capacity, Endpoints, HubPool, parse_endpoints, tcp_endpoint
 from hub.errors import HubError, HubUnreachable, PoolBusy, ShuttingDown
-from tests.conftest import Hub, echo_provider, free_port
+from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(120)
@@ -133,6 +135,11 @@ def test_busy_hub_sends_requests_to_the_other(hub_factory: Callable[..., Hub]) -
     assert results == [echo_text(TONE)] * 4
     assert served(free) == 4
     assert busy.status()["providers"]["echo"]["rejected"] >= 1, "no request was sent to the busy hub first"
+    cli = [sys.executable, "-m", "hub.client", "--endpoint", busy.endpoint, "--endpoint", free.endpoint, "--timeout", "20"]
+    ran = subprocess.run([*cli, "transcribe", str(DATA / "hello.wav")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.startswith("echo "), ran.stderr
+    ran = subprocess.run([*cli, "status"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.count("echo (echo, pool)") == 2, ran.stdout + ran.stderr
 
 
 class FakeClient:
