@@ -2,7 +2,10 @@
 
 It runs on a daemon thread and reads only ``Metrics``, which is lock-guarded, and the
 readiness flag and loop timestamp the supervisor sets on every loop pass: ``/healthz``
-answers 503 when the loop has stalled, not merely while the process exists.
+answers 503 when the loop has stalled, not merely while the process exists; ``/readyz``
+answers 503 from the moment draining starts, so a pod leaves its Service before it stops.
+Each connection gets its own thread: a client that sends half a request must not hold up
+the liveness probe (a kubelet would kill a healthy hub).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from hub.metrics import Metrics, PrometheusCollector
 
@@ -41,12 +45,12 @@ def serve(metrics: Metrics, host: str, port: int) -> WSGIServer:
         if path == "/readyz":
             if metrics.ready:
                 return _text(start_response, "200 OK", "ready\n")
-            return _text(start_response, "503 Service Unavailable", "not ready: a provider has fewer than min_size ready workers\n")
+            return _text(start_response, "503 Service Unavailable", "not ready: draining, or a provider has fewer than min_size ready workers\n")
         if path == "/metrics":
             return prometheus(environ, start_response)
         return _text(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")
 
-    server = make_server(host, port, app, handler_class=_QuietHandler)
+    server = make_server(host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 

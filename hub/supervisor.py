@@ -392,7 +392,7 @@ class Supervisor:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
-        self.metrics.ready = ready = self.farm.ready
+        self.metrics.ready = ready = self.farm.ready and not self.farm.stopping  # draining: out of the Service
         self.metrics.loop_at = now
         if sample or now >= self.next_summary:
             views = {name: self.farm.view(pool, now) for name, pool in self.farm.pools.items()}

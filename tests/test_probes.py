@@ -1,0 +1,63 @@
+"""The probes a cluster trusts: ``/healthz`` beside a half-sent request, ``/readyz`` off from the start of a drain."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from tests.conftest import Hub, echo_provider, free_port
+from workers.echo import echo_text
+
+pytestmark = pytest.mark.timeout(90)
+
+TONE = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_healthz_answers_while_a_client_holds_a_request_half_sent(hub_factory: Callable[..., Hub]) -> None:
+    port = free_port()
+    hub_factory({"echo": echo_provider()}, hub={"metrics_port": port})
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as stalled:
+        stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line: the request never ends
+        time.sleep(0.2)
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        assert get(f"http://127.0.0.1:{port}/readyz") == (200, "ready\n")
+        stalled.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # the half-sent request is still open, unanswered
+            stalled.recv(1)
+
+
+def test_readyz_turns_503_as_soon_as_the_drain_starts(hub_factory: Callable[..., Hub]) -> None:
+    port = free_port()
+    hub = hub_factory({"echo": echo_provider()}, hub={"metrics_port": port, "drain_timeout": 20})
+    assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    answers: list[str] = []
+    with hub.client() as client:
+        job = threading.Thread(target=lambda: answers.append(client.transcribe(TONE, sleep=3, timeout=20).text))
+        job.start()
+        time.sleep(0.5)
+        hub.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while get(f"http://127.0.0.1:{port}/readyz")[0] != 503:
+            assert time.monotonic() < deadline, "/readyz still 200 a second into the drain"
+            time.sleep(0.05)
+        assert hub.proc.poll() is None, "the hub stopped before its job finished"
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")  # draining is alive: no liveness kill
+        job.join(20)
+    assert answers == [echo_text(TONE)]
+    assert hub.proc.wait(20) == 0
