@@ -36,6 +36,7 @@ run: install
 	$(BIN)/python -m hub.supervisor --config $(CONFIG)
 
 test: $(TEST_STAMP)
+	scripts/install-test-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clips: install

@@ -95,10 +95,15 @@ class RunningHub:
 
 
 @contextmanager
-def running_hub(workdir: Path, label: str, providers: dict[str, Any]) -> Iterator[RunningHub]:
-    """Start a supervisor with ``providers``, wait until every pool has its workers, stop it afterwards."""
+def running_hub(
+    workdir: Path, label: str, providers: dict[str, Any], gateway: dict[str, Any] | None = None
+) -> Iterator[RunningHub]:
+    """Start a supervisor with ``providers`` (and a ``gateway:`` section, if given), wait until every pool
+    has its workers, stop it afterwards."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = {"hub": {"frontend": endpoint, "runtime_dir": str(workdir / "run")}, "providers": providers}
+    config: dict[str, Any] = {"hub": {"frontend": endpoint, "runtime_dir": str(workdir / "run")}, "providers": providers}
+    if gateway is not None:
+        config["gateway"] = gateway
     config_path = workdir / f"{label}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = config_path.with_suffix(".log")

@@ -73,7 +73,7 @@ def _target(name: str, measured: float, limit: float, higher_is_better: bool, un
 
 
 def targets(result: Result) -> list[Result]:
-    """The targets of issue 7, each with the measured figure and whether it was met."""
+    """The targets (issues 7 and 13), each with the measured figure and whether it was met."""
     r, o, load = result["ratios"], result["overhead"], result["load80"]
     bare = o["bare_1hop"]["latency_ms"]["p50"]
     added = o["hub_shm"]["latency_ms"]["p50"] - bare
@@ -106,6 +106,33 @@ def targets(result: Result) -> list[Result]:
             "×",
             f"p99 {load['cell']['latency_ms']['p99']:.0f} ms against {load['unloaded_p50_ms']:.0f} ms",
         ),
+        *gateway_targets(result["gateway"]),
+    ]
+
+
+def gateway_targets(g: Result) -> list[Result]:
+    """The gateway's target (issue 13): HTTP must not be the bottleneck for whisper."""
+    return [
+        _target(
+            f"whisper throughput over HTTP vs the SDK (C={g['whisper_concurrency']})",
+            g["whisper_http_vs_sdk"],
+            0.97,
+            True,
+            "×",
+            f"{g['whisper_audio_per_s']['http']:.1f} against {g['whisper_audio_per_s']['sdk']:.1f} audio s/s",
+        )
+    ]
+
+
+def gateway_lines(g: Result) -> list[str]:
+    e, r = g["echo_latency_ms"], g["echo_requests_per_s"]
+    return [
+        "",
+        "gateway (OpenAI-compatible HTTP against the SDK, same hub; echo is 10 ms of audio):",
+        f"  echo p50 {e['http']['p50']:.2f} ms over HTTP, {e['sdk']['p50']:.2f} ms through the SDK: +{e['added_p50']:.2f} ms",
+        f"  echo {r['http']:.0f} req/s over HTTP, {r['sdk']:.0f} req/s through the SDK ({g['in_flight']} in flight)",
+        f"  whisper at C={g['whisper_concurrency']}: {g['whisper_audio_per_s']['http']:.1f} audio s/s over HTTP, "
+        f"{g['whisper_audio_per_s']['sdk']:.1f} through the SDK ({g['whisper_http_vs_sdk']:.1%})",
     ]
 
 
@@ -182,6 +209,7 @@ def format_table(result: Result) -> str:
             f"({row['shm_bytes_through_hub']} B)   inline {row['inline']['p50']:8.2f} / "
             f"{row['inline']['p99']:8.2f}  ({row['inline_bytes_through_hub']} B)"
         )
+    lines += gateway_lines(result["gateway"])
     r = result["ratios"]
     lines += [
         "",
@@ -210,7 +238,7 @@ def format_table(result: Result) -> str:
             f"* {len(marked)} measurement(s) ran while other processes used more than {FOREIGN_LIMIT_PCT:.0f}% of a core "
             "(column 'other'): their figures, and the ratios built on them, are doubtful: rerun on a quiet machine.",
         ]
-    lines += ["", "targets (issue 7):"]
+    lines += ["", "targets:"]
     for t in result["targets"]:
         lines.append(
             f"  [{'met ' if t['met'] else 'MISS'}] {t['name']}: {t['measured']:.3g} {t['unit']} "

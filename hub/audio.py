@@ -7,9 +7,11 @@ hostile client can skip the SDK.
 
 from __future__ import annotations
 
+import io
 import os
+import wave
 from pathlib import Path
-from typing import Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 
@@ -38,9 +40,7 @@ def to_pcm(audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
         if sample_rate is not None:
             raise InvalidAudio("sample_rate= applies to arrays and raw bytes; a file's own rate is read from it")
         return validate_pcm(decode_file(Path(audio)))
-    rate = SAMPLE_RATE if sample_rate is None else sample_rate
-    if not isinstance(rate, int) or isinstance(rate, bool) or not 1000 <= rate <= 384000:
-        raise InvalidAudio(f"sample_rate must be an integer number of Hz between 1000 and 384000, got {rate!r}")
+    rate = check_sample_rate(SAMPLE_RATE if sample_rate is None else sample_rate)
     if isinstance(audio, np.ndarray):
         pcm = _from_array(audio)
     elif isinstance(audio, (bytes, bytearray, memoryview)):
@@ -53,7 +53,7 @@ def to_pcm(audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
             f"audio must be a file path, a numpy array or raw 16-bit PCM bytes, got {type(audio).__name__}"
         )
     validate_pcm(pcm)
-    return pcm if rate == SAMPLE_RATE else resample(pcm, rate)
+    return pcm if rate == SAMPLE_RATE else validate_pcm(resample(pcm, rate))
 
 
 def _from_array(array: np.ndarray) -> np.ndarray:
@@ -70,24 +70,54 @@ def _from_array(array: np.ndarray) -> np.ndarray:
 
 def decode_file(path: Path) -> np.ndarray:
     """Decode any container PyAV reads (wav, flac, mp3, ogg, ...) to float32 mono 16 kHz."""
-    import av
-
     if not path.is_file():
         raise InvalidAudio(f"audio file {str(path)!r} does not exist or is not a file")
+    return _decode(str(path), repr(str(path)))
+
+
+def decode_bytes(data: bytes, name: str = "the upload") -> np.ndarray:
+    """Decode a whole file held in memory (an HTTP upload) without writing it anywhere."""
+    if not data:
+        raise InvalidAudio(f"{name} is empty (0 bytes)")
+    pcm = _mono_wav(data)
+    return validate_pcm(_decode(io.BytesIO(data), name) if pcm is None else pcm)
+
+
+def _mono_wav(data: bytes) -> np.ndarray | None:
+    """Mono 16-bit PCM WAV, the most common upload, read without FFmpeg (about ten times cheaper for a short
+    clip); None for anything else, which FFmpeg then decodes."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            if w.getsampwidth() != 2 or w.getnchannels() != 1:
+                return None
+            rate, raw = w.getframerate(), w.readframes(w.getnframes())
+    except (wave.Error, EOFError):
+        return None
+    if not raw or not 1000 <= rate <= 384000:
+        return None
+    pcm = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+    return pcm if rate == SAMPLE_RATE else resample(pcm, rate)
+
+
+def _decode(source: str | BinaryIO, name: str) -> np.ndarray:
+    import av
+
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
     chunks: list[np.ndarray] = []
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with av.open(source, metadata_errors="ignore") as container:
             if not container.streams.audio:
-                raise InvalidAudio(f"{str(path)!r} has no audio stream")
+                raise InvalidAudio(f"{name} has no audio stream")
             for frame in container.decode(audio=0):
                 frame.pts = None
                 chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
-        raise InvalidAudio(f"cannot decode {str(path)!r}: {exc}") from None
+        raise InvalidAudio(f"cannot decode {name}: {exc}") from None
     if not chunks:
-        raise InvalidAudio(f"{str(path)!r} decodes to no audio samples")
+        raise InvalidAudio(f"{name} decodes to no audio samples")
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
@@ -98,5 +128,55 @@ def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
     frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="flt", layout="mono")
     frame.sample_rate = rate
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    out = [f.to_ndarray().reshape(-1) for f in (*resampler.resample(frame), *resampler.resample(None))]
-    return np.concatenate(out).astype(np.float32, copy=False)
+    return _joined([*resampler.resample(frame), *resampler.resample(None)])
+
+
+def check_sample_rate(rate: object) -> int:
+    """A sample rate a stream may declare: an integer number of Hz between 1000 and 384000."""
+    if not isinstance(rate, int) or isinstance(rate, bool) or not 1000 <= rate <= 384000:
+        raise InvalidAudio(f"sample_rate must be an integer number of Hz between 1000 and 384000, got {rate!r}")
+    return rate
+
+
+class StreamResampler:
+    """Resample one live stream to float32 16 kHz, chunk after chunk, with one FFmpeg resampler kept
+    for the whole stream.
+
+    Resampling each chunk on its own restarts the filter every time and lengthens the audio (0.8 %
+    for 128-sample chunks); carried over chunks, the filter's state makes the output of the whole
+    stream, tail included, the same samples and the same length as ``resample`` of all of it at once.
+    Call ``feed`` per chunk (float32 in [-1, 1] or int16) and ``flush`` once at the end.
+    """
+
+    def __init__(self, rate: int) -> None:
+        import av
+
+        self.rate = check_sample_rate(rate)
+        self._resampler = None if rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+    def feed(self, chunk: np.ndarray) -> np.ndarray:
+        """The 16 kHz samples ``chunk`` completes (often a few fewer or more than its share: the filter looks ahead)."""
+        pcm = _from_array(chunk)
+        if pcm.size == 0:
+            return pcm
+        if not np.isfinite(pcm).all():
+            raise InvalidAudio("the audio contains NaN or infinite samples")
+        if self._resampler is None:
+            return pcm
+        import av
+
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="flt", layout="mono")
+        frame.sample_rate = self.rate
+        return _joined(self._resampler.resample(frame))
+
+    def flush(self) -> np.ndarray:
+        """The samples the filter still holds; the stream ends here."""
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        return _joined(self._resampler.resample(None))
+
+
+def _joined(frames: list[Any]) -> np.ndarray:
+    if not frames:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.float32, copy=False)

@@ -629,10 +629,12 @@ class AsyncHubClient:
         grace = time.monotonic() + min(RECONNECT_GRACE, max(0.0, deadline - started))
         while self._down and time.monotonic() < grace:
             await asyncio.sleep(0.05)
+        sent = answered = False
         try:
             if self._down:
                 raise _unreachable(self.endpoint, RECONNECT_GRACE)
             await self._sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
+            sent = True
             while True:
                 try:
                     msg = await asyncio.wait_for(inbox.get(), timeout=max(0.0, deadline - time.monotonic()))
@@ -640,13 +642,20 @@ class AsyncHubClient:
                     waited = time.monotonic() - started
                     if unreachable:
                         raise _unreachable(self.endpoint, waited) from None
-                    await self._sock.send_multipart(protocol.build(MsgType.CANCEL, request_id))
                     raise _timed_out(waited) from None
+                answered = msg.type is not MsgType.SEGMENT
                 yield _interpret(msg)
-                if msg.type is not MsgType.SEGMENT:
+                if answered:
                     return
         finally:
             self._pending.pop(request_id, None)
+            if sent and not answered and not unreachable:
+                # timed out, cancelled, or its caller stopped listening: the hub drops the job (fire and forget,
+                # since a cancelled task cannot wait)
+                try:
+                    self._sock.send_multipart(protocol.build(MsgType.CANCEL, request_id))
+                except zmq.ZMQError:
+                    pass  # the client is closing: the hub sees the connection go
 
     def _inbox(self) -> tuple[str, asyncio.Queue[Message]]:
         """A new request id and the queue its replies are routed to (starting the reader on first use)."""

@@ -191,9 +191,29 @@ class HubSection:
 
 
 @dataclass(frozen=True)
+class GatewaySection:
+    """The HTTP/WebSocket/Wyoming gateway the supervisor runs as a child process (``python -m hub.gateway``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    wyoming_port: int = 0  # 0: no Wyoming server; 10300 is Home Assistant's usual port
+    api_keys_file: str = ""  # one key a line; "" accepts every request (loopback only, unless allow_insecure)
+    allow_insecure: bool = False
+    max_upload_mb: float = 100.0
+    max_concurrent_requests: int = 64
+    request_timeout: float = 600.0
+    wyoming_idle_timeout: float = 30.0  # a Wyoming connection silent this long with nothing in flight is closed
+    model_aliases: dict[str, str] = field(default_factory=dict)
+    client_secret_key: str = ""  # CURVE, for a hub that requires it: the gateway's own .key_secret file ...
+    server_public_key: str = ""  # ... and the hub's public .key file
+
+
+@dataclass(frozen=True)
 class HubConfig:
     hub: HubSection
     providers: dict[str, ProviderConfig]
+    gateway: GatewaySection = GatewaySection()
 
     @property
     def enabled_providers(self) -> list[ProviderConfig]:
@@ -237,7 +257,7 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
     skips the checks that depend on this machine's files (model directories, key files), for
     validating a config meant for another machine."""
     root = _mapping(data, "config")
-    _reject_unknown(root, {"hub", "providers"}, "")
+    _reject_unknown(root, {"hub", "providers", "gateway"}, "")
     hub = _build(HubSection, _mapping(root.get("hub") or {}, "hub"), "hub")
     if hub.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"hub.log_level: must be one of {', '.join(LOG_LEVELS)}, got {hub.log_level!r}")
@@ -253,10 +273,60 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
         name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir, check_paths)
         for name, body in raw_providers.items()
     }
-    config = HubConfig(hub=hub, providers=providers)
+    config = HubConfig(hub=hub, providers=providers, gateway=_gateway(root.get("gateway"), base_dir, check_paths))
     if not config.enabled_providers:
         raise ConfigError("providers: at least one provider must be enabled")
+    if config.gateway.enabled and hub.curve.enabled and not config.gateway.client_secret_key:
+        raise ConfigError(
+            "gateway: the hub requires CURVE keys (hub.curve), so the gateway needs its own: set "
+            "gateway.client_secret_key (a key pair from python -m hub.keys, its public key in hub.curve.allowed_clients) "
+            "and gateway.server_public_key (the hub's public .key file)"
+        )
+    for alias, target in config.gateway.model_aliases.items():
+        if target not in config.providers:
+            raise ConfigError(f"gateway.model_aliases.{alias}: no provider named {target!r}")
     return config
+
+
+def _gateway(data: Any, base_dir: Path | None, check_paths: bool) -> GatewaySection:
+    gateway = _build(GatewaySection, _mapping(data or {}, "gateway"), "gateway")
+    for key in ("port", "wyoming_port"):
+        if not 0 <= getattr(gateway, key) <= 65535:
+            raise ConfigError(f"gateway.{key}: must be a TCP port (0 turns it off), got {getattr(gateway, key)}")
+    if min(gateway.max_upload_mb, gateway.max_concurrent_requests, gateway.request_timeout, gateway.wyoming_idle_timeout) <= 0:
+        raise ConfigError(
+            "gateway: max_upload_mb, max_concurrent_requests, request_timeout and wyoming_idle_timeout must be positive"
+        )
+    if bool(gateway.client_secret_key) != bool(gateway.server_public_key):
+        raise ConfigError("gateway: give both client_secret_key and server_public_key (CURVE keys), or neither")
+    for key in ("api_keys_file", "client_secret_key", "server_public_key"):
+        if getattr(gateway, key):
+            path = _resolve(getattr(gateway, key), base_dir)
+            if check_paths and not path.is_file():
+                raise ConfigError(f"gateway.{key}: {str(path)!r} is not a file")
+            gateway = dataclasses.replace(gateway, **{key: str(path)})
+    check_gateway_exposure(gateway)
+    return gateway
+
+
+def check_gateway_exposure(gateway: GatewaySection) -> None:
+    """A gateway other machines can reach needs API keys, unless the operator opts out explicitly; Wyoming has
+    no authentication at all, so exposing it always takes the explicit opt-out."""
+    if is_loopback(f"tcp://{gateway.host}:0") or gateway.allow_insecure:
+        return
+    if gateway.wyoming_port:
+        raise ConfigError(
+            f"gateway.host: {gateway.host} can be reached from other machines, and the Wyoming protocol "
+            f"(gateway.wyoming_port {gateway.wyoming_port}) has no authentication. Keep that port on a trusted "
+            "network and set gateway.allow_insecure: true, or set wyoming_port: 0"
+        )
+    if gateway.api_keys_file:
+        return
+    raise ConfigError(
+        f"gateway.host: {gateway.host} can be reached from other machines, and anyone who connects could use "
+        "the hub. Set gateway.api_keys_file (one key a line; clients send 'Authorization: Bearer KEY'), "
+        "or set gateway.allow_insecure: true to accept that"
+    )
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -266,6 +336,17 @@ def is_loopback(endpoint: str) -> bool:
         return True
     host = rest.rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def loopback_endpoint(frontend: str) -> str:
+    """Where a client on the hub's own host connects: a wildcard bind address becomes loopback."""
+    scheme, _, rest = frontend.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and host in ("*", "0.0.0.0"):
+        return f"tcp://127.0.0.1:{port}"
+    if scheme == "tcp" and host in ("[::]", "::"):
+        return f"tcp://[::1]:{port}"
+    return frontend
 
 
 def check_exposure(hub: HubSection) -> None:

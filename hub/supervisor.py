@@ -29,6 +29,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from hub import __version__, http, logs, protocol, shm, status
+from hub.children import GatewayChild
 from hub.config import (
     ConfigError,
     CurveConfig,
@@ -89,6 +90,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics)
         self.http: Any = None
+        self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
         self.signals: deque[int] = deque()
         self.drain_deadline = 0.0
@@ -98,6 +100,15 @@ class Supervisor:
         self.dropped = 0  # replies dropped because a client stopped reading
         self.malformed = 0  # messages refused as BAD_REQUEST, or dropped when from a worker
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
+
+    def _gateway_child(self, config: HubConfig, config_path: Path | None) -> GatewayChild | None:
+        if not config.gateway.enabled:
+            return None
+        if config_path is None:
+            log.warning("gateway.enabled ignored: the supervisor was not started from a config file")
+            return None
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        return GatewayChild(config.gateway, config_path, config.hub.frontend, level, config.hub.log_format)
 
     def _secure(self, curve: CurveConfig) -> None:
         """CURVE on the frontend: only clients whose public key is in ``allowed_clients`` get through."""
@@ -388,6 +399,8 @@ class Supervisor:
         if sample:
             self.next_sample = now + SAMPLE_INTERVAL
         self.farm.tick(now, sample)
+        if self.gateway is not None and not self.farm.stopping:
+            self.gateway.tick(now)
         if now >= self.next_sweep:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
@@ -421,6 +434,8 @@ class Supervisor:
             log.warning("hub.frontend cannot change on reload (still %s); restart to move it", self.config.hub.frontend)
         new = dataclasses.replace(new, hub=dataclasses.replace(new.hub, frontend=self.config.hub.frontend))
         self.farm.reconfigure(new, time.monotonic())
+        if self.gateway is not None:
+            self.gateway.reload()
         log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.pools))
 
     def status(self) -> dict[str, Any]:
@@ -443,11 +458,14 @@ class Supervisor:
                 "inline_bytes": self.inline_bytes,
             },
             "providers": providers,
+            **({"gateway": self.gateway.status()} if self.gateway is not None else {}),
         }
 
     def close(self) -> None:
         """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL), remove our files."""
         stopped = self.farm.shutdown()
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.http is not None:
             self.http.shutdown()
         self.frontend.close()

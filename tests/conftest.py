@@ -73,14 +73,21 @@ class Hub:
         return int(self.proc.returncode)
 
 
-def start_hub(tmp_path: Path, providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True) -> Hub:
+def start_hub(
+    tmp_path: Path,
+    providers: dict[str, Any],
+    hub: dict[str, Any] | None = None,
+    ready: bool = True,
+    gateway: dict[str, Any] | None = None,
+) -> Hub:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "hub": {"frontend": endpoint, "runtime_dir": str(tmp_path / "run"), **(hub or {})},
         "providers": providers,
+        **({"gateway": gateway} if gateway is not None else {}),
     }
     config_path = tmp_path / f"hub-{endpoint.rsplit(':', 1)[1]}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))  # in the test's order: its first provider is the default
     log_path = config_path.with_suffix(".log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -106,8 +113,10 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     """Start supervisors for one test; every one is stopped and checked for leftovers afterwards."""
     hubs: list[Hub] = []
 
-    def factory(providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True) -> Hub:
-        started = start_hub(tmp_path, providers, hub, ready)
+    def factory(
+        providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True, gateway: dict[str, Any] | None = None
+    ) -> Hub:
+        started = start_hub(tmp_path, providers, hub, ready, gateway)
         hubs.append(started)
         return started
 

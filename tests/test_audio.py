@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
 
-from hub.audio import to_pcm, validate_pcm
+import io
+import wave
+
+from hub.audio import StreamResampler, _decode, decode_bytes, resample, to_pcm, validate_pcm
 from hub.errors import InvalidAudio
 from tests.conftest import DATA
 
@@ -62,3 +65,62 @@ def test_validate_pcm_is_what_workers_run() -> None:
         validate_pcm(np.zeros(4, dtype=np.int16))
     ok = np.ones(4, dtype=np.float32)
     assert validate_pcm(ok) is ok
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+@pytest.mark.parametrize("chunk", [1, 127, 4096])
+def test_stream_resampler_equals_a_whole_file_resample(rate: int, chunk: int) -> None:
+    pcm = (0.3 * np.random.default_rng(chunk).standard_normal(rate // 4 + 77)).astype(np.float32)
+    whole = resample(pcm, rate)
+    resampler = StreamResampler(rate)
+    streamed = np.concatenate([*(resampler.feed(pcm[i : i + chunk]) for i in range(0, pcm.size, chunk)), resampler.flush()])
+    assert streamed.size == whole.size
+    assert abs(streamed.size - pcm.size * 16000 / rate) < 1  # the length of the audio, to the sample
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
+    # what the resampler is for: resampling each chunk on its own gets the length wrong
+    if chunk == 127:
+        full = pcm.size // chunk * chunk
+        alone = sum(resample(pcm[i : i + chunk], rate).size for i in range(0, full, chunk))
+        assert abs(alone - full * 16000 / rate) > 5
+
+
+def test_stream_resampler_takes_int16_passes_16k_through_and_refuses_nan() -> None:
+    ints = (np.sin(np.linspace(0, 300, 4410)) * 20000).astype(np.int16)
+    resampler = StreamResampler(44100)
+    out = np.concatenate([resampler.feed(ints), resampler.flush()])
+    np.testing.assert_allclose(out, resample(ints.astype(np.float32) / 32768, 44100), atol=1e-6)
+    same = StreamResampler(16000)
+    pcm = np.linspace(-0.5, 0.5, 1000, dtype=np.float32)
+    assert np.array_equal(same.feed(pcm), pcm) and same.flush().size == 0
+    with pytest.raises(InvalidAudio, match="NaN"):
+        StreamResampler(48000).feed(np.array([0.1, np.nan], dtype=np.float32))
+
+
+def wav_of(pcm: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat((pcm * 32767).astype("<i2"), channels).tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("rate, channels", [(16000, 1), (44100, 1), (48000, 2), (8000, 1)])
+def test_uploads_decode_as_ffmpeg_does_with_or_without_the_wav_shortcut(rate: int, channels: int) -> None:
+    pcm = (0.4 * np.sin(np.linspace(0, 500, rate))).astype(np.float32)
+    data = wav_of(pcm, rate, channels)
+    np.testing.assert_allclose(decode_bytes(data), _decode(io.BytesIO(data), "x"), atol=1e-6)
+    clip = (DATA / "stella.wav").read_bytes()
+    assert np.array_equal(decode_bytes(clip), _decode(io.BytesIO(clip), "x"))
+    with pytest.raises(InvalidAudio, match="empty"):
+        decode_bytes(b"")
+    with pytest.raises(InvalidAudio, match="cannot decode"):
+        decode_bytes(b"RIFF\x00\x00\x00\x00WAVEnonsense" * 10)
+
+
+def test_a_few_samples_at_another_rate_are_refused_not_a_crash() -> None:
+    assert resample(np.full(3, 0.1, dtype=np.float32), 48000).size <= 1
+    with pytest.raises(InvalidAudio):
+        to_pcm(np.full(2, 0.1, dtype=np.float32), sample_rate=48000)
+

@@ -15,11 +15,12 @@ import hub.client
 import hub.stream
 from hub.cli import _parser as client_parser
 from hub.config import parse_config
+from hub.gateway.__main__ import parser as gateway_parser
 from tests.conftest import ROOT
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SDK = {name: getattr(hub.client, name) for name in hub.client.__all__}
-CLI_MODULES = {"hub.client", "hub.supervisor", "hub.keys", "hub.rollback", "bench", "bench.soak", "workers"}
+CLI_MODULES = {"hub.client", "hub.supervisor", "hub.gateway", "hub.keys", "hub.rollback", "bench", "bench.soak", "workers"}
 
 
 def _text(path: Path) -> str:
@@ -82,6 +83,9 @@ def test_cli_commands_and_flags_exist(path: Path) -> None:
         if "python -m hub.client" in line:
             for flag in re.findall(r"\s(--[a-z][\w-]*)", line.split("python -m hub.client", 1)[1]):
                 assert flag in flags, f"{path.name}: hub.client has no flag {flag}"
+        if "python -m hub.gateway" in line:
+            for flag in re.findall(r"\s\[?(--[a-z][\w-]*)", line.split("python -m hub.gateway", 1)[1]):
+                assert flag in _options(gateway_parser()), f"{path.name}: hub.gateway has no flag {flag}"
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())

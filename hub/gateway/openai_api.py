@@ -1,0 +1,210 @@
+"""OpenAI-compatible speech-to-text: ``/v1/audio/transcriptions``, ``/v1/audio/translations``, ``/v1/models``.
+
+Field by field as OpenAI's API and its Python SDK send them: ``file``, ``model``, ``language``,
+``prompt`` (whisper's ``initial_prompt``), ``response_format``, ``temperature``,
+``timestamp_granularities[]`` and ``stream`` (server-sent events). Fields OpenAI has that a hub
+cannot use (``include[]``, ``chunking_strategy``) are accepted and ignored, so clients work unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.types import Receive
+
+from hub.audio import decode_bytes
+from hub.errors import HubError
+from hub.gateway.errors import ApiError, describe
+from hub.gateway.formats import FORMATS, MEDIA_TYPES, render
+from hub.gateway.state import Gateway, Slot
+from hub.gateway.upload import Form, read_form
+from hub.protocol import SAMPLE_RATE
+from hub.results import Segment, Transcript
+
+router = APIRouter()
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+@router.post("/v1/audio/transcriptions")
+async def transcriptions(request: Request) -> Response:
+    return await _serve(request, "transcribe")
+
+
+@router.post("/v1/audio/translations")
+async def translations(request: Request) -> Response:
+    return await _serve(request, "translate")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    gateway = gateway_of(request)
+    gateway.keys.check(request.headers.get("authorization"))
+    return {"object": "list", "data": [_model(m["id"]) for m in gateway.models()]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    gateway = gateway_of(request)
+    gateway.keys.check(request.headers.get("authorization"))
+    provider = gateway.provider_for(model_id)
+    known = {m["id"] for m in gateway.models()}
+    if provider is not None and provider not in known:
+        raise ApiError("UNKNOWN_PROVIDER", f"no model named {model_id!r}; GET /v1/models lists them", param="model")
+    return _model(model_id)
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "asr-hub"}
+
+
+async def _serve(request: Request, task: str) -> Response:
+    gateway = gateway_of(request)
+    gateway.keys.check(request.headers.get("authorization"))
+    slot: Slot | None = gateway.admit()
+    try:
+        call, pcm = await _read(request, gateway, task)
+        provider = gateway.provider_for(call.model)
+        if call.stream:
+            response = await _stream(gateway, pcm, provider, call, slot)
+            slot = None  # held until the last event is sent
+            return response
+        transcript = await _until_disconnect(gateway.client.transcribe(pcm, provider, **call.options), request.receive)
+    finally:
+        if slot is not None:
+            slot.release()
+    body = render(transcript, call.response_format, task, call.words)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return PlainTextResponse(body, media_type=MEDIA_TYPES[call.response_format])
+
+
+async def _read(request: Request, gateway: Gateway, task: str) -> tuple[_Call, np.ndarray]:
+    """The form, checked, and its audio decoded in memory off the event loop."""
+    form = await read_form(
+        request.headers.get("content-type", ""),
+        request.headers.get("content-length"),
+        request.stream(),
+        gateway.settings.max_upload_bytes,
+    )
+    call = _Call(form, gateway, task)
+    pcm = await asyncio.to_thread(decode_bytes, call.audio, f"the uploaded file {call.filename!r}")
+    seconds = pcm.size / SAMPLE_RATE
+    if seconds > gateway.settings.max_audio_seconds:
+        raise ApiError(
+            "UPLOAD_TOO_LARGE",
+            f"the audio is {seconds:.0f} s long, longer than this hub accepts "
+            f"({gateway.settings.max_audio_seconds:.0f} s, hub.max_audio_seconds); split it",
+            param="file",
+        )
+    return call, pcm
+
+
+class _Call:
+    """The form's fields, checked, as the options of one hub request."""
+
+    def __init__(self, form: Form, gateway: Gateway, task: str) -> None:
+        upload = form.files.get("file")
+        if upload is None:
+            raise ApiError("BAD_REQUEST", "the form has no 'file' part: send the audio as a file named 'file'", "file")
+        self.filename, self.audio = upload
+        self.model = form.get("model")
+        self.response_format = form.get("response_format") or "json"
+        if self.response_format not in FORMATS:
+            raise ApiError(
+                "BAD_REQUEST",
+                f"response_format must be one of {', '.join(FORMATS)}, got {self.response_format!r}",
+                "response_format",
+            )
+        granularities = set(form.all("timestamp_granularities[]") + form.all("timestamp_granularities"))
+        if granularities - {"word", "segment"}:
+            raise ApiError("BAD_REQUEST", "timestamp_granularities[] takes 'word' and 'segment'", "timestamp_granularities")
+        self.words = "word" in granularities
+        self.stream = _flag(form.get("stream"), "stream")
+        if self.stream and self.response_format not in ("json", "text"):
+            raise ApiError("BAD_REQUEST", "stream=true gives server-sent events; use response_format json or text", "stream")
+        self.options: dict[str, Any] = {}
+        if task == "translate":
+            self.options["task"] = "translate"
+        if language := form.get("language"):
+            self.options["language"] = language
+        if prompt := form.get("prompt"):
+            self.options["initial_prompt"] = prompt
+        if (temperature := form.get("temperature")) not in (None, ""):
+            self.options["temperature"] = _number(temperature, "temperature")
+        if self.words:
+            self.options["word_timestamps"] = True
+        self.options["timeout"] = gateway.settings.section.request_timeout
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value in (None, "", "false", "False", "0"):
+        return False
+    if value in ("true", "True", "1"):
+        return True
+    raise ApiError("BAD_REQUEST", f"{name} must be true or false, got {value!r}", name)
+
+
+def _number(value: str, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ApiError("BAD_REQUEST", f"{name} must be a number, got {value!r}", name) from None
+
+
+async def _until_disconnect(work: Any, receive: Receive) -> Transcript:
+    """Run the hub request; if the HTTP client goes away first, cancel it (the hub then drops the job)."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not job.done():
+            job.cancel()
+        gone.cancel()
+    if not job.done() or job.cancelled():
+        raise ApiError("CLIENT_CLOSED", "the client closed the connection; its job was cancelled")
+    return job.result()  # type: ignore[no-any-return]
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(gateway: Gateway, pcm: np.ndarray, provider: str | None, call: _Call, slot: Slot) -> Response:
+    """Server-sent events in OpenAI's shape: a ``transcript.text.delta`` per segment, then ``transcript.text.done``.
+
+    The first event is awaited before the response starts, so a request the hub refuses still gets
+    its HTTP status; an error after that arrives as an ``error`` event."""
+    events = gateway.client.transcribe_stream(pcm, provider, **call.options)
+    first = await anext(events)
+
+    async def body() -> AsyncIterator[bytes]:
+        event: Segment | Transcript = first
+        try:
+            while True:
+                if isinstance(event, Transcript):
+                    yield _sse({"type": "transcript.text.done", "text": event.text})
+                    return
+                yield _sse({"type": "transcript.text.delta", "delta": event.text})
+                event = await anext(events)
+        except HubError as exc:
+            yield _sse(describe(exc)[1])
+        finally:
+            await events.aclose()
+            slot.release()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
