@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, gateway, report, streaming
+from bench import chart, gateway, hubpool, report, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -25,6 +25,10 @@ def gateway_plan(args: argparse.Namespace) -> gateway.GatewayPlan:
     if args.quick:
         return gateway.GatewayPlan(round_trips=300, seconds=2, whisper_jobs=12, whisper_workers=args.max_workers, settle_s=2)
     return gateway.GatewayPlan(round_trips=1000, seconds=5, whisper_jobs=24, whisper_workers=args.max_workers, settle_s=30)
+
+
+def hubpool_plan(args: argparse.Namespace) -> hubpool.PoolPlan:
+    return hubpool.PoolPlan(jobs=8, round_trips=300, settle_s=2) if args.quick else hubpool.PoolPlan(jobs=24, round_trips=1000, settle_s=30)
 
 
 def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPlan]:
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         result: report.Result = run_matrix(workdir, matrix_plan, clips)
         result["overhead"] = measure(workdir, clips, overhead_plan)
         result["gateway"] = gateway.measure(workdir, clips, gateway_plan(args))
+        result["hubpool"] = hubpool.measure(workdir, clips, hubpool_plan(args))
         say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
     result["clips"] = [duration(c) for c in clips]

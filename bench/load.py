@@ -21,13 +21,13 @@ import numpy as np
 
 from bench.clips import duration
 from bench.stats import Run, Sample
-from hub.client import AsyncHubClient
+from hub.client import AsyncHubClient, AsyncHubPool
 
 REQUEST_TIMEOUT_S = 300.0
 
 
 async def _closed(
-    endpoint: str,
+    endpoint: str | list[str],
     clips: Sequence[np.ndarray],
     provider: str,
     concurrency: int,
@@ -35,7 +35,9 @@ async def _closed(
     seconds: float | None,
     use_shm: bool,
 ) -> Run:
-    async with AsyncHubClient(endpoint, timeout=REQUEST_TIMEOUT_S, use_shm=use_shm) as client:
+    pooled = isinstance(endpoint, list)  # several hubs: one AsyncHubPool balances over them
+    connect = AsyncHubPool if pooled else AsyncHubClient
+    async with connect(endpoint, timeout=REQUEST_TIMEOUT_S, use_shm=use_shm) as client:  # type: ignore[operator]
         await client.status()  # the HELLO and shared-memory probe happen before the clock starts
         numbers = itertools.count()
         samples: list[Sample] = []
@@ -57,7 +59,7 @@ async def _closed(
 
 
 def closed_loop(
-    endpoint: str,
+    endpoint: str | list[str],
     clips: Sequence[np.ndarray],
     provider: str,
     concurrency: int,
@@ -65,7 +67,8 @@ def closed_loop(
     seconds: float | None = None,
     use_shm: bool = True,
 ) -> Run:
-    """``concurrency`` callers in a closed loop until ``jobs`` requests were sent or ``seconds`` passed."""
+    """``concurrency`` callers in a closed loop until ``jobs`` requests were sent or ``seconds`` passed; a list
+    of endpoints is served through one ``AsyncHubPool``."""
     return asyncio.run(_closed(endpoint, clips, provider, concurrency, jobs, seconds, use_shm))
 
 
@@ -95,7 +98,7 @@ def open_loop(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: f
     return asyncio.run(_open(endpoint, clips, provider, rate, jobs, seed))
 
 
-def warm_up(endpoint: str, clips: Sequence[np.ndarray], provider: str, workers: int) -> float:
+def warm_up(endpoint: str | list[str], clips: Sequence[np.ndarray], provider: str, workers: int) -> float:
     """One request per worker, all at once (idle workers are handed jobs LRU first, so each gets one:
     the first inference of a fresh model is slower and must not count); returns when the first answer came."""
     run = closed_loop(endpoint, clips, provider, concurrency=workers, jobs=workers)

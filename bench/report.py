@@ -107,6 +107,7 @@ def targets(result: Result) -> list[Result]:
             f"p99 {load['cell']['latency_ms']['p99']:.0f} ms against {load['unloaded_p50_ms']:.0f} ms",
         ),
         *gateway_targets(result["gateway"]),
+        *hubpool_targets(result["hubpool"]),
     ]
 
 
@@ -133,6 +134,33 @@ def gateway_lines(g: Result) -> list[str]:
         f"  echo {r['http']:.0f} req/s over HTTP, {r['sdk']:.0f} req/s through the SDK ({g['in_flight']} in flight)",
         f"  whisper at C={g['whisper_concurrency']}: {g['whisper_audio_per_s']['http']:.1f} audio s/s over HTTP, "
         f"{g['whisper_audio_per_s']['sdk']:.1f} through the SDK ({g['whisper_http_vs_sdk']:.1%})",
+    ]
+
+
+def hubpool_targets(h: Result) -> list[Result]:
+    """Balancing over hubs (issue 15): two hubs of one worker behind a HubPool keep up with one hub of two."""
+    a = h["audio_per_s"]
+    return [
+        _target(
+            f"{h['hubs']} hubs of 1 worker behind a HubPool vs 1 hub of {h['hubs']} (C={h['concurrency']})",
+            h["pool_vs_one_hub"],
+            0.97,
+            True,
+            "×",
+            f"{a['hub_pool']:.1f} against {a['one_hub']:.1f} audio s/s",
+        )
+    ]
+
+
+def hubpool_lines(h: Result) -> list[str]:
+    e = h["echo_latency_ms"]
+    return [
+        "",
+        f"hub pool ({h['hubs']} hubs of 1 worker behind one HubPool against 1 hub of {h['hubs']} workers, same clips):",
+        f"  whisper at C={h['concurrency']}: {h['audio_per_s']['hub_pool']:.1f} audio s/s through the pool, "
+        f"{h['audio_per_s']['one_hub']:.1f} from one hub ({h['pool_vs_one_hub']:.1%})",
+        f"  echo p50 {e['pool']['p50']:.2f} ms through the pool, {e['client']['p50']:.2f} ms with one client: "
+        f"{e['added_p50']:+.2f} ms per request",
     ]
 
 
@@ -210,6 +238,7 @@ def format_table(result: Result) -> str:
             f"{row['inline']['p99']:8.2f}  ({row['inline_bytes_through_hub']} B)"
         )
     lines += gateway_lines(result["gateway"])
+    lines += hubpool_lines(result["hubpool"])
     r = result["ratios"]
     lines += [
         "",

@@ -23,7 +23,8 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     (result_file,) = tmp_path.glob("*.json")
     assert (result_file.with_suffix(".png")).stat().st_size > 10_000
     result = json.loads(result_file.read_text())
-    assert {"ratios", "targets", "overhead", "streaming", "gateway", "meta"} <= set(result)
+    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "meta"} <= set(result)
+    assert result["hubpool"]["pool_vs_one_hub"] > 0.5 and "through the pool" in out.stdout
     assert result["gateway"]["whisper_http_vs_sdk"] > 0.5 and result["gateway"]["echo_requests_per_s"]["http"] > 0
     assert result["streaming"]["finals"] > 0 and 0 <= result["streaming"]["wer_vs_whole"] < 0.5
     assert "speech to final text" in out.stdout and "ceiling" in out.stdout
