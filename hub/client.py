@@ -28,7 +28,7 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
-from hub.errors import HubError, HubUnreachable, JobTimeout, ProviderUnavailable
+from hub.errors import AuthFailed, HubError, HubUnreachable, JobTimeout, ProviderUnavailable
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript
 from hub.stream import (
@@ -176,6 +176,24 @@ def _not_ready(endpoint: str, timeout: float, status: dict[str, Any] | None) -> 
     return ProviderUnavailable(f"the hub at {endpoint} answers but was not ready within {timeout:.0f} s: " + ", ".join(short))
 
 
+def _refused(endpoint: str, curve: CurveKeys | None) -> AuthFailed:
+    if curve is None:
+        return AuthFailed(
+            f"the hub at {endpoint} refused this client in the handshake: it requires CURVE keys (hub.curve) and "
+            "this client has none; pass curve=CurveKeys.load(...) (or --client-key and --server-key)"
+        )
+    return AuthFailed(
+        f"the hub at {endpoint} refused this client in the CURVE handshake (server key {curve.server.decode()}, "
+        f"client public key {curve.public.decode()}): the client's public key is not in the hub's "
+        "hub.curve.allowed_clients folder, or the server key is not that hub's"
+    )
+
+
+def _lost(endpoint: str, curve: CurveKeys | None, refused: bool) -> HubError:
+    """Why the connection closed: the hub refused our key, or it stopped."""
+    return _refused(endpoint, curve) if refused else _gone(endpoint)
+
+
 def _gone(endpoint: str) -> HubUnreachable:
     return HubUnreachable(
         f"the connection to the hub at {endpoint} closed while the request was in flight: the supervisor "
@@ -183,7 +201,8 @@ def _gone(endpoint: str) -> HubUnreachable:
     )
 
 
-LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED
 HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000  # ZMTP pings: a hub silent this long (a cut link) counts as disconnected
 
 
@@ -199,15 +218,19 @@ class _Link:
     def __init__(self, sock: zmq.Socket) -> None:
         self.monitor = sock.get_monitor_socket(LINK_EVENTS)
         self.down = False
+        self.refused = False  # the last handshake failed on our CURVE key
 
     def update(self, timeout_ms: int = 0) -> bool:
         """Take the pending events (waiting up to ``timeout_ms`` for the first); True if a close was among them."""
         closed = False
         while self.monitor.poll(timeout_ms):
             event = recv_monitor_message(self.monitor)["event"]
+            timeout_ms = 0
+            if event & (AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED):
+                self.refused = bool(event & AUTH_EVENTS)
+                continue
             closed = closed or event == zmq.EVENT_DISCONNECTED
             self.down = event == zmq.EVENT_DISCONNECTED
-            timeout_ms = 0
         return closed
 
     def wait_up(self, seconds: float) -> bool:
@@ -426,7 +449,7 @@ class HubClient:
         sock, link = self._socket()
         link.update()
         if link.down and not link.wait_up(min(RECONNECT_GRACE, max(0.0, deadline - time.monotonic()))):
-            raise _unreachable(self.endpoint, RECONNECT_GRACE)
+            raise _refused(self.endpoint, self.curve) if link.refused else _unreachable(self.endpoint, RECONNECT_GRACE)
         request_id = str(next(self._ids))
         started = time.monotonic()
         sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
@@ -437,7 +460,7 @@ class HubClient:
             remaining = deadline - time.monotonic()
             ready = dict(poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
             if link.monitor in ready and link.update():
-                raise _gone(self.endpoint)
+                raise _lost(self.endpoint, self.curve, link.refused)
             if sock not in ready:
                 if ready and remaining > 0:
                     continue
@@ -475,6 +498,7 @@ class AsyncHubClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self.use_shm = use_shm
+        self.curve = curve
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -483,6 +507,7 @@ class AsyncHubClient:
             curve.apply(self._sock)
         self._monitor = self._sock.get_monitor_socket(LINK_EVENTS)
         self._down = False
+        self._refused = False
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Queue[Message]] = {}
@@ -632,7 +657,7 @@ class AsyncHubClient:
         sent = answered = False
         try:
             if self._down:
-                raise _unreachable(self.endpoint, RECONNECT_GRACE)
+                raise _refused(self.endpoint, self.curve) if self._refused else _unreachable(self.endpoint, RECONNECT_GRACE)
             await self._sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
             sent = True
             while True:
@@ -674,10 +699,13 @@ class AsyncHubClient:
         while True:
             ready = dict(await poller.poll())
             if self._monitor in ready:
-                event = parse_monitor_message(await self._monitor.recv_multipart())
-                self._down = event["event"] == zmq.EVENT_DISCONNECTED
-                if self._down:
-                    gone = _gone(self.endpoint).to_dict()
+                event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+                if event & (AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED):
+                    self._refused = bool(event & AUTH_EVENTS)
+                else:
+                    self._down = event == zmq.EVENT_DISCONNECTED
+                if event == zmq.EVENT_DISCONNECTED:
+                    gone = _lost(self.endpoint, self.curve, self._refused).to_dict()
                     for request_id, inbox in list(self._pending.items()):
                         inbox.put_nowait(Message(MsgType.ERROR, request_id, gone))
             if self._sock in ready:

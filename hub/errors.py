@@ -100,6 +100,12 @@ class HubUnreachable(HubError):
     code = "HUB_UNREACHABLE"
 
 
+class AuthFailed(HubError):
+    """The hub refused this client's CURVE key in the handshake (client side, from the socket's monitor)."""
+
+    code = "AUTH_FAILED"
+
+
 class InferenceFailed(HubError):
     """The model raised while transcribing."""
 
@@ -125,6 +131,7 @@ ERROR_CLASSES: dict[str, type[HubError]] = {
         BadRequest,
         ShuttingDown,
         HubUnreachable,
+        AuthFailed,
         InferenceFailed,
         InternalError,
     )

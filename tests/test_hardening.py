@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -17,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub import protocol
-from hub.client import CurveKeys, HubClient
+from hub.client import AsyncHubClient, CurveKeys, HubClient
 from hub.config import ConfigError, parse_config
-from hub.errors import HubError, HubUnreachable, InvalidAudio
+from hub.errors import AuthFailed, HubError, InvalidAudio
 from hub.keys import main as make_keys
 from tests.conftest import DATA, ROOT, echo_provider, reference, word_error_rate
 from workers.echo import echo_text
@@ -199,10 +200,24 @@ def test_curve_serves_allowed_keys_only(hub_factory, tmp_path: Path) -> None:
         client.wait_ready(30)
         assert client.transcribe(TONE).text == echo_text(TONE)
     mallory = CurveKeys.load(str(keys / "mallory.key_secret"), str(keys / "server.key"))
-    for curve in (mallory, None):
-        with HubClient(hub.endpoint, timeout=1.5, curve=curve) as client:
-            with pytest.raises(HubUnreachable):
-                client.transcribe(TONE)
+    with HubClient(hub.endpoint, timeout=20, curve=mallory) as client:
+        started = time.monotonic()
+        with pytest.raises(AuthFailed) as refused:
+            client.transcribe(TONE)
+        assert time.monotonic() - started < 5, "the refusal waited for the timeout instead of the handshake"
+    message = str(refused.value)
+    assert mallory.server.decode() in message and mallory.public.decode() in message and "allowed_clients" in message
+
+    async def refused_async() -> str:
+        async with AsyncHubClient(hub.endpoint, timeout=20, curve=mallory) as client:
+            with pytest.raises(AuthFailed) as refused:
+                await client.status()
+            return str(refused.value)
+
+    assert "allowed_clients" in asyncio.run(asyncio.wait_for(refused_async(), 10))
+    with HubClient(hub.endpoint, timeout=20) as client:  # no keys at all
+        with pytest.raises(AuthFailed, match="requires CURVE keys"):
+            client.transcribe(TONE)
     cli = subprocess.run(
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "--client-key", str(keys / "alice.key_secret"),
          "--server-key", str(keys / "server.key"), "status", "--json"],

@@ -32,6 +32,7 @@ _TABLE: dict[str, Mapping] = {
     "ACQUIRE_TIMEOUT": Mapping(503, "server_error", 1013),
     "JOB_TIMEOUT": Mapping(504, "server_error", 1011),
     "HUB_UNREACHABLE": Mapping(502, "server_error", 1013),
+    "AUTH_FAILED": Mapping(502, "server_error", 1011),  # the hub refused the gateway's own CURVE key
     "WORKER_CRASHED": Mapping(502, "server_error", 1011),
     "INFERENCE_FAILED": Mapping(500, "server_error", 1011),
     "INTERNAL_ERROR": Mapping(500, "server_error", 1011),
