@@ -6,6 +6,7 @@ The hubs listen on 127.0.0.1, .2, .3 ... with one port, so ``dns+tcp://hubs.test
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hub.balance import Balancer, Capacity, Endpoints, HubPool, parse_endpoints, tcp_endpoint
+from hub.balance import AsyncHubPool, Balancer, Capacity, Endpoints, HubPool, parse_endpoints, tcp_endpoint
 from hub.errors import HubError, HubUnreachable, PoolBusy, ShuttingDown
+from hub.results import Segment, Transcript
 from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port
 from workers.echo import echo_text
 
@@ -200,3 +202,50 @@ def test_endpoint_forms() -> None:
         names, {("nowhere.test", 7): {"tcp://127.0.0.9:7"}}
     )
     assert found == {("hubs.test", 7): {"tcp://127.0.0.1:7"}, ("nowhere.test", 7): {"tcp://127.0.0.9:7"}}
+
+
+def test_async_pool_streams_holds_sessions_and_fails_over(hub_factory: Callable[..., Hub]) -> None:
+    a = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+    b = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+
+    async def main() -> Counter[str]:
+        async with AsyncHubPool([a.endpoint, b.endpoint], timeout=15, probe_interval=0.3) as pool:
+            await pool.wait_ready(timeout=30, hubs=2)
+            events = [e async for e in pool.transcribe_stream(TONE, segments=3)]
+            assert [type(e) for e in events] == [Segment] * 3 + [Transcript]
+            async with await pool.open_stream() as session:
+                for start in range(0, TONE.size, 4000):
+                    await session.send(TONE[start : start + 4000])
+            assert session.transcript.duration == pytest.approx(1.0, abs=0.01) and session.transcript.text
+            outcomes: Counter[str] = Counter()
+
+            async def one() -> None:
+                try:
+                    assert (await pool.transcribe(TONE, sleep=0.2)).text == echo_text(TONE)
+                    outcomes["ok"] += 1
+                except HubError as exc:
+                    outcomes[exc.code] += 1
+
+            tasks = [asyncio.create_task(one()) for _ in range(12)]
+            await asyncio.sleep(0.1)  # requests in flight on both hubs
+            os.killpg(a.proc.pid, signal.SIGKILL)
+            await asyncio.gather(*tasks)
+            tasks = [asyncio.create_task(one()) for _ in range(12)]
+            await asyncio.gather(*tasks)
+            return outcomes
+
+    outcomes = asyncio.run(asyncio.wait_for(main(), 60))
+    assert outcomes == Counter(ok=24), outcomes
+    assert served(b) >= 12
+
+
+def test_sync_pool_streams_and_holds_a_session_on_its_hub(hub_factory: Callable[..., Hub]) -> None:
+    a = hub_factory({"echo": echo_provider()})
+    b = hub_factory({"echo": echo_provider()})
+    with HubPool([a.endpoint, b.endpoint], timeout=15) as pool:
+        stream = pool.transcribe_stream(TONE, segments=2)
+        assert len(list(stream)) == 2 and stream.transcript is not None and stream.transcript.text == echo_text(TONE)
+        with pool.open_stream() as session:
+            session.send(TONE)
+            assert session.worker is not None
+        assert session.transcript.duration == pytest.approx(1.0, abs=0.01)
