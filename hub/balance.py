@@ -158,6 +158,13 @@ class Balancer(Generic[Client]):
             best.picks += 1
             return best
 
+    def hold(self, member: Member[Client]) -> bool:
+        """Count a probe as in flight, so the client is not closed under it; False if it is closed already."""
+        with self._lock:
+            live = self.members.get(member.endpoint) is member or any(m is member for m in self.retired)
+            member.in_flight += live
+            return live
+
     def release(self, member: Member[Client]) -> list[Client]:
         with self._lock:
             member.in_flight -= 1
@@ -299,13 +306,8 @@ class HubPool(_Pool[HubClient]):
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """``{"hubs": {endpoint: status}}``; a hub that did not answer has ``{"error": {code, message}}``."""
-        hubs: dict[str, Any] = {}
-        for member in self.balancer.snapshot():
-            try:
-                hubs[member.endpoint] = member.client.status(timeout=timeout or self.probe_timeout)
-            except HubError as exc:
-                hubs[member.endpoint] = {"error": exc.to_dict()}
-        return {"hubs": hubs}
+        answers = {m.endpoint: self._ask(m, timeout or self.probe_timeout) for m in self.balancer.snapshot()}
+        return {"hubs": {endpoint: _entry(answer) for endpoint, answer in answers.items() if answer is not None}}
 
     def wait_ready(self, timeout: float = 60.0, *, hubs: int = 1) -> dict[str, Any]:
         """Block until at least ``hubs`` hubs are ready; return the pool's status."""
@@ -384,11 +386,20 @@ class HubPool(_Pool[HubClient]):
         while not self._stop.wait(self.probe_interval):
             self._refresh()
             for member in self.balancer.snapshot():
-                try:
-                    status: dict[str, Any] | None = member.client.status(timeout=self.probe_timeout)
-                except (HubError, RuntimeError):  # RuntimeError: retired and closed meanwhile
-                    status = None
-                self.balancer.probed(member, status)
+                answer = self._ask(member, self.probe_timeout)
+                if answer is not None:
+                    self.balancer.probed(member, answer if isinstance(answer, dict) else None)
+
+    def _ask(self, member: Member[HubClient], timeout: float) -> dict[str, Any] | HubError | None:
+        """The hub's status, or the error it gave; None when its client was closed meanwhile."""
+        if not self.balancer.hold(member):
+            return None
+        try:
+            return member.client.status(timeout=timeout)
+        except HubError as exc:
+            return exc
+        finally:
+            _close(self.balancer.release(member))
 
 
 class AsyncHubPool(_Pool[AsyncHubClient]):
@@ -505,18 +516,8 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         """``{"hubs": {endpoint: status}}``; a hub that did not answer has ``{"error": {code, message}}``."""
         self._start()
         members = self.balancer.snapshot()
-        answers = await asyncio.gather(
-            *(m.client.status(timeout=timeout or self.probe_timeout) for m in members), return_exceptions=True
-        )
-        hubs: dict[str, Any] = {}
-        for member, answer in zip(members, answers):
-            if isinstance(answer, HubError):
-                hubs[member.endpoint] = {"error": answer.to_dict()}
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                hubs[member.endpoint] = answer
-        return {"hubs": hubs}
+        answers = await asyncio.gather(*(self._ask(m, timeout or self.probe_timeout) for m in members))
+        return {"hubs": {m.endpoint: _entry(a) for m, a in zip(members, answers) if a is not None}}
 
     async def wait_ready(self, timeout: float = 60.0, *, hubs: int = 1) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -552,11 +553,21 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             await asyncio.sleep(self.probe_interval)
             self._refresh()
             members = self.balancer.snapshot()
-            answers = await asyncio.gather(
-                *(m.client.status(timeout=self.probe_timeout) for m in members), return_exceptions=True
-            )
+            answers = await asyncio.gather(*(self._ask(m, self.probe_timeout) for m in members))
             for member, answer in zip(members, answers):
-                self.balancer.probed(member, answer if isinstance(answer, dict) else None)
+                if answer is not None:
+                    self.balancer.probed(member, answer if isinstance(answer, dict) else None)
+
+    async def _ask(self, member: Member[AsyncHubClient], timeout: float) -> dict[str, Any] | HubError | None:
+        """The hub's status, or the error it gave; None when its client was closed meanwhile."""
+        if not self.balancer.hold(member):
+            return None
+        try:
+            return await member.client.status(timeout=timeout)
+        except HubError as exc:
+            return exc
+        finally:
+            self._close(self.balancer.release(member))
 
     def _close(self, clients: list[AsyncHubClient]) -> None:
         for client in clients:
@@ -567,6 +578,10 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
 
 async def _once(result: Any) -> AsyncIterator[Any]:
     yield await result
+
+
+def _entry(answer: dict[str, Any] | HubError) -> dict[str, Any]:
+    return {"error": answer.to_dict()} if isinstance(answer, HubError) else answer
 
 
 def _close(clients: list[HubClient]) -> None:
