@@ -20,6 +20,7 @@ The bookkeeping (``Balancer``) does no I/O; the two pools differ only in how the
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 import time
@@ -509,7 +510,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             except BaseException:
                 self._close(self.balancer.release(member))
                 raise
-            return _AsyncPooledSession(session, lambda: self._close(self.balancer.release(member)))
+            return _AsyncPooledSession(session, functools.partial(self._end_session, member))
         raise last if last is not None else _no_hub(self.endpoints, 0.0)
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
@@ -568,6 +569,9 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             return exc
         finally:
             self._close(self.balancer.release(member))
+
+    def _end_session(self, member: Member[AsyncHubClient]) -> None:
+        self._close(self.balancer.release(member))
 
     def _close(self, clients: list[AsyncHubClient]) -> None:
         for client in clients:
