@@ -413,6 +413,7 @@ def test_a_client_whose_hub_went_away_is_told_at_once(hub_factory) -> None:
         t = threading.Thread(target=run)
         t.start()
         time.sleep(0.5)
+        hub.expected_exit = -signal.SIGKILL
         hub.proc.send_signal(signal.SIGKILL)  # the supervisor dies with a request in flight
         hub.proc.wait(10)
         t.join(5)

@@ -7,7 +7,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -226,41 +225,21 @@ def test_sighup_with_a_missing_config_file_keeps_serving(hub_factory) -> None:
 
 
 def test_stability_under_random_worker_kills(hub_factory) -> None:
-    """Bounded in time (ASR_HUB_STABILITY_SECONDS, 8 by default): no request is lost or hangs."""
+    """Bounded in time (ASR_HUB_STABILITY_SECONDS, 8 by default): no request is lost, answered wrongly or hangs."""
     duration = float(os.environ.get("ASR_HUB_STABILITY_SECONDS", "8"))
     hub = hub_factory({"echo": echo_provider(min_size=3, max_size=3, max_queue=256)})
     prefix = shm.hub_prefix(hub.status()["hub"]["id"])
-    stop = threading.Event()
-    outcomes: Counter[str] = Counter()
     rng = random.Random(7)
-
-    def load(seed: int) -> None:
-        local = random.Random(seed)
-        with hub.client() as c:
-            while not stop.is_set():
-                audio = TONE[: local.randint(1600, 16000)]
-                try:
-                    assert c.transcribe(audio, sleep=local.uniform(0, 0.1), timeout=20).text == echo_text(audio)
-                    outcomes["ok"] += 1
-                except HubError as exc:
-                    outcomes[exc.code] += 1
-
-    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    end = time.monotonic() + duration
     kills = 0
-    while time.monotonic() < end:
-        time.sleep(rng.uniform(0.3, 0.8))
-        live = [w["pid"] for w in workers(hub) if w["state"] in ("idle", "busy")]
-        if live:
-            os.kill(rng.choice(live), signal.SIGKILL)
-            kills += 1
-    stop.set()
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a request hung"
-    assert kills >= 3 and outcomes["ok"] > 50
+    with steady_load(hub, clients=4, vary=True, timeout=20) as outcomes:
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.3, 0.8))
+            live = [w["pid"] for w in workers(hub) if w["state"] in ("idle", "busy")]
+            if live:
+                os.kill(rng.choice(live), signal.SIGKILL)
+                kills += 1
+    assert kills >= 3 and outcomes["ok"] > 50, outcomes
     # a job is retried once: only a job whose two workers both died may fail, and it says so
     assert set(outcomes) <= {"ok", "WORKER_CRASHED"} and outcomes["WORKER_CRASHED"] <= kills // 2, outcomes
     wait_for(lambda: not shm.list_segments(prefix), what="segments released")
