@@ -36,7 +36,7 @@ run: install
 	$(BIN)/python -m hub.supervisor --config $(CONFIG)
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clips: install
 	PYTHON=$(abspath $(BIN)/python) tests/data/make_clips.sh

@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
+if not (os.environ.get("ASR_HUB_REQUIRE_EXTRAS") or os.environ.get("CI")):
+    # a developer's whisper-only venv skips these; `make test` (ASR_HUB_REQUIRE_EXTRAS=1) and CI import it
+    # unconditionally below, so a missing extra there fails the run instead of skipping it
+    pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
 
 import torch
 import yaml
