@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 import subprocess
 import sys
 import time
@@ -69,9 +70,17 @@ def test_job_fields_are_checked_into_typed_errors(audio: object, payload: bytes 
 
 @given(json_values)
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-def test_any_yaml_shape_is_a_config_error_or_a_config(data: object) -> None:
+def test_any_provider_shape_is_a_config_error_or_a_config(data: object) -> None:
     try:
         parse_config({"providers": {"echo": data}})
+    except ConfigError:
+        pass
+
+
+@given(json_values)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_any_hub_shape_is_a_config_error_or_a_config(data: object) -> None:
+    try:
         parse_config({"hub": data, "providers": {"echo": {}}})
     except ConfigError:
         pass
@@ -121,22 +130,32 @@ def test_thousands_of_malformed_messages_leave_the_hub_transcribing(hub_factory)
         for sock in socks:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(hub.endpoint)
-        for i in range(3000):
-            socks[i % 4].send_multipart(_fuzz_frames(rng, hub_id))
+        replies: list[protocol.Message] = []
+
+        def collect(wait_ms: int) -> None:
             for sock in socks:
-                while sock.poll(0):
-                    sock.recv_multipart()
-        time.sleep(1.0)
-        replies = 0
-        for sock in socks:
-            while sock.poll(100):
-                msg = protocol.parse(sock.recv_multipart())
-                assert msg.type in (protocol.MsgType.ERROR, protocol.MsgType.REPLY, protocol.MsgType.RESULT)
-                replies += 1
+                while sock.poll(wait_ms):
+                    replies.append(protocol.parse(sock.recv_multipart()))  # every reply is well formed
+
+        sent = 0
+        for i in range(3000):
+            frames = _fuzz_frames(rng, hub_id)
+            socks[i % 4].send_multipart(frames)
+            sent += frames[:2] != [b"\x01", b"CANCEL"]  # a cancel is never answered; everything else once
+            collect(0)
+        deadline = time.monotonic() + 60  # a few well-formed jobs run on the real model
+        while len(replies) < sent and time.monotonic() < deadline:
+            collect(100)
+        collect(500)  # and nothing more comes
     finally:
         for sock in socks:
             sock.close()
         ctx.term()
+    codes = Counter(m.body["code"] if m.type is protocol.MsgType.ERROR else m.type.value for m in replies)
+    assert len(replies) == sent, (len(replies), sent, codes)
+    assert {m.type for m in replies} <= {protocol.MsgType.ERROR, protocol.MsgType.REPLY, protocol.MsgType.RESULT}
+    assert set(codes) <= {"BAD_REQUEST", "INVALID_AUDIO", "UNKNOWN_PROVIDER", "REPLY", "RESULT"}, codes
+    assert codes["BAD_REQUEST"] > 1000 and codes["INVALID_AUDIO"] > 50 and codes["REPLY"] > 50, codes
     assert hub.proc.poll() is None
     with hub.client() as client:
         text = client.transcribe(DATA / "stella.wav", "whisper").text
