@@ -34,6 +34,14 @@ DATA = Path(__file__).resolve().parent / "data"
 CLIPS = ("hello", "coffee", "stella", "weather")
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll until ``predicate()`` is true; a generous deadline, so a busy machine is slow, not wrong."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,7 +122,16 @@ def supervisor_faults(log: str) -> list[str]:
     return faults
 
 
-def start_hub(tmp_path: Path, providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True) -> Hub:
+def start_hub(
+    tmp_path: Path,
+    providers: dict[str, Any],
+    hub: dict[str, Any] | None = None,
+    ready: bool = True,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Hub:
+    """Start ``python -m hub.supervisor`` on a fresh config; ``args`` are extra command-line flags (a
+    ``--frontend`` among them is where the hub is reached), ``env`` extra environment variables."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "hub": {"frontend": endpoint, "runtime_dir": str(tmp_path / "run"), **(hub or {})},
@@ -125,12 +142,15 @@ def start_hub(tmp_path: Path, providers: dict[str, Any], hub: dict[str, Any] | N
     log_path = config_path.with_suffix(".log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hub.supervisor", "--config", str(config_path)],
+            [sys.executable, "-m", "hub.supervisor", "--config", str(config_path), *args],
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a test can kill it whole
         )
+    if "--frontend" in args:
+        endpoint = args[args.index("--frontend") + 1]
     started = Hub(endpoint, proc, config_path, log_path)
     if ready:
         try:
@@ -147,8 +167,8 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     """Start supervisors for one test; every one is stopped and checked for leftovers afterwards."""
     hubs: list[Hub] = []
 
-    def factory(providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True) -> Hub:
-        started = start_hub(tmp_path, providers, hub, ready)
+    def factory(providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True, **kwargs: Any) -> Hub:
+        started = start_hub(tmp_path, providers, hub, ready, **kwargs)
         hubs.append(started)
         return started
 

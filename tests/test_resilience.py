@@ -23,6 +23,7 @@ from tests.conftest import (
     echo_provider,
     reference,
     steady_load,
+    wait_for,
     word_error_rate,
 )
 from workers.echo import echo_text
@@ -30,13 +31,6 @@ from workers.echo import echo_text
 pytestmark = pytest.mark.timeout(120)
 
 TONE = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def workers(hub: Hub, provider: str = "echo") -> list[dict]:
@@ -62,26 +56,23 @@ def test_sigkill_of_a_whisper_worker_mid_job_still_returns_the_right_text(hub_fa
     wait_for(lambda: hub.status()["providers"]["whisper"]["size"] == 2, what="the replacement")
 
 
-def test_sigkill_with_retries_off_is_worker_crashed_within_a_second(hub_factory) -> None:
+def test_sigkill_with_retries_off_is_worker_crashed_at_once(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, retry_on_crash=0)})
     with hub.client() as client:
         caught: list[Exception] = []
-        started: list[float] = []
 
         def run() -> None:
             try:
-                client.transcribe(TONE, sleep=10)
+                client.transcribe(TONE, sleep=60, timeout=90)
             except WorkerCrashed as exc:
                 caught.append(exc)
-                started.append(time.monotonic())
 
         t = threading.Thread(target=run)
         t.start()
         wait_for(lambda: workers(hub)[0]["state"] == "busy", what="a busy worker")
-        killed_at = time.monotonic()
         os.kill(workers(hub)[0]["pid"], signal.SIGKILL)
-        t.join(10)
-        assert caught and "SIGKILL" in caught[0].message and started[0] - killed_at < 1.0
+        t.join(30)  # long before the job's 60 s sleep or the client's timeout would have ended it
+        assert not t.is_alive() and caught and "SIGKILL" in caught[0].message, caught
         assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
 
 
