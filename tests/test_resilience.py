@@ -108,15 +108,30 @@ def test_crash_loop_backs_off_and_shows_it(hub_factory, tmp_path: Path) -> None:
     assert "next start in 4 s" in hub.log() or "next start in 2 s" in hub.log()
 
 
+def _in_threads(client, count: int, sleep: float) -> tuple[list[threading.Thread], list[str]]:
+    """``count`` echo requests of TONE started at once; the texts (or the errors) come back in the list."""
+    outcomes: list[str] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(client.transcribe(TONE, sleep=sleep, timeout=60).text)
+        except HubError as exc:
+            outcomes.append(exc.code)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, outcomes
+
+
 def test_burst_grows_to_max_and_idling_shrinks_to_min(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3, idle_timeout=1.0)})
     with hub.client() as client:
-        threads = [threading.Thread(target=client.transcribe, args=(TONE,), kwargs={"sleep": 1.0}) for _ in range(6)]
-        for t in threads:
-            t.start()
+        threads, outcomes = _in_threads(client, 6, sleep=1.0)
         wait_for(lambda: hub.status()["providers"]["echo"]["size"] == 3, what="growth to max_size")
         for t in threads:
-            t.join(30)
+            t.join(60)
+    assert outcomes == [echo_text(TONE)] * 6
     wait_for(lambda: hub.status()["providers"]["echo"]["size"] == 1, what="shrink to min_size")
     assert "idle, pool above its floor" in hub.log()
 
@@ -125,13 +140,12 @@ def test_memory_cap_holds_scaling_back(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3, max_memory_mb=1.0)})
     wait_for(lambda: workers(hub)[0]["rss_mb"] > 0, what="a memory reading")
     with hub.client() as client:
-        threads = [threading.Thread(target=client.transcribe, args=(TONE,), kwargs={"sleep": 0.8}) for _ in range(3)]
-        for t in threads:
-            t.start()
+        threads, outcomes = _in_threads(client, 3, sleep=0.8)
         wait_for(lambda: "memory cap" in hub.status()["providers"]["echo"]["held_back"], what="held back")
         assert hub.status()["providers"]["echo"]["size"] == 1
         for t in threads:
-            t.join(30)
+            t.join(60)
+    assert outcomes == [echo_text(TONE)] * 3  # held back, the one worker serves them all in turn
 
 
 def test_health_checks_pass_quietly_on_healthy_workers(hub_factory) -> None:
