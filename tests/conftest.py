@@ -75,6 +75,8 @@ class Hub:
         """SIGTERM, wait for the exit and return its code. The log is read once the process has ended, so what
         it wrote while draining counts too: an internal error or a traceback of its own fails the test."""
         if self.proc.poll() is None:
+            # until it logs "listening on" its signal handlers are not installed: a SIGTERM would kill it outright
+            wait_for(lambda: self.proc.poll() is not None or "listening on" in self.log(), timeout, "the supervisor to start")
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
