@@ -182,12 +182,25 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
             assert code == started.expected_exit, f"the supervisor exited with {code}:\n{started.log()[-5000:]}"
         except AssertionError as exc:
             failures.append(str(exc))
-        pids = [int(p) for p in subprocess.run(["pgrep", "-g", str(started.proc.pid)], capture_output=True, text=True).stdout.split()]
+        pids = live_in_group(started.proc.pid)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         if pids:
             failures.append(f"processes left behind by the supervisor: {pids}")
     assert not failures, "\n\n".join(failures)
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` still running (a zombie has ended; its reaping is up to init)."""
+    found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    live = []
+    for pid in map(int, found):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                live.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
 
 
 def _ours(name: str) -> bool:
