@@ -26,6 +26,7 @@ from tests.conftest import (
     echo_provider,
     reference,
     start_hub,
+    wait_for,
     word_error_rate,
 )
 from workers.echo import echo_text
@@ -209,3 +210,47 @@ def test_async_session_with_a_reader_task_closes_at_once(hub_factory) -> None:
             assert transcript.text == " ".join(e.text for e in events if e.kind == "final")
 
     asyncio.run(main())
+
+
+def test_a_session_open_past_max_session_seconds_is_closed_with_its_reason(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(max_session_seconds=1.0)})
+    with hub.client() as client:
+        session = client.open_stream()
+        send_chunks(session, STEPS[:16000])
+        finals = [e.text for e in session.results() if e.kind == "final"]  # ends when the hub closes it
+        assert session.transcript.extra["closed_reason"] == "open longer than pool.max_session_seconds=1"
+        assert session.transcript.text == " ".join(finals) == "a10 a20"
+        with pytest.raises(JobTimeout, match="max_session_seconds"):
+            session.send(TONE)
+
+
+def test_stream_step_ms_from_the_config_sets_the_decode_pace(hub_factory) -> None:
+    """With step_ms 500 the worker decodes after every half second of audio: after each 500 ms sent, one more
+    partial must come (with the default 1000 ms, every other one would never come)."""
+    hub = hub_factory({"echo": {**echo_provider(), "stream": {"step_ms": 500, "window_seconds": 1.0}}})
+    events: list = []
+    with hub.client() as client:
+        session = client.open_stream()
+        reader = threading.Thread(target=lambda: events.extend(session.results()))
+        reader.start()
+        for step in range(1, 9):
+            send_chunks(session, STEPS[(step - 1) * 8000 : step * 8000])
+            wait_for(lambda: sum(e.kind == "partial" for e in list(events)) >= step, what=f"the decode after {step * 0.5} s")
+        transcript = session.close()
+        reader.join(30)
+    assert transcript.text == " ".join(f"a{10 * (i + 1)}" for i in range(8)), transcript.text
+
+
+def test_send_blocks_while_the_worker_is_a_ring_behind_then_times_out(hub_factory) -> None:
+    """The ring holds 30 s of audio; a worker that decodes slowly (echo's sleep) falls behind a sender that
+    sends as fast as it can: the send past 30 s blocks, and after the session's timeout raises JobTimeout."""
+    hub = hub_factory({"echo": echo_provider()}, hub={"drain_timeout": 5})
+    with hub.client() as client:
+        session = client.open_stream(sleep=3.0, timeout=1.0)
+        second = np.full(16000, 0.05, dtype=np.float32)
+        for _ in range(30):
+            session.send(second)  # fits in the ring
+        started = time.monotonic()
+        with pytest.raises(JobTimeout, match="fell more than 30 s of audio behind"):
+            session.send(second)
+        assert time.monotonic() - started >= 0.9, "the send must wait for the worker before giving up"
