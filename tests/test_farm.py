@@ -438,3 +438,32 @@ def test_a_client_whose_hub_went_away_is_told_at_once(hub_factory) -> None:
             assert time.monotonic() - started < 5.0
 
     asyncio.run(main())
+
+
+def test_async_client_wait_ready_and_scale(hub_factory, tmp_path: Path) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3)}, ready=False)
+    (tmp_path / "empty-model").mkdir()
+    unready = hub_factory({"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False)
+
+    async def main() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=30) as client:
+            status = await client.wait_ready(timeout=60)
+            assert status["hub"]["ready"] and status["providers"]["echo"]["size"] == 1
+            assert await client.scale("echo", 3) == {"provider": "echo", "size": 3}
+            deadline = time.monotonic() + 30
+            while (await client.status())["providers"]["echo"]["size"] != 3:
+                assert time.monotonic() < deadline, "the pool never reached 3"
+                await asyncio.sleep(0.1)
+            with pytest.raises(BadRequest, match=r"outside \[1, 3\]"):
+                await client.scale("echo", 4)
+            with pytest.raises(UnknownProvider):
+                await client.scale("nope", 1)
+        async with AsyncHubClient(f"tcp://127.0.0.1:{free_port()}", timeout=1) as nobody:
+            with pytest.raises(HubUnreachable):
+                await nobody.wait_ready(timeout=1.0)
+        async with AsyncHubClient(unready.endpoint, timeout=30) as client:
+            await client.status()  # it answers
+            with pytest.raises(ProviderUnavailable, match="answers but was not ready"):
+                await client.wait_ready(timeout=1.0)
+
+    asyncio.run(main())

@@ -289,3 +289,13 @@ def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_supervisor_log_flags_override_the_config(hub_factory) -> None:
+    """--log-format json and --log-level DEBUG win over the file's text/INFO."""
+    hub = hub_factory({"echo": echo_provider()}, hub={"log_format": "text", "log_level": "INFO"}, args=("--log-format", "json", "--log-level", "DEBUG"))
+    with hub.client() as client:
+        client.transcribe(TONE)
+    wait_for(lambda: "job j1 (request" in hub.log(), what="the request's debug line")
+    entries = [json.loads(line) for line in hub.log().splitlines() if line.strip()]
+    assert any(e["level"] == "DEBUG" and e["msg"].startswith("job j1 (request") for e in entries)

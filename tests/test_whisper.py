@@ -166,3 +166,12 @@ def test_active_health_checks_pass_on_the_real_model(hub_factory) -> None:
 
     wait_for(lambda: resets() >= 2, timeout=60, what="two passed health checks")
     assert hub.worker_pids() == first and "health check failed" not in hub.log()
+
+
+def test_cli_transcribe_stream_prints_each_segment_with_its_times(hub: Hub) -> None:
+    out = _cli(hub, "transcribe", str(DATA / "weather.wav"), "--stream")
+    assert out.returncode == 0, out.stderr
+    with hub.client() as client:
+        segments = client.transcribe(DATA / "weather.wav").segments
+    assert out.stdout.splitlines() == [f"[{s.start:7.2f} -> {s.end:7.2f}] {s.text}" for s in segments]
+    assert word_error_rate(reference("weather"), " ".join(s.text for s in segments)) <= 0.10
