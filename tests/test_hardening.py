@@ -22,7 +22,7 @@ from hub.client import CurveKeys, HubClient
 from hub.config import ConfigError, parse_config
 from hub.errors import HubError, HubUnreachable, InvalidAudio
 from hub.keys import main as make_keys
-from tests.conftest import DATA, ROOT, echo_provider, reference, word_error_rate
+from tests.conftest import DATA, ROOT, echo_provider, free_port, reference, word_error_rate
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(180)
@@ -229,3 +229,20 @@ def test_curve_serves_allowed_keys_only(hub_factory, tmp_path: Path) -> None:
     )
     assert cli.returncode == 0 and json.loads(cli.stdout)["hub"]["ready"]
     assert make_keys([str(keys), "alice"]) == 1  # never overwrites a secret
+
+
+def test_a_frontend_beyond_loopback_is_allowed_with_curve(hub_factory, tmp_path: Path) -> None:
+    """Bound on every address (tcp://0.0.0.0), allowed because CURVE is configured; reached here on loopback."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("server", "alice"):
+        assert make_keys([str(keys), name]) == 0
+    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    port = free_port()
+    curve = {"server_secret_key": str(keys / "server.key_secret"), "allowed_clients": str(allowed)}
+    hub = hub_factory({"echo": echo_provider()}, hub={"curve": curve}, ready=False, args=("--frontend", f"tcp://0.0.0.0:{port}"))
+    alice = CurveKeys.load(str(keys / "alice.key_secret"), str(keys / "server.key"))
+    with HubClient(f"tcp://127.0.0.1:{port}", timeout=30, curve=alice) as client:
+        assert client.wait_ready(30)["hub"]["frontend"] == f"tcp://0.0.0.0:{port}"
+        assert client.transcribe(TONE).text == echo_text(TONE)
+    assert hub.proc.poll() is None

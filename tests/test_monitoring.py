@@ -299,3 +299,11 @@ def test_supervisor_log_flags_override_the_config(hub_factory) -> None:
     wait_for(lambda: "job j1 (request" in hub.log(), what="the request's debug line")
     entries = [json.loads(line) for line in hub.log().splitlines() if line.strip()]
     assert any(e["level"] == "DEBUG" and e["msg"].startswith("job j1 (request") for e in entries)
+
+
+def test_metrics_host_sets_the_address_the_endpoint_binds(hub_factory) -> None:
+    port = free_port()
+    hub_factory({"echo": echo_provider()}, hub={"metrics_port": port, "metrics_host": "127.0.0.2"})
+    assert _get(f"http://127.0.0.2:{port}/healthz") == (200, "ok\n")
+    with pytest.raises(urllib.error.URLError):  # nothing listens on the other loopback address
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)

@@ -19,10 +19,12 @@ from hub.errors import HubError, ProviderUnavailable, WorkerCrashed
 from tests.conftest import (
     CLIPS,
     DATA,
+    ROOT,
     Hub,
     echo_provider,
     reference,
     steady_load,
+    supervisor_faults,
     wait_for,
     word_error_rate,
 )
@@ -248,3 +250,63 @@ def test_stability_under_random_worker_kills(hub_factory) -> None:
     # a job is retried once: only a job whose two workers both died may fail, and it says so
     assert set(outcomes) <= {"ok", "WORKER_CRASHED"} and outcomes["WORKER_CRASHED"] <= kills // 2, outcomes
     wait_for(lambda: not shm.list_segments(prefix), what="segments released")
+
+
+def test_sigterm_to_a_busy_worker_retries_its_job_and_replaces_it(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+    with hub.client() as client:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(client.transcribe(TONE, sleep=1.0, timeout=30)))
+        t.start()
+        wait_for(lambda: any(w["state"] == "busy" for w in workers(hub)), what="a busy worker")
+        victim = next(w for w in workers(hub) if w["state"] == "busy")
+        os.kill(victim["pid"], signal.SIGTERM)
+        t.join(30)
+    assert result and result[0].text == echo_text(TONE) and result[0].worker != victim["id"]
+    wait_for(lambda: len([w for w in workers(hub) if w["state"] == "idle"]) == 2, what="the replacement")
+    assert victim["pid"] not in [w["pid"] for w in workers(hub)] and "killed by SIGTERM" in hub.log()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(hub_factory) -> None:
+    """The kernel sends each worker SIGTERM when the supervisor dies (the parent-death signal)."""
+    import psutil
+
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+    pids = hub.worker_pids()
+    hub.expected_exit = -signal.SIGKILL
+    hub.proc.kill()  # the supervisor alone, not its process group
+    hub.proc.wait(10)
+
+    def gone() -> bool:
+        alive = []
+        for pid in pids:
+            try:
+                alive.append(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+            except psutil.NoSuchProcess:
+                alive.append(False)
+        return not any(alive)
+
+    wait_for(gone, timeout=30, what="the workers to exit")
+
+
+def test_a_bug_in_the_supervisor_costs_one_request_as_internal_error(hub_factory, tmp_path: Path) -> None:
+    """A fault injected into the status report (sitecustomize on the supervisor's PYTHONPATH): the STATUS
+    request gets INTERNAL_ERROR, the log has the traceback, and the hub keeps serving."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import hub.status\n\n\ndef provider_status(*args, **kwargs):\n"
+        "    raise RuntimeError('injected fault')\n\n\nhub.status.provider_status = provider_status\n"
+    )
+    env = {"PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    hub = hub_factory({"echo": echo_provider()}, ready=False, env=env)
+    hub.faults_expected = True
+    with hub.client() as client:
+        wait_for(lambda: "hub ready in" in hub.log(), what="the hub to be ready")
+        with pytest.raises(HubError) as caught:
+            client.status()
+        assert caught.value.code == "INTERNAL_ERROR" and "its log has the details" in caught.value.message
+        assert client.transcribe(TONE).text == echo_text(TONE)
+    log = hub.log()
+    assert "internal error while handling request" in log and "RuntimeError: injected fault" in log
+    assert supervisor_faults(log), "the teardown's check would have caught it"

@@ -84,3 +84,20 @@ def test_rollback_without_a_running_hub_says_so(tmp_path) -> None:
     out = subprocess.run(["scripts/rollback.sh", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "no running supervisor" in out.stderr
     assert parse_config(yaml.safe_load(config.read_text())).providers["echo"].pool.enabled is False
+
+
+def test_rollback_module_keeps_the_old_text_and_refuses_a_file_it_cannot_make_valid(tmp_path) -> None:
+    from hub.rollback import main as rollback
+
+    config = tmp_path / "hub.yaml"
+    config.write_text(CONFIG)
+    assert rollback([str(config)]) == 0
+    assert (tmp_path / "hub.yaml.bak").read_text() == CONFIG  # the old text, byte for byte
+    assert config.read_text() == set_pool_enabled(CONFIG, enabled=False)
+    # an unknown provider type stays invalid whatever the switch: exit 2, nothing written
+    broken = "providers:\n  echo:\n    type: nope\n    pool: {min_size: 1}\n"
+    config.write_text(broken)
+    (tmp_path / "hub.yaml.bak").unlink()
+    assert rollback([str(config)]) == 2
+    assert config.read_text() == broken and not (tmp_path / "hub.yaml.bak").exists()
+    assert rollback([str(tmp_path / "missing.yaml")]) == 2
