@@ -254,3 +254,45 @@ def test_send_blocks_while_the_worker_is_a_ring_behind_then_times_out(hub_factor
         with pytest.raises(JobTimeout, match="fell more than 30 s of audio behind"):
             session.send(second)
         assert time.monotonic() - started >= 0.9, "the send must wait for the worker before giving up"
+
+
+def test_stream_window_seconds_from_the_config_reaches_the_worker(hub_factory) -> None:
+    """A 2 s window trims the audio the model re-decodes, which changes whisper's finals here (with the
+    default 15 s window the same audio gives "bring me a cup | of coffee and a | glass of water."). The
+    hub's session, stepped where the adapter steps, must give exactly the adapter's own answer for 2 s."""
+    from hub.protocol import WorkerSpec
+    from workers.engine import StreamSettings
+    from workers.whisper import WhisperEngine
+
+    settings = {"step_ms": 1000, "window_seconds": 2.0}
+    provider = {"model": "tiny.en", "device": "cpu", "cpu_threads": 1, "stream": settings, "pool": {"min_size": 1, "max_size": 1, "max_sessions": 1}}
+    hub = hub_factory({"whisper": provider})
+    pcm = np.concatenate([p for c in ("hello", "coffee") for p in (to_pcm(DATA / f"{c}.wav"), SILENCE)])
+    spec = WorkerSpec(
+        id="whisper-1", provider="whisper", type="whisper", model="tiny.en", device="cpu", compute_type="int8",
+        cpu_threads=1, backend="ipc:///nowhere", shm_prefix="asrhub_x_", heartbeat_interval=1.0, options={},
+        allow_download=False,
+    )
+    streamer = WhisperEngine(spec).open_stream({}, StreamSettings(**settings))
+    expected, due_after = [], []
+    for index, start in enumerate(range(0, pcm.size, CHUNK)):
+        streamer.feed(pcm[start : start + CHUNK])
+        if streamer.due:
+            update = streamer.step()
+            due_after.append(index)
+            expected += [update.final.text] if update.final else []
+    last = streamer.finish().final
+    expected += [last.text] if last else []
+    events: list = []
+    with hub.client() as client:
+        session = client.open_stream()
+        reader = threading.Thread(target=lambda: events.extend(session.results()))
+        reader.start()
+        for index, start in enumerate(range(0, pcm.size, CHUNK)):
+            session.send(pcm[start : start + CHUNK])
+            if index in due_after:  # let the worker decode here, where the adapter did
+                step = due_after.index(index) + 1
+                wait_for(lambda: sum(e.kind == "partial" for e in list(events)) >= step, timeout=60, what=f"step {step}")
+        transcript = session.close()
+        reader.join(30)
+    assert [s.text for s in transcript.segments] == expected
