@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,14 @@ from hub.client import CurveKeys, HubClient
 from hub.config import ConfigError, parse_config
 from hub.errors import HubError, HubUnreachable, InvalidAudio
 from hub.keys import main as make_keys
-from tests.conftest import DATA, ROOT, echo_provider, free_port, reference, word_error_rate
+from tests.conftest import (
+    DATA,
+    ROOT,
+    echo_provider,
+    free_port,
+    reference,
+    word_error_rate,
+)
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(180)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,6 @@ from hub.errors import JobTimeout, PoolBusy, WorkerCrashed
 from tests.conftest import (
     CLIPS,
     DATA,
-    ROOT,
     Hub,
     echo_provider,
     reference,
@@ -235,7 +232,7 @@ def test_stream_step_ms_from_the_config_sets_the_decode_pace(hub_factory) -> Non
         reader.start()
         for step in range(1, 9):
             send_chunks(session, STEPS[(step - 1) * 8000 : step * 8000])
-            wait_for(lambda: sum(e.kind == "partial" for e in list(events)) >= step, what=f"the decode after {step * 0.5} s")
+            wait_for(lambda step=step: sum(e.kind == "partial" for e in list(events)) >= step, what=f"the decode after {step * 0.5} s")
         transcript = session.close()
         reader.join(30)
     assert transcript.text == " ".join(f"a{10 * (i + 1)}" for i in range(8)), transcript.text
@@ -292,7 +289,7 @@ def test_stream_window_seconds_from_the_config_reaches_the_worker(hub_factory) -
             session.send(pcm[start : start + CHUNK])
             if index in due_after:  # let the worker decode here, where the adapter did
                 step = due_after.index(index) + 1
-                wait_for(lambda: sum(e.kind == "partial" for e in list(events)) >= step, timeout=60, what=f"step {step}")
+                wait_for(lambda step=step: sum(e.kind == "partial" for e in list(events)) >= step, timeout=60, what=f"step {step}")
         transcript = session.close()
         reader.join(30)
     assert [s.text for s in transcript.segments] == expected

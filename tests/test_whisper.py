@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,16 @@ import pytest
 from faster_whisper import WhisperModel
 
 from hub.audio import to_pcm
-from tests.conftest import CLIPS, DATA, ROOT, Hub, reference, start_hub, wait_for, word_error_rate
+from tests.conftest import (
+    CLIPS,
+    DATA,
+    ROOT,
+    Hub,
+    reference,
+    start_hub,
+    wait_for,
+    word_error_rate,
+)
 from workers.whisper import resolve_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,7 +172,7 @@ def test_active_health_checks_pass_on_the_real_model(hub_factory) -> None:
     def resets() -> int:
         """How often since_health_check went back down, i.e. a check passed, among the readings so far."""
         readings.append(hub.status()["providers"]["whisper"]["workers"][0]["since_health_check"])
-        return sum(later < earlier for earlier, later in zip(readings, readings[1:]))
+        return sum(later < earlier for earlier, later in pairwise(readings))
 
     wait_for(lambda: resets() >= 2, timeout=60, what="two passed health checks")
     assert hub.worker_pids() == first and "health check failed" not in hub.log()
