@@ -63,7 +63,8 @@ def test_providers_added_removed_and_disabled_by_a_reload(hub_factory) -> None:
             client.transcribe(TONE, "off")
         with pytest.raises(UnknownProvider, match="no provider named 'gone'"):
             client.transcribe(TONE, "gone")
-    assert provider(hub, "off")["workers"] == [] and "gone" not in hub.status()["providers"]
+    wait_for(lambda: provider(hub, "off")["workers"] == [], what="the disabled provider's worker to stop")
+    assert "gone" not in hub.status()["providers"]
     assert "provider off left the config" in hub.log() and "provider gone left the config" in hub.log()
 
 
