@@ -241,7 +241,7 @@ def test_stream_step_ms_from_the_config_sets_the_decode_pace(hub_factory) -> Non
 def test_send_blocks_while_the_worker_is_a_ring_behind_then_times_out(hub_factory) -> None:
     """The ring holds 30 s of audio; a worker that decodes slowly (echo's sleep) falls behind a sender that
     sends as fast as it can: the send past 30 s blocks, and after the session's timeout raises JobTimeout."""
-    hub = hub_factory({"echo": echo_provider()}, hub={"drain_timeout": 5})
+    hub = hub_factory({"echo": echo_provider()}, hub={"drain_timeout": 1})
     with hub.client() as client:
         session = client.open_stream(sleep=3.0, timeout=1.0)
         second = np.full(16000, 0.05, dtype=np.float32)
