@@ -37,7 +37,7 @@ run: install
 
 test: $(TEST_STAMP)
 	scripts/install-test-packages.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clips: install
 	PYTHON=$(abspath $(BIN)/python) tests/data/make_clips.sh

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +34,14 @@ DATA = Path(__file__).resolve().parent / "data"
 CLIPS = ("hello", "coffee", "stella", "weather")
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll until ``predicate()`` is true; a generous deadline, so a busy machine is slow, not wrong."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,6 +56,8 @@ class Hub:
     proc: subprocess.Popen[bytes]
     config_path: Path
     log_path: Path
+    expected_exit: int = 0  # what the teardown expects: a test that kills the supervisor says how
+    faults_expected: bool = False  # a test that injects a bug checks the log itself
 
     def client(self, **kwargs: Any) -> HubClient:
         return HubClient(self.endpoint, **{"timeout": 30.0, **kwargs})
@@ -60,17 +73,56 @@ class Hub:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; also fails the test if the supervisor hit a bug on the way (an internal error)."""
-        assert "internal error" not in self.log(), self.log()[-5000:]
+        """SIGTERM, wait for the exit and return its code. The log is read once the process has ended, so what
+        it wrote while draining counts too: an internal error or a traceback of its own fails the test."""
         if self.proc.poll() is None:
+            # until it logs "listening on" its signal handlers are not installed: a SIGTERM would kill it outright
+            wait_for(lambda: self.proc.poll() is not None or "listening on" in self.log(), timeout, "the supervisor to start")
             self.proc.send_signal(signal.SIGTERM)
             try:
-                return self.proc.wait(timeout)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
                 raise AssertionError(f"supervisor did not stop within {timeout} s:\n{self.log()}") from None
+        faults = [] if self.faults_expected else supervisor_faults(self.log())
+        assert not faults, "the supervisor hit a bug:\n" + "\n".join(faults) + "\n--- log ---\n" + self.log()[-5000:]
         return int(self.proc.returncode)
+
+
+# a text log line: "2026-01-01 12:00:00,123 LEVEL logger[ worker-id]: message"
+_TEXT_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<logger>[\w.]+)[ \w.-]*: ")
+
+
+def _is_worker_error(logger: str, level: str) -> bool:
+    """A worker reports a failed job with its traceback (``log.exception``): that is the model failing, not the hub."""
+    return (logger == "workers" or logger.startswith("workers.")) and level == "ERROR"
+
+
+def supervisor_faults(log: str) -> list[str]:
+    """Lines of a supervisor's log (text or JSON lines) that show a bug in the hub: an internal error, or a
+    traceback that is not part of a worker's report of a failed job (a crash printed raw, in drain included)."""
+    faults: list[str] = []
+    owner: tuple[str, str] | None = None  # (logger, level) of the record that raw lines continue
+    for number, line in enumerate(log.splitlines(), 1):
+        if "internal error" in line:
+            faults.append(f"line {number}: {line}")
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                owner = None  # a JSON record is one line; raw lines after it are nobody's
+                logger, level = str(entry.get("logger", "")), str(entry.get("level", ""))
+                if "exc" in entry and not _is_worker_error(logger, level):
+                    faults.append(f"line {number}: a traceback logged by {logger}: {line[:300]}")
+                continue
+        if match := _TEXT_RECORD.match(line):
+            owner = (match["logger"], match["level"])
+        elif line.startswith("Traceback (most recent call last)") and not (owner and _is_worker_error(*owner)):
+            faults.append(f"line {number}: a traceback outside any worker's error report")
+    return faults
 
 
 def start_hub(
@@ -79,7 +131,11 @@ def start_hub(
     hub: dict[str, Any] | None = None,
     ready: bool = True,
     gateway: dict[str, Any] | None = None,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Hub:
+    """Start ``python -m hub.supervisor`` on a fresh config; ``args`` are extra command-line flags (a
+    ``--frontend`` among them is where the hub is reached), ``env`` extra environment variables."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "hub": {"frontend": endpoint, "runtime_dir": str(tmp_path / "run"), **(hub or {})},
@@ -91,12 +147,15 @@ def start_hub(
     log_path = config_path.with_suffix(".log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hub.supervisor", "--config", str(config_path)],
+            [sys.executable, "-m", "hub.supervisor", "--config", str(config_path), *args],
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so a test can kill it whole
         )
+    if "--frontend" in args:
+        endpoint = args[args.index("--frontend") + 1]
     started = Hub(endpoint, proc, config_path, log_path)
     if ready:
         try:
@@ -113,20 +172,38 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     """Start supervisors for one test; every one is stopped and checked for leftovers afterwards."""
     hubs: list[Hub] = []
 
-    def factory(
-        providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True, gateway: dict[str, Any] | None = None
-    ) -> Hub:
-        started = start_hub(tmp_path, providers, hub, ready, gateway)
+    def factory(providers: dict[str, Any], hub: dict[str, Any] | None = None, ready: bool = True, **kwargs: Any) -> Hub:
+        started = start_hub(tmp_path, providers, hub, ready, **kwargs)
         hubs.append(started)
         return started
 
     yield factory
-    for started in hubs:
-        started.stop()
-        pids = [int(p) for p in subprocess.run(["pgrep", "-g", str(started.proc.pid)], capture_output=True, text=True).stdout.split()]
+    failures: list[str] = []
+    for started in hubs:  # every one is stopped, whatever the one before it showed
+        try:
+            code = started.stop()
+            assert code == started.expected_exit, f"the supervisor exited with {code}:\n{started.log()[-5000:]}"
+        except AssertionError as exc:
+            failures.append(str(exc))
+        pids = live_in_group(started.proc.pid)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-        assert not pids, f"processes left behind by the supervisor: {pids}"
+        if pids:
+            failures.append(f"processes left behind by the supervisor: {pids}")
+    assert not failures, "\n\n".join(failures)
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` still running (a zombie has ended; its reaping is up to init)."""
+    found = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+    live = []
+    for pid in map(int, found):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                live.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
 
 
 def _ours(name: str) -> bool:
@@ -154,24 +231,35 @@ def no_leaked_segments() -> Iterator[None]:
 
 
 @contextmanager
-def steady_load(hub: Hub, clients: int = 3) -> Iterator[Counter[str]]:
-    """Echo requests from ``clients`` threads until the block ends; yields the outcomes by code ("ok" for success)."""
+def steady_load(hub: Hub, clients: int = 3, vary: bool = False, timeout: float = 30.0) -> Iterator[Counter[str]]:
+    """Echo requests from ``clients`` threads until the block ends; yields every outcome, counted: "ok" for the
+    right text, the code of a ``HubError``, "wrong text: ..." or the type and message of any other exception.
+    With ``vary``, each request takes a random part of the tone and a random sleep (seeded per thread).
+    On leaving the block every thread must have finished: one still running is a hung request."""
     from workers.echo import echo_text
 
     tone = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
     stop = threading.Event()
     outcomes: Counter[str] = Counter()
 
-    def load() -> None:
-        with hub.client() as client:
-            while not stop.is_set():
-                try:
-                    assert client.transcribe(tone, sleep=0.05, timeout=30).text == echo_text(tone)
-                    outcomes["ok"] += 1
-                except HubError as exc:
-                    outcomes[exc.code] += 1
+    def one(client: HubClient, rng: random.Random) -> str:
+        audio, sleep = (tone[: rng.randint(1600, 16000)], rng.uniform(0, 0.1)) if vary else (tone, 0.05)
+        try:
+            text = client.transcribe(audio, sleep=sleep, timeout=timeout).text
+        except HubError as exc:
+            return exc.code
+        return "ok" if text == echo_text(audio) else f"wrong text: {text!r}"
 
-    threads = [threading.Thread(target=load) for _ in range(clients)]
+    def load(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with hub.client() as client:
+                while not stop.is_set():
+                    outcomes[one(client, rng)] += 1
+        except Exception as exc:  # counted, so that a thread that died says so
+            outcomes[f"{type(exc).__name__}: {exc}"] += 1
+
+    threads = [threading.Thread(target=load, args=(seed,), name=f"load-{seed}") for seed in range(clients)]
     for thread in threads:
         thread.start()
     try:
@@ -179,7 +267,9 @@ def steady_load(hub: Hub, clients: int = 3) -> Iterator[Counter[str]]:
     finally:
         stop.set()
         for thread in threads:
-            thread.join(30)
+            thread.join(timeout + 10)
+    hung = [thread.name for thread in threads if thread.is_alive()]
+    assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
 
 
 def echo_provider(**pool: Any) -> dict[str, Any]:

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import hub.client
+import hub.errors
 import hub.stream
 from hub.cli import _parser as client_parser
 from hub.config import parse_config
 from hub.gateway.__main__ import parser as gateway_parser
-from tests.conftest import ROOT
+from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SDK = {name: getattr(hub.client, name) for name in hub.client.__all__}
@@ -94,3 +98,56 @@ def test_make_targets_exist(path: Path) -> None:
     targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
     for target in re.findall(r"`make ([\w-]+)", _text(path)):
         assert target in targets, f"{path.name}: make {target} is not a target"
+
+
+def _paragraph(path: Path, start: str) -> str:
+    """The list item or paragraph of ``path`` that contains ``start``, up to the next item or blank line."""
+    text = _text(path)
+    at = text.index(start)
+    begin = max(text.rfind("\n- ", 0, at + 3), text.rfind("\n\n", 0, at + 2)) + 1
+    ends = [i for i in (text.find("\n- ", at), text.find("\n\n", at)) if i != -1]
+    return text[begin : min(ends)] if ends else text[begin:]
+
+
+ERRORS = {name for name, value in vars(hub.errors).items() if isinstance(value, type) and issubclass(value, hub.errors.HubError)}
+
+
+@pytest.mark.timeout(60)
+def test_wait_ready_raises_what_the_api_guide_says(hub_factory, tmp_path: Path) -> None:
+    """The guide names the errors ``wait_ready`` raises; they must be the ones it raises with no hub at all
+    and with a hub that answers but never becomes ready."""
+    documented = set(re.findall(r"`(\w+)`", _paragraph(ROOT / "docs" / "api.md", "- `wait_ready(timeout"))) & ERRORS
+    raised = {}
+    with hub.client.HubClient(f"tcp://127.0.0.1:{free_port()}", timeout=1.0) as client:
+        with pytest.raises(hub.errors.HubError) as nobody:
+            client.wait_ready(timeout=1.0)
+        raised["no hub answered"] = type(nobody.value).__name__
+    (tmp_path / "empty-model").mkdir()
+    broken = hub_factory({"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False)
+    with broken.client() as client:
+        assert not client.status(timeout=30)["hub"]["ready"]  # it answers
+        with pytest.raises(hub.errors.HubError) as unready:
+            client.wait_ready(timeout=1.0)
+        raised["answered, not ready"] = type(unready.value).__name__
+    assert raised == {"no hub answered": "HubUnreachable", "answered, not ready": "ProviderUnavailable"}
+    assert documented == set(raised.values()), f"docs/api.md names {documented} for wait_ready, it raises {raised}"
+
+
+@pytest.mark.timeout(90)
+def test_the_rollback_checklist_says_whether_a_supervisor_started_with_frontend_is_found(hub_factory) -> None:
+    """The checklist says whether scripts/rollback.sh finds a supervisor started with ``--frontend``; run it."""
+    claim = " ".join(_paragraph(ROOT / "docs" / "operations" / "pool_monitoring.md", "`--frontend`").split())
+    sentence = next(s for s in re.split(r"(?<=[.;]) ", claim) if "`--frontend`" in s)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = hub_factory({"echo": echo_provider(min_size=1, max_size=1)}, args=("--frontend", endpoint))
+    assert started.status()["hub"]["frontend"] == endpoint
+    out = subprocess.run(
+        ["scripts/rollback.sh", str(started.config_path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    found = out.returncode == 0 and "sent SIGHUP" in out.stdout
+    if found:  # and the reload it asked for happened
+        wait_for(lambda: not started.status()["providers"]["echo"]["pool_enabled"], timeout=30, what="the rollback")
+    else:
+        assert out.returncode == 1 and "no running supervisor" in out.stderr, out.stderr
+    assert ("not found" in sentence or "is not" in sentence) is not found, (sentence, out.stdout, out.stderr)

@@ -26,11 +26,12 @@ from hub.errors import (
     JobTimeout,
     PoolBusy,
     ProviderUnavailable,
+    ShuttingDown,
     UnknownProvider,
     WorkerCrashed,
 )
 from hub.protocol import MsgType
-from tests.conftest import ROOT, echo_provider, free_port
+from tests.conftest import ROOT, echo_provider, free_port, wait_for
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(90)
@@ -47,6 +48,10 @@ def test_echo_round_trip_through_shared_memory_and_inline(hub_factory) -> None:
     with hub.client(use_shm=False) as remote:
         assert remote.transcribe(TONE).text == echo_text(TONE)
     assert hub.status()["hub"]["inline_bytes"] == TONE.nbytes
+
+
+def _states(hub, provider: str = "echo") -> list[str]:
+    return [w["state"] for w in hub.status()["providers"][provider]["workers"]]
 
 
 def test_status_shape(hub_factory) -> None:
@@ -88,35 +93,41 @@ def test_pool_busy_when_the_queue_is_full(hub_factory) -> None:
     def slow() -> None:
         with hub.client() as c:
             try:
-                c.transcribe(TONE, sleep=1.5)
+                c.transcribe(TONE, sleep=3.0)
             except Exception as exc:  # collected and checked below
                 errors.append(exc)
 
     threads = [threading.Thread(target=slow) for _ in range(2)]
-    for t in threads:
-        t.start()
-        time.sleep(0.2)  # the first runs, the second fills the queue
+    threads[0].start()
+    wait_for(lambda: _states(hub) == ["busy"], what="the first job running")
+    threads[1].start()
+    wait_for(lambda: hub.status()["providers"]["echo"]["queue_depth"] == 1, what="the second job queued")
     with hub.client() as client:
-        started = time.monotonic()
         with pytest.raises(PoolBusy, match="max_queue=1"):
             client.transcribe(TONE)
-        assert time.monotonic() - started < 1.0, "POOL_BUSY must come at once"
+    assert all(t.is_alive() for t in threads), "POOL_BUSY must come at once, not once the queue has moved"
     for t in threads:
-        t.join()
+        t.join(30)
     assert errors == []
 
 
 def test_acquire_timeout(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, acquire_timeout=0.5)})
-    blocker = threading.Thread(target=lambda: hub.client().transcribe(TONE, sleep=2.0))
+
+    def block() -> None:
+        with hub.client() as c:
+            c.transcribe(TONE, sleep=4.0)
+
+    blocker = threading.Thread(target=block)
     blocker.start()
-    time.sleep(0.2)
+    wait_for(lambda: _states(hub) == ["busy"], what="the blocking job running")
     with hub.client() as client:
         started = time.monotonic()
         with pytest.raises(AcquireTimeout, match="no echo worker became free"):
             client.transcribe(TONE)
-        assert 0.4 < time.monotonic() - started < 1.5
-    blocker.join()
+        assert time.monotonic() - started >= 0.45  # not before pool.acquire_timeout
+    assert blocker.is_alive(), "ACQUIRE_TIMEOUT must come at its timeout, not once the worker is free"
+    blocker.join(30)
 
 
 def test_invalid_audio_from_the_sdk_leaves_the_hub_serving(hub_factory, tmp_path: Path) -> None:
@@ -176,8 +187,8 @@ def test_a_client_timeout_cancels_and_the_worker_stays_usable(hub_factory) -> No
     with hub.client() as client:
         started = time.monotonic()
         with pytest.raises(JobTimeout, match="client's timeout"):
-            client.transcribe(TONE, sleep=1.0, timeout=0.3)
-        assert time.monotonic() - started < 0.8
+            client.transcribe(TONE, sleep=2.0, timeout=0.3)
+        assert time.monotonic() - started < 2.0, "the client must give up at its timeout, not when the job ends"
         assert client.transcribe(TONE, timeout=10).text == echo_text(TONE)
 
 
@@ -190,15 +201,14 @@ def test_no_supervisor_is_a_clear_error_not_a_hang() -> None:
 
 
 def test_a_crashed_worker_is_retried_then_reported_and_replaced(hub_factory) -> None:
-    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, retry_on_crash=0)})
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, retry_on_crash=1)})
     first_pid = hub.worker_pids()[0]
     with hub.client() as client:
-        started = time.monotonic()
         with pytest.raises(WorkerCrashed, match="exit status 9"):
-            client.transcribe(TONE, exit=9)
-        assert time.monotonic() - started < 1.0
+            client.transcribe(TONE, exit=9)  # the retry runs the same job, so its worker crashes too
         assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)  # the replacement serves
-    assert hub.worker_pids() != [first_pid]
+    assert hub.log().count("retrying on another worker") == 1
+    assert hub.log().count("exit status 9") >= 2 and first_pid not in hub.worker_pids()
 
 
 def test_sigkill_of_a_busy_worker_retries_the_job_elsewhere(hub_factory) -> None:
@@ -207,7 +217,7 @@ def test_sigkill_of_a_busy_worker_retries_the_job_elsewhere(hub_factory) -> None
         result: list = []
         t = threading.Thread(target=lambda: result.append(client.transcribe(TONE, sleep=1.0)))
         t.start()
-        time.sleep(0.4)
+        wait_for(lambda: "busy" in _states(hub), what="a busy worker")
         busy = [w for w in hub.status()["providers"]["echo"]["workers"] if w["state"] == "busy"]
         os.kill(busy[0]["pid"], signal.SIGKILL)
         t.join(20)
@@ -220,8 +230,8 @@ def test_a_hung_job_times_out_and_a_fresh_worker_takes_the_next(hub_factory) -> 
     with hub.client() as client:
         started = time.monotonic()
         with pytest.raises(JobTimeout, match="1 s deadline"):
-            client.transcribe(TONE, hang=True)
-        assert time.monotonic() - started < 2.5
+            client.transcribe(TONE, hang=True, timeout=60)
+        assert time.monotonic() - started < 30, "the job's deadline must end it, not the client's timeout"
         assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
 
 
@@ -237,10 +247,8 @@ def test_an_unloadable_model_degrades_its_provider_only(hub_factory, tmp_path: P
             assert time.monotonic() < deadline, hub.log()
             time.sleep(0.2)
         assert "cannot load whisper model" in broken["last_error"] and str(empty) in broken["last_error"]
-        started = time.monotonic()
-        with pytest.raises(ProviderUnavailable, match="cannot load whisper model"):
+        with pytest.raises(ProviderUnavailable, match="cannot load whisper model"):  # not an acquire timeout
             client.transcribe(TONE, "broken")
-        assert time.monotonic() - started < 1.0
         assert client.transcribe(TONE, "echo").text == echo_text(TONE)
 
 
@@ -339,7 +347,7 @@ def test_segment_is_released_when_the_worker_is_killed_mid_job(hub_factory) -> N
 
         t = threading.Thread(target=run)
         t.start()
-        time.sleep(0.5)
+        wait_for(lambda: _states(hub) == ["busy"], what="the job running")
         assert shm.list_segments(prefix)
         os.kill(hub.worker_pids()[0], signal.SIGKILL)
         t.join(10)
@@ -359,13 +367,12 @@ def test_sigterm_drains_jobs_in_flight_and_exits_cleanly(hub_factory) -> None:
     threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.4)
+    wait_for(lambda: _states(hub) == ["busy", "busy"], what="both jobs running")
     hub.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
+    wait_for(lambda: "SIGTERM: draining" in hub.log(), what="the drain to begin")
     with hub.client() as client:
-        with pytest.raises(Exception) as refused:
-            client.transcribe(TONE, timeout=2)
-        assert getattr(refused.value, "code", "") in ("SHUTTING_DOWN", "HUB_UNREACHABLE")
+        with pytest.raises(ShuttingDown):  # an answer: a supervisor that stopped reading would not give one
+            client.transcribe(TONE, timeout=5)
     for t in threads:
         t.join(10)
     assert hub.proc.wait(15) == 0
@@ -412,7 +419,8 @@ def test_a_client_whose_hub_went_away_is_told_at_once(hub_factory) -> None:
 
         t = threading.Thread(target=run)
         t.start()
-        time.sleep(0.5)
+        wait_for(lambda: "busy" in _states(hub), what="the job running")
+        hub.expected_exit = -signal.SIGKILL
         hub.proc.send_signal(signal.SIGKILL)  # the supervisor dies with a request in flight
         hub.proc.wait(10)
         t.join(5)
@@ -428,5 +436,34 @@ def test_a_client_whose_hub_went_away_is_told_at_once(hub_factory) -> None:
             with pytest.raises(HubUnreachable):
                 await client.status()
             assert time.monotonic() - started < 5.0
+
+    asyncio.run(main())
+
+
+def test_async_client_wait_ready_and_scale(hub_factory, tmp_path: Path) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3)}, ready=False)
+    (tmp_path / "empty-model").mkdir()
+    unready = hub_factory({"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False)
+
+    async def main() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=30) as client:
+            status = await client.wait_ready(timeout=60)
+            assert status["hub"]["ready"] and status["providers"]["echo"]["size"] == 1
+            assert await client.scale("echo", 3) == {"provider": "echo", "size": 3}
+            deadline = time.monotonic() + 30
+            while (await client.status())["providers"]["echo"]["size"] != 3:
+                assert time.monotonic() < deadline, "the pool never reached 3"
+                await asyncio.sleep(0.1)
+            with pytest.raises(BadRequest, match=r"outside \[1, 3\]"):
+                await client.scale("echo", 4)
+            with pytest.raises(UnknownProvider):
+                await client.scale("nope", 1)
+        async with AsyncHubClient(f"tcp://127.0.0.1:{free_port()}", timeout=1) as nobody:
+            with pytest.raises(HubUnreachable):
+                await nobody.wait_ready(timeout=1.0)
+        async with AsyncHubClient(unready.endpoint, timeout=30) as client:
+            await client.status()  # it answers
+            with pytest.raises(ProviderUnavailable, match="answers but was not ready"):
+                await client.wait_ready(timeout=1.0)
 
     asyncio.run(main())

@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
+if not (os.environ.get("ASR_HUB_REQUIRE_EXTRAS") or os.environ.get("CI")):
+    # a developer's whisper-only venv skips these; `make test` (ASR_HUB_REQUIRE_EXTRAS=1) and CI import it
+    # unconditionally below, so a missing extra there fails the run instead of skipping it
+    pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
 
 import torch
 import yaml
@@ -204,7 +207,8 @@ def test_transcription_through_shared_memory_matches_funasr_itself(
 def test_options_reach_the_model_and_unknown_ones_are_refused(hub: Hub, models: dict[str, Path]) -> None:
     pcm = to_pcm(DATA / "coffee.wav")
     with hub.client() as client:
-        assert isinstance(client.transcribe(pcm, "funasr", hotword="coffee", batch_size_s=60).text, str)
+        hot = client.transcribe(pcm, "funasr", hotword="coffee", batch_size_s=60)
+        assert hot.text == direct_text(models["paraformer"], pcm, hotword="coffee", batch_size_s=60)
         sense = client.transcribe(pcm, "sensevoice", language="zh", use_itn=True)
         # the request's language overrides the provider's default "en", and reaches the model
         assert sense.language == "zh"
@@ -236,21 +240,37 @@ def test_concurrent_requests_use_both_funasr_workers(hub: Hub) -> None:
     assert len(workers) == 2 and all(w.startswith("funasr-") for w in workers)
 
 
-def test_whisper_and_funasr_served_at_the_same_time(hub: Hub) -> None:
+def test_whisper_and_funasr_served_at_the_same_time(hub: Hub, models: dict[str, Path]) -> None:
+    """The FunASR jobs are sent while whisper's is running, and the intervals the workers spent on them
+    (each answer's arrival less its inference time) overlap: one pool does not wait for the other."""
+    speech = np.concatenate([to_pcm(DATA / f"{c}.wav") for c in ("coffee", "stella", "weather")])
+    pcm = to_pcm(DATA / "coffee.wav")
     results: dict[str, Any] = {}
+    ran: dict[str, tuple[float, float]] = {}
     with hub.client() as client:
 
-        def run(provider: str) -> None:
-            results[provider] = client.transcribe(DATA / "coffee.wav", provider)
+        def run(provider: str, audio: np.ndarray) -> None:
+            result = client.transcribe(audio, provider, timeout=120)
+            done = time.monotonic()
+            results[provider] = result
+            ran[provider] = (done - result.inference_ms / 1000, done)
 
-        threads = [threading.Thread(target=run, args=(p,)) for p in ("whisper", "funasr", "sensevoice")]
-        for t in threads:
+        whisper = threading.Thread(target=run, args=("whisper", speech))
+        whisper.start()
+        _wait_for(lambda s: any(w["state"] == "busy" for w in s["providers"]["whisper"]["workers"]), hub)
+        others = [threading.Thread(target=run, args=(p, pcm)) for p in ("funasr", "sensevoice")]
+        for t in others:
             t.start()
-        for t in threads:
-            t.join(60)
-    assert word_error_rate(reference("coffee"), results["whisper"].text) <= 0.10
-    assert results["whisper"].worker.startswith("whisper-")
-    assert results["funasr"].worker.startswith("funasr-") and results["sensevoice"].worker.startswith("sensevoice-")
+        for t in (whisper, *others):
+            t.join(120)
+    references = " ".join(reference(c) for c in ("coffee", "stella", "weather"))
+    assert word_error_rate(references, results["whisper"].text) <= 0.10, results["whisper"].text
+    assert results["funasr"].text == direct_text(models["paraformer"], pcm)
+    assert results["sensevoice"].text == direct_text(models["sensevoice"], pcm, language="en")
+    for provider in ("funasr", "sensevoice"):
+        assert results[provider].worker.startswith(f"{provider}-")
+        start, end = ran[provider]
+        assert start < ran["whisper"][1] and ran["whisper"][0] < end, ran  # the two ran at the same time
 
 
 # --- live sessions ---------------------------------------------------------------------
@@ -364,13 +384,13 @@ def test_a_killed_funasr_worker_is_replaced_and_the_replacement_serves(hub: Hub)
 
 
 def test_a_hub_model_name_without_allow_download_fails_fast(hub_factory) -> None:
-    started = time.monotonic()
+    """The worker refuses the hub name itself, before FunASR tries (and retries) a download."""
     hub = hub_factory({"funasr": {"model": "paraformer-zh", "device": "cpu"}}, ready=False)
+    _wait_for(lambda s: "allow_download" in s["providers"]["funasr"]["last_error"], hub)
     with hub.client() as client, pytest.raises(ProviderUnavailable, match="allow_download") as refused:
         client.transcribe(DATA / "hello.wav", "funasr", timeout=10)
-    assert time.monotonic() - started < 5.0, "refusing a hub name must not wait for FunASR's download retries"
     assert "paraformer-zh" in str(refused.value) and "not a local directory" in str(refused.value)
-    assert "allow_download" in hub.status()["providers"]["funasr"]["last_error"]
+    assert "exit status 4 (failed to load its model): funasr model 'paraformer-zh' is not a local directory" in hub.log()
 
 
 # --- the adapter's pure parts ---------------------------------------------------------

@@ -12,6 +12,7 @@ import time
 import types
 import urllib.error
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hub import resources
 from hub.errors import HubError, PoolBusy
 from hub.metrics import Histogram, Metrics, Window
-from tests.conftest import ROOT, echo_provider, free_port
+from tests.conftest import DATA, ROOT, echo_provider, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,13 +114,14 @@ def test_status_and_metrics_page_after_a_known_sequence(hub_factory) -> None:
             client.transcribe(TONE, fail="boom")
         with pytest.raises(HubError, match="deadline"):
             client.transcribe(TONE, hang=True)
-        blocker = threading.Thread(target=client.transcribe, args=(TONE,), kwargs={"sleep": 0.7, "timeout": 20})
-        time.sleep(1.0)  # the hung worker is being replaced
+        blocker = threading.Thread(target=client.transcribe, args=(TONE,), kwargs={"sleep": 1.2, "timeout": 20})
+        replaced = lambda: [(w["state"], w["restarts"]) for w in client.status()["providers"]["echo"]["workers"]] == [("idle", 1)]
+        wait_for(replaced, what="the hung worker's replacement")
         blocker.start()
-        time.sleep(0.3)
+        wait_for(lambda: client.status()["providers"]["echo"]["workers"][0]["state"] == "busy", what="the blocker running")
         with pytest.raises(PoolBusy):
             client.transcribe(TONE)
-        blocker.join()
+        blocker.join(30)
         echo = client.status()["providers"]["echo"]
     assert (echo["requests"], echo["succeeded"], echo["failed"], echo["rejected"], echo["timed_out"]) == (7, 4, 1, 1, 1)
     assert echo["errors"] == {"INFERENCE_FAILED": 1, "JOB_TIMEOUT": 1, "POOL_BUSY": 1}
@@ -128,10 +130,7 @@ def test_status_and_metrics_page_after_a_known_sequence(hub_factory) -> None:
     assert set(echo["workers_by_state"]) == {"starting", "idle", "busy", "draining", "unhealthy"}
     worker = echo["workers"][0]
     assert worker["restarts"] == 1 and worker["rss_mb"] > 0 and worker["gpu_error"] == ""  # echo has no GPU
-    time.sleep(1.2)  # gauges are published once a second
-    code, page = _get(f"http://127.0.0.1:{port}/metrics")
-    assert code == 200
-    families = {f.name: f for f in text_string_to_metric_families(page)}
+    families = _families(port, lambda families: "asr_hub_worker_restarts" in families)  # gauges come once a second
     assert DOCUMENTED - {"asr_hub_worker_gpu_memory_used_bytes", "asr_hub_worker_gpu_utilization"} <= set(families)
     assert DOCUMENTED <= set(families) | {n for n in DOCUMENTED if "gpu" in n}
     value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -140,6 +139,93 @@ def test_status_and_metrics_page_after_a_known_sequence(hub_factory) -> None:
     assert value[("asr_hub_wait_seconds_count", (("provider", "echo"),))] == 6
     assert value[("asr_hub_worker_restarts", (("provider", "echo"), ("worker", worker["id"])))] == 1
     assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+
+
+def _families(port: int, ready: Any) -> dict[str, Any]:
+    """The metric families of the page, read again until ``ready(families)`` holds (gauges are published
+    once a second)."""
+    found: dict[str, Any] = {}
+
+    def read() -> bool:
+        code, page = _get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200, page
+        found.clear()
+        found.update({f.name: f for f in text_string_to_metric_families(page)})
+        return bool(ready(found))
+
+    wait_for(read, what="the metrics page")
+    return found
+
+
+def _sample(families: dict[str, Any], name: str, **labels: str) -> float:
+    family = families[name]
+    return next(s.value for s in family.samples if s.labels.items() >= labels.items())
+
+
+NVML_DOUBLE = """\"\"\"A stand-in for pynvml: one GPU whose figures come from the JSON file $ASR_HUB_TEST_NVML, read at each call.\"\"\"
+import json
+import os
+import types
+
+
+def _state():
+    with open(os.environ["ASR_HUB_TEST_NVML"]) as f:
+        return json.load(f)
+
+
+def nvmlInit():
+    _state()
+
+
+def nvmlDeviceGetHandleByIndex(index):
+    return index
+
+
+def nvmlDeviceGetMemoryInfo(handle):
+    s = _state()
+    return types.SimpleNamespace(used=s["used_mb"] * 2**20, free=s["free_mb"] * 2**20, total=(s["used_mb"] + s["free_mb"]) * 2**20)
+
+
+def nvmlDeviceGetUtilizationRates(handle):
+    return types.SimpleNamespace(gpu=_state()["utilization"], memory=0)
+"""
+
+
+def test_gpu_readings_and_the_free_memory_hold_back_with_an_nvml_double(hub_factory, tmp_path) -> None:
+    """The supervisor imports an NVML double (first on its PYTHONPATH): its figures reach the status, the
+    GPU metric families, and the scaling policy, which holds growth back while the GPU has no room."""
+    (tmp_path / "nvml").mkdir()
+    (tmp_path / "nvml" / "pynvml.py").write_text(NVML_DOUBLE)
+    state = tmp_path / "gpu.json"
+    state.write_text(json.dumps({"used_mb": 3072, "free_mb": 1024, "utilization": 42}))
+    port = free_port()
+    env = {"PYTHONPATH": str(tmp_path / "nvml"), "ASR_HUB_TEST_NVML": str(state)}
+    provider = {"model": "tiny.en", "device": "auto", "cpu_threads": 1, "pool": {"min_size": 1, "max_size": 2}}
+    hub = hub_factory({"whisper": provider}, hub={"metrics_port": port}, env=env)
+    with hub.client() as client:
+        wait_for(lambda: client.status()["providers"]["whisper"]["workers"][0]["gpu_memory_used_mb"] is not None, what="a GPU reading")
+        worker = client.status()["providers"]["whisper"]["workers"][0]
+        assert (worker["gpu"], worker["gpu_memory_used_mb"], worker["gpu_utilization"], worker["gpu_error"]) == (0, 3072.0, 42.0, "")
+        families = _families(port, lambda f: "asr_hub_worker_gpu_memory_used_bytes" in f and "asr_hub_worker_gpu_utilization" in f)
+        assert DOCUMENTED <= set(families)  # every documented family, the GPU ones included
+        assert _sample(families, "asr_hub_worker_gpu_memory_used_bytes", worker=worker["id"]) == 3072 * 2**20
+        assert _sample(families, "asr_hub_worker_gpu_utilization", worker=worker["id"]) == 42
+        texts: list[str] = []
+        load = [
+            threading.Thread(target=lambda: texts.append(client.transcribe(DATA / "hello.wav", timeout=120).text))
+            for _ in range(12)
+        ]
+        for t in load:
+            t.start()
+        # 1 GiB free and 3 GiB per worker: the queue asks for a second worker, the GPU has no room for it
+        held = "GPU memory: 1024 MiB free, one more worker needs about 3072 MiB"
+        wait_for(lambda: held in client.status()["providers"]["whisper"]["held_back"], timeout=60, what="the hold-back")
+        assert client.status()["providers"]["whisper"]["size"] == 1
+        state.write_text(json.dumps({"used_mb": 3072, "free_mb": 8192, "utilization": 42}))
+        wait_for(lambda: client.status()["providers"]["whisper"]["size"] == 2, timeout=60, what="growth once the GPU has room")
+        for t in load:
+            t.join(120)
+    assert len(texts) == 12 and set(texts) == {(DATA / "hello.txt").read_text().strip()}, texts
 
 
 def test_readyz_follows_the_only_worker(hub_factory) -> None:
@@ -163,13 +249,17 @@ def test_json_logs_and_the_periodic_summary(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider()}, hub={"log_format": "json", "metrics_log_interval": 0.5, "log_level": "DEBUG"})
     with hub.client() as client:
         client.transcribe(TONE)
-    time.sleep(1.0)
+        with pytest.raises(HubError, match="boom"):
+            client.transcribe(TONE, fail="boom")  # the worker logs the failure itself, with its traceback
+    wait_for(lambda: '"pool echo: size 1' in hub.log(), what="the periodic summary")
     entries = [json.loads(line) for line in hub.log().splitlines() if line.strip()]
-    assert {"ts", "level", "logger", "msg"} <= set(entries[0])
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
     messages = [e["msg"] for e in entries]
     assert any(m.startswith("pool echo: size 1") for m in messages)
     assert any("job j1 (request" in m for m in messages)  # each request at debug, with its job id
-    assert any(e["logger"] == "workers" or "echo-1" in e["msg"] for e in entries) or any("worker echo-1 ready" in m for m in messages)
+    # the worker's own line (not the supervisor's about it), in JSON too
+    worker = [e for e in entries if e["logger"].startswith("workers") and "echo-1" in e["msg"] and "job j2 failed" in e["msg"]]
+    assert worker and "RuntimeError: boom" in worker[0]["exc"], entries
 
 
 def test_cli_status_watch_redraws(hub_factory) -> None:
@@ -199,3 +289,21 @@ def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_supervisor_log_flags_override_the_config(hub_factory) -> None:
+    """--log-format json and --log-level DEBUG win over the file's text/INFO."""
+    hub = hub_factory({"echo": echo_provider()}, hub={"log_format": "text", "log_level": "INFO"}, args=("--log-format", "json", "--log-level", "DEBUG"))
+    with hub.client() as client:
+        client.transcribe(TONE)
+    wait_for(lambda: "job j1 (request" in hub.log(), what="the request's debug line")
+    entries = [json.loads(line) for line in hub.log().splitlines() if line.strip()]
+    assert any(e["level"] == "DEBUG" and e["msg"].startswith("job j1 (request") for e in entries)
+
+
+def test_metrics_host_sets_the_address_the_endpoint_binds(hub_factory) -> None:
+    port = free_port()
+    hub_factory({"echo": echo_provider()}, hub={"metrics_port": port, "metrics_host": "127.0.0.2"})
+    assert _get(f"http://127.0.0.2:{port}/healthz") == (200, "ok\n")
+    with pytest.raises(urllib.error.URLError):  # nothing listens on the other loopback address
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)

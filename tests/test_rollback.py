@@ -86,27 +86,18 @@ def test_rollback_without_a_running_hub_says_so(tmp_path) -> None:
     assert parse_config(yaml.safe_load(config.read_text())).providers["echo"].pool.enabled is False
 
 
-def test_rollback_finds_a_supervisor_started_with_another_frontend(tmp_path) -> None:
-    import signal as signals
-    import sys
-
-    from tests.conftest import free_port
+def test_rollback_module_keeps_the_old_text_and_refuses_a_file_it_cannot_make_valid(tmp_path) -> None:
+    from hub.rollback import main as rollback
 
     config = tmp_path / "hub.yaml"
-    config.write_text(yaml.safe_dump({"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}))
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([sys.executable, "-m", "hub.supervisor", "--config", str(config), "--frontend", endpoint], cwd=ROOT)
-    try:
-        from hub.client import HubClient
-
-        with HubClient(endpoint, timeout=30) as client:
-            client.wait_ready(30)
-            out = subprocess.run(["scripts/rollback.sh", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-            assert out.returncode == 0 and "sent SIGHUP" in out.stdout, out.stderr
-            deadline = time.monotonic() + 30
-            while client.status()["providers"]["echo"]["pool_enabled"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-    finally:
-        proc.send_signal(signals.SIGTERM)
-        assert proc.wait(30) == 0
+    config.write_text(CONFIG)
+    assert rollback([str(config)]) == 0
+    assert (tmp_path / "hub.yaml.bak").read_text() == CONFIG  # the old text, byte for byte
+    assert config.read_text() == set_pool_enabled(CONFIG, enabled=False)
+    # an unknown provider type stays invalid whatever the switch: exit 2, nothing written
+    broken = "providers:\n  echo:\n    type: nope\n    pool: {min_size: 1}\n"
+    config.write_text(broken)
+    (tmp_path / "hub.yaml.bak").unlink()
+    assert rollback([str(config)]) == 2
+    assert config.read_text() == broken and not (tmp_path / "hub.yaml.bak").exists()
+    assert rollback([str(tmp_path / "missing.yaml")]) == 2

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,16 @@ import pytest
 from faster_whisper import WhisperModel
 
 from hub.audio import to_pcm
-from tests.conftest import CLIPS, DATA, ROOT, Hub, reference, start_hub, word_error_rate
+from tests.conftest import (
+    CLIPS,
+    DATA,
+    ROOT,
+    Hub,
+    reference,
+    start_hub,
+    wait_for,
+    word_error_rate,
+)
 from workers.whisper import resolve_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -131,3 +141,47 @@ def test_cli_transcribe_and_status(hub: Hub) -> None:
     assert json.loads(_cli(hub, "status", "--json").stdout)["providers"]["whisper"]["size"] == 2
     bad = _cli(hub, "transcribe", str(DATA / "coffee.txt"))
     assert bad.returncode == 1 and "INVALID_AUDIO" in bad.stderr
+
+
+def test_vad_filter_initial_prompt_and_task_reach_the_model(hub: Hub, direct: WhisperModel) -> None:
+    """Each option gives what faster-whisper gives with it, and (where the model can show it) not what it
+    gives without it. tiny.en is English-only, so task=translate cannot change its text: that option is
+    shown to reach the model only as being accepted and matching the direct call."""
+    hello = to_pcm(DATA / "hello.wav")
+    noise = np.random.default_rng(0).normal(0, 0.02, 16000 * 5).astype(np.float32)
+    padded = np.concatenate([np.zeros(16000 * 3, np.float32), hello, noise])
+    prompt = "HELLO WORLD. I LIKE COFFEE. THE WEATHER"
+    cases = [(padded, {"vad_filter": True}), (hello, {"initial_prompt": prompt}), (hello, {"task": "translate"})]
+    with hub.client() as client:
+        for pcm, options in cases:
+            with_it, without = direct_text(direct, pcm, **options), direct_text(direct, pcm)
+            assert client.transcribe(pcm, **options).text == with_it, options
+            if "task" not in options:
+                assert with_it != without, f"{options} made no difference to faster-whisper's own text"
+
+
+def test_active_health_checks_pass_on_the_real_model(hub_factory) -> None:
+    """Health checks send the bundled clip to the real model; a check that passes resets since_health_check
+    and leaves the worker in place (one that failed would recycle it and log why)."""
+    provider = {"model": "tiny.en", "device": "cpu", "cpu_threads": 1, "pool": {"min_size": 1, "max_size": 1, "health_check_interval": 0.5}}
+    hub = hub_factory({"whisper": provider})
+    first = hub.worker_pids()
+
+    readings: list[float] = []
+
+    def resets() -> int:
+        """How often since_health_check went back down, i.e. a check passed, among the readings so far."""
+        readings.append(hub.status()["providers"]["whisper"]["workers"][0]["since_health_check"])
+        return sum(later < earlier for earlier, later in pairwise(readings))
+
+    wait_for(lambda: resets() >= 2, timeout=60, what="two passed health checks")
+    assert hub.worker_pids() == first and "health check failed" not in hub.log()
+
+
+def test_cli_transcribe_stream_prints_each_segment_with_its_times(hub: Hub) -> None:
+    out = _cli(hub, "transcribe", str(DATA / "weather.wav"), "--stream")
+    assert out.returncode == 0, out.stderr
+    with hub.client() as client:
+        segments = client.transcribe(DATA / "weather.wav").segments
+    assert out.stdout.splitlines() == [f"[{s.start:7.2f} -> {s.end:7.2f}] {s.text}" for s in segments]
+    assert word_error_rate(reference("weather"), " ".join(s.text for s in segments)) <= 0.10
