@@ -80,6 +80,7 @@ def test_drain_keeps_answering_then_stops_the_gateway_last(gateway_factory: Any)
 def test_gateway_stops_when_its_supervisor_is_killed(gateway_factory: Any) -> None:
     gw: Gateway = gateway_factory(ECHO)
     gateway_pid = gw.hub.status()["gateway"]["pid"]
+    gw.hub.expected_exit = -signal.SIGKILL
     os.killpg(gw.hub.proc.pid, signal.SIGKILL)
     gw.hub.proc.wait(10)
     until(lambda: not psutil.pid_exists(gateway_pid), timeout=10)
