@@ -103,6 +103,7 @@ def test_kill_drain_and_a_new_hub_lose_no_request(hub_factory: Callable[..., Hub
         assert set(pool.wait_ready(timeout=30, hubs=3)["hubs"]) == {a.endpoint, b.endpoint, c.endpoint}
         with load(pool) as outcomes:
             wait_for(lambda: min(served(h) for h in (a, b, c)) >= 5, 20, "every hub to take requests")
+            a.expected_exit = -signal.SIGKILL
             os.killpg(a.proc.pid, signal.SIGKILL)  # a pod lost with its node
             names.set("127.0.0.2", "127.0.0.3")
             time.sleep(1.0)
@@ -228,6 +229,7 @@ def test_async_pool_streams_holds_sessions_and_fails_over(hub_factory: Callable[
 
             tasks = [asyncio.create_task(one()) for _ in range(12)]
             await asyncio.sleep(0.1)  # requests in flight on both hubs
+            a.expected_exit = -signal.SIGKILL
             os.killpg(a.proc.pid, signal.SIGKILL)
             await asyncio.gather(*tasks)
             tasks = [asyncio.create_task(one()) for _ in range(12)]
