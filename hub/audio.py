@@ -44,16 +44,21 @@ def to_pcm(audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
     if isinstance(audio, np.ndarray):
         pcm = _from_array(audio)
     elif isinstance(audio, (bytes, bytearray, memoryview)):
-        raw = bytes(audio)
-        if len(raw) % 2:
-            raise InvalidAudio(f"raw PCM must be 16-bit samples (an even number of bytes), got {len(raw)} bytes")
-        pcm = _from_array(np.frombuffer(raw, dtype="<i2"))
+        pcm = _from_array(pcm16(audio))
     else:
         raise InvalidAudio(
             f"audio must be a file path, a numpy array or raw 16-bit PCM bytes, got {type(audio).__name__}"
         )
     validate_pcm(pcm)
     return pcm if rate == SAMPLE_RATE else validate_pcm(resample(pcm, rate))
+
+
+def pcm16(raw: bytes | bytearray | memoryview) -> np.ndarray:
+    """Raw little-endian 16-bit PCM as an int16 array."""
+    data = bytes(raw)
+    if len(data) % 2:
+        raise InvalidAudio(f"raw PCM must be 16-bit samples (an even number of bytes), got {len(data)} bytes")
+    return np.frombuffer(data, dtype="<i2")
 
 
 def _from_array(array: np.ndarray) -> np.ndarray:
@@ -149,10 +154,12 @@ class StreamResampler:
     """
 
     def __init__(self, rate: int) -> None:
-        import av
-
         self.rate = check_sample_rate(rate)
-        self._resampler = None if rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._resampler = None
+        if rate != SAMPLE_RATE:
+            import av
+
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
     def feed(self, chunk: np.ndarray) -> np.ndarray:
         """The 16 kHz samples ``chunk`` completes (often a few fewer or more than its share: the filter looks ahead)."""

@@ -11,6 +11,7 @@ and ``AsyncStreamSession`` share ``_SessionState``, which holds no I/O.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -22,9 +23,9 @@ import numpy as np
 import zmq
 
 from hub import protocol, shm
-from hub.audio import AudioInput, to_pcm
-from hub.errors import HubError, JobTimeout
-from hub.protocol import Message, MsgType
+from hub.audio import AudioInput, StreamResampler, check_sample_rate, pcm16, to_pcm
+from hub.errors import HubError, InvalidAudio, JobTimeout
+from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript, join_text
 
 RING_SECONDS = 30  # the ring holds this much audio the worker has not read yet
@@ -83,11 +84,39 @@ class _SessionState:
             raise JobTimeout(f"the session is over: the hub closed it ({reason})")
 
 
-def chunk_pcm(chunk: AudioInput, sample_rate: int | None) -> np.ndarray:
-    """A chunk as float32 16 kHz; an empty chunk is nothing to send rather than an error."""
-    if isinstance(chunk, (bytes, bytearray, memoryview, np.ndarray)) and len(chunk) == 0:
-        return np.zeros(0, dtype=np.float32)
-    return to_pcm(chunk, sample_rate)
+class ChunkAudio:
+    """A session's chunks as float32 16 kHz, through one resampler kept for the whole stream.
+
+    Resampling each chunk on its own restarts the filter at every chunk: 48 kHz audio sent in
+    128-sample chunks came out 0.8 % long, with a click at every seam. One ``StreamResampler``
+    (the gateway's WebSocket and Wyoming paths use the same class) gives the worker exactly what a
+    whole-file resample gives; ``flush`` hands over the filter's tail when the session closes.
+    The stream's rate is its first chunk's; a file path is decoded whole at its own rate.
+    """
+
+    def __init__(self) -> None:
+        self._resampler: StreamResampler | None = None
+
+    def pcm(self, chunk: AudioInput, sample_rate: int | None) -> np.ndarray:
+        """The 16 kHz samples this chunk completes; an empty chunk is nothing to send rather than an error."""
+        if isinstance(chunk, (str, os.PathLike)):
+            return to_pcm(chunk, sample_rate)
+        rate = check_sample_rate(SAMPLE_RATE if sample_rate is None else sample_rate)
+        if self._resampler is None:
+            self._resampler = StreamResampler(rate)
+        elif rate != self._resampler.rate:
+            raise InvalidAudio(
+                f"a session keeps one sample rate: it began at {self._resampler.rate} Hz, this chunk says {rate} Hz"
+            )
+        if isinstance(chunk, (bytes, bytearray, memoryview)):
+            chunk = pcm16(chunk)
+        if not isinstance(chunk, np.ndarray):
+            raise InvalidAudio(f"a chunk must be a numpy array or raw 16-bit PCM bytes, got {type(chunk).__name__}")
+        return self._resampler.feed(chunk)
+
+    def flush(self) -> np.ndarray:
+        """What the resampler still holds: the last samples of the stream."""
+        return np.zeros(0, dtype=np.float32) if self._resampler is None else self._resampler.flush()
 
 
 def open_body(provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float) -> dict[str, Any]:
@@ -110,6 +139,7 @@ class StreamSession:
         self._on_close = on_close
         self._lock = threading.Lock()
         self._state = _SessionState()
+        self._audio = ChunkAudio()
         self._closed = False
         self.worker: str | None = None
 
@@ -134,8 +164,11 @@ class StreamSession:
         return self._state.transcript or self._state.confirmed()
 
     def send(self, chunk: AudioInput, sample_rate: int | None = None) -> None:
-        """Push a chunk of any size: float32 or int16 numpy, or raw 16-bit PCM bytes (16 kHz unless told)."""
-        pcm = chunk_pcm(chunk, sample_rate)
+        """Push a chunk of any size: float32 or int16 numpy, or raw 16-bit PCM bytes (16 kHz unless told;
+        every chunk of a session at the same rate)."""
+        self._send_pcm(self._audio.pcm(chunk, sample_rate))
+
+    def _send_pcm(self, pcm: np.ndarray) -> None:
         step = self._ring.capacity // 2 if self._ring else pcm.size or 1
         for start in range(0, pcm.size, step):
             self._send_piece(pcm[start : start + step])
@@ -175,6 +208,8 @@ class StreamSession:
 
     def close(self) -> Transcript:
         """Flush: the worker decodes what is left and answers the final transcript."""
+        if not self._closed and not self._state.ended:
+            self._send_pcm(self._audio.flush())
         with self._lock:
             if not self._closed:
                 try:
@@ -244,6 +279,7 @@ class AsyncStreamSession:
         self.request_id = request_id
         self._ring, self._timeout, self._on_close = ring, timeout, on_close
         self._state = _SessionState()
+        self._audio = ChunkAudio()
         self._closed = False
         self._changed = asyncio.Event()  # set (and replaced) whenever a message has been taken in
         self.worker: str | None = None
@@ -267,7 +303,9 @@ class AsyncStreamSession:
         return self._state.transcript or self._state.confirmed()
 
     async def send(self, chunk: AudioInput, sample_rate: int | None = None) -> None:
-        pcm = chunk_pcm(chunk, sample_rate)
+        await self._send_pcm(self._audio.pcm(chunk, sample_rate))
+
+    async def _send_pcm(self, pcm: np.ndarray) -> None:
         step = self._ring.capacity // 2 if self._ring else pcm.size or 1
         for start in range(0, pcm.size, step):
             piece = pcm[start : start + step]
@@ -296,6 +334,8 @@ class AsyncStreamSession:
             await self._await_change(None)
 
     async def close(self) -> Transcript:
+        if not self._closed and not self._state.ended:
+            await self._send_pcm(self._audio.flush())
         if not self._closed:
             try:
                 if not self._state.ended:
@@ -347,12 +387,15 @@ class AsyncStreamSession:
         getter = asyncio.ensure_future(self._inbox.get())
         waiter = asyncio.ensure_future(changed.wait())
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = await asyncio.wait({getter, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if getter in done:
-            self._handle(getter.result())
-            return
-        getter.cancel()  # a queued message stays queued: Queue.get only removes it when it returns
+        try:
+            done, _ = await asyncio.wait({getter, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # also when this task is cancelled: a getter left behind would take (and lose) the next message
+            waiter.cancel()
+            if getter.done() and not getter.cancelled():
+                self._handle(getter.result())
+            else:
+                getter.cancel()  # a queued message stays queued: Queue.get only removes it when it returns
         if not done:
             raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s")
 

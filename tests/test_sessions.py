@@ -293,3 +293,22 @@ def test_stream_window_seconds_from_the_config_reaches_the_worker(hub_factory) -
         transcript = session.close()
         reader.join(30)
     assert [s.text for s in transcript.segments] == expected
+
+
+@pytest.mark.parametrize("use_shm", [True, False])
+def test_48k_chunks_of_127_samples_reach_the_worker_as_a_whole_file_resample(hub_factory, use_shm: bool) -> None:
+    """One resampler per session: the worker sees the length and the samples of a whole-file resample
+    (the echo words name each half second's RMS), not 0.8 % more audio with a seam at every chunk."""
+    from hub.audio import resample
+
+    hub = hub_factory({"echo": echo_provider()})
+    pcm48 = np.repeat(STEPS[::3], 9)[: 3 * 48000 + 50]  # 3 s of 48 kHz steps
+    whole = resample(pcm48, 48000)
+    with hub.client(use_shm=use_shm) as client:
+        with client.open_stream() as reference_session:
+            send_chunks(reference_session, whole)
+        with client.open_stream() as session:
+            for start in range(0, pcm48.size, 127):
+                session.send(pcm48[start : start + 127], sample_rate=48000)
+    assert round(session.transcript.duration * 16000) == whole.size
+    assert session.transcript.text == reference_session.transcript.text and session.transcript.text
