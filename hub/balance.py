@@ -33,7 +33,7 @@ from hub.client import AsyncHubClient, CurveKeys, HubClient, TranscriptStream
 from hub.errors import HubError, HubUnreachable, PoolBusy, ProviderUnavailable, ShuttingDown
 from hub.results import Segment, Transcript
 
-__all__ = ["HubPool", "AsyncHubPool", "Balancer", "parse_endpoints", "system_resolver", "DNS_SCHEME"]
+__all__ = ["HubPool", "AsyncHubPool", "Balancer", "needs_pool", "parse_endpoints", "system_resolver", "DNS_SCHEME"]
 
 DNS_SCHEME = "dns+tcp://"
 RETRYABLE = (PoolBusy, ShuttingDown, HubUnreachable)
@@ -47,6 +47,11 @@ def system_resolver(name: str, port: int) -> list[str]:
     """The addresses the system's resolver gives for ``name`` (a headless Service: one per ready pod)."""
     infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
+
+
+def needs_pool(endpoints: Sequence[str]) -> bool:
+    """Whether these endpoints take a pool: more than one, or a DNS name (which may list many hubs)."""
+    return len(endpoints) > 1 or any(e.startswith(DNS_SCHEME) for e in endpoints)
 
 
 def tcp_endpoint(address: str, port: int) -> str:
@@ -216,17 +221,23 @@ def _no_hub(endpoints: Endpoints, waited: float) -> HubUnreachable:
 
 
 class _Pool(Generic[Client]):
-    """What both pools share: endpoints, resolving on schedule, the balancer."""
+    """What both pools share: the constructor, endpoints, resolving on schedule, the balancer."""
+
+    client_class: type[Client]  # HubClient or AsyncHubClient: one per hub
 
     def __init__(
         self,
         endpoints: str | Sequence[str],
-        timeout: float,
-        make_client: Callable[[str], Client],
-        resolve_interval: float,
-        probe_interval: float,
-        resolver: Resolver,
+        timeout: float = 60.0,
+        *,
+        use_shm: bool = True,
+        curve: CurveKeys | None = None,
+        resolve_interval: float = 5.0,
+        probe_interval: float = 1.0,
+        resolver: Resolver = system_resolver,
     ) -> None:
+        """``timeout`` is each request's default; ``use_shm`` and ``curve`` apply to every hub's client (the hubs
+        of one pool share one CURVE server key, as the pods of one Deployment share one Secret)."""
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
         self.resolve_interval = resolve_interval
@@ -235,7 +246,13 @@ class _Pool(Generic[Client]):
         self._resolver = resolver
         self._resolved: dict[tuple[str, int], set[str]] = {}
         self._next_resolve = 0.0
+        make_client = functools.partial(self.client_class, timeout=timeout, use_shm=use_shm, curve=curve)
         self.balancer: Balancer[Client] = Balancer(make_client)
+        self._begin()
+
+    def _begin(self) -> None:
+        """What each pool sets up once it is built (the blocking pool starts its watcher thread here)."""
+        raise NotImplementedError
 
     def _due_endpoints(self, now: float) -> set[str] | None:
         """The endpoints to use, when a resolve is due (always the first time); None otherwise."""
@@ -249,25 +266,9 @@ class _Pool(Generic[Client]):
 class HubPool(_Pool[HubClient]):
     """A blocking client over many hubs; thread-safe, like ``HubClient``. ``close()`` (or ``with``) when done."""
 
-    def __init__(
-        self,
-        endpoints: str | Sequence[str],
-        timeout: float = 60.0,
-        *,
-        use_shm: bool = True,
-        curve: CurveKeys | None = None,
-        resolve_interval: float = 5.0,
-        probe_interval: float = 1.0,
-        resolver: Resolver = system_resolver,
-    ) -> None:
-        super().__init__(
-            endpoints,
-            timeout,
-            lambda e: HubClient(e, timeout, use_shm=use_shm, curve=curve),
-            resolve_interval,
-            probe_interval,
-            resolver,
-        )
+    client_class = HubClient
+
+    def _begin(self) -> None:
         self._stop = threading.Event()
         self._refresh()
         self._watcher = threading.Thread(target=self._watch, name="hubpool-watch", daemon=True)
@@ -404,28 +405,12 @@ class HubPool(_Pool[HubClient]):
 
 
 class AsyncHubPool(_Pool[AsyncHubClient]):
-    """The coroutine twin of ``HubPool``, over ``AsyncHubClient``s; the gateway can front many hubs with it."""
+    """The coroutine twin of ``HubPool``, over ``AsyncHubClient``s; the gateway fronts many hubs with it."""
 
-    def __init__(
-        self,
-        endpoints: str | Sequence[str],
-        timeout: float = 60.0,
-        *,
-        use_shm: bool = True,
-        curve: CurveKeys | None = None,
-        resolve_interval: float = 5.0,
-        probe_interval: float = 1.0,
-        resolver: Resolver = system_resolver,
-    ) -> None:
-        super().__init__(
-            endpoints,
-            timeout,
-            lambda e: AsyncHubClient(e, timeout, use_shm=use_shm, curve=curve),
-            resolve_interval,
-            probe_interval,
-            resolver,
-        )
-        self._watcher: asyncio.Task[None] | None = None
+    client_class = AsyncHubClient
+
+    def _begin(self) -> None:
+        self._watcher: asyncio.Task[None] | None = None  # started on first use: it needs the running loop
         self._closing: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> AsyncHubPool:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from hub.audio import to_pcm
-from hub.balance import DNS_SCHEME, HubPool
+from hub.balance import DNS_SCHEME, HubPool, needs_pool
 from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient, StreamSession
 from hub.errors import HubError
 from hub.protocol import SAMPLE_RATE
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--client-key and --server-key go together")
     curve = CurveKeys.load(args.client_key, args.server_key) if args.client_key else None
     endpoints = args.endpoint or [DEFAULT_ENDPOINT]
-    pooled = len(endpoints) > 1 or endpoints[0].startswith(DNS_SCHEME)
+    pooled = needs_pool(endpoints)
     if pooled and args.command == "scale":
         parser.error("scale sets one hub's size: give that hub's --endpoint alone")
     try:

@@ -272,6 +272,33 @@ def steady_load(hub: Hub, clients: int = 3, vary: bool = False, timeout: float =
     assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
 
 
+@contextmanager
+def repeating(one: Callable[[], str], threads: int, join_timeout: float = 40.0) -> Iterator[Counter[str]]:
+    """Call ``one`` over and over from ``threads`` threads until the block ends; yields what it returned, counted.
+    On leaving the block every thread must have finished: one still running is a hung request."""
+    stop = threading.Event()
+    lock = threading.Lock()
+    outcomes: Counter[str] = Counter()
+
+    def run() -> None:
+        while not stop.is_set():
+            outcome = one()
+            with lock:
+                outcomes[outcome] += 1
+
+    workers = [threading.Thread(target=run, name=f"repeating-{i}") for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(join_timeout)
+    hung = [worker.name for worker in workers if worker.is_alive()]
+    assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
+
+
 def echo_provider(**pool: Any) -> dict[str, Any]:
     return {"type": "echo", "pool": {"min_size": 1, "max_size": 2, **pool}}
 

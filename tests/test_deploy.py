@@ -164,3 +164,24 @@ def test_services_autoscaling_and_monitoring_fit_together(overlay: str) -> None:
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
     series = re.match(r"\w+", rule["seriesQuery"]).group(0)  # type: ignore[union-attr]
     assert series in DOCUMENTED, f"{series} is not a metric the hub exports"
+
+
+def test_the_documented_gateway_deployment_fronts_the_headless_service() -> None:
+    """docs/operations/kubernetes.md's gateway Deployment: valid manifests whose ``--hub`` is the headless
+    Service's name and ZeroMQ port, whose Service selects its pods, and whose probes use the gateway's paths."""
+    text = (ROOT / "docs" / "operations" / "kubernetes.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "asr-hub-gateway" in b]
+    docs = tuple(yaml.safe_load_all(block))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    deployment, service = one(docs, "Deployment", "asr-hub-gateway"), one(docs, "Service", "asr-hub-gateway")
+    gateway = container(deployment, "gateway")
+    zmq = one(rendered("cpu"), "Service", "asr-hub-zmq")
+    port = next(p["port"] for p in zmq["spec"]["ports"] if p["name"] == "zmq")
+    args = gateway["args"]
+    assert zmq["spec"]["clusterIP"] == "None"
+    assert args[0] == "hub.gateway" and args[args.index("--hub") + 1] == f"dns+tcp://{zmq['metadata']['name']}:{port}"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    http = port_number(gateway, "http")
+    assert http == int(args[args.index("--port") + 1]) == port_number(gateway, service["spec"]["ports"][0]["targetPort"])
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz" and gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"

@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import pytest
 from hub.balance import AsyncHubPool, Balancer, Capacity, Endpoints, HubPool, parse_endpoints, tcp_endpoint
 from hub.errors import HubError, HubUnreachable, PoolBusy, ShuttingDown
 from hub.results import Segment, Transcript
-from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port
+from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port, repeating
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,29 +63,17 @@ def served(hub: Hub) -> int:
     return int(hub.status()["providers"]["echo"]["requests"])
 
 
-@contextmanager
-def load(pool: HubPool, threads: int = 4) -> Iterator[Counter[str]]:
+def load(pool: HubPool, threads: int = 4) -> AbstractContextManager[Counter[str]]:
     """Echo requests from ``threads`` threads until the block ends; outcomes by code ("ok" for success)."""
-    stop = threading.Event()
-    outcomes: Counter[str] = Counter()
 
-    def run() -> None:
-        while not stop.is_set():
-            try:
-                assert pool.transcribe(TONE, sleep=0.03, timeout=15).text == echo_text(TONE)
-                outcomes["ok"] += 1
-            except HubError as exc:
-                outcomes[exc.code] += 1
+    def one() -> str:
+        try:
+            text = pool.transcribe(TONE, sleep=0.03, timeout=15).text
+        except HubError as exc:
+            return exc.code
+        return "ok" if text == echo_text(TONE) else f"wrong text: {text!r}"
 
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
+    return repeating(one, threads)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -35,7 +35,12 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.hub_up = Gauge(
-            "asr_hub_gateway_hub_ready", "1 while the hub answers and is ready, 0 otherwise", registry=self.registry
+            "asr_hub_gateway_hub_ready",
+            "1 while a hub answers and is ready (with many hubs: at least one), 0 otherwise",
+            registry=self.registry,
+        )
+        self.hubs_ready = Gauge(
+            "asr_hub_gateway_hubs_ready", "How many of the gateway's hubs answer and are ready", registry=self.registry
         )
 
     def observe(self, route: str, status: int, seconds: float) -> None:

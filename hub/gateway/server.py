@@ -60,7 +60,7 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
         section.host,
         section.port,
         f", Wyoming on tcp://{section.host}:{section.wyoming_port}" if wyoming else "",
-        settings.hub,
+        settings.where,
     )
     try:
         await server.serve()

@@ -1,5 +1,5 @@
-"""What every route of the gateway shares: its settings, the one hub client, keys, metrics, the
-concurrency bound and the hub's readiness as last seen."""
+"""What every route of the gateway shares: its settings, its client of the hub (or of many hubs), keys,
+metrics, the concurrency bound and the hubs' readiness as last seen."""
 
 from __future__ import annotations
 
@@ -8,24 +8,28 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from hub.balance import AsyncHubPool, needs_pool
 from hub.client import AsyncHubClient, CurveKeys
 from hub.config import GatewaySection
 from hub.errors import HubError
 from hub.gateway.auth import ApiKeys
 from hub.gateway.errors import ApiError
+from hub.gateway.hubs import HubStatuses, Readiness, answered, providers, readiness
 from hub.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("hub.gateway")
 
 DEFAULT_ALIAS = "whisper-1"  # what OpenAI's clients ask for; it means the hub's default provider
 WATCH_INTERVAL = 1.0
+STATUS_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The gateway's settings: its config section, where the hub is, and the hub's audio bound."""
+    """The gateway's settings: its config section, where the hubs are (``--hub``: endpoints or
+    ``dns+tcp://NAME:PORT``), and the hub's audio bound."""
 
-    hub: str
+    hubs: tuple[str, ...]
     section: GatewaySection
     max_audio_seconds: float = 1800.0
 
@@ -33,19 +37,31 @@ class Settings:
     def max_upload_bytes(self) -> int:
         return int(self.section.max_upload_mb * 1024 * 1024)
 
+    @property
+    def where(self) -> str:
+        return ", ".join(self.hubs)
+
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         section = settings.section
         curve = CurveKeys.load(section.client_secret_key, section.server_public_key) if section.client_secret_key else None
-        self.client = AsyncHubClient(settings.hub, timeout=section.request_timeout, curve=curve)
+        # One hub: its client, so that a refusal (draining, busy) reaches the caller at once, as a hub's own
+        # answer. Many hubs: a pool, which sends each request to the hub with the most room and retries a
+        # refused or lost one on another; a live session stays on the hub that opened it.
+        self.client: AsyncHubClient | AsyncHubPool = (
+            AsyncHubPool(settings.hubs, timeout=section.request_timeout, curve=curve)
+            if needs_pool(settings.hubs)
+            else AsyncHubClient(settings.hubs[0], timeout=section.request_timeout, curve=curve)
+        )
         self.keys = ApiKeys(settings.section.api_keys_file)
         self.metrics = GatewayMetrics()
         self.in_flight = 0
         self.hub_ready = False
-        self.hub_status: dict[str, Any] | None = None
-        self.hub_problem = "the hub has not answered yet"
+        self.hubs_ready = 0
+        self.hubs: HubStatuses = {}  # each hub's status as last polled, or the error it gave
+        self.hub_problem = "no hub has answered yet"
         self._watch: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
@@ -63,28 +79,29 @@ class Gateway:
         await self.client.close()
 
     async def _watch_hub(self) -> None:
-        """Poll the hub's status: /readyz and /v1/models answer from what was seen last."""
+        """Poll the hubs' status: /readyz, /v1/models and Wyoming's info answer from what was seen last."""
         while True:
-            try:
-                status = await self.client.status(timeout=2.0)
-            except HubError as exc:
-                self._set_ready(False, f"the hub at {self.settings.hub} does not answer: {exc.message}")
-            else:
-                self.hub_status = status
-                hub = status["hub"]
-                if hub.get("shutting_down"):
-                    self._set_ready(False, "the hub is draining (shutting down)")
-                elif not hub.get("ready"):
-                    self._set_ready(False, "the hub's pools are not ready yet")
-                else:
-                    self._set_ready(True, "")
+            self.hubs = await self._poll()
+            self._set_ready(readiness(self.hubs, self.settings.where))
             await asyncio.sleep(WATCH_INTERVAL)
 
-    def _set_ready(self, ready: bool, problem: str) -> None:
-        if ready != self.hub_ready:
-            log.info("hub %s", "ready" if ready else f"not ready: {problem}")
-        self.hub_ready, self.hub_problem = ready, problem
-        self.metrics.hub_up.set(1 if ready else 0)
+    async def _poll(self) -> HubStatuses:
+        """Every hub's status, or ``{"error": ...}`` for one that did not answer (``AsyncHubPool.status``'s shape)."""
+        if isinstance(self.client, AsyncHubPool):
+            return (await self.client.status(timeout=STATUS_TIMEOUT))["hubs"]
+        try:
+            return {self.client.endpoint: await self.client.status(timeout=STATUS_TIMEOUT)}
+        except HubError as exc:
+            return {self.client.endpoint: {"error": exc.to_dict()}}
+
+    def _set_ready(self, now: Readiness) -> None:
+        if now.ready != self.hub_ready:
+            log.info("hub %s", "ready" if now.ready else f"not ready: {now.problem}")
+        if isinstance(self.client, AsyncHubPool) and now.hubs_ready != self.hubs_ready:
+            log.info("%d of %d hubs ready", now.hubs_ready, len(self.hubs))
+        self.hub_ready, self.hub_problem, self.hubs_ready = now.ready, now.problem, now.hubs_ready
+        self.metrics.hub_up.set(1 if now.ready else 0)
+        self.metrics.hubs_ready.set(now.hubs_ready)
 
     # --- what routes use ---------------------------------------------------------------
 
@@ -98,9 +115,12 @@ class Gateway:
         return None if model == DEFAULT_ALIAS else model
 
     def models(self) -> list[dict[str, Any]]:
-        """One entry per enabled provider, as the hub last reported them."""
-        providers = (self.hub_status or {}).get("providers", {})
-        return [{"id": name, **info} for name, info in providers.items() if info.get("enabled", True)]
+        """One entry per enabled provider of any hub that answered, as they last reported them."""
+        return providers(self.hubs)
+
+    def answered(self) -> bool:
+        """Whether any hub has answered the watch yet (Wyoming's info waits for one)."""
+        return any(answered(status) for status in self.hubs.values())
 
     def admit(self) -> Slot:
         """Take one of ``max_concurrent_requests`` slots, or refuse at once with 429."""

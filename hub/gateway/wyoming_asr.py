@@ -354,11 +354,11 @@ class WyomingHandler(AsyncEventHandler):
 
     async def _info(self) -> Info:
         waited = 0.0
-        while self.gateway.hub_status is None and waited < INFO_WAIT_S:
+        while not self.gateway.answered() and waited < INFO_WAIT_S:
             await asyncio.sleep(0.1)
             waited += 0.1
-        if self.gateway.hub_status is None:
-            raise ApiError("HUB_UNREACHABLE", f"the hub has not answered yet: {self.gateway.hub_problem}")
+        if not self.gateway.answered():
+            raise ApiError("HUB_UNREACHABLE", f"no hub has answered yet: {self.gateway.hub_problem}")
         return build_info(self.gateway.models())
 
     def _on_transcribe(self, event: Event) -> None:

@@ -31,11 +31,16 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(self.url + path, timeout)
+
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    """A GET's status and body, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> None:
@@ -53,6 +58,20 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
             last = str(exc)
         time.sleep(0.1)
     raise AssertionError(f"gateway at {url} not ready within {timeout} s: {last}")
+
+
+def gateway_keys(tmp: Path) -> tuple[dict[str, Any], str, str]:
+    """CURVE keys for a hub and its gateway: the hub config's ``curve`` section (the gateway's public key
+    allowed), the gateway's secret key file and the hub's public key file."""
+    from hub.keys import main as make_keys
+
+    keys, allowed = tmp / "keys", tmp / "allowed"
+    allowed.mkdir()
+    for name in ("server", "gateway"):
+        assert make_keys([str(keys), name]) == 0
+    (allowed / "gateway.key").write_bytes((keys / "gateway.key").read_bytes())
+    curve = {"curve": {"server_secret_key": str(keys / "server.key_secret"), "allowed_clients": str(allowed)}}
+    return curve, str(keys / "gateway.key_secret"), str(keys / "server.key")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import yaml
 
 from hub.client import HubClient
 from tests.conftest import DATA, ROOT, free_port
-from tests.gateway.conftest import Gateway, wait_ready
+from tests.gateway.conftest import Gateway, gateway_keys, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 ECHO = {"echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 1}}}
@@ -130,19 +130,7 @@ def test_standalone_gateway_with_json_logs(hub_factory: Any, tmp_path: Path) -> 
 
 
 def test_gateway_reaches_a_curve_protected_hub_with_its_own_keys(gateway_factory: Any, tmp_path: Path) -> None:
-    from hub.keys import main as make_keys
-
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    allowed.mkdir()
-    for name in ("server", "gateway"):
-        assert make_keys([str(keys), name]) == 0
-    (allowed / "gateway.key").write_bytes((keys / "gateway.key").read_bytes())
-    curve = {"curve": {"server_secret_key": str(keys / "server.key_secret"), "allowed_clients": str(allowed)}}
-    gw: Gateway = gateway_factory(
-        ECHO,
-        hub=curve,
-        client_secret_key=str(keys / "gateway.key_secret"),
-        server_public_key=str(keys / "server.key"),
-    )
+    curve, secret, public = gateway_keys(tmp_path)
+    gw: Gateway = gateway_factory(ECHO, hub=curve, client_secret_key=secret, server_public_key=public)
     http = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=30)
     assert http.audio.transcriptions.create(model="echo", file=(DATA / "hello.wav").open("rb")).text.startswith("echo")

@@ -342,7 +342,7 @@ def test_a_busy_pool_answers_with_the_hubs_code(gateway_factory: Callable[..., G
 @asynccontextmanager
 async def local_server(endpoint: str, **settings: Any) -> AsyncIterator[tuple[Gateway, wyoming_asr.WyomingServer, int]]:
     idle_timeout = settings.pop("idle_timeout", wyoming_asr.IDLE_TIMEOUT_S)
-    gateway = Gateway(Settings(hub=endpoint, section=GatewaySection(), **settings))
+    gateway = Gateway(Settings(hubs=(endpoint,), section=GatewaySection(), **settings))
     await gateway.start()
     port = free_port()
     server = await wyoming_asr.start(gateway, "127.0.0.1", port, idle_timeout=idle_timeout)
