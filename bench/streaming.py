@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import threading
@@ -23,19 +22,9 @@ import numpy as np
 from bench.clips import build_clips
 from bench.hubproc import running_hub, whisper_provider
 from hub.client import HubClient
+from hub.wer import word_error_rate
 
 CHUNK = 1600  # 100 ms at 16 kHz
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Levenshtein distance over lower-cased words without punctuation, per reference word."""
-    ref, hyp = (re.sub(r"[^\w\s']", " ", text.lower()).split() for text in (reference, hypothesis))
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 def play(client: HubClient, pcm: np.ndarray, speed: float) -> tuple[list[float], str, int]:

@@ -45,12 +45,31 @@ def _parser() -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", help="set a provider's size at run time, within [min_size, max_size]")
     scale.add_argument("provider")
     scale.add_argument("size", type=int)
-    for sub in (run, status, stream, scale):  # the global options are accepted after the command too
+    route = commands.add_parser(
+        "route", help="set a route's weights at run time: route whisper whisper-v1=80 whisper-v2=20 (=100 alone: rollback)"
+    )
+    route.add_argument("route")
+    route.add_argument("weights", nargs="+", metavar="PROVIDER=WEIGHT")
+    for sub in (run, status, stream, scale, route):  # the global options are accepted after the command too
         sub.add_argument("--endpoint", action="append", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--client-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--server-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def parse_weights(items: list[str]) -> dict[str, float]:
+    """``["whisper-v1=80", "whisper-v2=20"]`` as weights; ValueError names the item at fault."""
+    weights = {}
+    for item in items:
+        provider, sep, weight = item.partition("=")
+        try:
+            weights[provider] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not provider or weights[provider] < 0:
+            raise ValueError(f"{item!r}: give PROVIDER=WEIGHT with a weight >= 0, e.g. whisper-v1=100")
+    return weights
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -92,6 +111,13 @@ def format_status(status: dict[str, Any]) -> str:
             )
             if w["last_error"]:
                 lines.append(f"      last error: {w['last_error']}")
+    for name, r in status.get("routes", {}).items():
+        shares = ", ".join(f"{p}={w:g}" for p, w in r["weights"].items())
+        lines.append(f"\nroute {name}: {shares}{'  (sticky)' if r['sticky'] else ''}")
+        for provider, why in r["rolled_back"].items():
+            lines.append(f"  ROLLED BACK {provider}: {why}")
+        for provider, wer in r["agreement_wer"].items():
+            lines.append(f"  shadow {provider}: {wer['count']} compared, mean WER {wer['mean']}")
     return "\n".join(lines)
 
 
@@ -155,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     curve = CurveKeys.load(args.client_key, args.server_key) if args.client_key else None
     endpoints = args.endpoint or [DEFAULT_ENDPOINT]
     pooled = needs_pool(endpoints)
-    if pooled and args.command == "scale":
-        parser.error("scale sets one hub's size: give that hub's --endpoint alone")
+    if pooled and args.command in ("scale", "route"):
+        parser.error(f"{args.command} changes one hub: give that hub's --endpoint alone")
+    try:
+        weights = parse_weights(args.weights) if args.command == "route" else {}
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         client = HubPool(endpoints, timeout=args.timeout, curve=curve) if pooled else HubClient(endpoints[0], timeout=args.timeout, curve=curve)
         with client:
@@ -172,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 assert isinstance(client, HubClient)
                 client.scale(args.provider, args.size)
                 print(f"{args.provider}: size set to {args.size}")
+                return 0
+            if args.command == "route":
+                assert isinstance(client, HubClient)
+                now = client.route(args.route, weights)["weights"]
+                print(f"route {args.route}: " + ", ".join(f"{p}={w:g}" for p, w in now.items()))
                 return 0
             if args.stream and not args.json:
                 stream = client.transcribe_stream(args.file, args.provider, language=args.language)

@@ -37,6 +37,7 @@ from hub.stream import (
     StreamEvent,
     StreamSession,
     open_body,
+    route_fields,
 )
 
 __all__ = [
@@ -106,7 +107,12 @@ def _prepare(
     pcm = to_pcm(audio, sample_rate)
     timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
     body: dict[str, Any] = {"provider": provider, "options": options, "stream": stream, "timeout": timeout}
+    body.update(route_fields(options))
     return _Prepared(body, pcm, hello.shm_prefix if use_shm and hello.shm else None)
+
+
+def _route_body(route: str, weights: dict[str, float]) -> dict[str, Any]:
+    return {"route": route, "weights": dict(weights)}
 
 
 def _hello_body() -> tuple[dict[str, Any], shm.PcmSegment]:
@@ -369,6 +375,11 @@ class HubClient:
         """Set a provider's size at run time, within its [min_size, max_size]; autoscaling keeps it as a floor."""
         return self._request(MsgType.SCALE, {"provider": provider, "size": size}, timeout)
 
+    def route(self, route: str, weights: dict[str, float], timeout: float | None = None) -> dict[str, Any]:
+        """Set a route's weights at run time (providers of the route left out get 0): ``{"whisper-v1": 100}``
+        is the instant rollback. Clears a rollback the analysis made; returns the weights now in force."""
+        return self._request(MsgType.ROUTE, _route_body(route, weights), timeout)
+
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
         """Block until every enabled provider has its ``min_size`` workers ready; return the status.
         ``HubUnreachable`` if no hub answered, ``ProviderUnavailable`` if it answered but was not ready."""
@@ -606,6 +617,10 @@ class AsyncHubClient:
 
     async def scale(self, provider: str, size: int, timeout: float | None = None) -> dict[str, Any]:
         return await self._request(MsgType.SCALE, {"provider": provider, "size": size}, timeout)
+
+    async def route(self, route: str, weights: dict[str, float], timeout: float | None = None) -> dict[str, Any]:
+        """The coroutine twin of ``HubClient.route``."""
+        return await self._request(MsgType.ROUTE, _route_body(route, weights), timeout)
 
     async def _request(self, msg_type: MsgType, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         deadline = time.monotonic() + (timeout or self.timeout)

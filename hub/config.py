@@ -31,7 +31,7 @@ OPTIONS = {
     "funasr": frozenset(
         {"language", "use_itn", "batch_size_s", "hotword", "chunk_size", "encoder_chunk_look_back", "decoder_chunk_look_back"}
     ),
-    "echo": frozenset({"sleep", "fail", "hang", "exit", "language", "segments"}),
+    "echo": frozenset({"sleep", "fail", "fail_every", "hang", "exit", "language", "segments"}),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -73,6 +73,7 @@ OPTION_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "decoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
     "sleep": (_number(0, 3600), "a number of seconds"),
     "fail": (_text, "a message"),
+    "fail_every": (_integer(1, 1_000_000), "an integer n >= 1 (every n-th job of a worker fails)"),
     "hang": (_flag, "true or false"),
     "exit": (_integer(0, 255), "an exit status from 0 to 255"),
     "segments": (_integer(1, 1000), "an integer from 1 to 1000"),
@@ -210,10 +211,54 @@ class GatewaySection:
 
 
 @dataclass(frozen=True)
+class RouteTarget:
+    """One provider of a route and its share of the route's requests (weights are relative)."""
+
+    provider: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """A provider that also gets ``fraction`` of a route's requests; its answers are compared, never returned."""
+
+    provider: str
+    fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """When a canary is rolled back: over its last ``min_requests`` requests (and the baseline's), an error
+    rate above the baseline's by more than ``max_error_rate_increase``, a p95 time on the worker above
+    ``max_latency_ratio`` times the baseline's, or a mean agreement WER with the primary above ``max_wer``."""
+
+    min_requests: int = 200
+    max_error_rate_increase: float = 0.01
+    max_latency_ratio: float = 1.5
+    max_wer: float = 0.15
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A public model name served by weighted providers (a gray release), perhaps with a shadow and an analysis."""
+
+    name: str
+    providers: tuple[RouteTarget, ...]
+    shadow: ShadowConfig | None = None
+    sticky: bool = False
+    analysis: AnalysisConfig | None = None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t.provider: t.weight for t in self.providers}
+
+
+@dataclass(frozen=True)
 class HubConfig:
     hub: HubSection
     providers: dict[str, ProviderConfig]
     gateway: GatewaySection = GatewaySection()
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
 
     @property
     def enabled_providers(self) -> list[ProviderConfig]:
@@ -257,7 +302,7 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
     skips the checks that depend on this machine's files (model directories, key files), for
     validating a config meant for another machine."""
     root = _mapping(data, "config")
-    _reject_unknown(root, {"hub", "providers", "gateway"}, "")
+    _reject_unknown(root, {"hub", "providers", "gateway", "routes"}, "")
     hub = _build(HubSection, _mapping(root.get("hub") or {}, "hub"), "hub")
     if hub.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"hub.log_level: must be one of {', '.join(LOG_LEVELS)}, got {hub.log_level!r}")
@@ -273,7 +318,10 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
         name: _provider(str(name), _mapping(body or {}, f"providers.{name}"), base_dir, check_paths)
         for name, body in raw_providers.items()
     }
-    config = HubConfig(hub=hub, providers=providers, gateway=_gateway(root.get("gateway"), base_dir, check_paths))
+    raw_routes = _mapping(root.get("routes") or {}, "routes")
+    routes = {str(name): _route(str(name), body, providers) for name, body in raw_routes.items()}
+    gateway = _gateway(root.get("gateway"), base_dir, check_paths)
+    config = HubConfig(hub=hub, providers=providers, gateway=gateway, routes=routes)
     if not config.enabled_providers:
         raise ConfigError("providers: at least one provider must be enabled")
     if config.gateway.enabled and hub.curve.enabled and not config.gateway.client_secret_key:
@@ -283,9 +331,57 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
             "and gateway.server_public_key (the hub's public .key file)"
         )
     for alias, target in config.gateway.model_aliases.items():
-        if target not in config.providers:
-            raise ConfigError(f"gateway.model_aliases.{alias}: no provider named {target!r}")
+        if target not in config.providers and target not in config.routes:
+            raise ConfigError(f"gateway.model_aliases.{alias}: no provider or route named {target!r}")
     return config
+
+
+def _route(name: str, body: Any, providers: dict[str, ProviderConfig]) -> RouteConfig:
+    """A route from its mapping, or from a bare list (short for its ``providers:``)."""
+    path = f"routes.{name}"
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{path}: route names are 1-40 lowercase letters, digits, '_', '.' or '-'")
+    if isinstance(body, list):
+        body = {"providers": body}
+    body = _mapping(body, path)
+    if "providers" not in body:
+        raise ConfigError(f"{path}.providers: required (a list of {{provider: NAME, weight: N}})")
+    route = _build(RouteConfig, body, path, fixed={"name": name})
+    if not route.providers:
+        raise ConfigError(f"{path}.providers: give at least one provider")
+    for i, target in enumerate(route.providers):
+        _route_provider(target.provider, providers, f"{path}.providers[{i}].provider")
+        if target.weight < 0:
+            raise ConfigError(f"{path}.providers[{i}].weight: must be >= 0, got {target.weight:g}")
+    if len(route.weights) != len(route.providers):
+        raise ConfigError(f"{path}.providers: a provider is listed twice")
+    if sum(route.weights.values()) <= 0:
+        raise ConfigError(f"{path}.providers: the weights must add up to more than 0")
+    if name in providers and name not in route.weights:
+        raise ConfigError(
+            f"{path}: {name!r} is also a provider's name; a route may take a provider's name only when it "
+            "routes to that provider (requests for the name then go through the route)"
+        )
+    if route.shadow is not None:
+        _route_provider(route.shadow.provider, providers, f"{path}.shadow.provider")
+        if not 0 < route.shadow.fraction <= 1:
+            raise ConfigError(f"{path}.shadow.fraction: must be in (0, 1], got {route.shadow.fraction:g}")
+    analysis = route.analysis
+    if analysis is not None:
+        if analysis.min_requests < 1:
+            raise ConfigError(f"{path}.analysis.min_requests: must be at least 1, got {analysis.min_requests}")
+        for key in ("max_error_rate_increase", "max_latency_ratio", "max_wer"):
+            if getattr(analysis, key) < 0:
+                raise ConfigError(f"{path}.analysis.{key}: must be >= 0, got {getattr(analysis, key):g}")
+    return route
+
+
+def _route_provider(name: str, providers: dict[str, ProviderConfig], path: str) -> None:
+    provider = providers.get(name)
+    if provider is None:
+        raise ConfigError(f"{path}: no provider named {name!r} (known: {', '.join(providers)})")
+    if not provider.enabled:
+        raise ConfigError(f"{path}: provider {name!r} is disabled (providers.{name}.enabled)")
 
 
 def _gateway(data: Any, base_dir: Path | None, check_paths: bool) -> GatewaySection:

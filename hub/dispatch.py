@@ -44,6 +44,9 @@ class Job:
     last_activity: float = 0.0
     closing: str = ""  # why the session is being closed, once it is
     streamed: int = 0  # samples a session has received
+    route: str = ""  # the route that chose this job's provider, "" when the client named the provider
+    shadow: bool = False  # a shadow job: no client waits; its answer is only compared with the primary's
+    pair: str = ""  # the primary job's id, on a primary with a shadow and on its shadow
 
     @property
     def audio_seconds(self) -> float:

@@ -43,6 +43,8 @@ KILL_GRACE = 3.0  # seconds between SIGTERM (or STOP) and SIGKILL
 HELD_LOG_INTERVAL = 60.0  # a pool held back under steady load says so once a minute, not on every pass
 
 Reply = Callable[[bytes, MsgType, str, dict[str, Any]], None]
+# a routed job (or a shadow) ended: (job, error code or None, seconds on a worker, text)
+Ended = Callable[[Job, str | None, float, str], None]
 
 
 class Farm:
@@ -64,6 +66,7 @@ class Farm:
         self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
         self.job_ids = itertools.count(1)
         self.stopping = False
+        self.routed_ended: Ended | None = None  # told of every routed job's end (hub.rollout)
 
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider``, open or waiting for a worker."""
@@ -78,6 +81,17 @@ class Farm:
             self.queues[job.provider].push(job)
         self.requests[(job.client, job.request)] = job
 
+    def shadow_room(self, provider: str) -> bool:
+        """Whether a shadow job may start now: a worker of ``provider`` is idle and none of its jobs waits.
+        A shadow never queues, so it never stands in front of a client's job."""
+        pool = self.pools.get(provider)
+        return pool is not None and not pool.removed and not self.stopping and not self.queues[provider] and bool(pool.idle)
+
+    def place_shadow(self, job: Job, now: float) -> None:
+        """Start a shadow job on the least recently used idle worker (``shadow_room`` said there is one)."""
+        worker = self.pools[job.provider].take_idle()
+        assert worker is not None, "place_shadow without shadow_room"
+        self.start_job(job, worker, now)
 
     def cancel(self, client: bytes, request_id: str) -> None:
         """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
@@ -192,15 +206,19 @@ class Farm:
         self._record(job, error.code, time.monotonic())
         self.reply(job.client, MsgType.ERROR, job.request, error.to_dict())
 
-    def _record(self, job: Job, code: str | None, now: float, run: float | None = None) -> None:
-        """Account for a client's job once, when its answer (or its client's give-up) is known. ``run`` is the
-        worker's busy time where it differs from the time on the worker (a session's decoding, not its lease)."""
-        if not job.client:
+    def _record(self, job: Job, code: str | None, now: float, run: float | None = None, text: str = "") -> None:
+        """Account for a client's job (or a shadow) once, when its answer (or its client's give-up) is known.
+        ``run`` is the worker's busy time where it differs from the time on the worker (a session's decoding,
+        not its lease)."""
+        if not job.client and not job.shadow:
             return
         started = job.started_at or now
         if run is None:
             run = now - job.started_at if job.started_at else 0.0
-        self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
+        if job.client:
+            self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
+        if job.route and self.routed_ended is not None:
+            self.routed_ended(job, code, run, text if code is None else "")
         log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request, code or "done", (now - job.received_at) * 1e3)
 
 
@@ -220,11 +238,13 @@ class Farm:
             self.requests.pop((job.client, job.request), None)
             code = msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None
             decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.session else None
-            self._record(job, code, now, decoding)
+            self._record(job, code, now, decoding, str(msg.body.get("text", "")))
             worker.jobs_done += 1
             body = dict(msg.body)
             if msg.type is MsgType.RESULT:
                 body.update(worker=worker.id, provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0)
+                if job.route:
+                    body["route"] = job.route
             else:
                 body["job_id"] = job.request
             self.reply(job.client, msg.type, job.request, body)

@@ -31,6 +31,12 @@ BUCKETS = tuple(
 ) + (1000.0,)  # 1 ms .. 1000 s, about six buckets a decade, so percentiles are read to within ~25 %
 WINDOW = 60  # seconds over which utilisation and throughput are averaged
 
+# word error rate of a shadow against the primary: 0 is agreement, 1 is nothing in common
+WER_BUCKETS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+# a shadow's time on its worker over the primary's
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+SHADOW_OUTCOMES = ("compared", "dropped", "failed")
+
 REJECTED = frozenset({"POOL_BUSY", "PROVIDER_UNAVAILABLE", "SHUTTING_DOWN", "UNKNOWN_PROVIDER", "BAD_REQUEST"})
 TIMED_OUT = frozenset({"ACQUIRE_TIMEOUT", "JOB_TIMEOUT"})
 
@@ -134,12 +140,46 @@ class ProviderMetrics:
         }
 
 
+@dataclass
+class RouteMetrics:
+    """One route's figures: requests and errors per provider it sent them to, its shadow's comparisons."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    shadow: Counter[tuple[str, str]] = field(default_factory=Counter)  # (provider, outcome)
+    agreement: dict[str, Histogram] = field(default_factory=dict)  # shadow provider -> WER
+    latency_ratio: dict[str, Histogram] = field(default_factory=dict)  # shadow provider -> its time / primary's
+    rollbacks: Counter[str] = field(default_factory=Counter)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        names = [*self.weights, *(p for p in self.requests if p not in self.weights)]
+        return {
+            "providers": {
+                p: {"weight": self.weights.get(p, 0.0), "requests": self.requests[p], "errors": self.errors[p]} for p in names
+            },
+            "shadow_requests": {f"{p} {outcome}": n for (p, outcome), n in self.shadow.items()},
+            "agreement_wer": {p: _plain(h) for p, h in self.agreement.items()},
+            "latency_ratio": {p: _plain(h) for p, h in self.latency_ratio.items()},
+            "rollbacks": dict(self.rollbacks),
+        }
+
+
+def _plain(h: Histogram) -> dict[str, Any]:
+    """A histogram of plain numbers (WER, ratios) for status: count, mean and percentiles."""
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 4)
+
+    return {"count": h.count, "mean": r(h.mean), "p50": r(h.quantile(0.5)), "p95": r(h.quantile(0.95))}
+
+
 class Metrics:
     """Every provider's figures, plus the gauge snapshot the Prometheus page exports."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.providers: dict[str, ProviderMetrics] = {}
+        self.routes: dict[str, RouteMetrics] = {}
         self.gauges: dict[str, Any] = {"providers": {}, "ready": False}
         self.ready = False  # set by the supervisor on every loop pass; read by /readyz
         self.loop_at = time.monotonic()  # when the supervisor's loop last ran; /healthz fails when it stalls
@@ -184,6 +224,46 @@ class Metrics:
         with self.lock:
             return self._of(provider).summary(now, workers)
 
+    def _route(self, route: str) -> RouteMetrics:
+        metrics = self.routes.get(route)
+        if metrics is None:
+            metrics = self.routes[route] = RouteMetrics()
+        return metrics
+
+    def route_finished(self, route: str, provider: str, error: bool) -> None:
+        """A request that went through ``route`` to ``provider`` was answered (or failed)."""
+        with self.lock:
+            m = self._route(route)
+            m.requests[provider] += 1
+            if error:
+                m.errors[provider] += 1
+
+    def route_shadow(self, route: str, provider: str, outcome: str) -> None:
+        """A shadow request: ``compared``, ``dropped`` (no idle worker) or ``failed``."""
+        with self.lock:
+            self._route(route).shadow[(provider, outcome)] += 1
+
+    def route_compared(self, route: str, provider: str, wer: float, ratio: float | None) -> None:
+        """A shadow's answer beside the primary's: their WER and the shadow's time over the primary's."""
+        with self.lock:
+            m = self._route(route)
+            m.shadow[(provider, "compared")] += 1
+            m.agreement.setdefault(provider, Histogram(WER_BUCKETS)).observe(wer)
+            if ratio is not None:
+                m.latency_ratio.setdefault(provider, Histogram(RATIO_BUCKETS)).observe(ratio)
+
+    def route_rolled_back(self, route: str, provider: str) -> None:
+        with self.lock:
+            self._route(route).rollbacks[provider] += 1
+
+    def route_weights(self, route: str, weights: dict[str, float]) -> None:
+        with self.lock:
+            self._route(route).weights = dict(weights)
+
+    def route_summary(self, route: str) -> dict[str, Any]:
+        with self.lock:
+            return self._route(route).summary()
+
     def publish(self, gauges: dict[str, Any]) -> None:
         """The supervisor's once-a-second snapshot of pool sizes, states and worker readings."""
         with self.lock:
@@ -199,9 +279,56 @@ class PrometheusCollector(Collector):
     def collect(self) -> Iterator[Any]:
         with self.metrics.lock:
             providers = {name: _copy(m) for name, m in self.metrics.providers.items()}
+            routes = {name: _copy_route(m) for name, m in self.metrics.routes.items()}
             gauges = self.metrics.gauges
         yield from _request_families(providers)
         yield from _gauge_families(gauges)
+        yield from _route_families(routes)
+
+
+def _copy_route(m: RouteMetrics) -> dict[str, Any]:
+    return {
+        "requests": dict(m.requests), "errors": dict(m.errors), "shadow": dict(m.shadow),
+        "rollbacks": dict(m.rollbacks), "weights": dict(m.weights),
+        "agreement": {p: (h.cumulative(), h.sum) for p, h in m.agreement.items()},
+        "latency_ratio": {p: (h.cumulative(), h.sum) for p, h in m.latency_ratio.items()},
+    }
+
+
+def _route_families(routes: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    counters = {
+        "requests": "Requests a route sent to each of its providers",
+        "errors": "Requests through a route that failed, by the provider that had them",
+        "rollbacks": "Canaries the analysis rolled back (weight set to 0)",
+    }
+    for key, doc in counters.items():
+        family = CounterMetricFamily(f"asr_hub_route_{key}", doc, labels=["route", "provider"])
+        for route, m in routes.items():
+            for provider, n in m[key].items():
+                family.add_metric([route, provider], n)
+        yield family
+    shadow = CounterMetricFamily(
+        "asr_hub_route_shadow", "Shadow requests: compared, dropped (no idle worker) or failed", labels=["route", "provider", "outcome"]
+    )
+    for route, m in routes.items():
+        for (provider, outcome), n in m["shadow"].items():
+            shadow.add_metric([route, provider, outcome], n)
+    yield shadow
+    weight = GaugeMetricFamily("asr_hub_route_weight", "A provider's current weight in a route", labels=["route", "provider"])
+    for route, m in routes.items():
+        for provider, w in m["weights"].items():
+            weight.add_metric([route, provider], w)
+    yield weight
+    histograms = {
+        "agreement_wer": ("agreement", "Word error rate of a shadow's answer against the primary's"),
+        "latency_ratio": ("latency_ratio", "A shadow's time on its worker over the primary's, per request"),
+    }
+    for name, (key, doc) in histograms.items():
+        family = HistogramMetricFamily(f"asr_hub_route_{name}", doc, labels=["route", "provider"])
+        for route, m in routes.items():
+            for provider, (buckets, total) in m[key].items():
+                family.add_metric([route, provider], buckets, total)
+        yield family
 
 
 def _copy(m: ProviderMetrics) -> dict[str, Any]:

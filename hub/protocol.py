@@ -41,6 +41,7 @@ class MsgType(str, Enum):
     TRANSCRIBE = "TRANSCRIBE"
     CANCEL = "CANCEL"
     SCALE = "SCALE"
+    ROUTE = "ROUTE"  # set a route's weights at run time
     STREAM_OPEN = "STREAM_OPEN"  # also supervisor -> worker, with the job id
     STREAM_DATA = "STREAM_DATA"  # likewise
     STREAM_CLOSE = "STREAM_CLOSE"  # likewise
@@ -230,6 +231,29 @@ def parse_options(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, float) and not math.isfinite(value):
             raise BadRequest(f"option {key!r} must be a finite number")
     return options
+
+
+def parse_route_key(body: dict[str, Any]) -> str | None:
+    """The ``route_key`` of a request: which version a sticky route keeps it on (a user or device id)."""
+    key = body.get("route_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= 256:
+        raise BadRequest("field 'route_key' must be a string of 1-256 characters (a user or device id)")
+    return key
+
+
+def parse_weights(body: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """A ROUTE request: the route's name and its new weights, provider -> a number >= 0."""
+    route, weights = body.get("route"), body.get("weights")
+    if not isinstance(route, str) or not route:
+        raise BadRequest("field 'route' must be a route name")
+    if not isinstance(weights, dict) or not weights:
+        raise BadRequest("field 'weights' must be an object of provider -> weight, e.g. {\"whisper-v1\": 100}")
+    for provider, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise BadRequest(f"the weight of {provider!r} must be a number >= 0, got {weight!r}")
+    return route, {str(p): float(w) for p, w in weights.items()}
 
 
 def parse_timeout(body: dict[str, Any]) -> float | None:

@@ -7,6 +7,11 @@ loader before it is written (the old text is kept as ``CONFIG.bak``). ``--signal
 SIGHUP to the supervisor running that config (found by its pid file), which replaces its
 workers one at a time without failing a request. ``scripts/rollback.sh`` is this with
 ``--signal``.
+
+``--route NAME`` is the other rollback, for a gray release: every request for the route goes to
+its baseline (the provider the config gives the most weight, or ``--to PROVIDER``) at once,
+without a restart or a SIGHUP, by the same request as ``python -m hub.client route NAME P=100``.
+The config file is left as it is; a later reload keeps this until the route's section changes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from hub.config import ConfigError, load_config, parse_config, pid_file
+from hub.config import ConfigError, HubConfig, load_config, loopback_endpoint, parse_config, pid_file
+from hub.errors import HubError
+from hub.routes import baseline_of
 
 _KEY = re.compile(r"^(\s*)([\w.-]+):\s*(.*?)\s*(#.*)?$")
 
@@ -98,12 +105,43 @@ def _check(text: str, base_dir: Path, enabled: bool) -> None:
             raise ConfigError(f"providers.{name}.pool.enabled could not be set; edit the file by hand")
 
 
+def route_rollback(config: HubConfig, route: str, to: str | None) -> int:
+    """Send every request for ``route`` to its baseline on the hub running ``config``."""
+    from hub.client import HubClient  # only this mode talks to the hub
+
+    section = config.routes.get(route)
+    if section is None:
+        print(f"rollback: the config has no route {route!r} (routes: {', '.join(config.routes) or 'none'})", file=sys.stderr)
+        return 2
+    target = to or baseline_of(section.weights, tuple(section.weights))
+    if config.hub.curve.enabled:
+        print("rollback: the hub requires CURVE keys; run python -m hub.client --client-key K --server-key S "
+              f"route {route} {target}=100", file=sys.stderr)
+        return 2
+    try:
+        with HubClient(loopback_endpoint(config.hub.frontend), timeout=10.0) as client:
+            weights = client.route(route, {target: 100})["weights"]
+    except HubError as exc:
+        print(f"rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"route {route}: every request now goes to {target} ({', '.join(f'{p}={w:g}' for p, w in weights.items())})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hub.rollback", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--undo", action="store_true", help="set pool.enabled back to true")
     parser.add_argument("--signal", action="store_true", help="then SIGHUP the supervisor running this config")
+    parser.add_argument("--route", help="roll this route back to its baseline instead (the running hub, not the file)")
+    parser.add_argument("--to", help="with --route: the provider to send everything to (default: the config's heaviest)")
     args = parser.parse_args(argv)
+    if args.route:
+        try:
+            return route_rollback(load_config(args.config), args.route, args.to)
+        except ConfigError as exc:
+            print(f"rollback: {exc}", file=sys.stderr)
+            return 2
     try:
         text = args.config.read_text()
         new = set_pool_enabled(text, enabled=args.undo)

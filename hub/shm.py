@@ -179,6 +179,28 @@ class RingReader:
         self._map.close()
 
 
+def share(name: str, prefix: str) -> str:
+    """A second name for a client's segment, owned by this process (a hard link: no byte is copied).
+
+    The client unlinks its own name once its request is answered; the pages live on under this
+    name until ``remove`` takes it away, so a second job (a shadow) can read the same PCM later.
+    Raises ``InvalidAudio`` when the segment is already gone or is not one of ``prefix``'s.
+    """
+    if not name.startswith(prefix) or owner_pid(name) is None:
+        raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {prefix!r})")
+    shared = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
+    try:
+        os.link(SHM_DIR / name, SHM_DIR / shared)
+    except OSError as exc:
+        raise InvalidAudio(f"shared-memory segment {name!r} cannot be shared: {exc.strerror}") from None
+    return shared
+
+
+def remove(name: str) -> bool:
+    """Unlink a segment by name; False when it was already gone."""
+    return _unlink(name)
+
+
 def create_probe() -> tuple[PcmSegment, str]:
     """A small segment holding a random nonce; the supervisor reads it to prove it shares our /dev/shm."""
     nonce = secrets.token_hex(16)

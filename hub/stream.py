@@ -119,9 +119,17 @@ class ChunkAudio:
         return np.zeros(0, dtype=np.float32) if self._resampler is None else self._resampler.flush()
 
 
+def route_fields(options: dict[str, Any]) -> dict[str, Any]:
+    """Take ``route_key`` (a user or device id: a sticky route keeps it on one version) out of a call's
+    keyword options, where the SDK's calls accept it, into the request's own fields."""
+    key = options.pop("route_key", None)
+    return {} if key is None else {"route_key": key}
+
+
 def open_body(provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float) -> dict[str, Any]:
     ring_ref = {"shm": ring.name, "capacity": ring.capacity} if ring else None
-    return {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout}
+    routed = route_fields(options)
+    return {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout, **routed}
 
 
 class StreamSession:

@@ -55,6 +55,7 @@ from hub.farm import Farm
 from hub.metrics import Metrics
 from hub.policy import floor_size
 from hub.protocol import AudioRef, Message, MsgType
+from hub.rollout import Rollout
 
 log = logging.getLogger("hub.supervisor")
 
@@ -89,6 +90,8 @@ class Supervisor:
         self.pid_path.write_text(f"{os.getpid()}\n")
         self.metrics = Metrics()
         self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics)
+        self.rollout = Rollout(config.routes, self.metrics)
+        self.farm.routed_ended = self.rollout.ended
         self.http: Any = None
         self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
@@ -243,6 +246,11 @@ class Supervisor:
             self.farm.cancel(client, msg.id)
         elif msg.type is MsgType.SCALE:
             self.reply(client, MsgType.REPLY, msg.id, self.scale_request(msg.body))
+        elif msg.type is MsgType.ROUTE:
+            route, weights = protocol.parse_weights(msg.body)
+            known = {p.name for p in self.config.enabled_providers}
+            weights = self.rollout.set_weights(route, weights, known)
+            self.reply(client, MsgType.REPLY, msg.id, {"route": route, "weights": weights})
         elif msg.type is MsgType.STREAM_DATA:
             self.session_data(client, msg)
         elif msg.type is MsgType.STREAM_CLOSE:
@@ -280,20 +288,26 @@ class Supervisor:
             "shm": same_host,
             "shm_prefix": self.shm_prefix,
             "providers": [p.name for p in self.config.enabled_providers],
+            "routes": list(self.config.routes),
             "default_provider": self.default_provider,
             "max_audio_seconds": self.config.hub.max_audio_seconds,
         }
 
-    def _admit(self, client: bytes, msg: Message) -> ProviderConfig:
-        """The checks every new job or session passes first; returns the provider it asks for."""
+    def _admit(self, client: bytes, msg: Message) -> tuple[ProviderConfig, str]:
+        """The checks every new job or session passes first; returns the provider it goes to and the route
+        that chose it ("" when the request named a provider)."""
         if self.farm.stopping:
             raise ShuttingDown("the hub is shutting down and takes no new work; retry once it is back")
         if (client, msg.id) in self.farm.requests:
             raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
-        return self._provider_for(msg.body)
+        name = msg.body.get("provider")
+        routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body)) if isinstance(name, str) else None
+        if routed is None:
+            return self._provider_for(msg.body), ""
+        return self._provider_for({"provider": routed}), name
 
     def submit(self, client: bytes, msg: Message) -> None:
-        provider = self._admit(client, msg)
+        provider, route = self._admit(client, msg)
         audio = protocol.parse_audio_ref(
             msg.body, msg.payload, max_samples=int(self.config.hub.max_audio_seconds * protocol.SAMPLE_RATE)
         )
@@ -302,10 +316,36 @@ class Supervisor:
         if msg.payload is not None:
             self.inline_bytes += len(msg.payload)
         job = self._new_job(
-            client, msg, provider, "j", audio=audio, payload=msg.payload, stream=bool(msg.body.get("stream", False))
+            client, msg, provider, "j", audio=audio, payload=msg.payload, stream=bool(msg.body.get("stream", False)), route=route
         )
         log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
         self.farm.place(job, job.received_at)
+        shadow = self.rollout.shadow_for(route) if route else None
+        if shadow is not None:
+            self._shadow(job, shadow)
+
+    def _shadow(self, primary: Job, provider: str) -> None:
+        """Send a copy of the request to the route's shadow, if one of its workers is idle now; else drop it.
+        Its PCM is the primary's: the same inline bytes, or a second name for the client's segment."""
+        if not self.farm.shadow_room(provider):
+            self.rollout.dropped(primary.route, provider)
+            return
+        audio = primary.audio
+        if audio.shm is not None:
+            try:
+                audio = AudioRef(samples=audio.samples, shm=shm.share(audio.shm, self.shm_prefix))
+            except InvalidAudio as exc:
+                log.debug("shadow of job %s dropped: %s", primary.id, exc)
+                self.rollout.dropped(primary.route, provider)
+                return
+        now = time.monotonic()
+        shadow = Job(
+            id=f"w{next(self.farm.job_ids)}", client=b"", request="", provider=provider, audio=audio,
+            payload=primary.payload, options=primary.options, stream=False, received_at=now, acquire_deadline=now,
+            client_timeout=None, route=primary.route, shadow=True,
+        )
+        self.rollout.paired(primary, shadow)
+        self.farm.place_shadow(shadow, now)
 
     def _own_segment(self, name: str) -> None:
         if not name.startswith(self.shm_prefix):
@@ -329,7 +369,7 @@ class Supervisor:
 
     def open_session(self, client: bytes, msg: Message) -> None:
         """A live stream leases one worker until it closes; at most ``pool.max_sessions`` of a pool."""
-        provider = self._admit(client, msg)
+        provider, route = self._admit(client, msg)
         limit = provider.pool.session_limit
         active = self.farm.sessions(provider.name)
         if active >= limit:
@@ -341,7 +381,7 @@ class Supervisor:
         if ring is not None:
             self._own_segment(ring.shm)
         job = self._new_job(
-            client, msg, provider, "s", audio=AudioRef(samples=0), payload=None, stream=True, session=True, ring=ring
+            client, msg, provider, "s", audio=AudioRef(samples=0), payload=None, stream=True, session=True, ring=ring, route=route
         )
         job.last_activity = job.received_at
         log.info("session %s: opened by request %s for %s", job.id, msg.id, provider.name)
@@ -434,6 +474,7 @@ class Supervisor:
             log.warning("hub.frontend cannot change on reload (still %s); restart to move it", self.config.hub.frontend)
         new = dataclasses.replace(new, hub=dataclasses.replace(new.hub, frontend=self.config.hub.frontend))
         self.farm.reconfigure(new, time.monotonic())
+        self.rollout.reconfigure(new.routes)
         if self.gateway is not None:
             self.gateway.reload()
         log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.pools))
@@ -458,6 +499,7 @@ class Supervisor:
                 "inline_bytes": self.inline_bytes,
             },
             "providers": providers,
+            "routes": self.rollout.status(),
             **({"gateway": self.gateway.status()} if self.gateway is not None else {}),
         }
 

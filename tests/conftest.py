@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from bench.streaming import word_error_rate  # noqa: F401  (the tests' WER is the benchmark's)
+from hub.wer import word_error_rate  # noqa: F401  (the tests' WER is the hub's)
 from hub import shm
 from hub.client import HubClient
 from hub.errors import HubError
@@ -133,14 +133,17 @@ def start_hub(
     gateway: dict[str, Any] | None = None,
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    routes: dict[str, Any] | None = None,
 ) -> Hub:
     """Start ``python -m hub.supervisor`` on a fresh config; ``args`` are extra command-line flags (a
-    ``--frontend`` among them is where the hub is reached), ``env`` extra environment variables."""
+    ``--frontend`` among them is where the hub is reached), ``env`` extra environment variables,
+    ``routes`` the config's ``routes:`` section."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "hub": {"frontend": endpoint, "runtime_dir": str(tmp_path / "run"), **(hub or {})},
         "providers": providers,
         **({"gateway": gateway} if gateway is not None else {}),
+        **({"routes": routes} if routes is not None else {}),
     }
     config_path = tmp_path / f"hub-{endpoint.rsplit(':', 1)[1]}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))  # in the test's order: its first provider is the default

@@ -2,8 +2,9 @@
 
 It answers a deterministic text computed from the audio (its duration and RMS), so a
 test can tell which audio a worker saw. Request options make it misbehave on purpose:
-``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises, ``hang=True`` never answers,
-``exit=<code>`` ends the worker process. It must never stand in for proving that
+``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises, ``fail_every=<n>`` raises on every n-th
+job of the worker (health checks count; a canary with an error rate), ``hang=True`` never
+answers, ``exit=<code>`` ends the worker process. It must never stand in for proving that
 transcription works: that is what the whisper tests are for.
 """
 
@@ -48,7 +49,8 @@ class EchoEngine:
     device = "cpu"
 
     def __init__(self, spec: WorkerSpec) -> None:
-        """There is no model to load."""
+        """There is no model to load; only the jobs are counted, for ``fail_every``."""
+        self.jobs = 0
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         if "exit" in options:
@@ -59,6 +61,9 @@ class EchoEngine:
             time.sleep(float(options["sleep"]))
         if "fail" in options:
             raise RuntimeError(str(options["fail"]))
+        self.jobs += 1
+        if "fail_every" in options and self.jobs % int(options["fail_every"]) == 0:
+            raise RuntimeError(f"job {self.jobs} of this worker fails (fail_every={options['fail_every']})")
         duration = pcm.size / SAMPLE_RATE
         text = echo_text(pcm)
         count = max(1, int(options.get("segments", 1)))
