@@ -48,7 +48,8 @@ async def translations(request: Request) -> Response:
 async def list_models(request: Request) -> dict[str, Any]:
     gateway = gateway_of(request)
     gateway.keys.check(request.headers.get("authorization"))
-    return {"object": "list", "data": [_model(m["id"]) for m in gateway.models()]}
+    names = [m["id"] for m in gateway.models()] + gateway.routes()
+    return {"object": "list", "data": [_model(name) for name in dict.fromkeys(names)]}
 
 
 @router.get("/v1/models/{model_id}")
@@ -56,7 +57,7 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     gateway = gateway_of(request)
     gateway.keys.check(request.headers.get("authorization"))
     provider = gateway.provider_for(model_id)
-    known = {m["id"] for m in gateway.models()}
+    known = {m["id"] for m in gateway.models()} | set(gateway.routes())
     if provider is not None and provider not in known:
         raise ApiError("UNKNOWN_PROVIDER", f"no model named {model_id!r}; GET /v1/models lists them", param="model")
     return _model(model_id)
@@ -72,6 +73,8 @@ async def _serve(request: Request, task: str) -> Response:
     slot: Slot | None = gateway.admit()
     try:
         call, pcm = await _read(request, gateway, task)
+        if (key := request.headers.get("x-route-key")) and "route_key" not in call.options:
+            call.options["route_key"] = key  # a sticky route keeps this user on one model version
         provider = gateway.provider_for(call.model)
         if call.stream:
             response = await _stream(gateway, pcm, provider, call, slot)
@@ -142,6 +145,8 @@ class _Call:
             self.options["temperature"] = _number(temperature, "temperature")
         if self.words:
             self.options["word_timestamps"] = True
+        if route_key := form.get("route_key"):
+            self.options["route_key"] = route_key
         self.options["timeout"] = gateway.settings.section.request_timeout
 
 

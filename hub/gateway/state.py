@@ -118,6 +118,11 @@ class Gateway:
         """One entry per enabled provider of any hub that answered, as they last reported them."""
         return providers(self.hubs)
 
+    def routes(self) -> list[str]:
+        """The routes (public model names of a gray release) of any hub that answered, each once."""
+        names = (name for status in self.hubs.values() if answered(status) for name in status.get("routes", {}))
+        return list(dict.fromkeys(names))
+
     def answered(self) -> bool:
         """Whether any hub has answered the watch yet (Wyoming's info waits for one)."""
         return any(answered(status) for status in self.hubs.values())

@@ -78,10 +78,12 @@ def gateway_keys(tmp: Path) -> tuple[dict[str, Any], str, str]:
 def gateway_factory(hub_factory: Callable[..., Hub]) -> Callable[..., Gateway]:
     """Start a supervisor whose config enables the gateway (HTTP and Wyoming on free ports); wait until it serves."""
 
-    def factory(providers: dict[str, Any] | None = None, hub: dict[str, Any] | None = None, **gateway: Any) -> Gateway:
+    def factory(
+        providers: dict[str, Any] | None = None, hub: dict[str, Any] | None = None, routes: dict[str, Any] | None = None, **gateway: Any
+    ) -> Gateway:
         section = {"enabled": True, "port": free_port(), "wyoming_port": free_port(), **gateway}
         # the gateway's /readyz waits for the hub's readiness too (and works where only the gateway has CURVE keys)
-        started = hub_factory(providers or {"whisper": WHISPER}, hub, ready=False, gateway=section)
+        started = hub_factory(providers or {"whisper": WHISPER}, hub, ready=False, gateway=section, routes=routes)
         result = Gateway(started, section["port"], section["wyoming_port"])
         wait_ready(result.url)
         return result
