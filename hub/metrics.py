@@ -1,16 +1,14 @@
 """Counters, histograms and sliding windows per provider; the status figures and the Prometheus page.
 
-Recording is O(1) on the dispatch path: a counter bump, a bucket increment, a slot of a
-one-minute ring. Percentiles are read from the histogram buckets (interpolated), never by
-sorting samples. The Prometheus collector runs on the HTTP server's thread, so everything
+Recording is O(1) on the dispatch path: a counter bump, a sketch update, a slot of a
+one-minute ring. Percentiles are read from a relative-error sketch (``hub.sketch``, within
+1 %), never by sorting samples. The Prometheus collector runs on the HTTP server's thread, so everything
 it reads is guarded by one lock, and the gauges it exports are a snapshot that the
 supervisor publishes once a second rather than its live structures.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import threading
 import time
 from collections import Counter
@@ -25,10 +23,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-# seconds; wide enough for a 5 ms echo and a 5-minute clip on a CPU
+from hub.sketch import QuantileSketch
+
+# seconds; the Prometheus buckets, wide enough for a 5 ms echo and a 5-minute clip on a CPU
 BUCKETS = tuple(
     round(m * 10.0**e, 4) for e in range(-3, 3) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-) + (1000.0,)  # 1 ms .. 1000 s, about six buckets a decade, so percentiles are read to within ~25 %
+) + (1000.0,)
 WINDOW = 60  # seconds over which utilisation and throughput are averaged
 
 # word error rate of a shadow against the primary: 0 is agreement, 1 is nothing in common
@@ -42,16 +42,21 @@ TIMED_OUT = frozenset({"ACQUIRE_TIMEOUT", "JOB_TIMEOUT"})
 
 
 class Histogram:
-    """Fixed buckets; ``quantile`` interpolates linearly inside the bucket that holds the rank."""
+    """Durations in a relative-error sketch: percentiles within 1 %, Prometheus buckets read from it.
+
+    Recording costs one sketch update. The Prometheus buckets are not counted apart: each
+    ``le`` bound is the sketch's bin edge nearest above the nominal bound (at most 2 % above it),
+    so the cumulative counts read at scrape time are exact for the bound they are labelled with.
+    """
 
     def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sketch = QuantileSketch()
+        self.edges = tuple(self.sketch.index(b) for b in bounds)
         self.count = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sketch.add(value)
         self.count += 1
         self.sum += value
 
@@ -60,25 +65,13 @@ class Histogram:
         return self.sum / self.count if self.count else None
 
     def quantile(self, q: float) -> float | None:
-        if not self.count:
-            return None
-        rank = q * self.count
-        seen = 0
-        for i, n in enumerate(self.counts):
-            if n and seen + n >= rank:
-                low = self.bounds[i - 1] if i else 0.0
-                high = self.bounds[i] if i < len(self.bounds) else self.bounds[-1]
-                return low + (high - low) * max(0.0, rank - seen) / n
-            seen += n
-        return self.bounds[-1]
+        return self.sketch.quantile(q)
 
     def cumulative(self) -> list[tuple[str, float]]:
         """Prometheus buckets: (upper bound, cumulative count), ending with +Inf."""
-        out, total = [], 0
-        for bound, n in zip((*self.bounds, math.inf), self.counts):
-            total += n
-            out.append(("+Inf" if bound == math.inf else repr(bound), float(total)))
-        return out
+        counts = self.sketch.counts_through(self.edges)
+        bounds = [repr(self.sketch.upper(i)) for i in self.edges]
+        return [(bound, float(n)) for bound, n in zip(bounds, counts)] + [("+Inf", float(self.count))]
 
     def summary(self) -> dict[str, float | None]:
         """Mean and percentiles in milliseconds, for status."""
