@@ -1,8 +1,9 @@
 """The supervisor: one poll loop that wires the frontend, the workers, the signals and the timers.
 
-Each pass of the loop reads what the sockets have, then runs ``tick``: reap exited
-workers, kill the overdue, enforce heartbeats and deadlines, expire queued jobs, run
-health checks, roll restarts forward, scale, and sweep orphaned shared memory. Signal
+Each pass of the loop reads what the sockets have; every ``TICK_INTERVAL`` (not on every
+wake-up: under load the loop wakes per message) it runs ``tick``: reap exited workers,
+kill the overdue, enforce heartbeats and deadlines, expire queued jobs, run health
+checks, roll restarts forward, scale, and sweep orphaned shared memory. Signal
 handlers only enqueue (gunicorn's arbiter); a socketpair registered with
 ``signal.set_wakeup_fd`` wakes the poll.
 
@@ -59,7 +60,7 @@ from hub.rollout import Rollout
 
 log = logging.getLogger("hub.supervisor")
 
-POLL_MS = 50
+TICK_INTERVAL = 0.05  # seconds between timer passes (reap, deadlines, heartbeats, scaling), busy or not
 SHM_SWEEP_INTERVAL = 2.0
 SAMPLE_INTERVAL = 1.0  # how often worker memory is read
 MAX_BATCH = 256  # messages read from one socket before the loop looks at the others
@@ -99,6 +100,7 @@ class Supervisor:
         self.drain_deadline = 0.0
         self.ready_logged = False
         self.next_sweep = 0.0
+        self.next_tick = 0.0
         self.next_sample = 0.0
         self.dropped = 0  # replies dropped because a client stopped reading
         self.malformed = 0  # messages refused as BAD_REQUEST, or dropped when from a worker
@@ -156,19 +158,21 @@ class Supervisor:
             log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", hub.metrics_host, hub.metrics_port)
         try:
             self.tick(time.monotonic())
-            while not self._finished(time.monotonic()):
-                events = dict(poller.poll(POLL_MS))
+            while not self._finished(now := time.monotonic()):
+                events = dict(poller.poll(max(0, int((self.next_tick - now) * 1000) + 1)))
                 if wake_r.fileno() in events:
                     try:
                         wake_r.recv(4096)
                     except BlockingIOError:
                         pass
+                    self.next_tick = 0.0  # a signal: act on it in this pass
                 self._handle_signals()
                 if self.backend in events:
                     self._drain_socket(self.backend, self.on_backend)
                 if self.frontend in events:
                     self._drain_socket(self.frontend, self.on_frontend)
-                self.tick(time.monotonic())
+                if (now := time.monotonic()) >= self.next_tick:
+                    self.tick(now)
         finally:
             signal.set_wakeup_fd(-1)
             wake_r.close()
@@ -435,6 +439,8 @@ class Supervisor:
         return {"provider": pool.name, "size": size}
 
     def tick(self, now: float) -> None:
+        """The timer work, every ``TICK_INTERVAL``; what is due less often (sampling, the sweep) keeps its own time."""
+        self.next_tick = now + TICK_INTERVAL
         sample = now >= self.next_sample
         if sample:
             self.next_sample = now + SAMPLE_INTERVAL
@@ -455,7 +461,11 @@ class Supervisor:
                 self.next_summary = now + self.config.hub.metrics_log_interval
                 for name, view in views.items():
                     log.info(status.summary_line(name, view))
-        if not self.ready_logged and ready:
+        self._log_ready(now)
+
+    def _log_ready(self, now: float) -> None:
+        """Say once that the hub is ready; also checked before a status reply, so the log says it first."""
+        if not self.ready_logged and self.farm.ready and not self.farm.stopping:
             self.ready_logged = True
             sizes = ", ".join(f"{n}: {p.size} worker(s)" for n, p in self.farm.pools.items())
             log.info("hub ready in %.2f s on %s (%s)", now - self.started, self.config.hub.frontend, sizes)
@@ -481,6 +491,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        self._log_ready(now)
         providers = {
             p.name: status.provider_status(p, self.farm.view(self.farm.pools[p.name], now) if p.name in self.farm.pools else None, now)
             for p in self.config.providers.values()
