@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,25 +69,26 @@ class _Hello:
 @dataclass
 class _Prepared:
     """A TRANSCRIBE request: audio already converted (so bad input fails at the call), its shared-memory
-    segment made only when the request is sent, and released once it is answered."""
+    segment leased from the client's pool only when the request is sent, and given back once it is answered."""
 
     body: dict[str, Any]
     pcm: np.ndarray
-    shm_prefix: str | None  # None: the PCM travels inline
+    segments: shm.SegmentPool | None  # None: the PCM travels inline
     segment: shm.PcmSegment | None = None
 
     def open(self) -> bytes | None:
         """Describe the audio in the body; return the inline payload, or None when it went to shared memory."""
-        if self.shm_prefix is None:
+        if self.segments is None:
             self.body["audio"] = {"samples": int(self.pcm.size)}
             return self.pcm.tobytes()
-        self.segment = shm.create_pcm(self.shm_prefix, self.pcm)
+        self.segment = self.segments.lease(self.pcm)
         self.body["audio"] = {"samples": int(self.pcm.size), "shm": self.segment.name}
         return None
 
-    def release(self) -> None:
-        if self.segment is not None:
-            self.segment.release()
+    def release(self, reusable: bool) -> None:
+        """``reusable``: the request was answered, so no worker reads the segment any more."""
+        if self.segment is not None and self.segments is not None:
+            self.segments.give_back(self.segment, reusable)
 
 
 def _options(language: str | None, beam_size: int | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -95,20 +97,29 @@ def _options(language: str | None, beam_size: int | None, options: dict[str, Any
 
 
 def _prepare(
-    hello: _Hello,
+    segments: shm.SegmentPool | None,
     audio: AudioInput,
     provider: str | None,
     options: dict[str, Any],
     stream: bool,
     deadline: float,
     sample_rate: int | None,
-    use_shm: bool,
 ) -> _Prepared:
     pcm = to_pcm(audio, sample_rate)
     timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
     body: dict[str, Any] = {"provider": provider, "options": options, "stream": stream, "timeout": timeout}
     body.update(route_fields(options))
-    return _Prepared(body, pcm, hello.shm_prefix if use_shm and hello.shm else None)
+    return _Prepared(body, pcm, segments)
+
+
+def _segment_pool(hello: _Hello, use_shm: bool) -> shm.SegmentPool | None:
+    return shm.SegmentPool(hello.shm_prefix) if use_shm and hello.shm else None
+
+
+def _answered(exc: BaseException | None) -> bool:
+    """Whether a request that ended with ``exc`` (None: normally) got its final reply: only then may its
+    segment be reused. A timeout or a lost hub leaves it possibly queued or on a worker."""
+    return exc is None or (isinstance(exc, HubError) and not isinstance(exc, (JobTimeout, HubUnreachable)))
 
 
 def _route_body(route: str, weights: dict[str, float]) -> dict[str, Any]:
@@ -286,6 +297,7 @@ class HubClient:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._hello: _Hello | None = None
+        self._segments: shm.SegmentPool | None = None
         self._closed = False
         self._streams: set[StreamSession] = set()
 
@@ -304,6 +316,8 @@ class HubClient:
             for sock in self._sockets:
                 sock.close(linger=0)
             self._sockets.clear()
+        if self._segments is not None:
+            self._segments.close()
         self._ctx.term()
 
     # --- public calls ---------------------------------------------------------------
@@ -350,8 +364,8 @@ class HubClient:
         stream: bool,
     ) -> TranscriptStream:
         deadline = time.monotonic() + (timeout or self.timeout)
-        hello = self._ensure_hello(deadline)
-        prepared = _prepare(hello, audio, provider, options, stream, deadline, sample_rate, self.use_shm)
+        self._ensure_hello(deadline)
+        prepared = _prepare(self._segments, audio, provider, options, stream, deadline, sample_rate)
         return TranscriptStream(self._events(prepared, deadline))
 
     def open_stream(
@@ -445,6 +459,9 @@ class HubClient:
             finally:
                 probe.release()
             self._hello = _read_hello(reply)  # type: ignore[arg-type]
+            self._segments = _segment_pool(self._hello, self.use_shm)
+            if self._segments is not None:
+                weakref.finalize(self, self._segments.close)  # a client never closed still leaves no segment
         return self._hello
 
     def _call(
@@ -488,11 +505,15 @@ class HubClient:
                 return
 
     def _events(self, prepared: _Prepared, deadline: float) -> Iterator[Segment | Transcript]:
+        ended: BaseException | None = None
         try:
             payload = prepared.open()
             yield from self._exchange(MsgType.TRANSCRIBE, prepared.body, payload, deadline)
+        except BaseException as exc:
+            ended = exc
+            raise
         finally:
-            prepared.release()
+            prepared.release(_answered(ended))
 
 
 class AsyncHubClient:
@@ -524,6 +545,7 @@ class AsyncHubClient:
         self._pending: dict[str, asyncio.Queue[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._hello: _Hello | None = None
+        self._segments: shm.SegmentPool | None = None
         self._hello_lock: asyncio.Lock | None = None
         self._streams: set[AsyncStreamSession] = set()
 
@@ -545,6 +567,8 @@ class AsyncHubClient:
             self._reader = None
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
+        if self._segments is not None:
+            self._segments.close()
         self._ctx.term()
 
     async def transcribe(
@@ -638,14 +662,18 @@ class AsyncHubClient:
         stream: bool,
     ) -> AsyncIterator[Segment | Transcript]:
         deadline = time.monotonic() + (timeout or self.timeout)
-        hello = await self._ensure_hello(deadline)
-        prepared = _prepare(hello, audio, provider, options, stream, deadline, sample_rate, self.use_shm)
+        await self._ensure_hello(deadline)
+        prepared = _prepare(self._segments, audio, provider, options, stream, deadline, sample_rate)
+        ended: BaseException | None = None
         try:
             payload = prepared.open()
             async for event in self._exchange(MsgType.TRANSCRIBE, prepared.body, payload, deadline):
                 yield event
+        except BaseException as exc:
+            ended = exc
+            raise
         finally:
-            prepared.release()
+            prepared.release(_answered(ended))
 
     async def _ensure_hello(self, deadline: float) -> _Hello:
         if self._hello_lock is None:
@@ -658,6 +686,9 @@ class AsyncHubClient:
                         self._hello = _read_hello(reply)  # type: ignore[arg-type]
                 finally:
                     probe.release()
+                self._segments = _segment_pool(self._hello, self.use_shm)
+                if self._segments is not None:
+                    weakref.finalize(self, self._segments.close)
         assert self._hello is not None
         return self._hello
 

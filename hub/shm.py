@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import secrets
+import threading
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -51,13 +52,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 class PcmSegment:
-    """A segment the caller owns: written once, unlinked by ``release`` (or by the owner's tracker)."""
+    """A segment the caller owns: unlinked by ``release`` (or by the owner's tracker, or the hub's sweep)."""
 
-    def __init__(self, prefix: str, data: bytes | np.ndarray) -> None:
+    def __init__(self, prefix: str, data: bytes | np.ndarray, size: int = 0) -> None:
         raw = data.tobytes() if isinstance(data, np.ndarray) else data
         self.name = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
-        self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=max(len(raw), 1))
+        self.size = max(len(raw), size, 1)
+        self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=self.size)
         self._shm.buf[: len(raw)] = raw
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Overwrite the start of the segment with float32 samples (a reused segment's next request)."""
+        view = np.frombuffer(self.buf, dtype=np.float32, count=pcm.size)
+        view[:] = pcm
+        del view  # no exported buffer may outlive the call, or the segment cannot be closed
+
+    def exists(self) -> bool:
+        """False once someone else unlinked it (a hub that stopped removes its segments)."""
+        return (SHM_DIR / self.name).exists()
 
     @property
     def buf(self) -> memoryview:
@@ -80,6 +92,58 @@ class PcmSegment:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+MIN_SEGMENT = 64 * 1024  # one second of float32 PCM at 16 kHz fits the smallest segment
+MAX_KEPT_BYTES = 64 * 1024 * 1024  # free segments a client keeps for reuse, at most
+
+
+class SegmentPool:
+    """A client's reusable segments: a request leases one, writes its PCM, gives it back after the answer.
+
+    Creating and unlinking a segment per request costs system calls and two messages to the resource
+    tracker; a segment reused costs one copy. Sizes are powers of two from ``MIN_SEGMENT`` so that
+    clips of similar length share them; free segments beyond ``MAX_KEPT_BYTES`` are unlinked. ``close``
+    unlinks every segment; one leased at that moment is unlinked when it comes back. Thread-safe.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._free: list[PcmSegment] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def lease(self, pcm: np.ndarray) -> PcmSegment:
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+        need = max(pcm.nbytes, 1)
+        with self._lock:
+            fits = [seg for seg in self._free if seg.size >= need]
+            segment = min(fits, key=lambda seg: seg.size) if fits else None
+            if segment is not None:
+                self._free.remove(segment)
+        if segment is not None and not segment.exists():
+            segment.release()
+            segment = None
+        if segment is None:
+            return PcmSegment(self.prefix, pcm, size=max(MIN_SEGMENT, 1 << (need - 1).bit_length()))
+        segment.write(pcm)
+        return segment
+
+    def give_back(self, segment: PcmSegment, reusable: bool) -> None:
+        """Keep ``segment`` for the next request, or unlink it (``reusable`` False: a worker may still read it)."""
+        with self._lock:
+            keep = reusable and not self._closed and sum(s.size for s in self._free) + segment.size <= MAX_KEPT_BYTES
+            if keep:
+                self._free.append(segment)
+        if not keep:
+            segment.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for segment in free:
+            segment.release()
 
 
 def create_pcm(prefix: str, pcm: np.ndarray) -> PcmSegment:

@@ -304,10 +304,10 @@ def _client_in_subprocess(endpoint: str, group: bool) -> tuple[subprocess.Popen,
         "import sys, numpy as np\n"
         "from hub.client import HubClient\n"
         "import hub.shm as shm\n"
-        "orig = shm.create_pcm\n"
-        "def tell(prefix, pcm):\n"
-        "    seg = orig(prefix, pcm); print(seg.name, flush=True); return seg\n"
-        "shm.create_pcm = tell\n"
+        "orig = shm.SegmentPool.lease\n"
+        "def tell(pool, pcm):\n"
+        "    seg = orig(pool, pcm); print(seg.name, flush=True); return seg\n"
+        "shm.SegmentPool.lease = tell\n"
         f"HubClient({endpoint!r}).transcribe(np.ones(16000, np.float32) * 0.1, sleep=30)\n"
     )
     proc = subprocess.Popen(

@@ -75,3 +75,46 @@ def test_sweep_removes_segments_whose_owner_process_group_was_killed() -> None:
     assert name in shm.list_segments(PREFIX), "the tracker should have died with the group"
     assert name in shm.sweep_orphans()
     assert name not in shm.list_segments(PREFIX)
+
+
+def test_segment_pool_reuses_segments_and_removes_them_at_close() -> None:
+    pool = shm.SegmentPool(PREFIX)
+    first = pool.lease(np.full(160, 0.5, np.float32))
+    assert first.size == shm.MIN_SEGMENT and np.array_equal(shm.read_pcm(first.name, 160, PREFIX), np.full(160, 0.5))
+    pool.give_back(first, reusable=True)
+    again = pool.lease(np.full(320, -0.25, np.float32))
+    assert again is first and np.array_equal(shm.read_pcm(again.name, 320, PREFIX), np.full(320, -0.25))
+    big = pool.lease(np.zeros(100_000, np.float32))  # 400 kB: the next power of two
+    assert big is not first and big.size == 512 * 1024
+    pool.give_back(big, reusable=True)
+    pool.give_back(again, reusable=False)  # a worker may still read it: unlinked, not kept
+    assert first.name not in shm.list_segments(PREFIX) and big.name in shm.list_segments(PREFIX)
+    assert pool.lease(np.zeros(10, np.float32)) is big  # the smallest free segment that fits
+    pool.give_back(big, reusable=True)
+    pool.close()
+    assert shm.list_segments(PREFIX) == []
+
+
+def test_segment_pool_replaces_a_segment_someone_else_removed() -> None:
+    pool = shm.SegmentPool(PREFIX)
+    seg = pool.lease(np.ones(10, np.float32))
+    pool.give_back(seg, reusable=True)
+    shm.remove_all(PREFIX)  # what a hub does when it stops
+    fresh = pool.lease(np.ones(10, np.float32))
+    assert fresh is not seg and fresh.name in shm.list_segments(PREFIX)
+    pool.give_back(fresh, reusable=True)
+    pool.close()
+    assert shm.list_segments(PREFIX) == []
+
+
+def test_a_pool_never_closed_leaves_no_segment_when_its_process_exits() -> None:
+    code = (
+        "import numpy as np, weakref\n"
+        "from hub import shm\n"
+        f"pool = shm.SegmentPool({PREFIX!r})\n"
+        "weakref.finalize(pool, pool.close)\n"
+        "seg = pool.lease(np.ones(10, np.float32)); pool.give_back(seg, True); print(seg.name, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip().startswith(PREFIX), out.stderr
+    assert "leaked" not in out.stderr and shm.list_segments(PREFIX) == []
