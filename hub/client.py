@@ -708,8 +708,9 @@ class AsyncHubClient:
             sent = True
             while True:
                 try:
-                    msg = await asyncio.wait_for(inbox.get(), timeout=max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # no task per wait, unlike wait_for
+                        msg = await inbox.get()
+                except TimeoutError:
                     waited = time.monotonic() - started
                     if unreachable:
                         raise _unreachable(self.endpoint, waited) from None
@@ -755,13 +756,22 @@ class AsyncHubClient:
                     for request_id, inbox in list(self._pending.items()):
                         inbox.put_nowait(Message(MsgType.ERROR, request_id, gone))
             if self._sock in ready:
-                try:
-                    msg = protocol.parse(await self._sock.recv_multipart())
-                except HubError:
-                    continue
-                inbox = self._pending.get(msg.id)
-                if inbox is not None:
-                    inbox.put_nowait(msg)
+                self._take_replies()
+
+    def _take_replies(self) -> None:
+        """Every reply already received, without a trip through the event loop for each."""
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK).result()  # a done future: DONTWAIT short-circuits
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.parse(frames)
+            except HubError:
+                continue
+            inbox = self._pending.get(msg.id)
+            if inbox is not None:
+                inbox.put_nowait(msg)
 
 
 def __getattr__(name: str) -> Any:
