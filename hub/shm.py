@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import threading
+from collections import OrderedDict
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -174,6 +175,66 @@ def read_pcm(name: str, samples: int, prefix: str) -> np.ndarray:
     if not name.startswith(prefix) or owner_pid(name) is None:
         raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {prefix!r})")
     return np.frombuffer(_read_bytes(name, samples * 4), dtype=np.float32)
+
+
+class SegmentReader:
+    """A worker's reads of client segments, keeping the last few small ones mapped.
+
+    Clients reuse their segments (``SegmentPool``), so a request usually names a segment this worker
+    has mapped before: reading it is then one copy instead of open, fstat, mmap, munmap and close.
+    Names are never reused, so a kept mapping always shows its own segment. Only segments of up to
+    ``MAX_MAPPED_BYTES`` are kept, ``MAPPED`` of them at most, which bounds the memory that a segment
+    its client has since unlinked still holds here.
+    """
+
+    MAPPED = 8
+    MAX_MAPPED_BYTES = 1024 * 1024
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+
+    def read(self, name: str, samples: int) -> np.ndarray:
+        """Copy ``samples`` float32 samples out of a client's segment, refusing names outside the prefix."""
+        if not name.startswith(self.prefix) or owner_pid(name) is None:
+            raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {self.prefix!r})")
+        size = samples * 4
+        view = self._maps.get(name)
+        if view is None or len(view) < size:
+            view = self._map(name, size)
+            if len(view) > self.MAX_MAPPED_BYTES:
+                with view:
+                    return np.frombuffer(view[:size], dtype=np.float32)
+            self._keep(name, view)
+        self._maps.move_to_end(name)
+        return np.frombuffer(view[:size], dtype=np.float32)
+
+    def _map(self, name: str, size: int) -> mmap.mmap:
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise InvalidAudio(f"shared-memory segment {name!r} does not exist (released, or never created)") from None
+        except OSError as exc:
+            raise InvalidAudio(f"shared-memory segment {name!r} cannot be opened: {exc.strerror}") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:
+                raise InvalidAudio(f"shared-memory segment {name!r} holds {actual} bytes, fewer than the {size} claimed")
+            return mmap.mmap(fd, actual, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    def _keep(self, name: str, view: mmap.mmap) -> None:
+        old = self._maps.pop(name, None)
+        if old is not None:
+            old.close()
+        self._maps[name] = view
+        while len(self._maps) > self.MAPPED:
+            self._maps.popitem(last=False)[1].close()
+
+    def close(self) -> None:
+        while self._maps:
+            self._maps.popitem()[1].close()
 
 
 class Ring:

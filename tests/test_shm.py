@@ -118,3 +118,27 @@ def test_a_pool_never_closed_leaves_no_segment_when_its_process_exits() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip().startswith(PREFIX), out.stderr
     assert "leaked" not in out.stderr and shm.list_segments(PREFIX) == []
+
+
+def test_segment_reader_keeps_small_segments_mapped_and_sees_them_rewritten() -> None:
+    pool, reader = shm.SegmentPool(PREFIX), shm.SegmentReader(PREFIX)
+    seg = pool.lease(np.full(100, 0.5, np.float32))
+    assert np.array_equal(reader.read(seg.name, 100), np.full(100, 0.5))
+    pool.give_back(seg, reusable=True)
+    again = pool.lease(np.full(200, -0.5, np.float32))  # the same segment, the next request's audio
+    assert again is seg and np.array_equal(reader.read(seg.name, 200), np.full(200, -0.5))
+    with pytest.raises(InvalidAudio, match="fewer than"):
+        reader.read(seg.name, shm.MIN_SEGMENT)  # more than the segment holds
+    with pytest.raises(InvalidAudio, match="not one of this hub"):
+        shm.SegmentReader(shm.hub_prefix("otherhub")).read(seg.name, 10)
+    others = [pool.lease(np.ones(10, np.float32)) for _ in range(shm.SegmentReader.MAPPED + 2)]
+    for other in others:
+        reader.read(other.name, 10)
+    assert len(reader._maps) == shm.SegmentReader.MAPPED and seg.name not in reader._maps
+    for other in [again, *others]:
+        pool.give_back(other, reusable=True)
+    pool.close()
+    reader.close()
+    assert shm.list_segments(PREFIX) == []
+    with pytest.raises(InvalidAudio, match="does not exist"):
+        reader.read(seg.name, 10)

@@ -67,6 +67,7 @@ class Worker:
         self.spec = spec
         self.engine = engine
         self.sock = sock
+        self.segments = shm.SegmentReader(spec.shm_prefix)
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
@@ -135,7 +136,7 @@ class Worker:
             return _health_clip()
         ref = protocol.parse_audio_ref(msg.body, msg.payload, max_samples=2**31)
         if ref.shm is not None:
-            pcm = shm.read_pcm(ref.shm, ref.samples, self.spec.shm_prefix)
+            pcm = self.segments.read(ref.shm, ref.samples)
         else:
             pcm = np.frombuffer(msg.payload or b"", dtype=np.float32)
         return validate_pcm(pcm)
