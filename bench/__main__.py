@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, gateway, hubpool, report, streaming
+from bench import chart, chunks, gateway, hubpool, report, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -48,7 +48,7 @@ def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPla
                 direct_threads=(cores,),
                 retries=0,
             ),
-            OverheadPlan(round_trips=500, seconds=2, size_reps=(10, 5, 2), workers=top, settle_s=2),
+            OverheadPlan(round_trips=500, seconds=2, size_reps=(20, 10, 5, 2), workers=top, settle_s=2),
         )
     return (
         MatrixPlan(
@@ -62,7 +62,7 @@ def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPla
             direct_threads=tuple(sorted({cores, 1}, reverse=True)),
             retries=1,
         ),
-        OverheadPlan(round_trips=2000, seconds=5, size_reps=(30, 20, 5), workers=top, settle_s=30),
+        OverheadPlan(round_trips=2000, seconds=5, size_reps=(100, 30, 20, 5), workers=top, settle_s=30),
     )
 
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         result["overhead"] = measure(workdir, clips, overhead_plan)
         result["gateway"] = gateway.measure(workdir, clips, gateway_plan(args))
         result["hubpool"] = hubpool.measure(workdir, clips, hubpool_plan(args))
+        result["chunks"] = chunks.measure(workdir, sessions=4, seconds=2.0 if args.quick else 5.0, settle_s=overhead_plan.settle_s)
         say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
     result["clips"] = [duration(c) for c in clips]

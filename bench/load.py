@@ -24,6 +24,7 @@ from bench.stats import Run, Sample
 from hub.client import AsyncHubClient, AsyncHubPool
 
 REQUEST_TIMEOUT_S = 300.0
+SEED = 7  # the open loop's arrival schedule, so a run can be replayed (bench.mdc)
 
 
 async def _closed(
@@ -72,9 +73,13 @@ def closed_loop(
     return asyncio.run(_closed(endpoint, clips, provider, concurrency, jobs, seconds, use_shm))
 
 
-async def _open(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: float, jobs: int, seed: int) -> Run:
+def arrivals(rate: float, jobs: int, seed: int) -> list[float]:
+    """The seeded Poisson schedule (seconds from the start) an open-loop run uses; ``bench.mdc`` replays it."""
     rng = random.Random(seed)
-    arrivals = list(itertools.accumulate(rng.expovariate(rate) for _ in range(jobs)))
+    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(jobs)))
+
+
+async def _open(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: float, jobs: int, seed: int) -> Run:
     async with AsyncHubClient(endpoint, timeout=REQUEST_TIMEOUT_S) as client:
         await client.status()
         samples: list[Sample] = []
@@ -89,11 +94,11 @@ async def _open(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate:
                 Sample(done - (started + at), duration(pcm), done, transcript.queue_ms, transcript.inference_ms)
             )
 
-        await asyncio.gather(*(request(i, at) for i, at in enumerate(arrivals)))
+        await asyncio.gather(*(request(i, at) for i, at in enumerate(arrivals(rate, jobs, seed))))
         return Run(samples, time.perf_counter() - started)
 
 
-def open_loop(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: float, jobs: int, seed: int = 7) -> Run:
+def open_loop(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: float, jobs: int, seed: int = SEED) -> Run:
     """``jobs`` requests arriving as a Poisson process of ``rate`` per second (seeded: reproducible)."""
     return asyncio.run(_open(endpoint, clips, provider, rate, jobs, seed))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import load
+from bench import load, mdc
 from bench.bare import run_bare, save_clips
 from bench.hubproc import RunningHub, running_hub, whisper_provider
 from bench.procstats import Meter, disturbed, peak_rss_mb
@@ -126,8 +126,15 @@ def _load80(hub: RunningHub, cells: list[Cell], plan: MatrixPlan, clips: list[np
     say(f"pool N={cells[0].workers}: open loop at {rate:.2f} req/s (80% of {peak:.2f}), {plan.load_jobs} requests")
     cell = _measure(plan, partial(_open_cell, hub, plan, cells[0], rate, clips))
     unloaded = next((c for c in cells if c.concurrency == 1), cells[0]).latency_ms["p50"]
-    say(f"  p50 {cell.latency_ms['p50']:.0f} ms, p99 {cell.latency_ms['p99']:.0f} ms; unloaded p50 {unloaded:.0f} ms")
+    service_ms = cell.to_dict()["inference_ms_p50"] or unloaded
+    simulated = mdc.p99(load.arrivals(rate, plan.load_jobs, load.SEED), service_ms / 1000, cells[0].workers) * 1000
+    say(
+        f"  p50 {cell.latency_ms['p50']:.0f} ms, p99 {cell.latency_ms['p99']:.0f} ms; unloaded p50 {unloaded:.0f} ms; "
+        f"M/D/{cells[0].workers} on the same arrivals with {service_ms:.0f} ms per job: p99 {simulated:.0f} ms"
+    )
     return {
+        "service_ms": service_ms,
+        "mdc_p99_ms": simulated,
         "offered_rps": rate,
         "peak_rps": peak,
         "achieved_rps": cell.requests_per_s,
