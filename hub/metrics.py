@@ -41,36 +41,30 @@ REJECTED = frozenset({"POOL_BUSY", "PROVIDER_UNAVAILABLE", "SHUTTING_DOWN", "UNK
 TIMED_OUT = frozenset({"ACQUIRE_TIMEOUT", "JOB_TIMEOUT"})
 
 
-class Histogram:
+class Histogram(QuantileSketch):
     """Durations in a relative-error sketch: percentiles within 1 %, Prometheus buckets read from it.
 
-    Recording costs one sketch update. The Prometheus buckets are not counted apart: each
+    Recording (``observe``) is one sketch update. The Prometheus buckets are not counted apart: each
     ``le`` bound is the sketch's bin edge nearest above the nominal bound (at most 2 % above it),
     so the cumulative counts read at scrape time are exact for the bound they are labelled with.
     """
 
-    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
-        self.sketch = QuantileSketch()
-        self.edges = tuple(self.sketch.index(b) for b in bounds)
-        self.count = 0
-        self.sum = 0.0
+    __slots__ = ("edges",)
 
-    def observe(self, value: float) -> None:
-        self.sketch.add(value)
-        self.count += 1
-        self.sum += value
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        super().__init__()
+        self.edges = tuple(self.index(b) for b in bounds)
+
+    observe = QuantileSketch.add
 
     @property
     def mean(self) -> float | None:
         return self.sum / self.count if self.count else None
 
-    def quantile(self, q: float) -> float | None:
-        return self.sketch.quantile(q)
-
     def cumulative(self) -> list[tuple[str, float]]:
         """Prometheus buckets: (upper bound, cumulative count), ending with +Inf."""
-        counts = self.sketch.counts_through(self.edges)
-        bounds = [repr(self.sketch.upper(i)) for i in self.edges]
+        counts = self.counts_through(self.edges)
+        bounds = [repr(self.upper(i)) for i in self.edges]
         return [(bound, float(n)) for bound, n in zip(bounds, counts)] + [("+Inf", float(self.count))]
 
     def summary(self) -> dict[str, float | None]:

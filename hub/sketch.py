@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 
+_log, _ceil = math.log, math.ceil  # bound once: add() runs twice per request in the supervisor
 RELATIVE_ACCURACY = 0.01  # percentiles read within 1 %, comfortably inside the 2 % the status promises
 
 
 class QuantileSketch:
     """Counts of values by logarithmic bin; quantiles within ``accuracy`` relative error."""
 
-    __slots__ = ("accuracy", "_gamma", "_inv_log_gamma", "bins", "zeros", "count")
+    __slots__ = ("accuracy", "_gamma", "_inv_log_gamma", "bins", "zeros", "count", "sum")
 
     def __init__(self, accuracy: float = RELATIVE_ACCURACY) -> None:
         if not 0.0 < accuracy < 1.0:
@@ -30,13 +31,15 @@ class QuantileSketch:
         self.bins: dict[int, int] = {}
         self.zeros = 0
         self.count = 0
+        self.sum = 0.0
 
     def add(self, value: float) -> None:
         self.count += 1
+        self.sum += value
         if value <= 0.0:
             self.zeros += 1
             return
-        i = math.ceil(math.log(value) * self._inv_log_gamma)  # self.index(value), inlined: this is the hot path
+        i = _ceil(_log(value) * self._inv_log_gamma)  # self.index(value), inlined: this is the hot path
         bins = self.bins
         bins[i] = bins.get(i, 0) + 1
 
