@@ -183,11 +183,12 @@ class SegmentReader:
     Clients reuse their segments (``SegmentPool``), so a request usually names a segment this worker
     has mapped before: reading it is then one copy instead of open, fstat, mmap, munmap and close.
     Names are never reused, so a kept mapping always shows its own segment. Only segments of up to
-    ``MAX_MAPPED_BYTES`` are kept, ``MAPPED`` of them at most, which bounds the memory that a segment
-    its client has since unlinked still holds here.
+    ``MAX_MAPPED_BYTES`` are kept, ``KEPT_BYTES`` of them at most (a client with 32 requests in flight
+    has 32 segments of 64 KiB), which bounds the memory that segments their clients have since
+    unlinked still hold here.
     """
 
-    MAPPED = 8
+    KEPT_BYTES = 16 * 1024 * 1024
     MAX_MAPPED_BYTES = 1024 * 1024
 
     def __init__(self, prefix: str) -> None:
@@ -229,7 +230,7 @@ class SegmentReader:
         if old is not None:
             old.close()
         self._maps[name] = view
-        while len(self._maps) > self.MAPPED:
+        while sum(len(kept) for kept in self._maps.values()) > self.KEPT_BYTES:
             self._maps.popitem(last=False)[1].close()
 
     def close(self) -> None:

@@ -131,10 +131,11 @@ def test_segment_reader_keeps_small_segments_mapped_and_sees_them_rewritten() ->
         reader.read(seg.name, shm.MIN_SEGMENT)  # more than the segment holds
     with pytest.raises(InvalidAudio, match="not one of this hub"):
         shm.SegmentReader(shm.hub_prefix("otherhub")).read(seg.name, 10)
-    others = [pool.lease(np.ones(10, np.float32)) for _ in range(shm.SegmentReader.MAPPED + 2)]
+    kept = shm.SegmentReader.KEPT_BYTES // shm.MIN_SEGMENT
+    others = [pool.lease(np.ones(10, np.float32)) for _ in range(kept + 2)]
     for other in others:
         reader.read(other.name, 10)
-    assert len(reader._maps) == shm.SegmentReader.MAPPED and seg.name not in reader._maps
+    assert len(reader._maps) == kept and seg.name not in reader._maps
     for other in [again, *others]:
         pool.give_back(other, reusable=True)
     pool.close()
