@@ -152,7 +152,8 @@ def create_pcm(prefix: str, pcm: np.ndarray) -> PcmSegment:
     return PcmSegment(prefix, np.ascontiguousarray(pcm, dtype=np.float32))
 
 
-def _read_bytes(name: str, size: int) -> bytes:
+def _map_segment(name: str, size: int) -> mmap.mmap:
+    """Map a whole segment read-only, once it is known to hold at least ``size`` bytes."""
     path = SHM_DIR / name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -164,10 +165,14 @@ def _read_bytes(name: str, size: int) -> bytes:
         actual = os.fstat(fd).st_size
         if actual < size:
             raise InvalidAudio(f"shared-memory segment {name!r} holds {actual} bytes, fewer than the {size} claimed")
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
-            return view[:size]
+        return mmap.mmap(fd, actual, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+
+
+def _read_bytes(name: str, size: int) -> bytes:
+    with _map_segment(name, size) as view:
+        return view[:size]
 
 
 def read_pcm(name: str, samples: int, prefix: str) -> np.ndarray:
@@ -202,28 +207,13 @@ class SegmentReader:
         size = samples * 4
         view = self._maps.get(name)
         if view is None or len(view) < size:
-            view = self._map(name, size)
+            view = _map_segment(name, size)
             if len(view) > self.MAX_MAPPED_BYTES:
                 with view:
                     return np.frombuffer(view[:size], dtype=np.float32)
             self._keep(name, view)
         self._maps.move_to_end(name)
         return np.frombuffer(view[:size], dtype=np.float32)
-
-    def _map(self, name: str, size: int) -> mmap.mmap:
-        try:
-            fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise InvalidAudio(f"shared-memory segment {name!r} does not exist (released, or never created)") from None
-        except OSError as exc:
-            raise InvalidAudio(f"shared-memory segment {name!r} cannot be opened: {exc.strerror}") from None
-        try:
-            actual = os.fstat(fd).st_size
-            if actual < size:
-                raise InvalidAudio(f"shared-memory segment {name!r} holds {actual} bytes, fewer than the {size} claimed")
-            return mmap.mmap(fd, actual, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
 
     def _keep(self, name: str, view: mmap.mmap) -> None:
         old = self._maps.pop(name, None)
