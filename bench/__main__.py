@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--device cpu|cuda] [--max-workers N]``: run every comparison, print the
-table, and write bench/results/<timestamp>.json and .png."""
+"""``python -m bench [--quick] [--device cpu|cuda] [--max-workers N] [--per-gpu K]``: run every comparison,
+print the table, and write bench/results/<timestamp>.json and .png. On ``cuda`` the pool sizes are bounded by
+the GPUs a hub started here would use times ``--per-gpu``, not by the cores."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
 from bench.procstats import describe_machine
 from bench.progress import elapsed, say
+from bench.settings import hub_cards
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,10 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--max-workers", type=int, default=cores, help="largest pool (default: the number of cores)")
+    parser.add_argument(
+        "--max-workers", type=int, help="largest pool (default: the cores; on cuda, the GPUs times --per-gpu, its bound)"
+    )
+    parser.add_argument("--per-gpu", type=int, default=2, help="workers per GPU on cuda (default 2)")
     parser.add_argument("--quick", action="store_true", help="the reduced run (pool N=1 and max, C=1,2,4, fewer jobs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        cards = len(hub_cards())
+        if cards == 0:
+            parser.error("--device cuda: no GPU here (NVML lists none, or the inherited CUDA_VISIBLE_DEVICES is empty)")
+        bound = cards * args.per_gpu
+        if args.max_workers is not None and args.max_workers > bound:
+            parser.error(f"--max-workers {args.max_workers} exceeds {cards} GPU(s) x --per-gpu {args.per_gpu} = {bound}")
+        args.max_workers = args.max_workers or bound
+    args.max_workers = args.max_workers or cores
     if args.max_workers < 1:
         parser.error("--max-workers must be at least 1")
     matrix_plan, overhead_plan = plans(args, cores)

@@ -25,7 +25,8 @@ import numpy as np
 
 from bench.clips import duration
 from bench.procstats import Meter, peak_rss_mb
-from bench.settings import MODEL, ROOT, compute_type, thread_env
+from bench.settings import MODEL, ROOT, compute_type, nvml_indices, pin, process_env
+from hub.gpus import Card
 from bench.stats import Cell, Run, Sample
 
 
@@ -33,12 +34,12 @@ def save_clips(clips: list[np.ndarray], path: Path) -> None:
     np.savez(path, *clips)
 
 
-def _start(clips_path: Path, threads: int, device: str, log: Path) -> subprocess.Popen[str]:
+def _start(clips_path: Path, threads: int, device: str, card: Card | None, log: Path) -> subprocess.Popen[str]:
     with open(log, "ab") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "bench.bare", str(clips_path), "--threads", str(threads), "--device", device],
             cwd=ROOT,
-            env=thread_env(threads),
+            env=process_env(threads, card),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -67,7 +68,8 @@ def run_bare(
     settle_s: float,
 ) -> Cell:
     """``jobs`` clips through ``processes`` bare model processes fed from one shared queue."""
-    procs = [_start(clips_path, threads, device, log) for _ in range(processes)]
+    cards = pin(device, processes)  # on a GPU host, each on the card the hub would give its worker
+    procs = [_start(clips_path, threads, device, card, log) for card in cards]
     try:
         for proc in procs:
             _expect(proc, "ready", log)
@@ -96,7 +98,7 @@ def run_bare(
 
         feeders = [threading.Thread(target=feed, args=(p,)) for p in procs]
         groups = {"client": [os.getpid()], "workers": [p.pid for p in procs]}
-        with Meter(groups, gpu=device == "cuda", settle_s=settle_s) as meter:
+        with Meter(groups, gpus=nvml_indices(cards), settle_s=settle_s) as meter:
             started = time.perf_counter()
             for t in feeders:
                 t.start()

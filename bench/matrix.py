@@ -23,6 +23,7 @@ from bench.bare import run_bare, save_clips
 from bench.hubproc import RunningHub, running_hub, whisper_provider
 from bench.procstats import Meter, disturbed, peak_rss_mb
 from bench.progress import say
+from bench.settings import hub_cards, nvml_indices
 from bench.stats import Cell
 
 PROVIDER = "whisper"
@@ -76,7 +77,7 @@ def _hub_cell(
 ) -> Cell:
     pids = hub.worker_pids(PROVIDER)
     groups = {"client": [os.getpid()], "hub": [hub.pid], "workers": pids}
-    with Meter(groups, gpu=plan.device == "cuda", settle_s=plan.settle_s) as meter:
+    with Meter(groups, gpus=nvml_indices(hub_cards()) if plan.device == "cuda" else (), settle_s=plan.settle_s) as meter:
         run = load.closed_loop(hub.endpoint, clips, PROVIDER, concurrency, jobs=plan.jobs_for(concurrency))
     cell = Cell.of(kind, workers, threads, concurrency, run)
     cell.rss_mb = [peak_rss_mb(p) for p in pids]
@@ -112,7 +113,7 @@ def _sweep(workdir: Path, plan: MatrixPlan, clips: list[np.ndarray], kind: str, 
 
 def _open_cell(hub: RunningHub, plan: MatrixPlan, like: Cell, rate: float, clips: list[np.ndarray]) -> Cell:
     groups = {"client": [os.getpid()], "hub": [hub.pid], "workers": hub.worker_pids(PROVIDER)}
-    with Meter(groups, gpu=plan.device == "cuda", settle_s=plan.settle_s) as meter:
+    with Meter(groups, gpus=nvml_indices(hub_cards()) if plan.device == "cuda" else (), settle_s=plan.settle_s) as meter:
         run = load.open_loop(hub.endpoint, clips, PROVIDER, rate, plan.load_jobs)
     cell = Cell.of("load80", like.workers, like.threads, 0, run)
     cell.usage = meter.usage

@@ -87,11 +87,12 @@ def _idle(times: Any) -> float:
 
 
 class GpuSampler:
-    """Mean GPU utilisation and peak memory of GPU 0 while it runs, via pynvml (nvidia-ml-py) if present."""
+    """Mean utilisation and peak summed memory of the GPUs a measurement uses (NVML indices) while it runs,
+    via pynvml (nvidia-ml-py) if present."""
 
     INTERVAL_S = 0.1
 
-    def __init__(self) -> None:
+    def __init__(self, indices: tuple[int, ...]) -> None:
         self._stop = threading.Event()
         self._util: list[float] = []
         self._mem_mb = 0.0
@@ -101,7 +102,7 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self._nvml: Any = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
         except Exception:  # no package, no driver, no GPU: the figure is simply not readable here
             self._nvml = None
 
@@ -112,8 +113,9 @@ class GpuSampler:
 
     def _sample(self) -> None:
         while not self._stop.wait(self.INTERVAL_S):
-            self._util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
-            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
+            loads = [float(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in self._handles]
+            self._util.append(sum(loads) / len(loads))
+            used = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles) / 2**20
             self._mem_mb = max(self._mem_mb, used)
 
     def stop(self) -> dict[str, float | None]:
@@ -152,11 +154,11 @@ class Meter:
     competing with the measurement, so a cell with a large value is suspect. With ``settle_s``,
     it first waits up to that long for the machine to be quiet."""
 
-    def __init__(self, groups: dict[str, list[int]], gpu: bool = False, settle_s: float = 0.0) -> None:
+    def __init__(self, groups: dict[str, list[int]], gpus: tuple[int, ...] = (), settle_s: float = 0.0) -> None:
         self.groups = groups
         self.settle_s = settle_s
         self.usage: dict[str, float | None] = {}
-        self._gpu = GpuSampler() if gpu else None
+        self._gpu = GpuSampler(gpus) if gpus else None
 
     def __enter__(self) -> Meter:
         self._waited = wait_for_quiet(self.settle_s) if self.settle_s > 0 else 0.0

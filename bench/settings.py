@@ -4,7 +4,12 @@ model the same way and the comparisons differ only in what they are meant to com
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
+
+from hub import gpus
+from hub.config import ProviderConfig
+from hub.process import worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny.en"
@@ -15,9 +20,31 @@ def compute_type(device: str) -> str:
     return "float16" if device == "cuda" else "int8"
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """The environment the hub gives a worker with ``cpu_threads: threads`` (see hub/process.py)."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
+def process_env(threads: int, card: gpus.Card | None) -> dict[str, str]:
+    """The environment the hub gives a worker with ``cpu_threads: threads`` on ``card`` (hub/process.py itself)."""
+    return worker_env(ProviderConfig(name="bench", type="whisper", cpu_threads=threads), card)
+
+
+@cache
+def hub_cards() -> tuple[gpus.Card, ...]:
+    """The GPUs a hub started from here would use (hub/gpus.py's rule): none without NVML or a mask."""
+    return gpus.discover(os.environ, gpus.Nvml().devices()).cards
+
+
+def pin(device: str, processes: int) -> list[gpus.Card | None]:
+    """The cards ``processes`` workers of one provider get from the hub's placement, in start order."""
+    if device != "cuda":
+        return [None] * processes
+    placed: list[gpus.Occupant] = []
+    cards: list[gpus.Card | None] = []
+    for _ in range(processes):
+        card = gpus.place("bench", hub_cards(), placed, {}).card
+        cards.append(card)
+        if card is not None:
+            placed.append(gpus.Occupant(card.ordinal, "bench", None, starting=True))
+    return cards
+
+
+def nvml_indices(cards: list[gpus.Card | None] | tuple[gpus.Card, ...]) -> tuple[int, ...]:
+    """The NVML indices of the cards a measurement uses, for the GPU sampler."""
+    return tuple(sorted({c.nvml_index for c in cards if c is not None and c.nvml_index is not None}))

@@ -104,7 +104,10 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  scaling held back: {p['held_back']}")
         lines.append(f"  {'worker':<16} {'pid':>7}  {'state':<10} {'device':<8} {'jobs':>6} {'fails':>5} {'restarts':>8} {'RSS MiB':>8}  GPU")
         for w in p["workers"]:
-            gpu = w["gpu_error"] or ("-" if w["gpu_memory_used_mb"] is None else f"{w['gpu_memory_used_mb']:.0f} MiB {w['gpu_utilization']:.0f}%")
+            gpu = w["gpu_error"] or ("-" if w["gpu_memory_used_mb"] is None else (
+                f"GPU {w['gpu']['ordinal']}: {w['gpu_memory_used_mb']:.0f} MiB of {w['gpu_card_used_mb']:.0f}/"
+                f"{w['gpu_card_total_mb']:.0f} used, {w['gpu_utilization']:.0f}%"
+            ))
             lines.append(
                 f"  {w['id']:<16} {w['pid']:>7}  {w['state']:<10} {w['device']:<8} {w['jobs_done']:>6} "
                 f"{w['consecutive_failures']:>5} {w['restarts']:>8} {w['rss_mb']:>8.0f}  {gpu}"

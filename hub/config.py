@@ -31,7 +31,7 @@ OPTIONS = {
     "funasr": frozenset(
         {"language", "use_itn", "batch_size_s", "hotword", "chunk_size", "encoder_chunk_look_back", "decoder_chunk_look_back"}
     ),
-    "echo": frozenset({"sleep", "fail", "fail_every", "hang", "exit", "language", "segments"}),
+    "echo": frozenset({"sleep", "fail", "fail_from", "fail_every", "hang", "exit", "language", "segments"}),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -73,6 +73,7 @@ OPTION_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "decoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
     "sleep": (_number(0, 3600), "a number of seconds"),
     "fail": (_text, "a message"),
+    "fail_from": (_integer(1, 1_000_000), "the number of the first decode that fails, from 1"),
     "fail_every": (_integer(1, 1_000_000), "an integer n >= 1 (every n-th job of a worker fails)"),
     "hang": (_flag, "true or false"),
     "exit": (_integer(0, 255), "an exit status from 0 to 255"),
@@ -117,6 +118,7 @@ class PoolConfig:
     max_consecutive_failures: int = 3
     max_jobs_per_worker: int = 0
     max_memory_mb: float = 0.0
+    max_gpu_memory_fraction: float = 0.0  # 0: off; else a new worker starts only where it fits under this share of a card
     max_sessions: int | None = None  # live streams may lease at most this many workers; None: max_size - 1
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0
@@ -150,7 +152,7 @@ class ProviderConfig:
     enabled: bool = True
     model: str = ""
     device: str = "auto"
-    devices: tuple[int, ...] = (0,)
+    devices: tuple[int, ...] | None = None  # hub GPU ordinals (see hub.gpus); None: every GPU the hub may use
     compute_type: str = "auto"
     cpu_threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
@@ -489,8 +491,8 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
         raise ConfigError(f"{path}.type: unknown provider type {provider.type!r} (known: {', '.join(PROVIDER_TYPES)})")
     if provider.device not in DEVICES:
         raise ConfigError(f"{path}.device: must be one of {', '.join(DEVICES)}, got {provider.device!r}")
-    if not provider.devices or any(d < 0 for d in provider.devices):
-        raise ConfigError(f"{path}.devices: give at least one GPU index, each >= 0")
+    if provider.devices is not None and (not provider.devices or any(d < 0 for d in provider.devices)):
+        raise ConfigError(f"{path}.devices: give at least one GPU index, each >= 0 (or leave it out for every GPU)")
     unknown = sorted(set(provider.options) - OPTIONS[provider.type])
     if unknown:
         raise ConfigError(
@@ -538,6 +540,11 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
         raise ConfigError(f"{path}: min_size ({pool.min_size}) is greater than max_size ({pool.max_size})")
     if pool.max_sessions is not None and not 0 <= pool.max_sessions <= pool.max_size:
         raise ConfigError(f"{path}.max_sessions: must be between 0 and max_size ({pool.max_size}), got {pool.max_sessions}")
+    if not 0.0 <= pool.max_gpu_memory_fraction <= 1.0:
+        raise ConfigError(
+            f"{path}.max_gpu_memory_fraction: must be 0 (off) or a share of a card's memory up to 1, "
+            f"got {pool.max_gpu_memory_fraction:g}"
+        )
     if pool.max_queue < 0:
         raise ConfigError(f"{path}.max_queue: must be >= 0, got {pool.max_queue}")
     for key in ("acquire_timeout", "job_timeout", "idle_timeout", "health_check_interval"):

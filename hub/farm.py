@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from hub import process, protocol, status
+from hub import gpus, process, protocol, status
 from hub.config import HubConfig
 from hub.dispatch import Job, JobQueue, health_job, run_deadline
 from hub.errors import (
@@ -35,7 +36,7 @@ from hub.metrics import Metrics
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
-from hub.resources import Gpus, rss_mb
+from hub.resources import rss_mb
 
 log = logging.getLogger("hub.supervisor")
 
@@ -59,7 +60,11 @@ class Farm:
         self.metrics = metrics
         self.pools = {p.name: ProviderPool(p) for p in config.enabled_providers}
         self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
-        self.gpus = Gpus()
+        self.nvml = gpus.Nvml()
+        self.gpus = gpus.discover(os.environ, self.nvml.devices())
+        self.readings: dict[int, gpus.CardReading] = {}  # hub ordinal -> last reading of that card
+        _log_discovery(self.gpus, self.nvml)
+        self._read_cards()  # the first placements see what other tenants already hold
         self.held_back: dict[str, str] = {}
         self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
         self.running: dict[str, Job] = {}  # job id -> job on a worker
@@ -260,10 +265,12 @@ class Farm:
             return
         pool = self.pools[worker.provider]
         worker.device = str(body.get("device", "unknown"))
+        self._check_card(worker, body)
         worker.last_heartbeat = worker.last_check = now
         pool.load_failures = 0
         pool.last_error = ""
-        log.info("worker %s ready (pid %d, %s) in %.2f s", worker.id, worker.pid, worker.device, now - worker.started_at)
+        where = worker.device if worker.card is None else f"{worker.device} on {worker.card.describe()}"
+        log.info("worker %s ready (pid %d, %s) in %.2f s", worker.id, worker.pid, where, now - worker.started_at)
         old = [w for w in pool.workers.values() if w.live and w.generation < pool.generation]
         if worker.generation == pool.generation and old:
             replaced = next((w for w in old if w.state is WorkerState.IDLE), old[0])
@@ -272,11 +279,54 @@ class Farm:
         self.worker_free(worker, now)
 
 
-    def _sample(self, worker: WorkerHandle) -> None:
+    def _read_cards(self) -> None:
+        """One NVML reading per card per sampling pass, shared by the workers on it."""
+        self.readings = {
+            card.ordinal: self.nvml.read(card.nvml_index)
+            if card.nvml_index is not None
+            else gpus.CardReading(error=self.nvml.error or f"{card.describe()} has no NVML identity")
+            for card in self.gpus.cards
+        }
+
+    def _check_card(self, worker: WorkerHandle, body: dict[str, Any]) -> None:
+        """A GPU worker whose model ended on the CPU stops counting as a GPU worker; one whose CUDA reports
+        another card than the one it was placed on is logged (status shows both)."""
+        if worker.card is None:
+            return
+        if not worker.device.startswith("cuda"):
+            log.warning(
+                "worker %s was placed on %s but its model runs on %s; it no longer counts as a GPU worker",
+                worker.id, worker.card.describe(), worker.device,
+            )
+            worker.card = None
+            worker.gpu_error = f"placed on a GPU, runs on {worker.device}"
+            return
+        worker.cuda_pci_bus_id = gpus.normalize_pci(str(body.get("cuda_pci_bus_id", "")))
+        if worker.card.pci_bus_id and worker.cuda_pci_bus_id and worker.cuda_pci_bus_id != worker.card.pci_bus_id:
+            log.error(
+                "worker %s was placed on %s but its CUDA runtime reports PCI %s",
+                worker.id, worker.card.describe(), worker.cuda_pci_bus_id,
+            )
+
+    def _sample(self, pool: ProviderPool, worker: WorkerHandle) -> None:
         worker.rss_mb = rss_mb(worker.pid)
-        if worker.gpu is not None and self.gpus.available:
-            reading = self.gpus.read(worker.gpu)
-            worker.gpu_used_mb, worker.gpu_utilization = reading.used_mb, reading.utilization
+        if worker.card is None:
+            return
+        reading = self.readings.get(worker.card.ordinal) or gpus.CardReading(error=self.nvml.error or "no NVML reading")
+        worker.gpu_card_used_mb, worker.gpu_card_total_mb = reading.used_mb, reading.total_mb
+        worker.gpu_utilization = reading.utilization
+        worker.gpu_used_mb = reading.processes.get(worker.pid)
+        if reading.error:
+            worker.gpu_error = reading.error
+        elif worker.gpu_used_mb is None:
+            worker.gpu_error = (
+                "the driver lists no GPU memory for this pid (not allocated yet, or a container's PID namespace "
+                "hides the worker's pid from it)"
+            )
+        else:
+            worker.gpu_error = ""
+            if worker.state is not WorkerState.STARTING:
+                pool.gpu_need_mb = max(pool.gpu_need_mb or 0.0, worker.gpu_used_mb)
 
     def _acquire_timeout(self, job: Job, now: float) -> AcquireTimeout:
         pool = self.pools[job.provider]
@@ -397,13 +447,6 @@ class Farm:
     def _snapshot(self, pool: ProviderPool) -> PoolSnapshot:
         counts = pool.counts()
         live = [w for w in pool.workers.values() if w.live]
-        gpu = process.gpu_for(pool.config, [w.gpu for w in live if w.gpu is not None])
-        gpu_free, gpu_worker = None, 0.0
-        if gpu is not None and self.gpus.available:
-            reading = self.gpus.read(gpu)
-            on_gpu = sum(1 for w in live if w.gpu == gpu)
-            if reading.free_mb is not None and reading.used_mb is not None and on_gpu:
-                gpu_free, gpu_worker = reading.free_mb, reading.used_mb / on_gpu
         return PoolSnapshot(
             live=len(live),
             starting=counts[WorkerState.STARTING],
@@ -412,27 +455,54 @@ class Farm:
             floor=pool.floor,
             memory_mb=sum(w.rss_mb for w in live),
             worker_mb=max((w.rss_mb for w in live), default=0.0),
-            gpu_free_mb=gpu_free,
-            gpu_worker_mb=gpu_worker,
         )
 
     def _scale(self, pool: ProviderPool, now: float) -> None:
         if now < pool.next_spawn_at:
             return
         decision = decide(self._snapshot(pool), pool.config.pool, now)
-        if decision.held_back and now - self.held_logged.get(pool.name, -HELD_LOG_INTERVAL) >= HELD_LOG_INTERVAL:
-            log.info("scaling of %s held back: %s", pool.name, decision.held_back)
-            self.held_logged[pool.name] = now
-        self.held_back[pool.name] = decision.held_back
+        self._held(pool, decision.held_back, now)
         for worker_id in decision.retire:
             log.info("retiring worker %s of %s: idle, pool above its floor", worker_id, pool.name)
             self.drain(pool.workers[worker_id], now)
         for _ in range(decision.spawn):
-            self.spawn(pool, now)
+            if not self.spawn(pool, now):
+                break
 
-    def spawn(self, pool: ProviderPool, now: float) -> None:
+    def _held(self, pool: ProviderPool, why: str, now: float) -> None:
+        """Record why the pool does not grow (status ``held_back``), logging it at most once a minute."""
+        if why and now - self.held_logged.get(pool.name, -HELD_LOG_INTERVAL) >= HELD_LOG_INTERVAL:
+            log.info("scaling of %s held back: %s", pool.name, why)
+            self.held_logged[pool.name] = now
+        self.held_back[pool.name] = why
+
+    def _place(self, pool: ProviderPool) -> gpus.Placement:
+        """The card for a new worker of ``pool``, weighing the workers of every pool already on the cards."""
         provider = pool.config
-        gpu = process.gpu_for(provider, [w.gpu for w in pool.workers.values() if w.live and w.gpu is not None])
+        if not process.uses_gpu(provider):
+            return gpus.Placement(None)
+        cards, problem = gpus.provider_cards(provider.devices, self.gpus)
+        if problem and problem != pool.last_error:
+            log.error("provider %s: %s", pool.name, problem)
+            pool.last_error = problem
+        occupants = [
+            gpus.Occupant(w.card.ordinal, w.provider, w.gpu_used_mb, w.state is WorkerState.STARTING)
+            for p in self.pools.values()
+            for w in p.workers.values()
+            if w.card is not None
+        ]
+        return gpus.place(
+            pool.name, cards, occupants, self.readings, provider.pool.max_gpu_memory_fraction, pool.gpu_need_mb
+        )
+
+    def spawn(self, pool: ProviderPool, now: float) -> bool:
+        """Start one worker of ``pool`` on the card placement picks; False when the GPU memory cap holds it back."""
+        provider = pool.config
+        placement = self._place(pool)
+        if placement.held_back:
+            self._held(pool, placement.held_back, now)
+            return False
+        card = placement.card
         slot, restarts = pool.take_slot()
         spec = WorkerSpec(
             id=f"{provider.name}-{pool.spawned + 1}",
@@ -450,12 +520,12 @@ class Farm:
             log_format=self.config.hub.log_format,
             stream=dataclasses.asdict(provider.stream),
         )
-        proc = process.spawn(spec, provider, gpu)
-        handle = WorkerHandle(spec.id, provider.name, proc, gpu, started_at=now, last_heartbeat=now)
+        proc = process.spawn(spec, provider, card)
+        handle = WorkerHandle(spec.id, provider.name, proc, card, started_at=now, last_heartbeat=now)
         handle.generation, handle.slot, handle.restarts = pool.generation, slot, restarts
         pool.add(handle)
-        pinned = "" if gpu is None or not self.gpus.available else f", GPU {gpu}"
-        log.info("started worker %s (pid %d%s)", spec.id, proc.pid, pinned)
+        log.info("started worker %s (pid %d, %s)", spec.id, proc.pid, "CPU" if card is None else card.describe())
+        return True
 
     @property
     def ready(self) -> bool:
@@ -476,7 +546,7 @@ class Farm:
             held_back=self.held_back.get(pool.name, ""),
             target_size=floor_size(self._snapshot(pool), pool.config.pool),
             figures=self.metrics.summary(pool.name, now, max(1, pool.size)),
-            gpu_error="" if self.gpus.available else self.gpus.error,
+            gpu_error=self.nvml.error,
         )
 
     def on_worker(self, identity: bytes, msg: Message) -> None:
@@ -500,10 +570,12 @@ class Farm:
 
     def tick(self, now: float, sample: bool) -> None:
         """Reap, kill the overdue, watch heartbeats and deadlines, expire queued jobs, check health, roll, scale."""
+        if sample and self.gpus.cards:
+            self._read_cards()
         for name, pool in list(self.pools.items()):
             for worker in list(pool.workers.values()):
                 if sample:
-                    self._sample(worker)
+                    self._sample(pool, worker)
                 self._watch(pool, worker, now)
             for job in self.queues[name].expired(now):
                 self.fail(job, self._acquire_timeout(job, now))
@@ -571,3 +643,13 @@ def _wait_all(workers: list[WorkerHandle], timeout: float) -> None:
             worker.proc.wait(max(0.0, deadline - time.monotonic()))
         except Exception:
             pass
+
+
+def _log_discovery(found: gpus.Discovery, nvml: gpus.Nvml) -> None:
+    """Say once, at start, which GPUs the hub will use and how it found them."""
+    for warning in found.warnings:
+        log.warning("GPUs: %s", warning)
+    if found.cards:
+        log.info("GPUs: %s: %s", found.source, "; ".join(card.describe() for card in found.cards))
+    else:
+        log.info("GPUs: none (%s)", found.source if found.known else nvml.error or found.source)

@@ -384,8 +384,8 @@ def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
         "rss_bytes": "Resident memory of a worker process",
         "jobs_done": "Jobs a worker has finished",
         "restarts": "Restarts of a worker's slot",
-        "gpu_memory_used_bytes": "Memory used on a worker's GPU (absent without NVML)",
-        "gpu_utilization": "Utilisation of a worker's GPU, percent (absent without NVML)",
+        "gpu_memory_used_bytes": "GPU memory of the worker process itself, by pid (absent without NVML or where the driver cannot see the pid)",
+        "gpu_utilization": "Utilisation of the card a worker runs on, percent (absent without NVML)",
     }
     for key, doc in per_worker.items():
         family = GaugeMetricFamily(f"asr_hub_worker_{key}", doc, labels=["provider", "worker"])

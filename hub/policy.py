@@ -23,8 +23,6 @@ class PoolSnapshot:
     floor: int = 0  # the size set at run time (scale, SIGTTIN/SIGTTOU); min_size applies when lower
     memory_mb: float = 0.0  # summed RSS of the live workers
     worker_mb: float = 0.0  # RSS one more worker is expected to take (0: not known yet)
-    gpu_free_mb: float | None = None  # free memory of the GPU the next worker would get (None: no GPU reading)
-    gpu_worker_mb: float = 0.0  # GPU memory one more worker is expected to take
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,8 @@ def decide(snap: PoolSnapshot, pool: PoolConfig, now: float) -> ScaleDecision:
     """Grow while jobs wait for more workers than are starting; shrink idle workers past ``idle_timeout``.
 
     The pool never goes below its floor (``min_size``, or the size set at run time) and
-    never grows above ``max_size``, ``pool.max_memory_mb`` or its GPU's free memory.
+    never grows above ``max_size`` or ``pool.max_memory_mb``. GPU memory is not decided here but
+    per worker, where it is placed (``hub.gpus.place``): it needs to know which card a worker gets.
     Growth is immediate (a waiting job is a user waiting); shrinking waits out
     ``idle_timeout`` per worker, the hysteresis that keeps a bursty load from flapping.
     """
@@ -81,9 +80,4 @@ def _resource_room(snap: PoolSnapshot, pool: PoolConfig) -> tuple[float, str]:
                 f"memory cap: workers use {snap.memory_mb:.0f} MiB of pool.max_memory_mb={pool.max_memory_mb:.0f}, "
                 f"one more needs about {snap.worker_mb:.0f} MiB"
             )
-    if snap.gpu_free_mb is not None and snap.gpu_worker_mb > 0:
-        fits = max(0, math.floor(snap.gpu_free_mb / snap.gpu_worker_mb))
-        if fits < room:
-            room = fits
-            why = f"GPU memory: {snap.gpu_free_mb:.0f} MiB free, one more worker needs about {snap.gpu_worker_mb:.0f} MiB"
     return room, why if room < math.inf else ""

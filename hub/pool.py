@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hub.config import ProviderConfig
+from hub.gpus import Card
 
 
 class WorkerState(str, Enum):
@@ -30,7 +31,7 @@ class WorkerHandle:
     id: str
     provider: str
     proc: subprocess.Popen[bytes]
-    gpu: int | None
+    card: Card | None  # the GPU it was placed on; None: the CPU (or a GPU worker that fell back to it)
     started_at: float
     state: WorkerState = WorkerState.STARTING
     device: str = "pending"
@@ -46,8 +47,12 @@ class WorkerHandle:
     rss_mb: float = 0.0
     slot: int = 0  # a replacement takes over its predecessor's slot ...
     restarts: int = 0  # ... and counts one more restart of it
-    gpu_used_mb: float | None = None
-    gpu_utilization: float | None = None
+    gpu_used_mb: float | None = None  # this process's own memory on its card (NVML, by pid)
+    gpu_card_used_mb: float | None = None  # the whole card's, every tenant's
+    gpu_card_total_mb: float | None = None
+    gpu_utilization: float | None = None  # the card's
+    gpu_error: str = ""  # why a reading is missing
+    cuda_pci_bus_id: str = ""  # the card the worker's own CUDA runtime reports, from its READY
 
     @property
     def pid(self) -> int:
@@ -75,6 +80,7 @@ class ProviderPool:
     removed: bool = False  # dropped from the config by a reload: its workers drain, then it goes
     free_slots: list[tuple[int, int]] = field(default_factory=list)  # (slot, restarts so far), lowest first
     slots: int = 0  # slots handed out so far
+    gpu_need_mb: float | None = None  # GPU memory its last measured worker used: the cap's estimate for the next
 
     @property
     def name(self) -> str:

@@ -2,45 +2,69 @@
 
 Workers are fresh interpreters (``python -m workers``), never forks of the supervisor, so
 no model library state is ever inherited. A worker's GPU is chosen by the environment
-it starts with (``CUDA_VISIBLE_DEVICES``), since CUDA reads it once, at import.
+it starts with (``CUDA_VISIBLE_DEVICES``, with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that an
+index means the same card to CUDA as to NVML), since CUDA reads both once, at import.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 
 from hub.config import ProviderConfig
+from hub.gpus import PCI_ORDER, Card
 from hub.protocol import ExitCode, WorkerSpec
 
 MAX_BACKOFF = 60.0
 
 
-def worker_env(provider: ProviderConfig, gpu: int | None) -> dict[str, str]:
-    """The environment of a worker: its one GPU (or none) and thread counts matching ``cpu_threads``."""
+def worker_env(provider: ProviderConfig, card: Card | None) -> dict[str, str]:
+    """The environment of a worker: its one GPU (or none, an empty mask) and thread counts matching ``cpu_threads``.
+
+    The card's mask is one of the hub's own GPUs (see ``hub.gpus.discover``), so a worker
+    never sees a GPU outside a ``CUDA_VISIBLE_DEVICES`` the hub inherited.
+    """
     env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else str(gpu)
+    env["CUDA_DEVICE_ORDER"] = PCI_ORDER
+    env["CUDA_VISIBLE_DEVICES"] = "" if card is None else card.mask
+    if card is not None and (libraries := cuda_library_dirs()):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, *filter(None, [env.get("LD_LIBRARY_PATH")])])
     if provider.cpu_threads > 0:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(provider.cpu_threads)
     return env
 
 
-def gpu_for(provider: ProviderConfig, in_use: list[int]) -> int | None:
-    """The GPU for a new worker: the listed device with the fewest of this provider's live workers
-    (round-robin while the pool grows, and still balanced after a crash). A ``cpu`` provider gets none."""
-    if provider.device == "cpu" or provider.type == "echo":
-        return None
-    return min(provider.devices, key=lambda gpu: (in_use.count(gpu), provider.devices.index(gpu)))
+def cuda_library_dirs() -> list[str]:
+    """The library directories of the ``cuda`` extra's wheels (cuBLAS, cuDNN), where installed. CTranslate2
+    dlopens ``libcublas.so.12`` by name, which the loader finds only on ``LD_LIBRARY_PATH`` or in the system's
+    paths, not inside site-packages."""
+    found = []
+    for package in ("nvidia.cublas", "nvidia.cudnn"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except ImportError:
+            continue
+        for root in spec.submodule_search_locations or () if spec else ():
+            if os.path.isdir(lib := os.path.join(root, "lib")):
+                found.append(lib)
+    return found
 
 
-def spawn(spec: WorkerSpec, provider: ProviderConfig, gpu: int | None) -> subprocess.Popen[bytes]:
+def uses_gpu(provider: ProviderConfig) -> bool:
+    """Whether the provider's workers are placed on a GPU: ``cuda``, or ``auto`` for a model (``echo`` has
+    none, so only an explicit ``cuda`` places it, which is how tests exercise placement)."""
+    return provider.device == "cuda" or (provider.device == "auto" and provider.type != "echo")
+
+
+def spawn(spec: WorkerSpec, provider: ProviderConfig, card: Card | None) -> subprocess.Popen[bytes]:
     """Start a worker; its stdout and stderr are the supervisor's, so its log lines reach the operator."""
     return subprocess.Popen(
         [sys.executable, "-m", "workers", "--spec", spec.to_json()],
-        env=worker_env(provider, gpu),
+        env=worker_env(provider, card),
         stdin=subprocess.DEVNULL,
     )
 

@@ -65,19 +65,26 @@ def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> dict[str, Any]
         "pid": w.pid,
         "state": w.state.value,
         "device": w.device,
-        "gpu": w.gpu,
+        "gpu": None if w.card is None else w.card.to_dict(),  # where it was placed: hub ordinal, NVML index, PCI id
+        "cuda_pci_bus_id": w.cuda_pci_bus_id,  # the card its own CUDA runtime reports (READY)
         "jobs_done": w.jobs_done,
         "consecutive_failures": w.consecutive_failures,
         "rss_mb": round(w.rss_mb, 1),
         "since_health_check": round(now - w.last_check, 3) if w.last_check else None,
         "slot": w.slot,
         "restarts": w.restarts,
-        "gpu_memory_used_mb": None if w.gpu_used_mb is None else round(w.gpu_used_mb, 1),
+        "gpu_memory_used_mb": _mb(w.gpu_used_mb),  # this process's own, so summing over workers is right
+        "gpu_card_used_mb": _mb(w.gpu_card_used_mb),  # the whole card's, every tenant's
+        "gpu_card_total_mb": _mb(w.gpu_card_total_mb),
         "gpu_utilization": w.gpu_utilization,
-        "gpu_error": "" if w.gpu is None else gpu_error,
+        "gpu_error": w.gpu_error or (gpu_error if w.card is not None else ""),
         "uptime": round(now - w.started_at, 3),
         "last_error": w.last_error,
     }
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_sample_config_loads_into_typed_values() -> None:
     config = load_config(ROOT / "config" / "config.sample.yaml")
     whisper = config.providers["whisper"]
-    assert whisper.type == "whisper" and whisper.model == "tiny.en" and whisper.devices == (0,)
+    assert whisper.type == "whisper" and whisper.model == "tiny.en" and whisper.devices is None
     assert whisper.pool.enabled and (whisper.pool.min_size, whisper.pool.max_size) == (1, 2)
     assert config.hub.frontend == "tcp://127.0.0.1:5555"
     assert [p.name for p in config.enabled_providers] == ["whisper"]

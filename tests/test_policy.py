@@ -58,10 +58,3 @@ def test_memory_cap_holds_growth_back_and_says_why() -> None:
     assert d.spawn == 1 and "memory cap" in d.held_back
     # the memory is not known before the first worker runs: min_size is always honoured
     assert decide(PoolSnapshot(live=0, starting=0, queued=0), capped, 0.0).spawn == 1
-
-
-def test_gpu_memory_holds_growth_back() -> None:
-    d = decide(PoolSnapshot(live=1, starting=0, queued=3, gpu_free_mb=900.0, gpu_worker_mb=1000.0), POOL, 0.0)
-    assert d.spawn == 0 and "GPU memory" in d.held_back
-    d = decide(PoolSnapshot(live=1, starting=0, queued=3, gpu_free_mb=2500.0, gpu_worker_mb=1000.0), POOL, 0.0)
-    assert d.spawn == 2 and "GPU memory" in d.held_back

@@ -3,7 +3,7 @@ import sys
 
 from hub.config import ProviderConfig
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
-from hub.process import backoff, describe_exit, gpu_for, worker_env
+from hub.process import backoff, describe_exit
 
 
 def handle(pool: ProviderPool, n: int, proc: subprocess.Popen) -> WorkerHandle:
@@ -25,15 +25,6 @@ def test_idle_queue_is_least_recently_used_first() -> None:
     assert [pool.take_idle(), pool.take_idle(), pool.take_idle(), pool.take_idle()] == [a, c, b, None]
     pool.set_state(a, WorkerState.UNHEALTHY, 7.0)
     assert pool.size == 2 and pool.counts()[WorkerState.UNHEALTHY] == 1 and "p-0" not in pool.idle
-
-
-def test_gpu_pinning_round_robin_and_rebalancing() -> None:
-    p = ProviderConfig(name="w", type="whisper", model="tiny.en", devices=(0, 1))
-    assert [gpu_for(p, []), gpu_for(p, [0]), gpu_for(p, [0, 1]), gpu_for(p, [0, 0, 1])] == [0, 1, 0, 1]
-    assert gpu_for(ProviderConfig(name="w", type="whisper", device="cpu"), []) is None
-    env = worker_env(ProviderConfig(name="w", type="whisper", cpu_threads=2), 1)
-    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "2"
-    assert worker_env(ProviderConfig(name="w", type="whisper"), None)["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_exit_codes_and_backoff() -> None:

@@ -159,7 +159,9 @@ def test_health_checks_pass_quietly_on_healthy_workers(hub_factory) -> None:
 
 
 def test_a_worker_failing_health_checks_is_recycled(hub_factory) -> None:
-    provider = {**echo_provider(min_size=1, max_size=1, health_check_interval=0.5), "options": {"fail": "broken"}}
+    # the start's health decode passes (the first decode), the periodic checks after it fail
+    options = {"fail": "broken", "fail_from": 2}
+    provider = {**echo_provider(min_size=1, max_size=1, health_check_interval=0.5), "options": options}
     hub = hub_factory({"echo": provider})
     first = workers(hub)[0]["pid"]
     wait_for(lambda: workers(hub) and workers(hub)[0]["pid"] != first, what="a recycled worker")

@@ -2,10 +2,13 @@
 
 It answers a deterministic text computed from the audio (its duration and RMS), so a
 test can tell which audio a worker saw. Request options make it misbehave on purpose:
-``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises, ``fail_every=<n>`` raises on every n-th
-job of the worker (health checks count; a canary with an error rate), ``hang=True`` never
-answers, ``exit=<code>`` ends the worker process. It must never stand in for proving that
-transcription works: that is what the whisper tests are for.
+``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises (from the worker's ``fail_from``-th
+decode on, the start's health decode being the first), ``fail_every=<n>`` raises on every n-th
+job of the worker after that start decode (health checks count; a canary with an error rate),
+``hang=True`` never answers, ``exit=<code>`` ends the worker process. It must never stand in
+for proving that transcription works: that is what the whisper tests are for. With
+``device: cuda`` it goes through GPU placement like a model worker and says it runs on ``cuda``
+(it holds no GPU memory): that is how tests drive placement with real processes on a machine without GPUs.
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ def echo_text(pcm: np.ndarray) -> str:
 
 class EchoEngine:
     options = OPTIONS["echo"]
-    device = "cpu"
 
     def __init__(self, spec: WorkerSpec) -> None:
-        """There is no model to load; only the jobs are counted, for ``fail_every``."""
-        self.jobs = 0
+        """There is no model to load; only the decodes are counted, for ``fail_from`` and ``fail_every``."""
+        self.device = "cuda" if spec.device == "cuda" else "cpu"
+        self.decodes = 0
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         if "exit" in options:
@@ -59,11 +62,12 @@ class EchoEngine:
             threading.Event().wait()
         if "sleep" in options:
             time.sleep(float(options["sleep"]))
-        if "fail" in options:
+        self.decodes += 1
+        if "fail" in options and self.decodes >= int(options.get("fail_from", 1)):
             raise RuntimeError(str(options["fail"]))
-        self.jobs += 1
-        if "fail_every" in options and self.jobs % int(options["fail_every"]) == 0:
-            raise RuntimeError(f"job {self.jobs} of this worker fails (fail_every={options['fail_every']})")
+        jobs = self.decodes - 1  # the jobs after the start's health decode
+        if "fail_every" in options and jobs and jobs % int(options["fail_every"]) == 0:
+            raise RuntimeError(f"job {jobs} of this worker fails (fail_every={options['fail_every']})")
         duration = pcm.size / SAMPLE_RATE
         text = echo_text(pcm)
         count = max(1, int(options.get("segments", 1)))

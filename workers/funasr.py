@@ -26,6 +26,7 @@ import numpy as np
 from hub.errors import BadRequest
 from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.results import Segment, Word, join_text
+from workers.cuda import warn_cpu_fallback
 from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings
 from workers.streaming import StreamUpdate, WindowStreamer
 
@@ -76,6 +77,8 @@ def resolve_device(device: str) -> str:
     import torch
 
     has_gpu = torch.cuda.is_available()
+    if device == "auto" and not has_gpu:
+        warn_cpu_fallback("torch")
     if device == "cpu" or (device == "auto" and not has_gpu):
         return "cpu"
     if not has_gpu:
@@ -246,10 +249,8 @@ class FunASREngine:
         self.device = self._device_name()
 
     def _device_name(self) -> str:
-        """Where the weights really are: ``cpu``, or ``cuda:<the GPU index the supervisor pinned>``."""
-        kind = next(self._model.model.parameters()).device.type
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        return f"cuda:{gpu}" if kind == "cuda" and gpu else kind
+        """Where the weights really are: ``cpu`` or ``cuda`` (which card: the supervisor's status)."""
+        return str(next(self._model.model.parameters()).device.type)
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         duration = pcm.size / SAMPLE_RATE

@@ -2,8 +2,10 @@
 
 The heartbeat runs on its own thread and socket, so a job stuck inside native code
 still shows the worker alive; the supervisor catches stuck jobs by their deadline
-instead. A worker that cannot load its model says why (LOAD_FAILED) and exits with
-``ExitCode.MODEL_LOAD_ERROR`` so the supervisor backs off instead of respawning in a loop.
+instead. A worker that cannot load its model, or whose model cannot decode the bundled
+health clip once loaded (a missing cuBLAS/cuDNN, a dtype mismatch), says why (LOAD_FAILED)
+and exits with ``ExitCode.MODEL_LOAD_ERROR`` so the supervisor backs off instead of
+respawning in a loop: READY means the model has decoded speech on its device.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hub.audio import to_pcm, validate_pcm
 from hub.errors import HubError, InferenceFailed
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
+from workers.cuda import visible_pci_bus_ids
 from workers.engine import Engine, check_options, load_engine
 from workers.session import Session
 
@@ -147,6 +150,26 @@ def _health_clip() -> np.ndarray:
     return to_pcm(HEALTH_CLIP)
 
 
+def health_decode(spec: WorkerSpec, engine: Engine) -> None:
+    """Decode the bundled clip once with the provider's options; raise what a failure says, naming the device."""
+    options = dict(spec.options)
+    try:
+        check_options(engine, spec.type, options)
+        engine.transcribe(_health_clip(), options, lambda segment: None)
+    except Exception as exc:
+        message = exc.message if isinstance(exc, HubError) else f"{type(exc).__name__}: {exc}"
+        raise RuntimeError(f"the model loaded on {engine.device} but cannot decode the health clip: {message}") from exc
+
+
+def ready_body(spec: WorkerSpec, engine: Engine) -> dict[str, Any]:
+    """READY: where the model really runs and, on a GPU, the PCI bus id of the card CUDA gave this process."""
+    body = {"provider": spec.provider, "model": spec.model, "device": engine.device, "pid": os.getpid()}
+    if engine.device.startswith("cuda"):
+        seen = visible_pci_bus_ids()
+        body["cuda_pci_bus_id"] = seen[0] if seen else ""
+    return body
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description="ASR Hub worker (started by the supervisor)")
     parser.add_argument("--spec", required=True, help="the WorkerSpec as JSON")
@@ -166,6 +189,7 @@ def main(argv: list[str]) -> int:
     try:
         try:
             engine = load_engine(spec)
+            health_decode(spec, engine)
         except Exception as exc:
             log.error("cannot load model: %s", exc)
             sock.send_multipart(protocol.build(MsgType.LOAD_FAILED, spec.id, {"error": str(exc)}))
@@ -174,8 +198,7 @@ def main(argv: list[str]) -> int:
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(ctx, spec, parent, stop), daemon=True, name="heartbeat")
         beat.start()
-        ready = {"provider": spec.provider, "model": spec.model, "device": engine.device, "pid": os.getpid()}
-        sock.send_multipart(protocol.build(MsgType.READY, spec.id, ready))
+        sock.send_multipart(protocol.build(MsgType.READY, spec.id, ready_body(spec, engine)))
         Worker(spec, engine, sock).serve()
         stop.set()
         beat.join()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 from hub.config import OPTIONS
 from hub.protocol import WorkerSpec
 from hub.results import Segment, Word, join_text
+from workers.cuda import warn_cpu_fallback
 from workers.engine import EngineResult, OnSegment, StreamSettings
 from workers.streaming import WindowStreamer
 
@@ -36,7 +36,10 @@ def resolve_device(device: str) -> str:
         return device
     import ctranslate2
 
-    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if ctranslate2.get_cuda_device_count() > 0:
+        return "cuda"
+    warn_cpu_fallback("CTranslate2")
+    return "cpu"
 
 
 def resolve_compute_type(compute_type: str, device: str) -> str:
@@ -64,8 +67,7 @@ class WhisperEngine:
             )
         except Exception as exc:
             raise RuntimeError(f"cannot load whisper model {spec.model!r} (from {path}): {exc}") from exc
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        self.device = f"cuda:{gpu}" if kind == "cuda" and gpu else kind
+        self.device = kind  # which card: the supervisor's status, from the PCI bus id this worker reports
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         if isinstance(options.get("temperature"), list):
