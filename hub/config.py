@@ -73,7 +73,7 @@ OPTION_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "decoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
     "sleep": (_number(0, 3600), "a number of seconds"),
     "fail": (_text, "a message"),
-    "fail_from": (_integer(1, 1_000_000), "the number of the first decode that fails, from 1"),
+    "fail_from": (_integer(1, 1_000_000), "the number of the worker's first decode that fail or exit applies to, from 1"),
     "fail_every": (_integer(1, 1_000_000), "an integer n >= 1 (every n-th job of a worker fails)"),
     "hang": (_flag, "true or false"),
     "exit": (_integer(0, 255), "an exit status from 0 to 255"),

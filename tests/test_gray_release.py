@@ -150,7 +150,8 @@ def test_a_slow_shadow_never_delays_the_primary_and_is_dropped_when_busy(hub_fac
 
 def test_a_failing_or_dying_shadow_never_fails_the_primary(hub_factory) -> None:
     hub = hub_factory(
-        {"v1": echo(), "bad": echo(fail="boom"), "dies": echo(exit=3)},
+        # fail_from=2: the start's health decode passes, so the shadows get ready and then fail their jobs
+        {"v1": echo(), "bad": echo(fail="boom", fail_from=2), "dies": echo(exit=3, fail_from=2)},
         routes={
             "a": {"providers": [{"provider": "v1", "weight": 1}], "shadow": {"provider": "bad"}},
             "b": {"providers": [{"provider": "v1", "weight": 1}], "shadow": {"provider": "dies"}},

@@ -2,10 +2,11 @@
 
 It answers a deterministic text computed from the audio (its duration and RMS), so a
 test can tell which audio a worker saw. Request options make it misbehave on purpose:
-``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises (from the worker's ``fail_from``-th
-decode on, the start's health decode being the first), ``fail_every=<n>`` raises on every n-th
+``sleep=<s>`` sleeps first, ``fail="<msg>"`` raises and ``exit=<code>`` ends the worker process
+(both from the worker's ``fail_from``-th decode on, the start's health decode being the first;
+as provider options, ``fail_from: 2`` lets the worker get ready), ``fail_every=<n>`` raises on every n-th
 job of the worker after that start decode (health checks count; a canary with an error rate),
-``hang=True`` never answers, ``exit=<code>`` ends the worker process. It must never stand in
+``hang=True`` never answers. It must never stand in
 for proving that transcription works: that is what the whisper tests are for. With
 ``device: cuda`` it goes through GPU placement like a model worker and says it runs on ``cuda``
 (it holds no GPU memory): that is how tests drive placement with real processes on a machine without GPUs.
@@ -56,14 +57,15 @@ class EchoEngine:
         self.decodes = 0
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
-        if "exit" in options:
+        self.decodes += 1
+        due = self.decodes >= int(options.get("fail_from", 1))  # the start's health decode is the first
+        if "exit" in options and due:
             os._exit(int(options["exit"]))
         if options.get("hang"):
             threading.Event().wait()
         if "sleep" in options:
             time.sleep(float(options["sleep"]))
-        self.decodes += 1
-        if "fail" in options and self.decodes >= int(options.get("fail_from", 1)):
+        if "fail" in options and due:
             raise RuntimeError(str(options["fail"]))
         jobs = self.decodes - 1  # the jobs after the start's health decode
         if "fail_every" in options and jobs and jobs % int(options["fail_every"]) == 0:
