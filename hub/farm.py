@@ -65,6 +65,7 @@ class Farm:
         self.readings: dict[int, gpus.CardReading] = {}  # hub ordinal -> last reading of that card
         _log_discovery(self.gpus, self.nvml)
         self._read_cards()  # the first placements see what other tenants already hold
+        self.device_problems: dict[str, str] = {}  # a provider's devices outside the hub's GPUs, logged once
         self.held_back: dict[str, str] = {}
         self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
         self.running: dict[str, Job] = {}  # job id -> job on a worker
@@ -482,9 +483,9 @@ class Farm:
         if not process.uses_gpu(provider):
             return gpus.Placement(None)
         cards, problem = gpus.provider_cards(provider.devices, self.gpus)
-        if problem and problem != pool.last_error:
+        if problem and self.device_problems.get(pool.name) != problem:
             log.error("provider %s: %s", pool.name, problem)
-            pool.last_error = problem
+            self.device_problems[pool.name] = problem
         occupants = [
             gpus.Occupant(w.card.ordinal, w.provider, w.gpu_used_mb, w.state is WorkerState.STARTING)
             for p in self.pools.values()
