@@ -27,11 +27,14 @@ from hub.wer import word_error_rate
 CHUNK = 1600  # 100 ms at 16 kHz
 
 
-def play(client: HubClient, pcm: np.ndarray, speed: float) -> tuple[list[float], str, int]:
-    """Stream ``pcm``; return each final's latency, the final text and the number of partials."""
+def play(client: HubClient, pcm: np.ndarray, speed: float, start_at: float | None = None) -> tuple[list[float], str, int]:
+    """Stream ``pcm`` (from ``start_at`` on the monotonic clock, or now); return each final's latency,
+    the final text and the number of partials."""
     latencies: list[float] = []
     partials = 0
     with client.open_stream("whisper") as session:
+        if start_at is not None:
+            time.sleep(max(0.0, start_at - time.monotonic()))
         started = time.monotonic()
 
         def read() -> None:
@@ -79,6 +82,63 @@ def measure(workdir: Path, device: str = "cpu", speed: float = 1.0) -> dict[str,
     }
 
 
+def _percentile(ordered: list[float], q: float) -> float | None:
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
+
+
+def sessions_per_worker(
+    workdir: Path, counts: tuple[int, ...], device: str = "cpu", speed: float = 1.0, workers: int = 2
+) -> list[dict[str, Any]]:
+    """K concurrent sessions (each the committed clips, at the speed of speech) on ``workers`` tiny.en workers
+    of one thread: speech-to-final p50/p95 over every final of every session, and each session's WER
+    against the whole audio transcribed in one request, for each K. Starts are staggered over one
+    ``step_ms`` so the sessions do not fall due in lockstep, as real microphones do not."""
+    clips = build_clips()
+    silence = np.zeros(8000, dtype=np.float32)
+    pcm = np.concatenate([part for clip in clips for part in (clip, silence)])
+    provider = whisper_provider(workers, 1, device)
+    provider["pool"]["sessions_per_worker"] = max(1, -(-max(counts) // workers))
+    rows = []
+    with running_hub(workdir, "sessions", {"whisper": provider}) as hub, HubClient(hub.endpoint, timeout=120) as client:
+        whole = client.transcribe(pcm, "whisper").text
+        for count in counts:
+            results: list[tuple[list[float], str, int]] = [([], "", 0)] * count
+            begin = time.monotonic() + 0.5
+
+            def one(i: int, begin: float = begin) -> None:
+                results[i] = play(client, pcm, speed, begin + i / max(1, count))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            ordered = sorted(x for latencies, _, _ in results for x in latencies)
+            wers = [word_error_rate(whole, text) for _, text, _ in results]
+            rows.append(
+                {
+                    "sessions": count,
+                    "workers": workers,
+                    "final_latency_s": {"p50": _percentile(ordered, 0.5), "p95": _percentile(ordered, 0.95)},
+                    "wer_vs_whole": {"mean": round(float(np.mean(wers)), 4), "max": round(max(wers), 4)},
+                }
+            )
+    return rows
+
+
+def sessions_summary(rows: list[dict[str, Any]]) -> str:
+    """The sessions-per-worker table: speech-to-final latency and WER for each count of concurrent sessions."""
+    lines = ["\nconcurrent live sessions at real time (tiny.en, 1 thread per worker):",
+             "  sessions  workers  final p50 s  final p95 s  WER mean  WER max"]
+    for row in rows:
+        latency, wer = row["final_latency_s"], row["wer_vs_whole"]
+        lines.append(
+            f"  {row['sessions']:>8}  {row['workers']:>7}  {latency['p50']!s:>11}  {latency['p95']!s:>11}"
+            f"  {wer['mean']:>8.1%}  {wer['max']:>7.1%}"
+        )
+    return "\n".join(lines)
+
+
 def summary(figures: dict[str, Any]) -> str:
     """The live-session lines of the benchmark's table."""
     latency = figures["final_latency_s"]
@@ -94,8 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
+    parser.add_argument(
+        "--sessions", default="", help="e.g. 1,2,4,6: concurrent sessions on 2 workers, one row per count"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="asr-hub-bench-stream-") as workdir:
+        if args.sessions:
+            counts = tuple(int(n) for n in args.sessions.split(","))
+            rows = sessions_per_worker(Path(workdir), counts, args.device, args.speed)
+            print(json.dumps(rows, indent=2))
+            print(sessions_summary(rows))
+            return 0
         figures = measure(Path(workdir), args.device, args.speed)
     print(json.dumps(figures, indent=2))
     print(summary(figures))

@@ -372,7 +372,7 @@ class HubClient:
         self, provider: str | None = None, *, language: str | None = None, timeout: float | None = None, **options: Any
     ) -> StreamSession:
         """Open a live session: ``send`` chunks as they are captured, read ``results()``, ``close()`` for the
-        final transcript. It leases one worker until closed; ``POOL_BUSY`` past ``pool.max_sessions``."""
+        final transcript. It shares a worker with other sessions; ``POOL_BUSY`` past ``pool.max_sessions``."""
         timeout = timeout or self.timeout
         hello = self._ensure_hello(time.monotonic() + timeout)
         ring = shm.Ring(hello.shm_prefix, RING_SECONDS * SAMPLE_RATE) if self.use_shm and hello.shm else None

@@ -119,17 +119,18 @@ class PoolConfig:
     max_jobs_per_worker: int = 0
     max_memory_mb: float = 0.0
     max_gpu_memory_fraction: float = 0.0  # 0: off; else a new worker starts only where it fits under this share of a card
-    max_sessions: int | None = None  # live streams may lease at most this many workers; None: max_size - 1
+    sessions_per_worker: int = 4  # live sessions one worker serves at once, taking turns
+    max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0
 
     @property
     def session_limit(self) -> int:
-        """How many workers live sessions may hold: by default all but one, and in a single instance its one
-        worker (one-shot jobs then wait behind the session, as they waited behind the old global lock)."""
+        """How many live sessions the pool holds at most: by default as many as its largest size can serve,
+        and in a single instance one (one-shot jobs then wait behind the session, as behind the old lock)."""
         if self.max_sessions is not None:
             return self.max_sessions
-        return self.max_size - 1 if self.enabled else 1
+        return self.max_size * self.sessions_per_worker
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class StreamConfig:
     window_seconds: float = 15.0
 
 
-SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1)
+SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1)
 
 
 @dataclass(frozen=True)
@@ -532,14 +533,19 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
         return SINGLE_INSTANCE
     pool = _build(PoolConfig, body, path)
     if not pool.enabled:
-        sessions = None if pool.max_sessions is None else min(pool.max_sessions, 1)
-        return dataclasses.replace(pool, min_size=1, max_size=1, max_sessions=sessions)
+        sessions = 1 if pool.max_sessions is None else min(pool.max_sessions, 1)
+        return dataclasses.replace(pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1)
     if pool.min_size < 1:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
     if pool.min_size > pool.max_size:
         raise ConfigError(f"{path}: min_size ({pool.min_size}) is greater than max_size ({pool.max_size})")
-    if pool.max_sessions is not None and not 0 <= pool.max_sessions <= pool.max_size:
-        raise ConfigError(f"{path}.max_sessions: must be between 0 and max_size ({pool.max_size}), got {pool.max_sessions}")
+    if pool.sessions_per_worker < 1:
+        raise ConfigError(f"{path}.sessions_per_worker: must be at least 1, got {pool.sessions_per_worker}")
+    most = pool.max_size * pool.sessions_per_worker
+    if pool.max_sessions is not None and not 0 <= pool.max_sessions <= most:
+        raise ConfigError(
+            f"{path}.max_sessions: must be between 0 and max_size * sessions_per_worker ({most}), got {pool.max_sessions}"
+        )
     if not 0.0 <= pool.max_gpu_memory_fraction <= 1.0:
         raise ConfigError(
             f"{path}.max_gpu_memory_fraction: must be 0 (off) or a share of a card's memory up to 1, "

@@ -39,7 +39,7 @@ class Job:
     started_at: float = 0.0
     run_deadline: float = field(default=float("inf"))
     health: bool = False  # a health check: the worker transcribes its own bundled clip, no client waits
-    session: bool = False  # a live session: it leases its worker until closed
+    session: bool = False  # a live session: one of the several its worker serves, until closed
     ring: RingRef | None = None
     last_activity: float = 0.0
     closing: str = ""  # why the session is being closed, once it is
@@ -118,6 +118,9 @@ class JobQueue:
     def push_front(self, job: Job) -> None:
         """Put back a job whose worker died, ahead of newer ones; retries may exceed the bound by one."""
         self._jobs.appendleft(job)
+
+    def peek(self) -> Job | None:
+        return self._jobs[0] if self._jobs else None
 
     def pop(self) -> Job | None:
         return self._jobs.popleft() if self._jobs else None

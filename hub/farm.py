@@ -33,6 +33,7 @@ from hub.errors import (
     WorkerCrashed,
 )
 from hub.metrics import Metrics
+from hub.placement import WorkerLoad, one_shot_home, session_home
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
@@ -79,8 +80,8 @@ class Farm:
         return sum(1 for j in self.requests.values() if j.session and j.provider == provider)
 
     def place(self, job: Job, now: float) -> None:
-        """Give a new job to the least recently used idle worker, or queue it (POOL_BUSY when full)."""
-        worker = self.pools[job.provider].take_idle()
+        """Give a new job a worker now (``_home``), or queue it (POOL_BUSY when the queue is full)."""
+        worker = self._home(job)
         if worker is not None:
             self.start_job(job, worker, now)
         else:
@@ -98,6 +99,23 @@ class Farm:
         worker = self.pools[job.provider].take_idle()
         assert worker is not None, "place_shadow without shadow_room"
         self.start_job(job, worker, now)
+
+    def _home(self, job: Job) -> WorkerHandle | None:
+        """A session: the ready worker with the least session load and room for one more. A one-shot job:
+        the least recently used idle worker, else a worker whose sessions leave it time (``hub.placement``)."""
+        pool = self.pools[job.provider]
+        if not job.session:
+            idle = pool.take_idle()
+            if idle is not None:
+                return idle
+        ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
+        loads = [WorkerLoad(w.id, len(w.sessions), w.job is not None, w.duty) for w in ready]
+        if job.session:
+            chosen = session_home(loads, pool.config.pool.sessions_per_worker)
+        else:
+            chosen = one_shot_home(loads, pool.config.pool)
+        return pool.workers[chosen] if chosen is not None else None
+
 
     def cancel(self, client: bytes, request_id: str) -> None:
         """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
@@ -152,7 +170,10 @@ class Farm:
         job.worker = worker.id
         job.started_at = now
         job.run_deadline = run_deadline(pool.config.pool, job, now)
-        worker.job = job.id
+        if job.session:
+            worker.sessions.add(job.id)
+        else:
+            worker.job = job.id
         pool.set_state(worker, WorkerState.BUSY, now)
         self.running[job.id] = job
         msg_type = MsgType.STREAM_OPEN if job.session else MsgType.JOB
@@ -172,7 +193,10 @@ class Farm:
         """A worker finished its job (or its start): give it the next job, or let it go if it is due to."""
         pool = self.pools[worker.provider]
         limits = pool.config.pool
-        if worker.state is WorkerState.DRAINING:
+        if worker.job is not None or worker.sessions:  # still serving sessions: busy, though a job may fit
+            if worker.state is WorkerState.BUSY:
+                self.feed(pool, now)
+        elif worker.state is WorkerState.DRAINING:
             self.drain(worker, now)
         elif worker.consecutive_failures >= limits.max_consecutive_failures:
             log.warning("recycling worker %s: %d failed jobs in a row", worker.id, worker.consecutive_failures)
@@ -185,12 +209,11 @@ class Farm:
             self.feed(pool, now)
 
     def feed(self, pool: ProviderPool, now: float) -> None:
+        """Start queued jobs, oldest first, while the oldest has a worker to go to."""
         queue = self.queues[pool.name]
-        while queue and pool.idle:
-            job = queue.pop()
-            worker = pool.take_idle()
-            if job is not None and worker is not None:
-                self.start_job(job, worker, now)
+        while (job := queue.peek()) is not None and (worker := self._home(job)) is not None:
+            queue.pop()
+            self.start_job(job, worker, now)
 
     def job_lost(self, job: Job, error: HubError) -> None:
         """The job's worker is gone: retry it once more where allowed, else tell the client."""
@@ -232,7 +255,10 @@ class Farm:
     def on_answer(self, worker: WorkerHandle, msg: Message, now: float) -> None:
         """A worker's final answer to its job: forward it, account for it, free or recycle the worker."""
         job = self.running.pop(msg.id, None)
-        worker.job = None
+        if msg.id in worker.sessions:
+            worker.sessions.discard(msg.id)
+        else:
+            worker.job = None
         model_failed = msg.type is MsgType.ERROR and msg.body.get("code") == "INFERENCE_FAILED"
         if job is not None and job.health:
             if model_failed or msg.type is MsgType.ERROR or not str(msg.body.get("text", "")).strip():
@@ -353,18 +379,38 @@ class Farm:
         if worker.state is WorkerState.STARTING:
             if now - worker.started_at > hub.start_timeout:
                 self.recycle(worker, f"not ready after {hub.start_timeout:.0f} s", now)
-        elif now - worker.last_heartbeat > hub.heartbeat_timeout:
+            return
+        if now - worker.last_heartbeat > hub.heartbeat_timeout:
+            self._lose_all(worker, WorkerCrashed(f"worker {worker.id} stopped answering"))
             self.recycle(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s", now)
-            if job is not None:
-                self.job_lost(job, WorkerCrashed(f"worker {worker.id} stopped answering"))
-        elif job is not None and job.session and not job.closing and (why := self._session_overdue(job, now)):
-            self.close_session(job, why)
-        elif job is not None and now >= job.run_deadline:
+            return
+        for session in [self.running[s] for s in list(worker.sessions) if s in self.running]:
+            self._watch_session(worker, session, now)
+        if job is not None and now >= job.run_deadline:
             limit = job.run_deadline - job.started_at
             what = "health check" if job.health else f"job {job.id}"
             self.recycle(worker, f"{what} overran its {limit:.0f} s deadline", now)
             if not job.health:
                 self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"))
+
+    def _watch_session(self, worker: WorkerHandle, job: Job, now: float) -> None:
+        """Close a session idle or open too long; fail one whose flush overran (its worker serves on)."""
+        if not job.closing and (why := self._session_overdue(job, now)):
+            self.close_session(job, why)
+        elif job.closing and now >= job.run_deadline:
+            worker.sessions.discard(job.id)
+            limit = self.pools[job.provider].config.pool.job_timeout
+            self.fail(job, JobTimeout(f"the session did not flush within {limit:.0f} s (pool.job_timeout)"))
+            self.worker_free(worker, now)
+
+    def _lose_all(self, worker: WorkerHandle, error: HubError) -> None:
+        """The worker is gone or going: its job and every session it served are lost (retried where allowed)."""
+        lost = [self.running.get(job_id) for job_id in [worker.job or "", *worker.sessions]]
+        worker.job = None
+        worker.sessions.clear()
+        for job in lost:
+            if job is not None:
+                self.job_lost(job, error)
 
     def _session_overdue(self, job: Job, now: float) -> str:
         limits = self.pools[job.provider].config.pool
@@ -417,7 +463,7 @@ class Farm:
     def drain(self, worker: WorkerHandle, now: float) -> None:
         """Stop a healthy worker politely: it takes no new job, finishes the one it has, then exits on STOP."""
         self.pools[worker.provider].set_state(worker, WorkerState.DRAINING, now)
-        if worker.job is not None or worker.kill_at is not None:
+        if worker.job is not None or worker.sessions or worker.kill_at is not None:
             return
         worker.kill_at = now + KILL_GRACE
         try:
@@ -441,14 +487,13 @@ class Farm:
             what += f" ({worker.last_error})" if worker.last_error else ""
             pool.last_error = f"worker {worker.id} {what}"
             log.warning("worker %s (pid %d) %s", worker.id, worker.pid, what)
-        job = self.running.get(worker.job or "")
-        if job is not None:
-            self.job_lost(job, WorkerCrashed(f"worker {worker.id} {what} while running the job"))
+        self._lose_all(worker, WorkerCrashed(f"worker {worker.id} {what} while running the job"))
 
     def _snapshot(self, pool: ProviderPool) -> PoolSnapshot:
         counts = pool.counts()
         live = [w for w in pool.workers.values() if w.live]
         return PoolSnapshot(
+            sessions=sum(len(w.sessions) for w in live),
             live=len(live),
             starting=counts[WorkerState.STARTING],
             queued=len(self.queues[pool.name]),
@@ -557,6 +602,10 @@ class Farm:
         if worker is None:
             return
         if msg.type is MsgType.HEARTBEAT:
+            busy = msg.body.get("busy")
+            if isinstance(busy, (int, float)) and now > worker.last_heartbeat:
+                worker.duty = max(0.0, float(busy) - worker.busy) / (now - worker.last_heartbeat)
+                worker.busy = float(busy)
             worker.last_heartbeat = now
         elif msg.type is MsgType.READY:
             self.on_ready(worker, msg.body, now)
@@ -566,7 +615,7 @@ class Farm:
             job = self.running.get(msg.id)
             if job is not None and job.worker == worker.id:
                 self.reply(job.client, msg.type, job.request, msg.body)
-        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and worker.job == msg.id:
+        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (worker.job == msg.id or msg.id in worker.sessions):
             self.on_answer(worker, msg, now)
 
     def tick(self, now: float, sample: bool) -> None:
@@ -580,6 +629,7 @@ class Farm:
                 self._watch(pool, worker, now)
             for job in self.queues[name].expired(now):
                 self.fail(job, self._acquire_timeout(job, now))
+            self.feed(pool, now)  # a session worker's duty may have fallen enough for a waiting job
             if pool.removed:
                 if not pool.workers:
                     del self.pools[name], self.queues[name]

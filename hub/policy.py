@@ -23,6 +23,7 @@ class PoolSnapshot:
     floor: int = 0  # the size set at run time (scale, SIGTTIN/SIGTTOU); min_size applies when lower
     memory_mb: float = 0.0  # summed RSS of the live workers
     worker_mb: float = 0.0  # RSS one more worker is expected to take (0: not known yet)
+    sessions: int = 0  # live sessions on the pool's workers
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class ScaleDecision:
 
 
 def floor_size(snap: PoolSnapshot, pool: PoolConfig) -> int:
-    return min(pool.max_size, max(pool.min_size, snap.floor))
+    """The size kept whatever the queue: ``min_size`` or the size set at run time, and, while sessions are
+    live, the workers their load needs (``sessions_per_worker`` each) plus one free for one-shot jobs."""
+    for_sessions = math.ceil(snap.sessions / pool.sessions_per_worker) + 1 if snap.sessions else 0
+    return min(pool.max_size, max(pool.min_size, snap.floor, for_sessions))
 
 
 def decide(snap: PoolSnapshot, pool: PoolConfig, now: float) -> ScaleDecision:

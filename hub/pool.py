@@ -37,7 +37,10 @@ class WorkerHandle:
     device: str = "pending"
     last_heartbeat: float = 0.0
     idle_since: float = 0.0
-    job: str | None = None
+    job: str | None = None  # the one-shot job (or health check) it runs
+    sessions: set[str] = field(default_factory=set)  # the live sessions it serves (job ids)
+    busy: float = 0.0  # seconds it has spent decoding sessions, as its last heartbeat said
+    duty: float = 0.0  # fraction of the last heartbeat interval spent decoding sessions
     jobs_done: int = 0
     kill_at: float | None = None  # SIGKILL after this time, once SIGTERM or STOP was sent
     last_error: str = ""

@@ -68,6 +68,8 @@ def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> dict[str, Any]
         "gpu": None if w.card is None else w.card.to_dict(),  # where it was placed: hub ordinal, NVML index, PCI id
         "cuda_pci_bus_id": w.cuda_pci_bus_id,  # the card its own CUDA runtime reports (READY)
         "jobs_done": w.jobs_done,
+        "sessions": len(w.sessions),
+        "session_duty": round(w.duty, 3),
         "consecutive_failures": w.consecutive_failures,
         "rss_mb": round(w.rss_mb, 1),
         "since_health_check": round(now - w.last_check, 3) if w.last_check else None,
@@ -109,6 +111,7 @@ def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
                         "id": w.id,
                         "rss_bytes": w.rss_mb * 2**20,
                         "jobs_done": w.jobs_done,
+                        "sessions": len(w.sessions),
                         "restarts": w.restarts,
                         "gpu_memory_used_bytes": None if w.gpu_used_mb is None else w.gpu_used_mb * 2**20,
                         "gpu_utilization": w.gpu_utilization,

@@ -1,6 +1,6 @@
 """Live sessions, client side: push audio as it is captured, read partial and final text as it settles.
 
-A session leases one worker until it is closed. On the supervisor's host the chunks go
+A session shares its worker with others until it is closed. On the supervisor's host the chunks go
 into a per-session shared-memory ring and only positions travel over the socket;
 elsewhere they travel inline. The worker acknowledges how far it has read with every
 event, and ``send`` waits rather than overwrite audio the worker has not taken yet.

@@ -372,7 +372,7 @@ class Supervisor:
         )
 
     def open_session(self, client: bytes, msg: Message) -> None:
-        """A live stream leases one worker until it closes; at most ``pool.max_sessions`` of a pool."""
+        """A live stream, one of several on a worker until it closes; at most ``pool.max_sessions`` of a pool."""
         provider, route = self._admit(client, msg)
         limit = provider.pool.session_limit
         active = self.farm.sessions(provider.name)

@@ -51,7 +51,8 @@ def test_no_pool_section_or_pool_disabled_is_a_single_instance(pool: dict | None
         ({"hub": {"log_level": "LOUD"}, "providers": {"echo": {}}}, "hub.log_level: must be one of"),
         ({"providers": {"whisper": {"model": "x", "options": {"beam": 5}}}}, "providers.whisper.options: beam not understood"),
         ({"providers": {"whisper": {"model": "x", "options": {"beam_size": "five"}}}}, "beam_size must be an integer"),
-        ({"providers": {"echo": {"pool": {"max_sessions": 3, "max_size": 2}}}}, "providers.echo.pool.max_sessions"),
+        ({"providers": {"echo": {"pool": {"max_sessions": 9, "max_size": 2}}}}, "providers.echo.pool.max_sessions"),
+            ({"providers": {"echo": {"pool": {"sessions_per_worker": 0}}}}, "providers.echo.pool.sessions_per_worker"),
     ],
 )
 def test_errors_name_the_key_path(data: dict, message: str) -> None:
@@ -89,6 +90,9 @@ def test_the_sample_config_documents_every_key() -> None:
 
 def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
     pools = parse_config({"providers": {"a": {"type": "echo"}, "b": {"type": "echo", "pool": {"max_size": 3}}}})
-    assert pools.providers["a"].pool.session_limit == 1 and pools.providers["b"].pool.session_limit == 2
+    assert pools.providers["a"].pool.session_limit == 1 and pools.providers["a"].pool.sessions_per_worker == 1
+    assert pools.providers["b"].pool.session_limit == 3 * 4  # every worker the pool may have, full
+    rollback = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "sessions_per_worker": 8}}}})
+    assert rollback.providers["a"].pool.sessions_per_worker == 1 and rollback.providers["a"].pool.session_limit == 1
     capped = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "max_sessions": 1}}}})
     assert capped.providers["a"].pool.session_limit == 1

@@ -45,7 +45,7 @@ def send_chunks(session, pcm: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def whisper_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    provider = {"model": "tiny.en", "device": "cpu", "pool": {"min_size": 2, "max_size": 2, "max_sessions": 2}}
+    provider = {"model": "tiny.en", "device": "cpu", "pool": {"min_size": 2, "max_size": 2}}
     started = start_hub(tmp_path_factory.mktemp("sessions"), {"whisper": provider})
     yield started
     assert started.stop() == 0
@@ -78,6 +78,24 @@ def test_real_model_streamed_in_chunks(whisper_hub: Hub, use_shm: bool, clips: t
     assert finals[: len(finals_before_end)] == finals_before_end  # finals are never revised
     assert " ".join(finals) == transcript.text and [s.text for s in transcript.segments] == finals
     assert transcript.duration == pytest.approx(clip.size / 16000, abs=0.01)
+
+
+def test_more_sessions_than_workers_each_get_their_own_clips_text(whisper_hub: Hub) -> None:
+    """Six live sessions on two whisper workers (three each, taking turns), fed together at twice the speed
+    of speech: every stream's final text is its own clip's."""
+    clips = [CLIPS[i % len(CLIPS)] for i in range(6)]
+    pcms = [np.concatenate([to_pcm(DATA / f"{c}.wav"), SILENCE]) for c in clips]
+    with whisper_hub.client() as client:
+        sessions = [client.open_stream(language="en") for _ in clips]
+        assert len({s.worker for s in sessions}) == 2
+        for start in range(0, max(p.size for p in pcms), CHUNK):
+            for session, pcm in zip(sessions, pcms):
+                if start < pcm.size:
+                    session.send(pcm[start : start + CHUNK])
+            time.sleep(CHUNK / 16000 / 2)
+        texts = [session.close().text for session in sessions]
+    for clip, text in zip(clips, texts):
+        assert word_error_rate(reference(clip), text) <= 0.2, (clip, text)
 
 
 def test_async_session(whisper_hub: Hub) -> None:
@@ -132,15 +150,79 @@ def test_sessions_past_max_sessions_are_refused_while_jobs_run(hub_factory) -> N
             again.send(TONE)
 
 
-def test_sessions_count_as_busy_and_grow_the_pool(hub_factory) -> None:
-    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3, max_sessions=2)})
+def test_sessions_grow_the_pool_by_their_load(hub_factory) -> None:
+    """Two sessions a worker: three sessions need two workers, plus one kept free for one-shot jobs."""
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3, sessions_per_worker=2)})
+    with hub.client() as client:
+        sessions = [client.open_stream() for _ in range(3)]
+        wait_for(lambda: hub.status()["providers"]["echo"]["size"] == 3, what="the pool grown to 3 by its sessions")
+        assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
+        for session in sessions:
+            session.close()
+
+
+def test_one_session_a_worker_waits_for_the_pool_to_grow(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3, sessions_per_worker=1, max_sessions=2)})
     with hub.client() as client:
         a = client.open_stream()
         b = client.open_stream()  # waits for the pool to grow
         assert a.worker != b.worker and hub.status()["providers"]["echo"]["size"] >= 2
+        with pytest.raises(PoolBusy, match="max_sessions=2"):
+            client.open_stream()
         assert client.transcribe(TONE, timeout=20).text == echo_text(TONE)
         a.close()
         b.close()
+
+
+def test_sessions_beyond_the_worker_count_share_workers_by_load(hub_factory) -> None:
+    """Six sessions on two workers of three sessions each: placed by least load, each with its own text;
+    the seventh is POOL_BUSY at once, since every worker the pool may have is full."""
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2, sessions_per_worker=3)})
+    clips = [STEPS * (1 + i / 10) for i in range(6)]
+    with hub.client() as client:
+        alone = []
+        for clip in clips[:2]:
+            with client.open_stream() as session:
+                send_chunks(session, clip)
+            alone.append(session.transcript.text)
+        sessions = [client.open_stream() for _ in clips]
+        loads = {w["id"]: w["sessions"] for w in hub.status()["providers"]["echo"]["workers"]}
+        assert sorted(loads.values()) == [3, 3], loads
+        started = time.monotonic()
+        with pytest.raises(PoolBusy, match="max_sessions=6"):
+            client.open_stream()
+        assert time.monotonic() - started < 1.0
+        for start in range(0, STEPS.size, CHUNK):  # interleaved, as live streams are
+            for session, clip in zip(sessions, clips):
+                session.send(clip[start : start + CHUNK])
+        texts = [session.close().text for session in sessions]
+    assert texts[:2] == alone and len(set(texts)) == 6, texts
+
+
+def test_one_shot_jobs_go_to_the_worker_without_sessions(hub_factory) -> None:
+    hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2)})
+    with hub.client() as client:
+        with client.open_stream() as session:
+            session.send(TONE)
+            workers = {client.transcribe(TONE).worker for _ in range(4)}
+            assert workers and session.worker not in workers, (session.worker, workers)
+
+
+def test_a_single_instance_still_serves_one_thing_at_a_time(hub_factory) -> None:
+    """pool.enabled: false: the session holds the one worker; a one-shot job waits for it to close."""
+    hub = hub_factory({"echo": {"type": "echo", "pool": {"enabled": False}}})
+    with hub.client() as client:
+        session = client.open_stream()
+        with pytest.raises(PoolBusy, match="max_sessions=1"):
+            client.open_stream()
+        done: list = []
+        job = threading.Thread(target=lambda: done.append(client.transcribe(TONE, timeout=20)))
+        job.start()
+        time.sleep(1.0)
+        assert not done and hub.status()["providers"]["echo"]["queue_depth"] == 1
+        session.close()
+        job.join(20)
+        assert done and done[0].text == echo_text(TONE)
 
 
 def test_an_idle_session_is_closed_with_its_reason(hub_factory) -> None:

@@ -17,6 +17,8 @@ import os
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from hub.results import Segment
 from workers.cuda import visible_pci_bus_ids
 from workers.engine import Engine, check_options, load_engine
 from workers.session import Session
+from workers.turns import JOB, next_turn
 
 log = logging.getLogger("workers")
 _PR_SET_PDEATHSIG = 1
@@ -54,40 +57,102 @@ def _connect(ctx: zmq.Context, spec: WorkerSpec, identity: str) -> zmq.Socket:
     return sock
 
 
-def _heartbeat(ctx: zmq.Context, spec: WorkerSpec, parent: int, stop: threading.Event) -> None:
+def _heartbeat(
+    ctx: zmq.Context, spec: WorkerSpec, parent: int, stop: threading.Event, load: Callable[[], dict[str, Any]]
+) -> None:
     sock = _connect(ctx, spec, f"{spec.id}.hb")
     try:
         while not stop.wait(spec.heartbeat_interval):
             if os.getppid() != parent:  # the supervisor is gone and no signal reached us
                 os._exit(ExitCode.OK)
-            sock.send_multipart(protocol.build(MsgType.HEARTBEAT, spec.id))
+            sock.send_multipart(protocol.build(MsgType.HEARTBEAT, spec.id, load()))
     finally:
         sock.close()
 
 
 class Worker:
+    """Serves one-shot jobs and any number of live sessions (the supervisor decides how many), one turn
+    at a time: take every message waiting, then decode whatever has waited longest (``workers.turns``)."""
+
     def __init__(self, spec: WorkerSpec, engine: Engine, sock: zmq.Socket) -> None:
         self.spec = spec
         self.engine = engine
         self.sock = sock
         self.segments = shm.SegmentReader(spec.shm_prefix)
+        self.sessions: dict[str, Session] = {}
+        self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs waiting, with their arrival
+        self.session_busy = 0.0  # seconds spent decoding sessions: the heartbeat reports it as the session load
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
 
+    def load(self) -> dict[str, Any]:
+        """What the heartbeat tells the supervisor (read from the heartbeat thread; plain numbers)."""
+        return {"busy": self.session_busy, "sessions": len(self.sessions)}
+
     def serve(self) -> None:
+        try:
+            while self._take_messages():
+                due = {sid: s.due_since for sid, s in self.sessions.items() if s.due_since is not None}
+                turn = next_turn(due, self.jobs[0][1] if self.jobs else None)
+                if turn == JOB:
+                    self.run_job(self.jobs.popleft()[0])
+                elif turn is not None:
+                    self._guard(self.sessions[turn], lambda session: self._spent(session.step()))
+        finally:
+            for session in self.sessions.values():
+                session.close()
+
+    def _take_messages(self) -> bool:
+        """Every message already waiting (waiting for one when there is nothing to do); False on STOP."""
+        busy = bool(self.jobs) or any(s.due_since is not None for s in self.sessions.values())
+        if not self.sock.poll(0 if busy else -1):
+            return True
         while True:
             try:
-                msg = protocol.parse(self.sock.recv_multipart())
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            try:
+                msg = protocol.parse(frames)
             except HubError as exc:
                 log.warning("worker %s dropped a malformed message: %s", self.spec.id, exc)
                 continue
             if msg.type is MsgType.STOP:
-                return
-            if msg.type is MsgType.JOB:
-                self.run_job(msg)
-            elif msg.type is MsgType.STREAM_OPEN and not self.run_session(msg):
-                return
+                return False
+            self._on_message(msg)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.type is MsgType.JOB:
+            self.jobs.append((msg, time.monotonic()))
+        elif msg.type is MsgType.STREAM_OPEN:
+            self.open_session(msg)
+        elif (session := self.sessions.get(msg.id)) is not None:
+            if msg.type is MsgType.STREAM_DATA:
+                self._guard(session, lambda s: s.take(msg))
+            elif msg.type is MsgType.STREAM_CLOSE:
+                reason = msg.body.get("reason")
+                if self._guard(session, lambda s: self._spent(s.finish(reason))):
+                    self.sessions.pop(session.id).close()
+
+    def _spent(self, seconds: float) -> None:
+        self.session_busy += seconds
+
+    def _guard(self, session: Session, action: Callable[[Session], None]) -> bool:
+        """Run a session's step; a failure ends that session alone, with its error. False when it failed."""
+        try:
+            action(session)
+            return True
+        except HubError as exc:
+            exc.job_id = session.id
+            error = exc
+        except Exception as exc:
+            log.exception("session %s failed", session.id)
+            error = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}", job_id=session.id)
+        self.send(MsgType.ERROR, session.id, error.to_dict())
+        self.sessions.pop(session.id, None)
+        session.close()
+        return False
 
     def run_job(self, msg: Message) -> None:
         started = time.perf_counter()
@@ -119,20 +184,16 @@ class Worker:
         }
         self.send(MsgType.RESULT, msg.id, body)
 
-    def run_session(self, msg: Message) -> bool:
-        """Serve a live session; False when the supervisor said STOP meanwhile."""
+    def open_session(self, msg: Message) -> None:
         try:
-            session = Session(self.spec, self.engine, self.sock, msg)
+            self.sessions[msg.id] = Session(self.spec, self.engine, self.sock, msg)
         except HubError as exc:
             exc.job_id = msg.id
             self.send(MsgType.ERROR, msg.id, exc.to_dict())
-            return True
         except Exception as exc:
             log.exception("worker %s: cannot open a session", self.spec.id)
             error = InferenceFailed(f"cannot open a live session on {self.spec.type}: {exc}", job_id=msg.id)
             self.send(MsgType.ERROR, msg.id, error.to_dict())
-            return True
-        return session.serve()
 
     def _pcm(self, msg: Message) -> np.ndarray:
         if msg.body.get("health"):
@@ -196,10 +257,13 @@ def main(argv: list[str]) -> int:
             time.sleep(0.2)  # linger=0 would drop the message: give it time to leave
             return ExitCode.MODEL_LOAD_ERROR
         stop = threading.Event()
-        beat = threading.Thread(target=_heartbeat, args=(ctx, spec, parent, stop), daemon=True, name="heartbeat")
+        worker = Worker(spec, engine, sock)
+        beat = threading.Thread(
+            target=_heartbeat, args=(ctx, spec, parent, stop, worker.load), daemon=True, name="heartbeat"
+        )
         beat.start()
         sock.send_multipart(protocol.build(MsgType.READY, spec.id, ready_body(spec, engine)))
-        Worker(spec, engine, sock).serve()
+        worker.serve()
         stop.set()
         beat.join()
         return ExitCode.OK
