@@ -165,7 +165,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> It
     """One supervisor serving a Paraformer pool of two, a streaming Paraformer, a SenseVoiceSmall pool and
     whisper, side by side."""
     cpu = {"device": "cpu", "cpu_threads": 1}
-    one = {"min_size": 1, "max_size": 1, "max_sessions": 1}  # its one worker may be leased to a live session
+    one = {"min_size": 1, "max_size": 1}  # one worker, serving several live sessions at once
     providers = {
         "funasr": {**cpu, "model": str(models["paraformer"]), "pool": {"min_size": 2, "max_size": 2}},
         "funasr-online": {**cpu, "type": "funasr", "model": str(models["online"]), "pool": one},
@@ -354,6 +354,26 @@ def test_a_streaming_model_decodes_chunk_by_chunk_through_its_cache(hub: Hub, mo
             client.transcribe(pcm, "funasr-online", chunk_size=[0, 0, 5])
         with pytest.raises(BadRequest, match="chunk_size"):
             client.transcribe(pcm, "funasr", chunk_size=[0, 10, 5])  # an offline model has no chunks
+
+
+def test_a_streaming_model_keeps_one_cache_per_session_on_one_worker(hub: Hub, models: dict[str, Path]) -> None:
+    """Three sessions of different clips on the streaming Paraformer's one worker, their chunks interleaved:
+    each session's text is exactly that of its clip streamed alone (a shared cache would mix them). Sent
+    faster than real time, a decode may take several chunks at once, so the texts compare run together."""
+    clips = [to_pcm(DATA / f"{name}.wav") for name in ("stella", "hello", "coffee")]
+    expected = []
+    for pcm in clips:
+        steps, last, _ = stream_in_process(models["online"], pcm, {})
+        expected.append("".join(u.final.text for u in (*steps, last) if u.final))
+    with hub.client() as client:
+        sessions = [client.open_stream("funasr-online") for _ in clips]
+        assert len({s.worker for s in sessions}) == 1
+        for start in range(0, max(p.size for p in clips), CHUNK):
+            for session, pcm in zip(sessions, clips):
+                if start < pcm.size:
+                    session.send(pcm[start : start + CHUNK])
+        transcripts = [session.close() for session in sessions]
+    assert ["".join(seg.text for seg in t.segments) for t in transcripts] == expected
 
 
 def _wait_for(condition: Any, hub: Hub, timeout: float = 60.0) -> dict[str, Any]:

@@ -110,6 +110,6 @@ def serving(tmp: Path, providers: dict[str, Any], **section: Any) -> Iterator[Ga
 def whisper_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One supervisor with the bundled tiny.en (the default provider), an echo provider named "echo" and its gateway,
     shared by a module's tests that change nothing."""
-    providers = {"whisper": WHISPER, "echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 2}}}
+    providers = {"whisper": WHISPER, "echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 2, "max_sessions": 1}}}
     with serving(tmp_path_factory.mktemp("gateway"), providers) as gw:
         yield gw
