@@ -229,13 +229,39 @@ def _heartbeat(sock: zmq.Socket) -> None:
 RECONNECT_GRACE = 1.0  # seconds a request waits for a closed connection to come back before giving up
 
 
+class _Handshake:
+    """Whether the hub refused this client's key, from the socket's handshake events.
+
+    A handshake that fails with no detail is how a wrong server key shows, but also how a hub that stops in
+    mid-handshake (a drain, a crash) shows. It counts as a refusal only until a handshake has succeeded: a hub
+    that accepted this client's key once and then fails one is, in practice, going away, and the request lost
+    with it is HUB_UNREACHABLE (a pool retries it on another hub), not AUTH_FAILED (final).
+    """
+
+    __slots__ = ("accepted", "refused")
+
+    def __init__(self) -> None:
+        self.accepted = False
+        self.refused = False
+
+    def take(self, event: int) -> bool:
+        """Account for ``event`` if it is a handshake's outcome; False for any other event."""
+        if not event & (AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED):
+            return False
+        if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.accepted, self.refused = True, False
+        else:
+            self.refused = bool(event & zmq.EVENT_HANDSHAKE_FAILED_AUTH) or not self.accepted
+        return True
+
+
 class _Link:
     """A socket's connection state, read from its monitor: known down after a close until it reconnects."""
 
     def __init__(self, sock: zmq.Socket) -> None:
         self.monitor = sock.get_monitor_socket(LINK_EVENTS)
         self.down = False
-        self.refused = False  # the last handshake failed on our CURVE key
+        self.handshake = _Handshake()
 
     def update(self, timeout_ms: int = 0) -> bool:
         """Take the pending events (waiting up to ``timeout_ms`` for the first); True if a close was among them."""
@@ -243,8 +269,7 @@ class _Link:
         while self.monitor.poll(timeout_ms):
             event = recv_monitor_message(self.monitor)["event"]
             timeout_ms = 0
-            if event & (AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED):
-                self.refused = bool(event & AUTH_EVENTS)
+            if self.handshake.take(event):
                 continue
             closed = closed or event == zmq.EVENT_DISCONNECTED
             self.down = event == zmq.EVENT_DISCONNECTED
@@ -477,7 +502,7 @@ class HubClient:
         sock, link = self._socket()
         link.update()
         if link.down and not link.wait_up(min(RECONNECT_GRACE, max(0.0, deadline - time.monotonic()))):
-            raise _refused(self.endpoint, self.curve) if link.refused else _unreachable(self.endpoint, RECONNECT_GRACE)
+            raise _refused(self.endpoint, self.curve) if link.handshake.refused else _unreachable(self.endpoint, RECONNECT_GRACE)
         request_id = str(next(self._ids))
         started = time.monotonic()
         sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
@@ -488,7 +513,7 @@ class HubClient:
             remaining = deadline - time.monotonic()
             ready = dict(poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
             if link.monitor in ready and link.update():
-                raise _lost(self.endpoint, self.curve, link.refused)
+                raise _lost(self.endpoint, self.curve, link.handshake.refused)
             if sock not in ready:
                 if ready and remaining > 0:
                     continue
@@ -539,7 +564,7 @@ class AsyncHubClient:
             curve.apply(self._sock)
         self._monitor = self._sock.get_monitor_socket(LINK_EVENTS)
         self._down = False
-        self._refused = False
+        self._handshake = _Handshake()
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Queue[Message]] = {}
@@ -703,7 +728,7 @@ class AsyncHubClient:
         sent = answered = False
         try:
             if self._down:
-                raise _refused(self.endpoint, self.curve) if self._refused else _unreachable(self.endpoint, RECONNECT_GRACE)
+                raise _refused(self.endpoint, self.curve) if self._handshake.refused else _unreachable(self.endpoint, RECONNECT_GRACE)
             await self._sock.send_multipart(protocol.build(msg_type, request_id, body, payload))
             sent = True
             while True:
@@ -747,12 +772,10 @@ class AsyncHubClient:
             ready = dict(await poller.poll())
             if self._monitor in ready:
                 event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
-                if event & (AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED):
-                    self._refused = bool(event & AUTH_EVENTS)
-                else:
+                if not self._handshake.take(event):
                     self._down = event == zmq.EVENT_DISCONNECTED
                 if event == zmq.EVENT_DISCONNECTED:
-                    gone = _lost(self.endpoint, self.curve, self._refused).to_dict()
+                    gone = _lost(self.endpoint, self.curve, self._handshake.refused).to_dict()
                     for request_id, inbox in list(self._pending.items()):
                         inbox.put_nowait(Message(MsgType.ERROR, request_id, gone))
             if self._sock in ready:

@@ -15,6 +15,7 @@ import math
 
 _log, _ceil = math.log, math.ceil  # bound once: add() runs twice per request in the supervisor
 RELATIVE_ACCURACY = 0.01  # percentiles read within 1 %, comfortably inside the 2 % the status promises
+ZERO_INDEX = -(2**31)  # the "bin" of zero and negative values: below every real bin (log of the least float is ~ -745)
 
 
 class QuantileSketch:
@@ -58,11 +59,15 @@ class QuantileSketch:
         return 2.0 * self._gamma ** max(self.bins) / (self._gamma + 1.0)
 
     def index(self, value: float) -> int:
-        """The bin a positive ``value`` is counted in: bin ``i`` holds ``(gamma^(i-1), gamma^i]``."""
+        """The bin ``value`` is counted in: bin ``i`` holds ``(gamma^(i-1), gamma^i]``; zero and below: ZERO_INDEX."""
+        if value <= 0.0:
+            return ZERO_INDEX
         return math.ceil(math.log(value) * self._inv_log_gamma)
 
     def upper(self, index: int) -> float:
-        """The upper edge of bin ``index``."""
+        """The upper edge of bin ``index`` (0.0 for ZERO_INDEX)."""
+        if index == ZERO_INDEX:
+            return 0.0
         return float(self._gamma**index)
 
     def counts_through(self, indices: tuple[int, ...]) -> list[int]:

@@ -44,3 +44,15 @@ def test_zeros_empty_and_bad_accuracy() -> None:
     assert sketch.counts_through((sketch.index(1.0), sketch.index(2.0))) == [3, 4]
     with pytest.raises(ValueError):
         QuantileSketch(0.0)
+
+
+def test_a_zero_bound_counts_only_the_zeros() -> None:
+    """The WER histogram's first Prometheus bound is 0: a perfect agreement, counted apart from the bins."""
+    from hub.metrics import WER_BUCKETS, Histogram
+
+    h = Histogram(WER_BUCKETS)
+    for wer in (0.0, 0.0, 0.01, 0.3, 2.5):
+        h.observe(wer)
+    buckets = dict(h.cumulative())
+    assert buckets["0.0"] == 2.0 and buckets["+Inf"] == 5.0
+    assert [n for _, n in h.cumulative()] == sorted(n for _, n in h.cumulative())

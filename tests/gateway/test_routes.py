@@ -31,7 +31,7 @@ def _wav() -> bytes:
 
 def test_a_sticky_route_through_the_openai_api(gateway_factory) -> None:
     gw: Gateway = gateway_factory(
-        {"v1": {"type": "echo"}, "v2": {"type": "echo", "options": {"fail": "the canary"}}},
+        {"v1": {"type": "echo"}, "v2": {"type": "echo", "options": {"fail": "the canary", "fail_from": 2}}},
         routes={"asr": {"providers": [{"provider": "v1", "weight": 1}, {"provider": "v2", "weight": 1}], "sticky": True}},
     )
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30)
