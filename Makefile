@@ -63,6 +63,23 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
+# `make bench-peers`: Ray Serve beside the hub on the same clips and thread settings (bench/README.md).
+# Ray lives in a virtual environment of its own, so the project never depends on it; neither Ray Serve
+# nor faster-whisper needs torch, so none is installed there. Pass `BENCH_ARGS=--quick` for a short run.
+PEERS_VENV ?= .venv-peers
+RAY_VERSION ?= 2.60.0
+PEERS_STAMP := $(PEERS_VENV)/.installed-ray-$(RAY_VERSION)
+.PHONY: bench-peers
+
+$(PEERS_STAMP): setup.cfg pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -e '.[whisper,bench]' 'ray[serve]==$(RAY_VERSION)'
+	touch $@
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python -m bench.peers $(BENCH_ARGS)
+
 # `make soak DURATION=600`: a steady mixed load with periodic worker kills; exits non-zero on any
 # lost request, an error rate of 0.1 % or more, memory growth or leaked descriptors or segments.
 DURATION ?= 600

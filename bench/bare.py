@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -123,20 +124,27 @@ def run_bare(
                 proc.wait()
 
 
-def _serve(clips_path: Path, threads: int, device: str) -> None:
-    """The bare process: load, warm up, then transcribe each clip number read from stdin."""
+def open_model(threads: int, device: str) -> Callable[[np.ndarray], str]:
+    """tiny.en as the hub's workers load it, transcribing with the default options: the bare processes use it,
+    and so do the peers measured beside the hub (``bench.ray_serve``)."""
     from faster_whisper import WhisperModel
 
     from workers.whisper import resolve_model
 
-    with np.load(clips_path) as data:
-        clips = [data[f"arr_{i}"] for i in range(len(data.files))]
     model = WhisperModel(resolve_model(MODEL), device=device, compute_type=compute_type(device), cpu_threads=threads)
 
     def transcribe(pcm: np.ndarray) -> str:
         segments, _info = model.transcribe(pcm)
         return " ".join(s.text for s in segments)  # decoding happens while the generator is consumed
 
+    return transcribe
+
+
+def _serve(clips_path: Path, threads: int, device: str) -> None:
+    """The bare process: load, warm up, then transcribe each clip number read from stdin."""
+    with np.load(clips_path) as data:
+        clips = [data[f"arr_{i}"] for i in range(len(data.files))]
+    transcribe = open_model(threads, device)
     transcribe(clips[0])
     print("ready", flush=True)
     for line in sys.stdin:

@@ -17,6 +17,7 @@ import time
 import urllib.request
 import wave
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,16 @@ import httpx
 import numpy as np
 
 from bench import load
-from contextlib import AbstractContextManager
-
 from bench.hubproc import RunningHub, echo_provider, free_port, running_hub, whisper_provider
+from bench.overhead import hub_round_trips
 from bench.procstats import wait_for_quiet
 from bench.progress import say
-from bench.stats import percentiles
-from hub.client import HubClient
+from bench.stats import Run, Sample, percentiles
 
 IN_FLIGHT = 32
 WHISPER_CONCURRENCY = 4
 READY_TIMEOUT_S = 60.0
+ROUTE = "/v1/audio/transcriptions"  # the OpenAI route; bench.ray_serve serves it too
 
 
 @dataclass(frozen=True)
@@ -58,61 +58,53 @@ def wav_bytes(pcm: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def _wait_ready(url: str) -> None:
+def wait_ready(url: str, path: str = "/readyz", expect: str = "") -> None:
+    """Until ``url + path`` answers 200 with ``expect`` in its body (the gateway's readiness probe; a peer's
+    route table)."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as reply:
-                if reply.status == 200:
+            with urllib.request.urlopen(url + path, timeout=2) as reply:
+                if reply.status == 200 and expect in reply.read().decode(errors="replace"):
                     return
         except OSError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"the gateway at {url} did not get ready")
+    raise RuntimeError(f"{url}{path} did not get ready")
 
 
-def _sdk_round_trips(endpoint: str, pcm: np.ndarray, count: int) -> list[float]:
-    with HubClient(endpoint, timeout=60) as client:
-        times = []
-        for _ in range(count + 20):
-            sent = time.perf_counter()
-            client.transcribe(pcm, "echo")
-            times.append(time.perf_counter() - sent)
-        return times[20:]
-
-
-def _http_round_trips(url: str, upload: bytes, count: int) -> list[float]:
+def http_round_trips(url: str, upload: bytes, count: int) -> list[float]:
+    """Seconds per echo upload to an OpenAI-style ``/v1/audio/transcriptions``, one request at a time."""
     with httpx.Client(base_url=url, timeout=60) as client:
-        times = []
-        for _ in range(count + 20):
-            sent = time.perf_counter()
-            reply = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", upload)}, data={"model": "echo"})
+
+        def post() -> None:
+            reply = client.post(ROUTE, files={"file": ("a.wav", upload)}, data={"model": "echo"})
             reply.raise_for_status()
-            times.append(time.perf_counter() - sent)
-        return times[20:]
+
+        return load.timed_calls(post, count, warm=20)
 
 
-async def _http_closed(url: str, uploads: Sequence[bytes], model: str, concurrency: int, jobs: int | None, seconds: float | None) -> tuple[int, float, float]:
-    """(requests answered, audio seconds, wall seconds) for ``concurrency`` callers in a closed loop."""
+def upload_seconds(upload: bytes) -> float:
+    """The audio in a 16-bit mono 16 kHz WAV of ``wav_bytes``."""
+    return (len(upload) - 44) / 2 / 16000
+
+
+async def http_closed(
+    url: str, uploads: Sequence[bytes], model: str, concurrency: int, jobs: int | None, seconds: float | None
+) -> Run:
+    """``concurrency`` HTTP callers in a closed loop, uploading to ``ROUTE``."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        done, audio, sent = 0, 0.0, 0
-        started = time.perf_counter()
-        stop_at = started + seconds if seconds is not None else float("inf")
 
-        async def caller() -> None:
-            nonlocal done, audio, sent
-            while (jobs is None or sent < jobs) and time.perf_counter() < stop_at:
-                i = sent
-                sent += 1
-                upload = uploads[i % len(uploads)]
-                reply = await client.post("/v1/audio/transcriptions", files={"file": ("a.wav", upload)}, data={"model": model})
-                reply.raise_for_status()
-                done += 1
-                audio += (len(upload) - 44) / 2 / 16000
+        async def call(i: int) -> Sample:
+            upload = uploads[i % len(uploads)]
+            sent = time.perf_counter()
+            reply = await client.post(ROUTE, files={"file": ("a.wav", upload)}, data={"model": model})
+            reply.raise_for_status()
+            done = time.perf_counter()
+            return Sample(done - sent, upload_seconds(upload), done)
 
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return done, audio, time.perf_counter() - started
+        return await load.closed_calls(call, concurrency, jobs, seconds)
 
 
 def _with_gateway(workdir: Path, label: str, providers: dict[str, Any]) -> tuple[AbstractContextManager[RunningHub], str]:
@@ -125,15 +117,15 @@ def measure(workdir: Path, clips: list[np.ndarray], plan: GatewayPlan) -> dict[s
     noop = np.resize(clips[0], 160)  # 10 ms, as in the overhead figures
     hub_cm, url = _with_gateway(workdir, "gateway-echo", {"echo": echo_provider(plan.whisper_workers)})
     with hub_cm as hub:
-        _wait_ready(url)
+        wait_ready(url)
         wait_for_quiet(plan.settle_s)
-        sdk = percentiles([t * 1000 for t in _sdk_round_trips(hub.endpoint, noop, plan.round_trips)])
-        http = percentiles([t * 1000 for t in _http_round_trips(url, wav_bytes(noop), plan.round_trips)])
+        sdk = percentiles([t * 1000 for t in hub_round_trips(hub.endpoint, noop, plan.round_trips, warm=20)])
+        http = percentiles([t * 1000 for t in http_round_trips(url, wav_bytes(noop), plan.round_trips)])
         result["echo_latency_ms"] = {"sdk": sdk, "http": http, "added_p50": http["p50"] - sdk["p50"]}
         wait_for_quiet(plan.settle_s)
-        done, _, wall = asyncio.run(_http_closed(url, [wav_bytes(noop)], "echo", IN_FLIGHT, None, plan.seconds))
+        http_run = asyncio.run(http_closed(url, [wav_bytes(noop)], "echo", IN_FLIGHT, None, plan.seconds))
         sdk_run = load.closed_loop(hub.endpoint, [noop], "echo", IN_FLIGHT, seconds=plan.seconds)
-        result["echo_requests_per_s"] = {"http": done / wall, "sdk": len(sdk_run.samples) / sdk_run.wall_s}
+        result["echo_requests_per_s"] = {"http": http_run.requests_per_s, "sdk": sdk_run.requests_per_s}
     say(
         f"gateway: echo p50 {http['p50']:.2f} ms over HTTP against {sdk['p50']:.2f} ms through the SDK; "
         f"{result['echo_requests_per_s']['http']:.0f} req/s over HTTP, {result['echo_requests_per_s']['sdk']:.0f} through the SDK"
@@ -141,18 +133,18 @@ def measure(workdir: Path, clips: list[np.ndarray], plan: GatewayPlan) -> dict[s
     whisper = {"whisper": whisper_provider(plan.whisper_workers, 1, "cpu")}
     hub_cm, url = _with_gateway(workdir, "gateway-whisper", whisper)
     with hub_cm as hub:
-        _wait_ready(url)
+        wait_ready(url)
         load.warm_up(hub.endpoint, clips, "whisper", plan.whisper_workers)
         uploads = [wav_bytes(c) for c in clips]
         wait_for_quiet(plan.settle_s)
         run = load.closed_loop(hub.endpoint, clips, "whisper", WHISPER_CONCURRENCY, jobs=plan.whisper_jobs)
-        sdk_audio_per_s = sum(s.audio_s for s in run.samples) / run.wall_s
+        sdk_audio_per_s = run.audio_per_s
         wait_for_quiet(plan.settle_s)
-        _, audio, wall = asyncio.run(_http_closed(url, uploads, "whisper", WHISPER_CONCURRENCY, plan.whisper_jobs, None))
-        result["whisper_audio_per_s"] = {"sdk": sdk_audio_per_s, "http": audio / wall}
-        result["whisper_http_vs_sdk"] = (audio / wall) / sdk_audio_per_s
+        http_run = asyncio.run(http_closed(url, uploads, "whisper", WHISPER_CONCURRENCY, plan.whisper_jobs, None))
+        result["whisper_audio_per_s"] = {"sdk": sdk_audio_per_s, "http": http_run.audio_per_s}
+        result["whisper_http_vs_sdk"] = http_run.audio_per_s / sdk_audio_per_s
     say(
-        f"gateway: whisper at C={WHISPER_CONCURRENCY}: {audio / wall:.1f} audio s/s over HTTP, "
+        f"gateway: whisper at C={WHISPER_CONCURRENCY}: {http_run.audio_per_s:.1f} audio s/s over HTTP, "
         f"{sdk_audio_per_s:.1f} through the SDK ({result['whisper_http_vs_sdk']:.1%})"
     )
     return result

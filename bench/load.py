@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,40 @@ from hub.client import AsyncHubClient, AsyncHubPool
 
 REQUEST_TIMEOUT_S = 300.0
 SEED = 7  # the open loop's arrival schedule, so a run can be replayed (bench.mdc)
+
+
+async def closed_calls(
+    call: Callable[[int], Awaitable[Sample]], concurrency: int, jobs: int | None, seconds: float | None
+) -> Run:
+    """``concurrency`` callers, each awaiting ``call(i)`` for the next request number ``i`` the moment its last
+    one was answered, until ``jobs`` requests were sent or ``seconds`` passed: the closed loop of every client
+    the benchmarks drive (the SDK, HTTP, a peer's handle)."""
+    numbers = itertools.count()
+    samples: list[Sample] = []
+    started = time.perf_counter()
+    stop_at = started + seconds if seconds is not None else float("inf")
+
+    async def caller() -> None:
+        for i in numbers:
+            if (jobs is not None and i >= jobs) or time.perf_counter() >= stop_at:
+                return
+            samples.append(await call(i))
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return Run(samples, time.perf_counter() - started)
+
+
+def timed_calls(call: Callable[[], object], count: int, warm: int) -> list[float]:
+    """Seconds each of ``count`` calls took, one at a time, after ``warm`` untimed ones (first calls pay for
+    connections and caches)."""
+    for _ in range(warm):
+        call()
+    times = []
+    for _ in range(count):
+        sent = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - sent)
+    return times
 
 
 async def _closed(
@@ -40,23 +74,15 @@ async def _closed(
     connect = AsyncHubPool if pooled else AsyncHubClient
     async with connect(endpoint, timeout=REQUEST_TIMEOUT_S, use_shm=use_shm) as client:  # type: ignore[operator]
         await client.status()  # the HELLO and shared-memory probe happen before the clock starts
-        numbers = itertools.count()
-        samples: list[Sample] = []
-        started = time.perf_counter()
-        stop_at = started + seconds if seconds is not None else float("inf")
 
-        async def caller() -> None:
-            for i in numbers:
-                if (jobs is not None and i >= jobs) or time.perf_counter() >= stop_at:
-                    return
-                pcm = clips[i % len(clips)]
-                sent = time.perf_counter()
-                transcript = await client.transcribe(pcm, provider)
-                done = time.perf_counter()
-                samples.append(Sample(done - sent, duration(pcm), done, transcript.queue_ms, transcript.inference_ms))
+        async def call(i: int) -> Sample:
+            pcm = clips[i % len(clips)]
+            sent = time.perf_counter()
+            transcript = await client.transcribe(pcm, provider)
+            done = time.perf_counter()
+            return Sample(done - sent, duration(pcm), done, transcript.queue_ms, transcript.inference_ms)
 
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return Run(samples, time.perf_counter() - started)
+        return await closed_calls(call, concurrency, jobs, seconds)
 
 
 def closed_loop(

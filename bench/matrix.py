@@ -57,12 +57,12 @@ def _show(cell: Cell) -> None:
     )
 
 
-def _measure(plan: MatrixPlan, take: Callable[[], Cell]) -> Cell:
-    """Take a measurement; while other processes disturbed it, take it again (up to ``plan.retries`` times)
+def least_disturbed(retries: int, take: Callable[[], Cell]) -> Cell:
+    """Take a measurement; while other processes disturbed it, take it again (up to ``retries`` times)
     and keep the least disturbed. On a shared machine one test run elsewhere can halve a cell."""
     cell = take()
     _show(cell)
-    for _ in range(plan.retries):
+    for _ in range(retries):
         if not disturbed(cell.usage):
             break
         say(f"  other processes used {cell.usage['foreign_pct']:.0f}% of a core meanwhile: measuring again")
@@ -102,7 +102,7 @@ def _sweep(workdir: Path, plan: MatrixPlan, clips: list[np.ndarray], kind: str, 
         first_answer = load.warm_up(hub.endpoint, clips, PROVIDER, workers) - hub.started_at
         say(f"{kind} N={workers}: ready in {hub.ready_s:.1f} s, first answer after {first_answer:.1f} s")
         sweep = Sweep(
-            [_measure(plan, partial(_hub_cell, hub, plan, kind, workers, threads, c, clips)) for c in plan.concurrency],
+            [least_disturbed(plan.retries, partial(_hub_cell, hub, plan, kind, workers, threads, c, clips)) for c in plan.concurrency],
             {"ready_s": hub.ready_s, "first_answer_s": first_answer},
         )
         if kind == "pool" and workers == max(plan.pool_sizes):
@@ -125,7 +125,7 @@ def _load80(hub: RunningHub, cells: list[Cell], plan: MatrixPlan, clips: list[np
     peak = max(c.requests_per_s for c in cells)
     rate = LOAD_FRACTION * peak
     say(f"pool N={cells[0].workers}: open loop at {rate:.2f} req/s (80% of {peak:.2f}), {plan.load_jobs} requests")
-    cell = _measure(plan, partial(_open_cell, hub, plan, cells[0], rate, clips))
+    cell = least_disturbed(plan.retries, partial(_open_cell, hub, plan, cells[0], rate, clips))
     unloaded = next((c for c in cells if c.concurrency == 1), cells[0]).latency_ms["p50"]
     service_ms = cell.to_dict()["inference_ms_p50"] or unloaded
     simulated = mdc.p99(load.arrivals(rate, plan.load_jobs, load.SEED), service_ms / 1000, cells[0].workers) * 1000
@@ -154,14 +154,14 @@ def run_matrix(workdir: Path, plan: MatrixPlan, clips: list[np.ndarray]) -> dict
     for threads in plan.direct_threads:
         say(f"direct: one faster-whisper model, {threads} threads, {jobs} clips one after another")
         take = partial(run_bare, "direct", clips, clips_path, 1, threads, plan.device, jobs, log, plan.settle_s)
-        cells.append(_measure(plan, take))
+        cells.append(least_disturbed(plan.retries, take))
     for n in plan.pool_sizes:
         if n > 1:
             say(f"ceiling: {n} bare processes × {plan.threads(n)} threads from a shared queue, {jobs} clips")
             take = partial(
                 run_bare, "ceiling", clips, clips_path, n, plan.threads(n), plan.device, jobs, log, plan.settle_s
             )
-            cells.append(_measure(plan, take))
+            cells.append(least_disturbed(plan.retries, take))
     result: dict[str, Any] = {"startup": {}, "load80": None}
     for kind, workers in [("single", 1), *(("pool", n) for n in plan.pool_sizes)]:
         sweep = _sweep(workdir, plan, clips, kind, workers)

@@ -67,14 +67,10 @@ def _latency(times_s: list[float]) -> dict[str, float]:
     return percentiles([t * 1000 for t in times_s])
 
 
-def _hub_round_trips(endpoint: str, pcm: np.ndarray, count: int, use_shm: bool, warm: int = 50) -> list[float]:
+def hub_round_trips(endpoint: str, pcm: np.ndarray, count: int, use_shm: bool = True, warm: int = 50) -> list[float]:
+    """Seconds per echo request through ``HubClient``, one request at a time."""
     with HubClient(endpoint, timeout=60, use_shm=use_shm) as client:
-        times = []
-        for _ in range(warm + count):
-            sent = time.perf_counter()
-            client.transcribe(pcm, "echo")
-            times.append(time.perf_counter() - sent)
-        return times[warm:]
+        return load.timed_calls(lambda: client.transcribe(pcm, "echo"), count, warm)
 
 
 def _cpu_us(meter: Meter, rps: float) -> dict[str, float]:
@@ -100,7 +96,7 @@ def _hub_figures(hub: RunningHub, pcm: np.ndarray, plan: OverheadPlan, use_shm: 
     """Latency one at a time; then requests per second with IN_FLIGHT outstanding, the latency under
     that load, and who burnt the CPU."""
     wait_for_quiet(plan.settle_s)
-    latency = _latency(_hub_round_trips(hub.endpoint, pcm, plan.round_trips, use_shm))
+    latency = _latency(hub_round_trips(hub.endpoint, pcm, plan.round_trips, use_shm))
     groups = {"client": [os.getpid()], "hub": [hub.pid], "workers": hub.worker_pids("echo")}
     with Meter(groups, settle_s=plan.settle_s) as meter:
         run = load.closed_loop(hub.endpoint, [pcm], "echo", IN_FLIGHT, seconds=plan.seconds, use_shm=use_shm)
@@ -159,7 +155,7 @@ def _sizes(hub: RunningHub, clips: list[np.ndarray], reps: tuple[int, ...]) -> l
         row: dict[str, Any] = {"audio_s": seconds}
         for mode, use_shm in (("shm", True), ("inline", False)):
             before = hub.status()["hub"]["inline_bytes"]
-            row[mode] = _latency(_hub_round_trips(hub.endpoint, pcm, count, use_shm, warm=1))
+            row[mode] = _latency(hub_round_trips(hub.endpoint, pcm, count, use_shm, warm=1))
             row[f"{mode}_bytes_through_hub"] = (hub.status()["hub"]["inline_bytes"] - before) // (count + 1)
         say(f"  {seconds:g} s of audio: shm p50 {row['shm']['p50']:.2f} ms, inline p50 {row['inline']['p50']:.2f} ms")
         rows.append(row)

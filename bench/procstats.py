@@ -74,6 +74,24 @@ def peak_rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (a supervisor, its workers and gateway)."""
+    root = psutil.Process(pid)
+    return [root.pid, *(child.pid for child in root.children(recursive=True))]
+
+
+def resident_mb(pids: list[int]) -> float:
+    """The resident memory of these processes now, summed (pages they share count once per process, as in
+    ``ps``); a process gone meanwhile counts nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
 def _cpu_seconds(pid: int) -> float:
     try:
         times = psutil.Process(pid).cpu_times()

@@ -26,6 +26,22 @@ class Run:
     samples: list[Sample]
     wall_s: float
 
+    @property
+    def audio_per_s(self) -> float:
+        return sum(s.audio_s for s in self.samples) / self.wall_s
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.samples) / self.wall_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Run:
+        """A run measured in another process (a peer's client), read back from its JSON."""
+        return Run([Sample(**s) for s in data["samples"]], float(data["wall_s"]))
+
 
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50, p95, p99 and the mean, by linear interpolation (with few samples p99 is close to the max)."""

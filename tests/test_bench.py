@@ -31,3 +31,42 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     assert result["gateway"]["whisper_http_vs_sdk"] > 0.5 and result["gateway"]["echo_requests_per_s"]["http"] > 0
     assert result["streaming"]["finals"] > 0 and 0 <= result["streaming"]["wer_vs_whole"] < 0.5
     assert "speech to final text" in out.stdout and "ceiling" in out.stdout
+
+
+def _side(audio_per_s: float, p50_ms: float, rates: dict[str, float], rss_mb: float, processes: int, first_s: float) -> dict:
+    quiet = {"foreign_pct": 0.0}
+    echo = {"latency": {"latency_ms": {"p50": p50_ms}, "usage": quiet}, "load": {n: {"requests_per_s": r, "usage": quiet} for n, r in rates.items()}}
+    whisper = {"audio_per_s": audio_per_s, "usage": quiet}
+    return {
+        "whisper": {"client": whisper, "http": {**whisper, "usage": {"foreign_pct": 80.0}}},
+        "echo": {"client": echo, "http": echo},
+        "rss_mb": rss_mb, "processes": processes, "first_answer_s": first_s,
+    }
+
+
+def test_peer_comparison_is_hub_over_ray_with_the_ceiling_as_the_yardstick() -> None:
+    """bench.peer_report without Ray: each figure's hub/Ray ratio, which side is ahead, and the disturbed mark."""
+    from bench.peer_report import comparisons, format_table
+
+    result = {
+        "ceiling": {"audio_per_s": 40.0, "usage": {"foreign_pct": 0.0}}, "concurrency": 4, "in_flight": [2, 32], "replicas": 2, "clips": [9.8, 13.2],
+        "hub": _side(36.0, 0.9, {"2": 1000.0, "32": 2000.0}, 500.0, 5, 3.0),
+        "ray": _side(30.0, 3.6, {"2": 200.0, "32": 40.0}, 2500.0, 22, 12.0),
+        "meta": {"ray_version": "2.60.0", "timestamp": "t", "machine": {"cores": 2}, "quick": True},
+    }
+    rows = {c.figure: c for c in comparisons(result)}
+    throughput = rows["whisper throughput, share of the fair ceiling (SDK / handle, C=4)"]
+    assert (throughput.hub, throughput.ray) == (0.9, 0.75) and abs(throughput.hub_over_ray - 1.2) < 1e-9
+    assert throughput.hub_ahead and not throughput.disturbed
+    assert rows["whisper throughput, share of the fair ceiling (HTTP, C=4)"].disturbed
+    latency = rows["no-op p50, one request at a time (SDK / handle)"]
+    assert latency.hub_over_ray == 0.25 and latency.hub_ahead  # lower is better
+    assert rows["no-op requests/s, 32 in flight (HTTP)"].hub_over_ray == 50.0
+    memory = rows["resident memory of all processes, after the whisper runs"]
+    assert memory.hub_over_ray == 0.2 and "5 processes against 22" in memory.note
+    slower = {**result, "ray": {**result["ray"], "first_answer_s": 1.5}}
+    assert not next(c for c in comparisons(slower) if c.figure == "start to first answer").hub_ahead
+    table = format_table(result)
+    sdk, http = (line for line in table.splitlines() if line.startswith("| whisper throughput"))
+    assert sdk.endswith("| 0.90 | 0.75 | 1.20 | hub ahead |") and http.endswith("| 0.90 * | 0.75 * | 1.20 | hub ahead |")
+    assert "Ray ahead" not in table and "rerun on a quiet machine" in table
