@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, chunks, gateway, hubpool, report, streaming
+from bench import chart, chunks, gateway, hubpool, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -31,6 +31,11 @@ def gateway_plan(args: argparse.Namespace) -> gateway.GatewayPlan:
 
 def hubpool_plan(args: argparse.Namespace) -> hubpool.PoolPlan:
     return hubpool.PoolPlan(jobs=8, round_trips=300, settle_s=2) if args.quick else hubpool.PoolPlan(jobs=24, round_trips=1000, settle_s=30)
+
+
+def scheduler_plan(args: argparse.Namespace) -> scheduler.SchedulerPlan:
+    """200 sessions either way (the target is about 200); the quick run streams 5 s instead of 20."""
+    return scheduler.SchedulerPlan(seconds=5.0, settle_s=2) if args.quick else scheduler.SchedulerPlan()
 
 
 def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPlan]:
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         result["overhead"] = measure(workdir, clips, overhead_plan)
         result["gateway"] = gateway.measure(workdir, clips, gateway_plan(args))
         result["hubpool"] = hubpool.measure(workdir, clips, hubpool_plan(args))
+        result["scheduler"] = scheduler.measure(workdir, scheduler_plan(args))
         result["chunks"] = chunks.measure(workdir, sessions=4, seconds=2.0 if args.quick else 5.0, settle_s=overhead_plan.settle_s)
         say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)

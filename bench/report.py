@@ -73,7 +73,7 @@ def _target(name: str, measured: float, limit: float, higher_is_better: bool, un
 
 
 def targets(result: Result) -> list[Result]:
-    """The targets (issues 7, 13 and 17), each with the measured figure and whether it was met."""
+    """The targets (issues 7, 13, 14 and 17), each with the measured figure and whether it was met."""
     r = result["ratios"]
     return [
         _target("pool throughput vs single instance", r["pool_vs_single"], 1.4, True, "×"),
@@ -81,6 +81,7 @@ def targets(result: Result) -> list[Result]:
         *hot_path_targets(result["overhead"], result["load80"], result.get("chunks")),
         *gateway_targets(result["gateway"]),
         *hubpool_targets(result["hubpool"]),
+        *(scheduler_targets(result["scheduler"]) if "scheduler" in result else []),
     ]
 
 
@@ -194,6 +195,35 @@ def hubpool_lines(h: Result) -> list[str]:
     ]
 
 
+SCHEDULER_CPU_PCT = 50.0  # issue 14: the supervisor's CPU under 200 echo sessions at real time, % of one core
+
+
+def scheduler_targets(s: Result) -> list[Result]:
+    """The scheduler alone (issue 14): the supervisor keeps up with many sessions at real time on part of a core."""
+    p99 = s["session_p99_ms"]
+    return [
+        _target(
+            f"supervisor CPU, {s['sessions']} echo sessions at real time on {s['workers']} workers",
+            s["hub_cpu_pct"], SCHEDULER_CPU_PCT, False, "% of a core",
+            f"chunk-to-partial p99 per session: median {p99['median']:.0f} ms, worst {p99['worst']:.0f} ms",
+        )
+    ]
+
+
+def scheduler_lines(s: Result) -> list[str]:
+    p99, every, late, u = s["session_p99_ms"], s["all_partials_ms"], s["client_late_ms"], s["usage"]
+    return [
+        "",
+        f"the scheduler alone ({s['sessions']} echo sessions on {s['workers']} workers, {s['chunk_s'] * 1000:.0f} ms "
+        f"chunks at real time, a decode every {s['step_ms']} ms of audio; {s['partials']} partials):",
+        f"  chunk-to-partial p99 per session: median {p99['median']:.1f} ms, worst {p99['worst']:.1f} ms "
+        f"(all partials: p50 {every['p50']:.1f}, p99 {every['p99']:.1f}, max {every['max']:.1f} ms)",
+        f"  CPU, % of one core: supervisor {u['hub_pct']:.0f}, workers {u['workers_pct']:.0f}, clients "
+        f"{u['clients_pct']:.0f}, other {u['foreign_pct']:.0f}{' *' if disturbed(u) else ''}; the clients sent "
+        f"their chunks late by p50 {late['p50']:.1f}, p99 {late['p99']:.1f} ms",
+    ]
+
+
 def _cell_row(c: Result) -> str:
     lat = c["latency_ms"]
     rss = sum(c["rss_mb"]) / len(c["rss_mb"]) if c["rss_mb"] else float("nan")
@@ -269,6 +299,8 @@ def format_table(result: Result) -> str:
         )
     lines += gateway_lines(result["gateway"])
     lines += hubpool_lines(result["hubpool"])
+    if "scheduler" in result:
+        lines += scheduler_lines(result["scheduler"])
     r = result["ratios"]
     lines += [
         "",
@@ -298,9 +330,13 @@ def format_table(result: Result) -> str:
             "(column 'other'): their figures, and the ratios built on them, are doubtful: rerun on a quiet machine.",
         ]
     lines += ["", "targets:"]
-    for t in result["targets"]:
-        lines.append(
-            f"  [{'met ' if t['met'] else 'MISS'}] {t['name']}: {t['measured']:.3g} {t['unit']} "
-            f"(target {t['direction']} {t['target']:g}){'; ' + t['note'] if t['note'] else ''}"
-        )
+    lines += [target_line(t) for t in result["targets"]]
     return "\n".join(lines)
+
+
+def target_line(t: Result) -> str:
+    """One target's verdict, as the table prints it."""
+    return (
+        f"  [{'met ' if t['met'] else 'MISS'}] {t['name']}: {t['measured']:.3g} {t['unit']} "
+        f"(target {t['direction']} {t['target']:g}){'; ' + t['note'] if t['note'] else ''}"
+    )

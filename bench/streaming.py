@@ -4,6 +4,11 @@ far the streamed text strays from the same audio transcribed whole.
 The clips play into a session at real-time speed (``speed`` > 1 plays faster) in 100 ms chunks, as a
 microphone would send them. A final segment's latency is the time it arrived minus the moment its
 last word had been "spoken" (its end time in the stream, on the playback clock).
+
+Modes: ``--sessions 1,2,4`` (K concurrent sessions on 2 one-thread workers, a row per K; with
+``--one-shot-load``, each K again beside a stream of one-shot requests), ``--scheduler`` (200 echo
+sessions on 4 echo workers: ``bench/scheduler.py``) and ``--batching K`` (K sessions' windows decoded one
+at a time against in one batched call: ``bench/batching.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import batching, report, scheduler
 from bench.clips import build_clips
 from bench.hubproc import running_hub, whisper_provider
 from hub.client import HubClient
@@ -87,12 +93,19 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 
 
 def sessions_per_worker(
-    workdir: Path, counts: tuple[int, ...], device: str = "cpu", speed: float = 1.0, workers: int = 2
+    workdir: Path,
+    counts: tuple[int, ...],
+    device: str = "cpu",
+    speed: float = 1.0,
+    workers: int = 2,
+    one_shot: bool = False,
 ) -> list[dict[str, Any]]:
     """K concurrent sessions (each the committed clips, at the speed of speech) on ``workers`` tiny.en workers
     of one thread: speech-to-final p50/p95 over every final of every session, and each session's WER
     against the whole audio transcribed in one request, for each K. Starts are staggered over one
-    ``step_ms`` so the sessions do not fall due in lockstep, as real microphones do not."""
+    ``step_ms`` so the sessions do not fall due in lockstep, as real microphones do not. With ``one_shot``,
+    each K is measured again with a client sending one-shot requests of the clips one after another
+    meanwhile: the sessions' latency with and without that load, and the one-shot requests' own."""
     clips = build_clips()
     silence = np.zeros(8000, dtype=np.float32)
     pcm = np.concatenate([part for clip in clips for part in (clip, silence)])
@@ -102,38 +115,71 @@ def sessions_per_worker(
     with running_hub(workdir, "sessions", {"whisper": provider}) as hub, HubClient(hub.endpoint, timeout=120) as client:
         whole = client.transcribe(pcm, "whisper").text
         for count in counts:
-            results: list[tuple[list[float], str, int]] = [([], "", 0)] * count
-            begin = time.monotonic() + 0.5
-
-            def one(i: int, begin: float = begin) -> None:
-                results[i] = play(client, pcm, speed, begin + i / max(1, count))
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            ordered = sorted(x for latencies, _, _ in results for x in latencies)
-            wers = [word_error_rate(whole, text) for _, text, _ in results]
-            rows.append(
-                {
-                    "sessions": count,
-                    "workers": workers,
-                    "final_latency_s": {"p50": _percentile(ordered, 0.5), "p95": _percentile(ordered, 0.95)},
-                    "wer_vs_whole": {"mean": round(float(np.mean(wers)), 4), "max": round(max(wers), 4)},
-                }
-            )
+            for loaded in (False, True) if one_shot else (False,):
+                rows.append(_sessions_row(hub.endpoint, client, pcm, whole, count, speed, workers, loaded, clips))
     return rows
 
 
+def _sessions_row(
+    endpoint: str,
+    client: HubClient,
+    pcm: np.ndarray,
+    whole: str,
+    count: int,
+    speed: float,
+    workers: int,
+    loaded: bool,
+    clips: list[np.ndarray],
+) -> dict[str, Any]:
+    results: list[tuple[list[float], str, int]] = [([], "", 0)] * count
+    begin = time.monotonic() + 0.5
+    done = threading.Event()
+    jobs: list[float] = []
+
+    def one(i: int) -> None:
+        results[i] = play(client, pcm, speed, begin + i / max(1, count))
+
+    def one_shots() -> None:
+        with HubClient(endpoint, timeout=300) as own:
+            while not done.is_set():
+                started = time.monotonic()
+                own.transcribe(clips[len(jobs) % len(clips)], "whisper")
+                jobs.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    loader = threading.Thread(target=one_shots) if loaded else None
+    for thread in [*threads, *([loader] if loader else [])]:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    if loader:
+        loader.join()
+    ordered = sorted(x for latencies, _, _ in results for x in latencies)
+    wers = [word_error_rate(whole, text) for _, text, _ in results]
+    row: dict[str, Any] = {
+        "sessions": count,
+        "workers": workers,
+        "one_shot_load": loaded,
+        "final_latency_s": {"p50": _percentile(ordered, 0.5), "p95": _percentile(ordered, 0.95)},
+        "wer_vs_whole": {"mean": round(float(np.mean(wers)), 4), "max": round(max(wers), 4)},
+    }
+    if loaded:
+        row["one_shot"] = {"jobs": len(jobs), "p50_s": _percentile(sorted(jobs), 0.5), "max_s": _percentile(sorted(jobs), 1.0)}
+    return row
+
+
 def sessions_summary(rows: list[dict[str, Any]]) -> str:
-    """The sessions-per-worker table: speech-to-final latency and WER for each count of concurrent sessions."""
-    lines = ["\nconcurrent live sessions at real time (tiny.en, 1 thread per worker):",
-             "  sessions  workers  final p50 s  final p95 s  WER mean  WER max"]
+    """The sessions-per-worker table: speech-to-final latency and WER for each count of concurrent sessions
+    (and, where measured, under one-shot load, with the one-shot requests' own latency)."""
+    lines = ["\nconcurrent live sessions (tiny.en, 1 thread per worker):",
+             "  sessions  workers  one-shot load          final p50 s  final p95 s  WER mean  WER max"]
     for row in rows:
         latency, wer = row["final_latency_s"], row["wer_vs_whole"]
+        shots = row.get("one_shot")
+        load = f"{shots['jobs']} jobs, p50 {shots['p50_s']} s" if shots else "none"
         lines.append(
-            f"  {row['sessions']:>8}  {row['workers']:>7}  {latency['p50']!s:>11}  {latency['p95']!s:>11}"
+            f"  {row['sessions']:>8}  {row['workers']:>7}  {load:<21}  {latency['p50']!s:>11}  {latency['p95']!s:>11}"
             f"  {wer['mean']:>8.1%}  {wer['max']:>7.1%}"
         )
     return "\n".join(lines)
@@ -154,14 +200,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--speed", type=float, default=1.0, help="playback speed (1 = real time)")
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--sessions", default="", help="e.g. 1,2,4,6: concurrent sessions on 2 workers, one row per count"
     )
+    mode.add_argument(
+        "--scheduler", action="store_true", help="the scheduler alone: 200 echo sessions at real time on 4 echo workers"
+    )
+    mode.add_argument(
+        "--batching", type=int, metavar="K", help="K session windows decoded one at a time against in one batched call"
+    )
+    parser.add_argument(
+        "--one-shot-load", action="store_true", help="with --sessions: each count again beside a stream of one-shot requests"
+    )
     args = parser.parse_args(argv)
+    if args.batching:
+        batching.one_thread()
+        figures = batching.measure(args.batching, device=args.device)
+        print(json.dumps(figures, indent=2))
+        print(batching.summary(figures))
+        return 0
     with tempfile.TemporaryDirectory(prefix="asr-hub-bench-stream-") as workdir:
+        if args.scheduler:
+            figures = scheduler.measure(Path(workdir), scheduler.SchedulerPlan())
+            print(json.dumps(figures, indent=2))
+            print("\n".join(report.scheduler_lines(figures)))
+            print("\n".join(report.target_line(t) for t in report.scheduler_targets(figures)))
+            return 0
         if args.sessions:
             counts = tuple(int(n) for n in args.sessions.split(","))
-            rows = sessions_per_worker(Path(workdir), counts, args.device, args.speed)
+            rows = sessions_per_worker(Path(workdir), counts, args.device, args.speed, one_shot=args.one_shot_load)
             print(json.dumps(rows, indent=2))
             print(sessions_summary(rows))
             return 0

@@ -119,7 +119,9 @@ class PoolConfig:
     max_jobs_per_worker: int = 0
     max_memory_mb: float = 0.0
     max_gpu_memory_fraction: float = 0.0  # 0: off; else a new worker starts only where it fits under this share of a card
-    sessions_per_worker: int = 4  # live sessions one worker serves at once, taking turns
+    # live sessions one worker serves at once, taking turns; 1 because on tiny.en on a CPU core only one kept
+    # speech-to-final p95 near 3 s (bench/README.md, sessions per worker); raise it for capacity or faster decodes
+    sessions_per_worker: int = 1
     max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0

@@ -384,6 +384,7 @@ def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
         "rss_bytes": "Resident memory of a worker process",
         "jobs_done": "Jobs a worker has finished",
         "sessions": "Live sessions a worker serves (its session load)",
+        "session_duty": "Fraction of the last heartbeat interval a worker spent decoding its sessions (one-shot jobs go to it only below 0.5)",
         "restarts": "Restarts of a worker's slot",
         "gpu_memory_used_bytes": "GPU memory of the worker process itself, by pid (absent without NVML or where the driver cannot see the pid)",
         "gpu_utilization": "Utilisation of the card a worker runs on, percent (absent without NVML)",

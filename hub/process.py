@@ -21,6 +21,9 @@ from hub.protocol import ExitCode, WorkerSpec
 MAX_BACKOFF = 60.0
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # set to a worker's cpu_threads
+
+
 def worker_env(provider: ProviderConfig, card: Card | None) -> dict[str, str]:
     """The environment of a worker: its one GPU (or none, an empty mask) and thread counts matching ``cpu_threads``.
 
@@ -33,7 +36,7 @@ def worker_env(provider: ProviderConfig, card: Card | None) -> dict[str, str]:
     if card is not None and (libraries := cuda_library_dirs()):
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, *filter(None, [env.get("LD_LIBRARY_PATH")])])
     if provider.cpu_threads > 0:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        for var in THREAD_VARS:
             env[var] = str(provider.cpu_threads)
     return env
 

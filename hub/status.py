@@ -112,6 +112,7 @@ def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
                         "rss_bytes": w.rss_mb * 2**20,
                         "jobs_done": w.jobs_done,
                         "sessions": len(w.sessions),
+                        "session_duty": w.duty,
                         "restarts": w.restarts,
                         "gpu_memory_used_bytes": None if w.gpu_used_mb is None else w.gpu_used_mb * 2**20,
                         "gpu_utilization": w.gpu_utilization,

@@ -34,11 +34,14 @@ POLL_S = 0.01  # how often a waiting reader looks for events; the socket's lock 
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """``partial``: text that may still change; ``final``: a segment that never will."""
+    """``partial``: text that may still change; ``final``: a segment that never will. ``heard``: seconds of
+    the session's audio the worker had read when it sent the event (the text covers the audio up to there),
+    which is how far behind the speech the text is."""
 
     kind: str
     text: str
     segment: Segment | None = None
+    heard: float = 0.0
 
 
 class _SessionState:
@@ -60,12 +63,12 @@ class _SessionState:
             return
         if msg.type is MsgType.PARTIAL:
             self.acked = int(msg.body.get("read", self.acked))
-            self.events.append(StreamEvent("partial", str(msg.body.get("text", ""))))
+            self.events.append(StreamEvent("partial", str(msg.body.get("text", "")), heard=self.acked / SAMPLE_RATE))
         elif msg.type is MsgType.SEGMENT:
             segment = Segment.from_dict(msg.body)
             self.acked = int(msg.body.get("read", self.acked))
             self.finals.append(segment)
-            self.events.append(StreamEvent("final", segment.text, segment))
+            self.events.append(StreamEvent("final", segment.text, segment, self.acked / SAMPLE_RATE))
         elif msg.type is MsgType.RESULT:
             self.transcript = Transcript.from_dict(msg.body)
         elif msg.type is MsgType.ERROR:

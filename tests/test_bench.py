@@ -23,9 +23,11 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     (result_file,) = tmp_path.glob("*.json")
     assert (result_file.with_suffix(".png")).stat().st_size > 10_000
     result = json.loads(result_file.read_text())
-    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "meta"} <= set(result)
+    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "meta"} <= set(result)
     names = " ".join(t["name"] for t in result["targets"])
     assert "M/D/c" in names and "CPU per echo request, supervisor" in names and "chunks forwarded" in names
+    assert "supervisor CPU, 200 echo sessions" in names and "the scheduler alone" in out.stdout
+    assert result["scheduler"]["sessions_with_partials"] == 200 and result["scheduler"]["hub_cpu_pct"] > 0
     assert result["chunks"]["chunks"] > 0 and result["overhead"]["sizes"][0]["audio_s"] == 0.01
     assert result["hubpool"]["pool_vs_one_hub"] > 0.5 and "through the pool" in out.stdout
     assert result["gateway"]["whisper_http_vs_sdk"] > 0.5 and result["gateway"]["echo_requests_per_s"]["http"] > 0
@@ -70,3 +72,13 @@ def test_peer_comparison_is_hub_over_ray_with_the_ceiling_as_the_yardstick() -> 
     sdk, http = (line for line in table.splitlines() if line.startswith("| whisper throughput"))
     assert sdk.endswith("| 0.90 | 0.75 | 1.20 | hub ahead |") and http.endswith("| 0.90 * | 0.75 * | 1.20 | hub ahead |")
     assert "Ray ahead" not in table and "rerun on a quiet machine" in table
+
+
+@pytest.mark.timeout(300)
+def test_the_batched_decode_mode_runs_and_compares_tokens() -> None:
+    """``python -m bench.streaming --batching K``'s measurement, at its smallest: two short windows."""
+    from bench import batching
+
+    figures = batching.measure(2, seconds=2.0, repeats=1)
+    assert set(figures["wall_s"]) == {"worker", "one_at_a_time", "batched"} and min(figures["wall_s"].values()) > 0
+    assert isinstance(figures["identical_tokens"], bool) and "identical tokens" in batching.summary(figures)

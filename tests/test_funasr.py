@@ -165,7 +165,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> It
     """One supervisor serving a Paraformer pool of two, a streaming Paraformer, a SenseVoiceSmall pool and
     whisper, side by side."""
     cpu = {"device": "cpu", "cpu_threads": 1}
-    one = {"min_size": 1, "max_size": 1}  # one worker, serving several live sessions at once
+    one = {"min_size": 1, "max_size": 1, "sessions_per_worker": 3}  # one worker, serving several live sessions at once
     providers = {
         "funasr": {**cpu, "model": str(models["paraformer"]), "pool": {"min_size": 2, "max_size": 2}},
         "funasr-online": {**cpu, "type": "funasr", "model": str(models["online"]), "pool": one},

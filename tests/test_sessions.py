@@ -45,7 +45,7 @@ def send_chunks(session, pcm: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def whisper_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    provider = {"model": "tiny.en", "device": "cpu", "pool": {"min_size": 2, "max_size": 2}}
+    provider = {"model": "tiny.en", "device": "cpu", "pool": {"min_size": 2, "max_size": 2, "sessions_per_worker": 3}}
     started = start_hub(tmp_path_factory.mktemp("sessions"), {"whisper": provider})
     yield started
     assert started.stop() == 0
@@ -318,6 +318,8 @@ def test_stream_step_ms_from_the_config_sets_the_decode_pace(hub_factory) -> Non
         transcript = session.close()
         reader.join(30)
     assert transcript.text == " ".join(f"a{10 * (i + 1)}" for i in range(8)), transcript.text
+    # each event says how much audio its text covers: the step-th decode had read step half-seconds
+    assert [e.heard for e in events if e.kind == "partial"][:8] == [0.5 * step for step in range(1, 9)]
 
 
 def test_send_blocks_while_the_worker_is_a_ring_behind_then_times_out(hub_factory) -> None:
