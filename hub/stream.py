@@ -5,7 +5,8 @@ into a per-session shared-memory ring and only positions travel over the socket;
 elsewhere they travel inline. The worker acknowledges how far it has read with every
 event, and ``send`` waits rather than overwrite audio the worker has not taken yet.
 ``StreamSession`` (blocking, safe to use from a sending and a reading thread at once)
-and ``AsyncStreamSession`` share ``_SessionState``, which holds no I/O.
+and ``AsyncStreamSession`` share ``_SessionCore``, which holds the protocol and no I/O: they differ
+only in how they wait (a poll on the session's own socket; an asyncio inbox).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import zmq
 
 from hub import protocol, shm
 from hub.audio import AudioInput, StreamResampler, check_sample_rate, pcm16, to_pcm
+from hub.call import route_fields
 from hub.errors import HubError, InvalidAudio, JobTimeout
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript, join_text
 
 RING_SECONDS = 30  # the ring holds this much audio the worker has not read yet
-POLL_S = 0.01  # how often a waiting reader looks for events; the socket's lock is free in between
+CLOSED = "this session is closed: its client closed it, or it never opened"
+POLL_MS = 10  # how often a waiting reader looks for events; the socket's lock is free in between
 
 
 @dataclass(frozen=True)
@@ -44,24 +47,45 @@ class StreamEvent:
     heard: float = 0.0
 
 
-class _SessionState:
-    """What a session has learned from its messages; no sockets, so both clients share it."""
+class _SessionCore:
+    """A live session's protocol without I/O, shared by ``StreamSession`` and ``AsyncStreamSession``: the frames
+    to send, what each message teaches, when the ring has room, and the errors. The two classes only wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str, ring: shm.Ring | None, timeout: float) -> None:
+        self.id, self.ring, self.timeout = request_id, ring, timeout
+        self.audio = ChunkAudio()
         self.events: deque[StreamEvent] = deque()
         self.finals: list[Segment] = []
         self.acked = 0  # samples the worker has read
+        self.worker: str | None = None
         self.transcript: Transcript | None = None
         self.error: HubError | None = None
+        self.released = False  # the ring let go of and the client told: nothing more is sent
 
     @property
     def ended(self) -> bool:
         return self.transcript is not None or self.error is not None
 
+    @property
+    def over(self) -> bool:
+        """Nothing more to send: the hub ended the session, or this side let go of it."""
+        return self.ended or self.released
+
+    def open(self, body: dict[str, Any]) -> list[bytes]:
+        return protocol.build(MsgType.STREAM_OPEN, self.id, body)
+
+    def opened(self) -> bool:
+        """Whether a worker took the session; raises the hub's refusal."""
+        if self.error is not None:
+            raise self.error
+        return self.worker is not None
+
     def handle(self, msg: Message) -> None:
-        if self.ended:  # e.g. the hub refusing data sent before the client read that the session failed
+        if msg.id != self.id or self.ended:  # ended: e.g. the hub refusing data sent before we read that it failed
             return
-        if msg.type is MsgType.PARTIAL:
+        if msg.type is MsgType.REPLY:
+            self.worker = str(msg.body.get("worker"))
+        elif msg.type is MsgType.PARTIAL:
             self.acked = int(msg.body.get("read", self.acked))
             self.events.append(StreamEvent("partial", str(msg.body.get("text", "")), heard=self.acked / SAMPLE_RATE))
         elif msg.type is MsgType.SEGMENT:
@@ -79,7 +103,55 @@ class _SessionState:
         """The final text so far: what a session that failed still returns."""
         return Transcript(text=join_text(s.text for s in self.finals), segments=tuple(self.finals))
 
-    def check_open(self) -> None:
+    def pieces(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """``pcm`` cut to what one STREAM_DATA may carry: half a ring, so that a piece fits once the worker has
+        read the older half; inline, all of it."""
+        step = self.ring.capacity // 2 if self.ring else pcm.size or 1
+        return [pcm[start : start + step] for start in range(0, pcm.size, step)]
+
+    def has_room(self, piece: np.ndarray) -> bool:
+        """Whether ``piece`` may be sent now without overwriting audio the worker has not read; raises if the
+        session is over."""
+        self._check_open()
+        return self.ring is None or self.ring.written + piece.size - self.acked <= self.ring.capacity
+
+    def data(self, piece: np.ndarray) -> list[bytes]:
+        """The STREAM_DATA for ``piece`` (written to the ring first, where there is one)."""
+        if self.ring is None:
+            return protocol.build(MsgType.STREAM_DATA, self.id, {}, piece.tobytes())
+        return protocol.build(MsgType.STREAM_DATA, self.id, {"end": self.ring.write(piece)})
+
+    def close_frames(self) -> list[bytes] | None:
+        """The STREAM_CLOSE to send, unless the session is already over."""
+        return None if self.over else protocol.build(MsgType.STREAM_CLOSE, self.id)
+
+    def result(self) -> Transcript:
+        """The final transcript; the session's error; or, for one its client let go of first, RuntimeError."""
+        if self.error is not None:
+            raise self.error
+        if self.transcript is None:
+            raise RuntimeError(CLOSED)
+        return self.transcript
+
+    def release(self) -> bool:
+        """Let go of the ring; True the first time (the client then forgets the session)."""
+        if self.released:
+            return False
+        self.released = True
+        if self.ring is not None:
+            self.ring.release()
+        return True
+
+    def behind(self) -> JobTimeout:
+        """The full ring's error, the same on both clients: the worker has not read the oldest audio in time."""
+        return JobTimeout(f"the worker fell more than {RING_SECONDS} s of audio behind for {self.timeout:.0f} s")
+
+    def silent(self) -> JobTimeout:
+        return JobTimeout(f"the hub did not answer the session within {self.timeout:.0f} s")
+
+    def _check_open(self) -> None:
+        if self.released and not self.ended:
+            raise RuntimeError(CLOSED)
         if self.error is not None:
             raise self.error
         if self.transcript is not None:
@@ -122,21 +194,39 @@ class ChunkAudio:
         return np.zeros(0, dtype=np.float32) if self._resampler is None else self._resampler.flush()
 
 
-def route_fields(options: dict[str, Any]) -> dict[str, Any]:
-    """Take ``route_key`` (a user or device id: a sticky route keeps it on one version) out of a call's
-    keyword options, where the SDK's calls accept it, into the request's own fields."""
-    key = options.pop("route_key", None)
-    return {} if key is None else {"route_key": key}
-
-
 def open_body(provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float) -> dict[str, Any]:
     ring_ref = {"shm": ring.name, "capacity": ring.capacity} if ring else None
     routed = route_fields(options)
     return {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout, **routed}
 
 
-class StreamSession:
-    """A live session from ``HubClient.open_stream``; a context manager that closes itself."""
+class _SessionView:
+    """What both session classes show of their ``_SessionCore``, and how they let go of it."""
+
+    _core: _SessionCore
+    _on_close: Callable[[Any], None]
+
+    @property
+    def worker(self) -> str | None:
+        """The id of the worker that holds the session."""
+        return self._core.worker
+
+    @property
+    def transcript(self) -> Transcript:
+        """The final transcript once closed; until then, the text confirmed so far."""
+        return self._core.transcript or self._core.confirmed()
+
+    def _release(self) -> None:
+        """Let go of the ring (and, for ``StreamSession``, its socket) without a word to the hub: its sweep and
+        timeouts do the rest."""
+        if self._core.release():
+            self._on_close(self)
+
+
+class StreamSession(_SessionView):
+    """A live session from ``HubClient.open_stream``; a context manager that closes itself.
+
+    It has a socket of its own and waits on it with ``poll``; a lock lets one thread send while another reads."""
 
     def __init__(
         self,
@@ -146,95 +236,72 @@ class StreamSession:
         timeout: float,
         on_close: Callable[[StreamSession], None],
     ) -> None:
-        self.sock, self._id, self._ring, self._timeout = sock, request_id, ring, timeout
+        self.sock = sock
+        self._core = _SessionCore(request_id, ring, timeout)
         self._on_close = on_close
         self._lock = threading.Lock()
-        self._state = _SessionState()
-        self._audio = ChunkAudio()
-        self._closed = False
-        self.worker: str | None = None
 
     def _start(self, body: dict[str, Any]) -> StreamSession:
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + self._core.timeout
         with self._lock:
-            self.sock.send_multipart(protocol.build(MsgType.STREAM_OPEN, self._id, body))
-            while self.worker is None:
-                msg = self._next(deadline)
-                if msg.type is MsgType.REPLY:
-                    self.worker = str(msg.body.get("worker"))
-                else:
-                    self._state.handle(msg)
-                    if self._state.error is not None:
-                        self._release()
-                        raise self._state.error
+            self.sock.send_multipart(self._core.open(body))
+            try:
+                while not self._core.opened():
+                    self._core.handle(self._next(deadline))
+            except HubError:
+                self._release()
+                raise
         return self
-
-    @property
-    def transcript(self) -> Transcript:
-        """The final transcript once closed; until then, the text confirmed so far."""
-        return self._state.transcript or self._state.confirmed()
 
     def send(self, chunk: AudioInput, sample_rate: int | None = None) -> None:
         """Push a chunk of any size: float32 or int16 numpy, or raw 16-bit PCM bytes (16 kHz unless told;
-        every chunk of a session at the same rate)."""
-        self._send_pcm(self._audio.pcm(chunk, sample_rate))
+        every chunk of a session at the same rate). Waits while the ring is full; ``JobTimeout`` if it stays
+        full for the session's timeout."""
+        self._send_pcm(self._core.audio.pcm(chunk, sample_rate))
 
     def _send_pcm(self, pcm: np.ndarray) -> None:
-        step = self._ring.capacity // 2 if self._ring else pcm.size or 1
-        for start in range(0, pcm.size, step):
-            self._send_piece(pcm[start : start + step])
-
-    def _send_piece(self, pcm: np.ndarray) -> None:
-        deadline = time.monotonic() + self._timeout
-        with self._lock:
-            self._pump(0)
-            self._state.check_open()
-            if self._ring is None:
-                self.sock.send_multipart(protocol.build(MsgType.STREAM_DATA, self._id, {}, pcm.tobytes()))
-                return
-            while self._ring.written + pcm.size - self._state.acked > self._ring.capacity:
-                if time.monotonic() >= deadline:
-                    raise JobTimeout(f"the worker fell more than {RING_SECONDS} s of audio behind for {self._timeout:.0f} s")
-                self._pump(int(POLL_S * 1000))
-                self._state.check_open()
-            end = self._ring.write(pcm)
-            self.sock.send_multipart(protocol.build(MsgType.STREAM_DATA, self._id, {"end": end}))
+        for piece in self._core.pieces(pcm):
+            deadline = time.monotonic() + self._core.timeout
+            with self._lock:
+                if not self._core.over:  # a session let go of has no socket any more
+                    self._pump(0)
+                while not self._core.has_room(piece):
+                    if time.monotonic() >= deadline:
+                        raise self._core.behind()
+                    self._pump(POLL_MS)
+                self.sock.send_multipart(self._core.data(piece))
 
     def results(self) -> Iterator[StreamEvent]:
         """Events as they arrive, until the session is closed (by ``close`` or by the hub)."""
         while True:
             with self._lock:  # never held while waiting, or a sending thread would starve
-                if not self._state.events and not self._state.ended and not self._closed:
+                if not self._core.events and not self._core.over:
                     self._pump(0)
-                event = self._state.events.popleft() if self._state.events else None
-                over = self._state.ended or self._closed
+                event = self._core.events.popleft() if self._core.events else None
+                over = self._core.over
             if event is not None:
                 yield event
             elif over:
-                if self._state.error is not None:
-                    raise self._state.error
+                if self._core.error is not None:
+                    raise self._core.error
                 return
             else:
-                time.sleep(POLL_S)
+                time.sleep(POLL_MS / 1000)
 
     def close(self) -> Transcript:
-        """Flush: the worker decodes what is left and answers the final transcript."""
-        if not self._closed and not self._state.ended:
-            self._send_pcm(self._audio.flush())
+        """Flush: the worker decodes what is left and answers the final transcript. Safe to call twice."""
+        if not self._core.over:
+            self._send_pcm(self._core.audio.flush())
         with self._lock:
-            if not self._closed:
-                try:
-                    if not self._state.ended:
-                        self.sock.send_multipart(protocol.build(MsgType.STREAM_CLOSE, self._id))
-                        deadline = time.monotonic() + self._timeout
-                        while not self._state.ended:
-                            self._state.handle(self._next(deadline))
-                finally:
-                    self._release()
-        if self._state.error is not None:
-            raise self._state.error
-        assert self._state.transcript is not None
-        return self._state.transcript
+            try:
+                if (frames := self._core.close_frames()) is not None:
+                    self.sock.send_multipart(frames)
+                    deadline = time.monotonic() + self._core.timeout
+                    while not self._core.ended:
+                        self._core.handle(self._next(deadline))
+            finally:
+                self._release()
+        return self._core.result()
 
     def __enter__(self) -> StreamSession:
         return self
@@ -246,36 +313,23 @@ class StreamSession:
             if exc_type is None:
                 raise
 
-    def _release(self) -> None:
-        """Let go of the ring and the socket, without a word to the hub (its sweep and timeouts do the rest)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._ring is not None:
-            self._ring.release()
-        self._on_close(self)
-
     def _next(self, deadline: float) -> Message:
-        """The next message for this session, or JobTimeout at the deadline."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
-                raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s")
-            msg = protocol.parse(self.sock.recv_multipart())
-            if msg.id == self._id:
-                return msg
+        """The next message (for any request: ``handle`` drops others'), or JobTimeout at the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
+            raise self._core.silent()
+        return protocol.parse(self.sock.recv_multipart())
 
     def _pump(self, timeout_ms: int) -> None:
         """Take whatever has arrived (waiting up to ``timeout_ms`` for the first message)."""
         while self.sock.poll(timeout_ms):
-            msg = protocol.parse(self.sock.recv_multipart())
-            if msg.id == self._id:
-                self._state.handle(msg)
+            self._core.handle(protocol.parse(self.sock.recv_multipart()))
             timeout_ms = 0
 
 
-class AsyncStreamSession:
-    """The asyncio twin of ``StreamSession``, from ``AsyncHubClient.open_stream``."""
+class AsyncStreamSession(_SessionView):
+    """The asyncio twin of ``StreamSession``, from ``AsyncHubClient.open_stream``: its messages come through
+    an inbox the client's reader task fills; a sender, a reader and ``close`` may wait at once."""
 
     def __init__(
         self,
@@ -286,80 +340,61 @@ class AsyncStreamSession:
         timeout: float,
         on_close: Callable[[AsyncStreamSession], None],
     ) -> None:
-        self._send_frames, self._inbox, self._id = send, inbox, request_id
+        self._send_frames, self._inbox = send, inbox
         self.request_id = request_id
-        self._ring, self._timeout, self._on_close = ring, timeout, on_close
-        self._state = _SessionState()
-        self._audio = ChunkAudio()
-        self._closed = False
+        self._core = _SessionCore(request_id, ring, timeout)
+        self._on_close = on_close
         self._changed = asyncio.Event()  # set (and replaced) whenever a message has been taken in
-        self.worker: str | None = None
 
     async def _start(self, body: dict[str, Any]) -> AsyncStreamSession:
-        await self._send_frames(protocol.build(MsgType.STREAM_OPEN, self._id, body))
-        deadline = time.monotonic() + self._timeout
-        while self.worker is None:
-            msg = await self._next(deadline)
-            if msg.type is MsgType.REPLY:
-                self.worker = str(msg.body.get("worker"))
-            else:
-                self._state.handle(msg)
-                if self._state.error is not None:
-                    self._release()
-                    raise self._state.error
+        await self._send_frames(self._core.open(body))
+        deadline = time.monotonic() + self._core.timeout
+        try:
+            while not self._core.opened():
+                if not await self._await_change(deadline):
+                    raise self._core.silent()
+        except HubError:
+            self._release()
+            raise
         return self
 
-    @property
-    def transcript(self) -> Transcript:
-        return self._state.transcript or self._state.confirmed()
-
     async def send(self, chunk: AudioInput, sample_rate: int | None = None) -> None:
-        await self._send_pcm(self._audio.pcm(chunk, sample_rate))
+        await self._send_pcm(self._core.audio.pcm(chunk, sample_rate))
 
     async def _send_pcm(self, pcm: np.ndarray) -> None:
-        step = self._ring.capacity // 2 if self._ring else pcm.size or 1
-        for start in range(0, pcm.size, step):
-            piece = pcm[start : start + step]
+        for piece in self._core.pieces(pcm):
+            deadline = time.monotonic() + self._core.timeout
             self._drain()
-            self._state.check_open()
-            if self._ring is None:
-                await self._send_frames(protocol.build(MsgType.STREAM_DATA, self._id, {}, piece.tobytes()))
-                continue
-            deadline = time.monotonic() + self._timeout
-            while self._ring.written + piece.size - self._state.acked > self._ring.capacity:
-                await self._await_change(deadline)
-                self._state.check_open()
-            end = self._ring.write(piece)
-            await self._send_frames(protocol.build(MsgType.STREAM_DATA, self._id, {"end": end}))
+            while not self._core.has_room(piece):
+                if not await self._await_change(deadline):
+                    raise self._core.behind()
+            await self._send_frames(self._core.data(piece))
 
     async def results(self) -> AsyncIterator[StreamEvent]:
         while True:
             self._drain()
-            if self._state.events:
-                yield self._state.events.popleft()
+            if self._core.events:
+                yield self._core.events.popleft()
                 continue
-            if self._state.ended or self._closed:
-                if self._state.error is not None:
-                    raise self._state.error
+            if self._core.over:
+                if self._core.error is not None:
+                    raise self._core.error
                 return
             await self._await_change(None)
 
     async def close(self) -> Transcript:
-        if not self._closed and not self._state.ended:
-            await self._send_pcm(self._audio.flush())
-        if not self._closed:
-            try:
-                if not self._state.ended:
-                    await self._send_frames(protocol.build(MsgType.STREAM_CLOSE, self._id))
-                    deadline = time.monotonic() + self._timeout
-                    while not self._state.ended:
-                        await self._await_change(deadline)
-            finally:
-                self._release()
-        if self._state.error is not None:
-            raise self._state.error
-        assert self._state.transcript is not None
-        return self._state.transcript
+        if not self._core.over:
+            await self._send_pcm(self._core.audio.flush())
+        try:
+            if (frames := self._core.close_frames()) is not None:
+                await self._send_frames(frames)
+                deadline = time.monotonic() + self._core.timeout
+                while not self._core.ended:
+                    if not await self._await_change(deadline):
+                        raise self._core.silent()
+        finally:
+            self._release()
+        return self._core.result()
 
     async def __aenter__(self) -> AsyncStreamSession:
         return self
@@ -371,25 +406,17 @@ class AsyncStreamSession:
             if exc_type is None:
                 raise
 
-    def _release(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._ring is not None:
-            self._ring.release()
-        self._on_close(self)
-
     def _drain(self) -> None:
         while not self._inbox.empty():
             self._handle(self._inbox.get_nowait())
 
     def _handle(self, msg: Message) -> None:
-        self._state.handle(msg)
+        self._core.handle(msg)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def _await_change(self, deadline: float | None) -> None:
-        """Take the next message, or wake when another task (a reader, a closer) took one.
+    async def _await_change(self, deadline: float | None) -> bool:
+        """Take the next message, or wake when another task (a reader, a closer) took one; False at the deadline.
 
         A sender, a reader and ``close`` may all wait at once: whichever gets a message
         takes it into the shared state and wakes the others, so none waits for a message
@@ -407,11 +434,4 @@ class AsyncStreamSession:
                 self._handle(getter.result())
             else:
                 getter.cancel()  # a queued message stays queued: Queue.get only removes it when it returns
-        if not done:
-            raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s")
-
-    async def _next(self, deadline: float) -> Message:
-        try:
-            return await asyncio.wait_for(self._inbox.get(), timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise JobTimeout(f"the hub did not answer the session within {self._timeout:.0f} s") from None
+        return bool(done)
