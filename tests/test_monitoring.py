@@ -169,7 +169,8 @@ def _sample(families: dict[str, Any], name: str, **labels: str) -> float:
 def test_readyz_follows_the_only_worker(hub_factory) -> None:
     port = free_port()
     hub = hub_factory({"whisper": {"model": "tiny.en", "pool": {"min_size": 1, "max_size": 1}}}, hub={"metrics_port": port})
-    assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    # the page reads the gauges the supervisor publishes once a second: ready there may come that much later
+    wait_for(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, timeout=5, what="/readyz ready")
     worker = hub.status()["providers"]["whisper"]["workers"][0]
     # device auto, and no driver here: nobody knows of a GPU, so the worker is not placed on one
     assert worker["gpu"] is None and worker["gpu_memory_used_mb"] is None and worker["device"] == "cpu"
