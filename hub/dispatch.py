@@ -14,7 +14,8 @@ from typing import Any
 
 from hub.config import PoolConfig
 from hub.errors import PoolBusy
-from hub.protocol import SAMPLE_RATE, AudioRef, RingRef
+from hub.protocol import SAMPLE_RATE, AudioRef, Resume, RingRef
+from hub.resume import AudioTail
 
 HEALTH_CLIP_SAMPLES = 2 * SAMPLE_RATE  # an upper bound of the bundled clip's length, for its deadline
 
@@ -47,6 +48,12 @@ class Job:
     route: str = ""  # the route that chose this job's provider, "" when the client named the provider
     shadow: bool = False  # a shadow job: no client waits; its answer is only compared with the primary's
     pair: str = ""  # the primary job's id, on a primary with a shadow and on its shadow
+    # a live session, kept so that another worker can take it over (``hub.resume``)
+    finals: list[dict[str, Any]] = field(default_factory=list)  # every final segment forwarded to the client
+    keep: int = 0  # the first sample a worker taking over needs (the worker's last word on it)
+    tail: AudioTail | None = None  # an inline session's recent audio
+    carried: int = 0  # finals confirmed before the last resume: the current worker does not know them all
+    resume: Resume | None = None  # set while the session waits to move to another worker
 
     @property
     def audio_seconds(self) -> float:
@@ -57,7 +64,8 @@ class Job:
         if self.health:
             return {"health": True}
         if self.session:
-            return {"ring": self.ring.to_dict() if self.ring else None, "options": self.options}
+            body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options}
+            return {**body, "resume": self.resume.to_dict()} if self.resume else body
         return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
 
 

@@ -36,12 +36,14 @@ from hub.metrics import Metrics
 from hub.placement import WorkerLoad, one_shot_home, session_home
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
-from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
+from hub.protocol import ExitCode, Message, MsgType, Resume, WorkerSpec
 from hub.resources import rss_mb
+from hub.resume import context, merge_result
 
 log = logging.getLogger("hub.supervisor")
 
 KILL_GRACE = 3.0  # seconds between SIGTERM (or STOP) and SIGKILL
+CLIENT_CLOSE = "closed by the client"  # a session's ``closing`` when the client closed it (no reason to send)
 HELD_LOG_INTERVAL = 60.0  # a pool held back under steady load says so once a minute, not on every pass
 
 Reply = Callable[[bytes, MsgType, str, dict[str, Any]], None]
@@ -133,11 +135,35 @@ class Farm:
         """Ask the worker to flush and answer; a client's close has no reason, the hub's says why."""
         if job.closing:
             return
-        job.closing = reason or "closed by the client"
-        job.run_deadline = time.monotonic() + self.pools[job.provider].config.pool.job_timeout
+        job.closing = reason or CLIENT_CLOSE
         if reason:
             log.info("session %s: closing, %s", job.id, reason)
+        if job.worker is not None:  # else the worker that takes the session over is told (``start_job``)
+            self._send_close(job, time.monotonic())
+
+    def _send_close(self, job: Job, now: float) -> None:
+        job.run_deadline = now + self.pools[job.provider].config.pool.job_timeout
+        reason = "" if job.closing == CLIENT_CLOSE else job.closing
         self._to_worker(job, MsgType.STREAM_CLOSE, {"reason": reason} if reason else {}, None)
+
+    def session_data(self, job: Job, body: dict[str, Any], payload: bytes | None, position: int) -> None:
+        """A client's chunk (inline) or ring position: counted, kept for a resume where inline, forwarded
+        to the session's worker (while the session moves to another worker, the resume carries it)."""
+        if payload is not None:
+            job.streamed += position
+            if job.tail is not None:
+                job.tail.append(payload, job.keep)
+        else:
+            job.streamed = position
+        job.last_activity = time.monotonic()
+        if job.worker is not None:
+            self._to_worker(job, MsgType.STREAM_DATA, body, payload)
+
+    def _heard(self, job: Job, msg: Message) -> None:
+        """A session's PARTIAL or SEGMENT on its way to the client: what a resume needs of it."""
+        job.keep = int(msg.body.get("keep", job.keep))
+        if msg.type is MsgType.SEGMENT:
+            job.finals.append({k: v for k, v in msg.body.items() if k not in ("read", "keep")})
 
     def _to_worker(self, job: Job, msg_type: MsgType, body: dict[str, Any], payload: bytes | None) -> None:
         try:
@@ -168,8 +194,11 @@ class Farm:
         pool = self.pools[job.provider]
         job.attempts += 1
         job.worker = worker.id
-        job.started_at = now
+        resumed = job.session and job.attempts > 1
+        if not resumed:  # a resumed session keeps its start: max_session_seconds counts from the open
+            job.started_at = now
         job.run_deadline = run_deadline(pool.config.pool, job, now)
+        resume_data = self._resume(job) if resumed else None
         if job.session:
             worker.sessions.add(job.id)
         else:
@@ -185,9 +214,24 @@ class Farm:
             self.recycle(worker, f"unreachable: {exc}", now)
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} was unreachable"))
             return
+        if resume_data is not None:
+            self._to_worker(job, MsgType.STREAM_DATA, *resume_data)
+            if job.closing:
+                self._send_close(job, now)
         if job.session:
             job.last_activity = now
-            self.reply(job.client, MsgType.REPLY, job.request, {"session": job.id, "worker": worker.id})
+            reply = {"session": job.id, "worker": worker.id, "resumed": job.attempts - 1}
+            self.reply(job.client, MsgType.REPLY, job.request, reply)
+
+    def _resume(self, job: Job) -> tuple[dict[str, Any], bytes | None]:
+        """Set the ``resume`` of a session taking over from a worker that died: it starts at the dead worker's
+        ``keep`` (or the oldest sample the supervisor kept of an inline session); returns the STREAM_DATA
+        that hands the new worker the audio from there on."""
+        start, payload = job.tail.since(job.keep) if job.tail is not None else (job.keep, None)
+        job.resume = Resume(start=start, finals=tuple(context(job.finals, start / protocol.SAMPLE_RATE)))
+        job.carried = len(job.finals)
+        log.info("session %s: resumed on %s from %.2f s (attempt %d)", job.id, job.worker, start / protocol.SAMPLE_RATE, job.attempts)
+        return ({}, payload) if payload is not None else ({"end": job.streamed}, None)
 
     def worker_free(self, worker: WorkerHandle, now: float) -> None:
         """A worker finished its job (or its start): give it the next job, or let it go if it is due to."""
@@ -221,9 +265,14 @@ class Farm:
         job.worker = None
         if job.health:
             return
-        retries = 0 if job.session else self.pools[job.provider].config.pool.retry_on_crash
-        if job.client and job.attempts <= retries and not self.stopping:
-            log.info("job %s: retrying on another worker (%s)", job.id, error.message)
+        limits = self.pools[job.provider].config.pool
+        if job.client and job.attempts <= limits.retry_on_crash and not self.stopping:
+            if job.session:  # it moves to another worker, which resumes from the last final word
+                log.warning("session %s: %s; moving it to another worker", job.id, error.message)
+                job.acquire_deadline = time.monotonic() + limits.acquire_timeout
+                self.metrics.resumed(job.provider)
+            else:
+                log.info("job %s: retrying on another worker (%s)", job.id, error.message)
             self.queues[job.provider].push_front(job)
             return
         self.fail(job, error)
@@ -272,7 +321,7 @@ class Farm:
             decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.session else None
             self._record(job, code, now, decoding, str(msg.body.get("text", "")))
             worker.jobs_done += 1
-            body = dict(msg.body)
+            body = merge_result(job.finals[: job.carried], msg.body) if job.carried else dict(msg.body)
             if msg.type is MsgType.RESULT:
                 body.update(worker=worker.id, provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0)
                 if job.route:
@@ -614,6 +663,8 @@ class Farm:
         elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
             job = self.running.get(msg.id)
             if job is not None and job.worker == worker.id:
+                if job.session:
+                    self._heard(job, msg)
                 self.reply(job.client, msg.type, job.request, msg.body)
         elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (worker.job == msg.id or msg.id in worker.sessions):
             self.on_answer(worker, msg, now)

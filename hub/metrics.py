@@ -102,6 +102,7 @@ class ProviderMetrics:
     failed: int = 0
     rejected: int = 0
     timed_out: int = 0
+    session_resumes: int = 0  # live sessions moved to another worker after theirs died
     errors: Counter[str] = field(default_factory=Counter)
     audio_seconds: float = 0.0
     wait: Histogram = field(default_factory=Histogram)
@@ -118,6 +119,7 @@ class ProviderMetrics:
             "failed": self.failed,
             "rejected": self.rejected,
             "timed_out": self.timed_out,
+            "session_resumes": self.session_resumes,
             "errors": dict(self.errors),
             "success_rate": round(self.succeeded / finished, 4) if finished else None,
             "wait_ms": self.wait.summary(),
@@ -184,6 +186,11 @@ class Metrics:
             m.requests += 1
             m.rejected += 1
             m.errors[code] += 1
+
+    def resumed(self, provider: str) -> None:
+        """A live session whose worker died moves to another worker."""
+        with self.lock:
+            self._of(provider).session_resumes += 1
 
     def finished(self, provider: str, now: float, wait: float, run: float, audio: float, code: str | None) -> None:
         """A request answered after it was accepted: ``code`` None for success, else the error's code."""
@@ -322,6 +329,7 @@ def _copy(m: ProviderMetrics) -> dict[str, Any]:
     return {
         "requests": m.requests, "succeeded": m.succeeded, "failed": m.failed, "rejected": m.rejected,
         "timed_out": m.timed_out, "errors": dict(m.errors), "audio_seconds": m.audio_seconds,
+        "session_resumes": m.session_resumes,
         "wait": (m.wait.cumulative(), m.wait.sum), "inference": (m.inference.cumulative(), m.inference.sum),
     }
 
@@ -334,6 +342,7 @@ def _request_families(providers: dict[str, dict[str, Any]]) -> Iterator[Any]:
         "rejected": "Requests refused before queueing (busy, unavailable, shutting down, bad request)",
         "timed_out": "Requests that timed out waiting for a worker or running",
         "audio_seconds": "Seconds of audio transcribed",
+        "session_resumes": "Live sessions moved to another worker after theirs died",
     }
     for key, doc in counters.items():
         family = CounterMetricFamily(f"asr_hub_{key}", doc, labels=["provider"])

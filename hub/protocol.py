@@ -222,6 +222,33 @@ def parse_stream_data(body: dict[str, Any], payload: bytes | None) -> int:
     return end
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A STREAM_OPEN's ``resume``: the session moves here from a worker that died. The new worker starts
+    reading the stream at sample ``start`` and knows the final segments ``finals`` (their words are not
+    produced again; the text before ``start`` is its prompt)."""
+
+    start: int
+    finals: tuple[dict[str, Any], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "finals": list(self.finals)}
+
+
+def parse_resume(body: dict[str, Any]) -> Resume | None:
+    """The ``resume`` of a STREAM_OPEN, or None for a new session."""
+    resume = body.get("resume")
+    if resume is None:
+        return None
+    start = resume.get("start") if isinstance(resume, dict) else None
+    finals = resume.get("finals") if isinstance(resume, dict) else None
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise BadRequest("field 'resume.start' must be a sample position (an integer >= 0)")
+    if not isinstance(finals, list) or not all(isinstance(f, dict) for f in finals):
+        raise BadRequest("field 'resume.finals' must be a list of segments")
+    return Resume(start=start, finals=tuple(finals))
+
+
 def parse_options(body: dict[str, Any]) -> dict[str, Any]:
     """The ``options`` object of a job: string keys, JSON values, finite numbers."""
     options = body.get("options", {})

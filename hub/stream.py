@@ -2,8 +2,10 @@
 
 A session shares its worker with others until it is closed. On the supervisor's host the chunks go
 into a per-session shared-memory ring and only positions travel over the socket;
-elsewhere they travel inline. The worker acknowledges how far it has read with every
-event, and ``send`` waits rather than overwrite audio the worker has not taken yet.
+elsewhere they travel inline. The worker says with every event from where a worker taking over
+would need the audio (``keep``), and ``send`` waits rather than overwrite it: when the worker dies,
+the supervisor moves the session to another, which reads on from there (the client sees only a
+gap in partials, and a REPLY naming the new worker).
 ``StreamSession`` (blocking, safe to use from a sending and a reading thread at once)
 and ``AsyncStreamSession`` share ``_SessionCore``, which holds the protocol and no I/O: they differ
 only in how they wait (a poll on the session's own socket; an asyncio inbox).
@@ -47,6 +49,17 @@ class StreamEvent:
     heard: float = 0.0
 
 
+def _read(body: dict[str, Any]) -> float:
+    """Seconds of the stream the worker had read when it sent this event."""
+    return int(body.get("read", 0)) / SAMPLE_RATE
+
+
+def _kept(body: dict[str, Any], acked: int) -> int:
+    """How far the ring may be written over: to the worker's ``keep``, the audio a worker taking over
+    from it would need (to ``read`` with a hub that does not say)."""
+    return int(body.get("keep", body.get("read", acked)))
+
+
 class _SessionCore:
     """A live session's protocol without I/O, shared by ``StreamSession`` and ``AsyncStreamSession``: the frames
     to send, what each message teaches, when the ring has room, and the errors. The two classes only wait."""
@@ -56,8 +69,9 @@ class _SessionCore:
         self.audio = ChunkAudio()
         self.events: deque[StreamEvent] = deque()
         self.finals: list[Segment] = []
-        self.acked = 0  # samples the worker has read
-        self.worker: str | None = None
+        self.acked = 0  # the ring may be written over before this sample: the worker's ``keep``
+        self.worker: str | None = None  # the worker serving the session, once the open is answered
+        self.resumes = 0  # times the session moved to another worker after its worker died
         self.transcript: Transcript | None = None
         self.error: HubError | None = None
         self.released = False  # the ring let go of and the client told: nothing more is sent
@@ -83,16 +97,17 @@ class _SessionCore:
     def handle(self, msg: Message) -> None:
         if msg.id != self.id or self.ended:  # ended: e.g. the hub refusing data sent before we read that it failed
             return
-        if msg.type is MsgType.REPLY:
+        if msg.type is MsgType.REPLY:  # the open answered, or the session moved to another worker
             self.worker = str(msg.body.get("worker"))
+            self.resumes = int(msg.body.get("resumed", 0))
         elif msg.type is MsgType.PARTIAL:
-            self.acked = int(msg.body.get("read", self.acked))
-            self.events.append(StreamEvent("partial", str(msg.body.get("text", "")), heard=self.acked / SAMPLE_RATE))
+            self.acked = _kept(msg.body, self.acked)
+            self.events.append(StreamEvent("partial", str(msg.body.get("text", "")), heard=_read(msg.body)))
         elif msg.type is MsgType.SEGMENT:
             segment = Segment.from_dict(msg.body)
-            self.acked = int(msg.body.get("read", self.acked))
+            self.acked = _kept(msg.body, self.acked)
             self.finals.append(segment)
-            self.events.append(StreamEvent("final", segment.text, segment, self.acked / SAMPLE_RATE))
+            self.events.append(StreamEvent("final", segment.text, segment, _read(msg.body)))
         elif msg.type is MsgType.RESULT:
             self.transcript = Transcript.from_dict(msg.body)
         elif msg.type is MsgType.ERROR:
@@ -210,6 +225,11 @@ class _SessionView:
     def worker(self) -> str | None:
         """The id of the worker that holds the session."""
         return self._core.worker
+
+    @property
+    def resumes(self) -> int:
+        """How many times the session moved to another worker because its worker died."""
+        return self._core.resumes
 
     @property
     def transcript(self) -> Transcript:

@@ -56,6 +56,7 @@ from hub.farm import Farm
 from hub.metrics import Metrics
 from hub.policy import floor_size
 from hub.protocol import AudioRef, Message, MsgType
+from hub.resume import AudioTail
 from hub.rollout import Rollout
 
 log = logging.getLogger("hub.supervisor")
@@ -388,6 +389,8 @@ class Supervisor:
             client, msg, provider, "s", audio=AudioRef(samples=0), payload=None, stream=True, session=True, ring=ring, route=route
         )
         job.last_activity = job.received_at
+        if ring is None:  # inline chunks: the supervisor keeps the recent ones, for a resume on another worker
+            job.tail = AudioTail(int(provider.stream.window_seconds * protocol.SAMPLE_RATE))
         log.info("session %s: opened by request %s for %s", job.id, msg.id, provider.name)
         self.farm.place(job, job.received_at)
 
@@ -395,7 +398,7 @@ class Supervisor:
         job = self.farm.requests.get((client, request_id))
         if job is None or not job.session:
             raise BadRequest(f"no live session {request_id!r} on this connection")
-        if job.worker is None:
+        if job.attempts == 0:
             raise BadRequest(f"session {request_id!r} has no worker yet; wait for the open to be answered")
         return job
 
@@ -404,11 +407,7 @@ class Supervisor:
         position = protocol.parse_stream_data(msg.body, msg.payload)
         if msg.payload is not None:
             self.inline_bytes += len(msg.payload)
-            job.streamed += position
-        else:
-            job.streamed = position
-        job.last_activity = time.monotonic()
-        self.farm._to_worker(job, MsgType.STREAM_DATA, msg.body, msg.payload)
+        self.farm.session_data(job, msg.body, msg.payload, position)
 
     def _provider_for(self, body: dict[str, Any]) -> ProviderConfig:
         name = body.get("provider") or self.default_provider

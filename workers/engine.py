@@ -6,7 +6,7 @@ Adapters import their model library inside ``load_engine``'s branch, so importin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +37,15 @@ class Streamer(Protocol):
 
     @property
     def seconds(self) -> float: ...
+
+    @property
+    def needs_from(self) -> int:
+        """The first stream sample a decoder taking over from this one would need."""
+        ...
+
+    def resume(self, start: int, finals: Sequence[Segment]) -> None:
+        """Continue a stream from sample ``start``, after the final segments another decoder confirmed."""
+        ...
 
     def feed(self, pcm: np.ndarray) -> None: ...
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,15 @@ class OnlineStreamer:
     @property
     def due(self) -> bool:
         return self._pending.size >= self.chunk
+
+    @property
+    def needs_from(self) -> int:
+        """Every decoded chunk is final at once: a decoder taking over needs the audio not decoded yet."""
+        return self._decoded
+
+    def resume(self, start: int, finals: Sequence[Segment]) -> None:
+        """Take over at sample ``start`` with a fresh cache (the dead worker's went with it)."""
+        self._decoded = start
 
     def feed(self, pcm: np.ndarray) -> None:
         self._pending = np.concatenate([self._pending, pcm])

@@ -4,7 +4,9 @@ A worker holds several sessions at once (``workers.main`` gives them turns). A s
 once ``step_ms`` of new audio has come, after the worker took every chunk already waiting: a
 decode slower than the speech then covers more audio rather than falling further behind, so the
 delay from speaking to final text stays bounded. Every PARTIAL and SEGMENT says how far the ring
-has been read, which is how the client knows it may write on.
+has been read and from where a worker taking over would need the audio (``keep``): the client
+writes on only over audio before ``keep``. A session opened with ``resume`` takes over from a
+worker that died (``hub.resume``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import zmq
 from hub import protocol, shm
 from hub.audio import validate_pcm
 from hub.errors import BadRequest
-from hub.protocol import Message, MsgType, WorkerSpec
+from hub.protocol import SAMPLE_RATE, Message, MsgType, WorkerSpec
 from hub.results import Segment, join_text
+from hub.resume import keep_from
 from workers.engine import Engine, StreamSettings, check_options
 from workers.streaming import StreamUpdate
 
@@ -32,9 +35,18 @@ class Session:
         self.language = options.get("language")
         ring = protocol.parse_ring(msg.body)
         self.ring = shm.RingReader(ring.shm, ring.capacity, spec.shm_prefix) if ring else None
-        self.streamer = engine.open_stream(options, StreamSettings(**spec.stream))
+        settings = StreamSettings(**spec.stream)
+        self.streamer = engine.open_stream(options, settings)
         self.read = 0
-        self.finals: list[Segment] = []
+        # a resume never needs audio older than the window, nor more than half the ring (the client
+        # must always be able to write)
+        window = int(settings.window_seconds * SAMPLE_RATE)
+        self.bound = min(window, ring.capacity // 2) if ring else window
+        resume = protocol.parse_resume(msg.body)
+        if resume is not None:  # taking over from a worker that died: the supervisor sends the audio from start
+            self.read = resume.start
+            self.streamer.resume(resume.start, [Segment.from_dict(f) for f in resume.finals])
+        self.finals: list[Segment] = []  # the finals of this worker (a resumed session's earlier ones are the hub's)
         self.busy = 0.0  # seconds spent decoding
         self.due_since: float | None = None  # when it last became due for a decode
 
@@ -87,8 +99,9 @@ class Session:
         update: StreamUpdate = decode()
         spent = time.perf_counter() - started
         self.busy += spent
+        position = {"read": self.read, "keep": keep_from(self.streamer.needs_from, self.read, self.bound)}
         if update.final is not None:
             self.finals.append(update.final)
-            self.send(MsgType.SEGMENT, {**update.final.to_dict(), "read": self.read})
-        self.send(MsgType.PARTIAL, {"text": update.partial, "read": self.read})
+            self.send(MsgType.SEGMENT, {**update.final.to_dict(), **position})
+        self.send(MsgType.PARTIAL, {"text": update.partial, **position})
         return spent

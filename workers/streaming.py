@@ -14,7 +14,7 @@ model, echo) and is tested with a scripted decoder.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +68,17 @@ class WindowStreamer:
     @property
     def due(self) -> bool:
         return self._fresh >= self.step_seconds * SAMPLE_RATE
+
+    @property
+    def needs_from(self) -> int:
+        """The first stream sample a decoder taking over would need: where the window begins."""
+        return round(self._offset * SAMPLE_RATE)
+
+    def resume(self, start: int, finals: Sequence[Segment]) -> None:
+        """Take over a stream at sample ``start`` from a decoder that confirmed ``finals``: their words
+        are the prompt and are not committed again; the audio from ``start`` on is fed as usual."""
+        self._offset = start / SAMPLE_RATE
+        self._committed = [w for segment in finals for w in segment.words]
 
     def feed(self, pcm: np.ndarray) -> None:
         self._window = np.concatenate([self._window, pcm])
