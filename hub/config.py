@@ -14,84 +14,15 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-PROVIDER_TYPES = ("whisper", "funasr", "echo")
-# the request options each provider type understands; a model may take a subset (hotword is for
-# Paraformers, the chunking options for streaming models). Provider `options:` are checked against these.
-OPTIONS = {
-    "whisper": frozenset(
-        {"language", "task", "beam_size", "vad_filter", "word_timestamps", "initial_prompt", "temperature"}
-    ),
-    "funasr": frozenset(
-        {"language", "use_itn", "batch_size_s", "hotword", "chunk_size", "encoder_chunk_look_back", "decoder_chunk_look_back"}
-    ),
-    "echo": frozenset({"sleep", "fail", "fail_from", "fail_every", "hang", "exit", "language", "segments"}),
-}
+from hub.provider_types import PROVIDER_TYPES
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _integer(low: int, high: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-
-def _number(low: float, high: float) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
-
-
-def _flag(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _text(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-# what each option's value must be, so that a typo is a BAD_REQUEST (or a config error) rather than a model
-# failure that counts against the worker
-OPTION_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "language": (lambda v: isinstance(v, str) and 0 < len(v) <= 16, "a language code such as 'en'"),
-    "task": (lambda v: v in ("transcribe", "translate"), "'transcribe' or 'translate'"),
-    "beam_size": (_integer(1, 32), "an integer from 1 to 32"),
-    "vad_filter": (_flag, "true or false"),
-    "word_timestamps": (_flag, "true or false"),
-    "initial_prompt": (_text, "a string"),
-    "temperature": (
-        lambda v: _number(0, 1)(v) or (isinstance(v, list) and bool(v) and all(_number(0, 1)(t) for t in v)),
-        "a number from 0 to 1, or a list of them",
-    ),
-    "use_itn": (_flag, "true or false"),
-    "batch_size_s": (_number(1, 3600), "a number of seconds from 1 to 3600"),
-    "hotword": (_text, "a string"),
-    "chunk_size": (lambda v: isinstance(v, list) and len(v) == 3 and all(_integer(0, 100)(c) for c in v), "three integers"),
-    "encoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
-    "decoder_chunk_look_back": (_integer(0, 100), "an integer from 0 to 100"),
-    "sleep": (_number(0, 3600), "a number of seconds"),
-    "fail": (_text, "a message"),
-    "fail_from": (_integer(1, 1_000_000), "the number of the worker's first decode that fail or exit applies to, from 1"),
-    "fail_every": (_integer(1, 1_000_000), "an integer n >= 1 (every n-th job of a worker fails)"),
-    "hang": (_flag, "true or false"),
-    "exit": (_integer(0, 255), "an exit status from 0 to 255"),
-    "segments": (_integer(1, 1000), "an integer from 1 to 1000"),
-}
-
-
-def option_problems(options: dict[str, Any]) -> list[str]:
-    """What is wrong with the values of known options, one line each (names are checked elsewhere)."""
-    problems = []
-    for key, value in options.items():
-        if key in OPTION_VALUES:
-            valid, expected = OPTION_VALUES[key]
-            if not valid(value):
-                problems.append(f"{key} must be {expected}, got {value!r}")
-    return problems
-
-
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
@@ -490,19 +421,20 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
     body.setdefault("type", name)
     pool_body = body.pop("pool", None)
     provider = _build(ProviderConfig, body, path, fixed={"name": name})
-    if provider.type not in PROVIDER_TYPES:
+    kind = PROVIDER_TYPES.get(provider.type)
+    if kind is None:
         raise ConfigError(f"{path}.type: unknown provider type {provider.type!r} (known: {', '.join(PROVIDER_TYPES)})")
     if provider.device not in DEVICES:
         raise ConfigError(f"{path}.device: must be one of {', '.join(DEVICES)}, got {provider.device!r}")
     if provider.devices is not None and (not provider.devices or any(d < 0 for d in provider.devices)):
         raise ConfigError(f"{path}.devices: give at least one GPU index, each >= 0 (or leave it out for every GPU)")
-    unknown = sorted(set(provider.options) - OPTIONS[provider.type])
+    unknown = sorted(set(provider.options) - set(kind.options))
     if unknown:
         raise ConfigError(
             f"{path}.options: {', '.join(unknown)} not understood by {provider.type} providers "
-            f"(known: {', '.join(sorted(OPTIONS[provider.type]))})"
+            f"(known: {', '.join(sorted(kind.options))})"
         )
-    problems = option_problems(provider.options)
+    problems = kind.option_problems(provider.options)
     if problems:
         raise ConfigError(f"{path}.options: " + "; ".join(problems))
     if provider.cpu_threads < 0:
@@ -517,7 +449,7 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
 def _check_model(provider: ProviderConfig, path: str, base_dir: Path | None) -> str:
     """A path-like model must be an existing directory (made absolute); other values are model names."""
     model = provider.model
-    if provider.type == "echo":
+    if not PROVIDER_TYPES[provider.type].needs_model:
         return model
     if not model:
         raise ConfigError(f"{path}.model: required for a {provider.type} provider")

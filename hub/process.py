@@ -17,6 +17,7 @@ import sys
 from hub.config import ProviderConfig
 from hub.gpus import PCI_ORDER, Card
 from hub.protocol import ExitCode, WorkerSpec
+from hub.provider_types import PROVIDER_TYPES
 
 MAX_BACKOFF = 60.0
 
@@ -58,9 +59,8 @@ def cuda_library_dirs() -> list[str]:
 
 
 def uses_gpu(provider: ProviderConfig) -> bool:
-    """Whether the provider's workers are placed on a GPU: ``cuda``, or ``auto`` for a model (``echo`` has
-    none, so only an explicit ``cuda`` places it, which is how tests exercise placement)."""
-    return provider.device == "cuda" or (provider.device == "auto" and provider.type != "echo")
+    """Whether the provider's workers are placed on a GPU (its type's device rule)."""
+    return PROVIDER_TYPES[provider.type].uses_gpu(provider.device)
 
 
 def spawn(spec: WorkerSpec, provider: ProviderConfig, card: Card | None) -> subprocess.Popen[bytes]:

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.config import OPTIONS
 from hub.protocol import SAMPLE_RATE, WorkerSpec
+from hub.provider_types import ECHO
 from hub.results import Segment, Word
 from workers.engine import EngineResult, OnSegment, StreamSettings
 from workers.streaming import WindowStreamer
@@ -49,7 +49,7 @@ def echo_text(pcm: np.ndarray) -> str:
 
 
 class EchoEngine:
-    options = OPTIONS["echo"]
+    options = frozenset(ECHO.options)
 
     def __init__(self, spec: WorkerSpec) -> None:
         """There is no model to load; only the decodes are counted, for ``fail_from`` and ``fail_every``."""

@@ -1,20 +1,23 @@
 """The small interface every model adapter implements, and how a worker picks its adapter.
 
-Adapters import their model library inside ``load_engine``'s branch, so importing
-``workers`` costs nothing and a worker only pays for the library it uses.
+``load_engine`` imports the adapter that ``hub.provider_types`` names for the provider's type, and
+adapters import their model library when they load, so importing ``workers`` costs nothing and a
+worker only pays for the library it uses. This module names no adapter: adapters import it, not the
+other way round.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from hub.config import option_problems
 from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
+from hub.provider_types import PROVIDER_TYPES
 from hub.results import Segment
 from workers.streaming import StreamUpdate
 
@@ -86,23 +89,16 @@ def check_options(engine: Engine, provider_type: str, options: dict[str, Any]) -
             f"option(s) {', '.join(unknown)} not supported by {provider_type} providers "
             f"(supported: {', '.join(sorted(engine.options))})"
         )
-    problems = option_problems(options)
+    problems = PROVIDER_TYPES[provider_type].option_problems(options)
     if problems:
         raise BadRequest("; ".join(problems))
 
 
 def load_engine(spec: WorkerSpec) -> Engine:
     """Build the adapter named by the provider's type; raises whatever the model library raises."""
-    if spec.type == "whisper":
-        from workers.whisper import WhisperEngine
-
-        return WhisperEngine(spec)
-    if spec.type == "funasr":
-        from workers.funasr import FunASREngine
-
-        return FunASREngine(spec)
-    if spec.type == "echo":
-        from workers.echo import EchoEngine
-
-        return EchoEngine(spec)
-    raise ValueError(f"no adapter for provider type {spec.type!r}")
+    kind = PROVIDER_TYPES.get(spec.type)
+    if kind is None:
+        raise ValueError(f"no adapter for provider type {spec.type!r}")
+    module, _, name = kind.engine.partition(":")
+    engine: Engine = getattr(importlib.import_module(module), name)(spec)
+    return engine

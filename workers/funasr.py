@@ -25,21 +25,22 @@ import numpy as np
 
 from hub.errors import BadRequest
 from hub.protocol import SAMPLE_RATE, WorkerSpec
+from hub.provider_types import FUNASR
 from hub.results import Segment, Word, join_text
 from workers.cuda import warn_cpu_fallback
 from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings
 from workers.streaming import StreamUpdate, WindowStreamer
 
 CONFIG_FILES = ("config.yaml", "configuration.json")  # what FunASR reads to know the model's class
-BASE_OPTIONS = frozenset({"language", "use_itn", "batch_size_s"})
 _TAG_RE = re.compile(r"<\|([^|]*)\|>")  # SenseVoice's rich tags: <|en|><|NEUTRAL|><|Speech|><|woitn|>
 _LANGUAGE_TAGS = frozenset({"zh", "en", "yue", "ja", "ko"})
 _PRECISIONS = {"auto": {}, "float32": {}, "float16": {"fp16": True}, "bfloat16": {"bf16": True}}
 # FunASR's streaming ASR class (paraformer-zh-streaming and the *-online Paraformers), subclasses included
 ONLINE_MODEL = "ParaformerStreaming"
-# its chunking as FunASR's own examples set it: 600 ms chunks with 300 ms of look-ahead, the encoder looking
-# back 4 chunks and the decoder 1; the provider's or a request's options may override them
-ONLINE_DEFAULTS: dict[str, Any] = {"chunk_size": [0, 10, 5], "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 1}
+# its chunking, the options of the type that have a default; the provider's or a request's options may override them
+ONLINE_DEFAULTS: dict[str, Any] = {name: rule.default for name, rule in FUNASR.options.items() if rule.default is not None}
+PARAFORMER_OPTIONS = frozenset({"hotword"})
+BASE_OPTIONS = frozenset(FUNASR.options) - PARAFORMER_OPTIONS - ONLINE_DEFAULTS.keys()  # what every FunASR model takes
 CHUNK_UNIT = 960  # samples per unit of chunk_size (60 ms: one frame after FunASR's 6x frame stacking)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and ideographs: one unit a character
 _UNIT_RE = re.compile(f"\\s*(?:[{_CJK}]|[^\\s{_CJK}]+)")
@@ -252,7 +253,7 @@ class FunASREngine:
             raise RuntimeError(f"cannot load funasr model {spec.model!r} (from {source}): {exc}") from exc
         paraformer = "Paraformer" in str(self._model.kwargs.get("model", ""))
         self.online = is_online(self._model.model)
-        self.options = BASE_OPTIONS.union({"hotword"} if paraformer else (), ONLINE_DEFAULTS if self.online else ())
+        self.options = BASE_OPTIONS.union(PARAFORMER_OPTIONS if paraformer else (), ONLINE_DEFAULTS if self.online else ())
         # Paraformers compute their CIF token timestamps when asked; the window rule wants them
         self._timestamps = {"output_timestamp": True} if paraformer else {}
         self.device = self._device_name()

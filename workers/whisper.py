@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.config import OPTIONS
 from hub.protocol import WorkerSpec
+from hub.provider_types import WHISPER
 from hub.results import Segment, Word, join_text
 from workers.cuda import warn_cpu_fallback
 from workers.engine import EngineResult, OnSegment, StreamSettings
@@ -50,7 +50,7 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
 
 
 class WhisperEngine:
-    options = OPTIONS["whisper"]
+    options = frozenset(WHISPER.options)
 
     def __init__(self, spec: WorkerSpec) -> None:
         from faster_whisper import WhisperModel

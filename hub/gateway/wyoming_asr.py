@@ -43,6 +43,7 @@ from hub.errors import HubError, InvalidAudio
 from hub.gateway.errors import ApiError, ws_event
 from hub.gateway.state import Gateway, Slot
 from hub.protocol import SAMPLE_RATE
+from hub.provider_types import PROVIDER_TYPES
 from hub.results import Segment, join_text
 
 log = logging.getLogger("hub.gateway.wyoming")
@@ -62,10 +63,7 @@ WHISPER_LANGUAGES = tuple(
 SENSEVOICE_LANGUAGES = ("zh", "en", "yue", "ja", "ko")
 SAMPLE_TYPES = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}  # Wyoming's width in bytes → samples
 MAX_CHANNELS = 8
-ATTRIBUTIONS = {
-    "whisper": Attribution(name="OpenAI Whisper (faster-whisper)", url="https://github.com/SYSTRAN/faster-whisper"),
-    "funasr": Attribution(name="FunASR", url="https://github.com/modelscope/FunASR"),
-}
+ATTRIBUTIONS = {t.name: Attribution(name=t.credit, url=t.homepage) for t in PROVIDER_TYPES.values() if t.credit}
 HUB_ATTRIBUTION = Attribution(name="ASR Hub", url="")
 
 
