@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import hub.errors
 import hub.stream
 from hub.cli import _parser as client_parser
 from hub.config import parse_config
+from hub.provider_types import PROVIDER_TYPES
 from hub.gateway.__main__ import parser as gateway_parser
 from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
@@ -100,6 +102,26 @@ def test_make_targets_exist(path: Path) -> None:
     targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
     for target in re.findall(r"`make ([\w-]+)", _text(path)):
         assert target in targets, f"{path.name}: make {target} is not a target"
+
+
+def _table_rows(path: Path, first_cells: str) -> dict[str, str]:
+    """The rows of ``path``'s tables whose first cell is a backticked name matching ``first_cells``: name → the rest."""
+    return dict(re.findall(rf"^\| `({first_cells})` \|(.*)\|$", _text(path), re.M))
+
+
+def test_the_options_table_is_the_provider_type_table() -> None:
+    """docs/api.md lists each provider type's request options (the names outside parentheses) and their
+    defaults, exactly as hub/provider_types.py does."""
+    rows = _table_rows(ROOT / "docs" / "api.md", r"\w+")
+    documented = {kind: rows.get(kind, "") for kind in PROVIDER_TYPES}
+    for kind, cell in documented.items():
+        names = set(re.findall(r"`(\w+)`", re.sub(r"\([^()]*\)", "", cell)))
+        assert names == set(PROVIDER_TYPES[kind].options), f"docs/api.md, options of {kind}: {sorted(names)}"
+        for key, rule in PROVIDER_TYPES[kind].options.items():
+            if rule.default is not None:
+                assert re.search(rf"`{key}` \([^()]*default `?{re.escape(json.dumps(rule.default))}`?\)", cell), (kind, key)
+    pooling = _table_rows(ROOT / "docs" / "guides" / "provider_pooling.md", "type")
+    assert re.findall(r"`(\w+)` \(", pooling["type"]) == list(PROVIDER_TYPES), pooling["type"]
 
 
 def _paragraph(path: Path, start: str) -> str:
