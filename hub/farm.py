@@ -1,10 +1,11 @@
 """The farm: pools of worker processes and the jobs on them.
 
-Mechanism only: it starts, watches, recycles and retires workers, places jobs on the
-least recently used idle worker or in the provider's bounded queue, enforces deadlines,
-runs health checks, rolling restarts and the scaling decision of ``hub.policy``. It
-talks to workers on the backend socket it is given and answers clients through the
-``reply`` callable; reading sockets, signals and client requests is the supervisor's job.
+It admits new work (``admit``: the checks of ``hub.admission``, then a job), places jobs on
+the least recently used idle worker or in the provider's bounded queue, starts, watches,
+recycles and drains workers, enforces deadlines, runs health checks, rolling restarts and
+the scaling decision of ``hub.policy``. Every message to a worker is built in ``_send``;
+clients are answered through the ``reply`` callable. Reading sockets, signals and timers
+are the supervisor's; it calls only the public methods of the first section below.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from hub import gpus, process, protocol, status
+from hub import admission, gpus, process, protocol, status
 from hub.config import HubConfig
 from hub.dispatch import Job, JobQueue, health_job, run_deadline
 from hub.errors import (
@@ -30,9 +31,11 @@ from hub.errors import (
     JobTimeout,
     ProviderUnavailable,
     ShuttingDown,
+    UnknownProvider,
     WorkerCrashed,
 )
 from hub.metrics import Metrics
+from hub.rollout import Rollout
 from hub.placement import WorkerLoad, one_shot_home, session_home
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
@@ -47,13 +50,20 @@ CLIENT_CLOSE = "closed by the client"  # a session's ``closing`` when the client
 HELD_LOG_INTERVAL = 60.0  # a pool held back under steady load says so once a minute, not on every pass
 
 Reply = Callable[[bytes, MsgType, str, dict[str, Any]], None]
-# a routed job (or a shadow) ended: (job, error code or None, seconds on a worker, text)
-Ended = Callable[[Job, str | None, float, str], None]
 
 
 class Farm:
+    """The pools, their workers and every job in flight, behind the small surface the supervisor calls."""
+
     def __init__(
-        self, config: HubConfig, backend: zmq.Socket, backend_path: Path, shm_prefix: str, reply: Reply, metrics: Metrics
+        self,
+        config: HubConfig,
+        backend: zmq.Socket,
+        backend_path: Path,
+        shm_prefix: str,
+        reply: Reply,
+        metrics: Metrics,
+        rollout: Rollout,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -74,12 +84,224 @@ class Farm:
         self.running: dict[str, Job] = {}  # job id -> job on a worker
         self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
         self.job_ids = itertools.count(1)
-        self.stopping = False
-        self.routed_ended: Ended | None = None  # told of every routed job's end (hub.rollout)
+        self.stopping = False  # the hub is shutting down: no new job, no health check, no scaling
+        self.rollout = rollout  # routes: which provider a routed request goes to, shadows, the end of every routed job
+        self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
+
+    # --- what the supervisor calls -------------------------------------------------
+
+    def admit(self, client: bytes, msg: Message) -> None:
+        """Turn a client's TRANSCRIBE or STREAM_OPEN into a job and place it, or raise the error that refuses it."""
+        try:
+            job = self._admitted(client, msg, time.monotonic())
+            if job.session:
+                log.info("session %s: opened by request %s for %s", job.id, msg.id, job.provider)
+            else:
+                log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, job.provider, job.audio.seconds)
+            self.place(job, job.received_at)
+        except HubError as exc:
+            name = msg.body.get("provider") or self.config.enabled_providers[0].name
+            known = isinstance(name, str) and name in self.config.providers
+            self.metrics.rejected(name if known else "_unknown", exc.code)
+            log.debug("request %s refused: %s", msg.id, exc)
+            raise
+        shadow = self.rollout.shadow_for(job.route) if job.route and not job.session else None
+        if shadow is not None:
+            self._shadow(job, shadow)
+
+    def stream_data(self, client: bytes, msg: Message) -> None:
+        """A client's STREAM_DATA: a chunk (inline) or a ring position for its live session."""
+        job = self._session(client, msg.id)
+        position = protocol.parse_stream_data(msg.body, msg.payload)
+        if msg.payload is not None:
+            self.inline_bytes += len(msg.payload)
+        self.session_data(job, msg.body, msg.payload, position)
+
+    def stream_close(self, client: bytes, request_id: str) -> None:
+        """A client's STREAM_CLOSE: its session flushes and answers."""
+        self.close_session(self._session(client, request_id), "")
+
+    def cancel(self, client: bytes, request_id: str) -> None:
+        """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
+        job = self.requests.pop((client, request_id), None)
+        if job is None:
+            return
+        if job.worker is None:
+            self.queues[job.provider].remove(job)
+        elif job.session:
+            self.close_session(job, "the client went away")
+        self._record(job, "JOB_TIMEOUT", time.monotonic())
+        job.client = b""
+
+    def on_worker(self, identity: bytes, msg: Message) -> None:
+        """A message from a worker's socket (or its heartbeat socket, ``<id>.hb``)."""
+        now = time.monotonic()
+        worker = self._worker(identity.decode("ascii", "replace").removesuffix(".hb"))
+        if worker is None:
+            return
+        if msg.type is MsgType.HEARTBEAT:
+            busy = msg.body.get("busy")
+            if isinstance(busy, (int, float)) and now > worker.last_heartbeat:
+                worker.duty = max(0.0, float(busy) - worker.busy) / (now - worker.last_heartbeat)
+                worker.busy = float(busy)
+            worker.last_heartbeat = now
+        elif msg.type is MsgType.READY:
+            self.on_ready(worker, msg.body, now)
+        elif msg.type is MsgType.LOAD_FAILED:
+            worker.last_error = str(msg.body.get("error", "unknown error"))
+        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
+            job = self.running.get(msg.id)
+            if job is not None and job.worker == worker.id:
+                if job.session:
+                    self._heard(job, msg)
+                self.reply(job.client, msg.type, job.request, msg.body)
+        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (worker.job == msg.id or msg.id in worker.sessions):
+            self.on_answer(worker, msg, now)
+
+    def tick(self, now: float, sample: bool) -> None:
+        """Reap, kill the overdue, watch heartbeats and deadlines, expire queued jobs, check health, roll, scale."""
+        if sample and self.gpus.cards:
+            self._read_cards()
+        for name, pool in list(self.pools.items()):
+            for worker in list(pool.workers.values()):
+                if sample:
+                    self._sample(pool, worker)
+                self._watch(pool, worker, now)
+            for job in self.queues[name].expired(now):
+                self.fail(job, self._acquire_timeout(job, now))
+            self.feed(pool, now)  # a session worker's duty may have fallen enough for a waiting job
+            if pool.removed:
+                if not pool.workers:
+                    del self.pools[name], self.queues[name]
+                continue
+            if not self.stopping:
+                self._health_checks(pool, now)
+                self._roll(pool, now)
+                self._scale(pool, now)
+
+    def scale(self, name: object, size: object) -> dict[str, Any]:
+        """An operator's SCALE: the pool's new size, within its ``min_size`` and ``max_size``; returns the reply."""
+        pool = self.pools.get(name) if isinstance(name, str) else None
+        if pool is None or pool.removed:
+            raise UnknownProvider(f"no enabled provider named {name!r}")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise BadRequest("field 'size' must be an integer")
+        self.set_size(pool, size, clamp=False)
+        return {"provider": pool.name, "size": size}
+
+    def step_sizes(self, step: int) -> None:
+        """SIGTTIN / SIGTTOU: one worker more (or fewer) than each pool's target, within its bounds."""
+        for pool in self.pools.values():
+            if not pool.removed:
+                self.set_size(pool, self.target_size(pool) + step, clamp=True)
+
+    def target_size(self, pool: ProviderPool) -> int:
+        """The size the pool is heading for: its floor, raised by what the scaling policy keeps."""
+        return floor_size(self._snapshot(pool), pool.config.pool)
+
+    def begin_shutdown(self) -> None:
+        """The hub is shutting down: refuse new work; jobs in flight go on."""
+        self.stopping = True
+
+    @property
+    def in_flight(self) -> int:
+        """Clients' jobs and sessions not answered yet, queued or running."""
+        return len(self.requests)
+
+    @property
+    def ready(self) -> bool:
+        """Every enabled provider has its ``min_size`` workers ready."""
+        return all(
+            sum(1 for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
+            >= pool.config.pool.min_size
+            for pool in self.pools.values()
+            if not pool.removed
+        )
+
+    def views(self, now: float) -> dict[str, status.PoolView]:
+        """Every pool as status and the metrics see it."""
+        return {name: self.view(pool, now) for name, pool in self.pools.items()}
+
+    def sizes(self) -> dict[str, int]:
+        """Live workers of each pool."""
+        return {name: pool.size for name, pool in self.pools.items()}
+
+    def reconfigure(self, new: HubConfig, now: float) -> None:
+        """A reloaded config: pools that stay get a new generation (a rolling restart), removed ones drain."""
+        for name, pool in self.pools.items():
+            provider = new.providers.get(name)
+            if provider is None or not provider.enabled:
+                log.info("provider %s left the config: draining its workers", name)
+                pool.removed = True
+                for job in self.queues[name].clear():
+                    self.fail(job, ProviderUnavailable(f"provider {name!r} was removed from the config"))
+                for worker in list(pool.workers.values()):
+                    self.drain(worker, now)
+            else:
+                pool.config = provider
+                pool.removed = False
+                pool.generation += 1
+                pool.floor = 0
+                pool.load_failures = 0
+                pool.next_spawn_at = now
+                self.queues[name].limit = provider.pool.max_queue
+        for provider in new.enabled_providers:
+            if provider.name not in self.pools:
+                self.pools[provider.name] = ProviderPool(provider)
+                self.queues[provider.name] = JobQueue(provider.pool.max_queue)
+        self.config = new
+
+    def close(self) -> int:
+        """The end of a shutdown: fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL);
+        return how many there were."""
+        for queue in self.queues.values():
+            for job in queue.clear():
+                self.fail(job, ShuttingDown("the hub stopped before a worker could take this job"))
+        for job in list(self.running.values()):
+            self.fail(job, ShuttingDown("the hub stopped before the job finished"))
+        workers = [w for pool in self.pools.values() for w in pool.workers.values()]
+        for worker in workers:
+            self._send(worker.id, MsgType.STOP, worker.id)
+        _wait_all(workers, 2.0)
+        for worker in workers:
+            process.terminate(worker.proc)
+        _wait_all(workers, KILL_GRACE)
+        for worker in workers:
+            process.kill(worker.proc)
+        _wait_all(workers, KILL_GRACE)
+        return len(workers)
+
+    # --- admitting and placing -----------------------------------------------------
+
+    def _admitted(self, client: bytes, msg: Message, now: float) -> Job:
+        """The checks every new job or session passes (``hub.admission``), then the job it becomes."""
+        if self.stopping:
+            raise ShuttingDown("the hub is shutting down and takes no new work; retry once it is back")
+        if (client, msg.id) in self.requests:
+            raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
+        name, route = msg.body.get("provider"), ""
+        routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body)) if isinstance(name, str) else None
+        if routed is not None:
+            name, route = routed, name
+        provider = admission.provider_for(self.config, self.pools, name, now)
+        if msg.type is MsgType.STREAM_OPEN:
+            admission.check_session_room(provider, self.sessions(provider.name))
+            return admission.session_job(f"s{next(self.job_ids)}", client, msg, provider, route, self.shm_prefix, now)
+        job = admission.request_job(f"j{next(self.job_ids)}", client, msg, provider, route, self.config, self.shm_prefix, now)
+        self.inline_bytes += len(msg.payload or b"")
+        return job
 
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider``, open or waiting for a worker."""
         return sum(1 for j in self.requests.values() if j.session and j.provider == provider)
+
+    def _session(self, client: bytes, request_id: str) -> Job:
+        job = self.requests.get((client, request_id))
+        if job is None or not job.session:
+            raise BadRequest(f"no live session {request_id!r} on this connection")
+        if job.attempts == 0:
+            raise BadRequest(f"session {request_id!r} has no worker yet; wait for the open to be answered")
+        return job
 
     def place(self, job: Job, now: float) -> None:
         """Give a new job a worker now (``_home``), or queue it (POOL_BUSY when the queue is full)."""
@@ -90,17 +312,20 @@ class Farm:
             self.queues[job.provider].push(job)
         self.requests[(job.client, job.request)] = job
 
-    def shadow_room(self, provider: str) -> bool:
-        """Whether a shadow job may start now: a worker of ``provider`` is idle and none of its jobs waits.
-        A shadow never queues, so it never stands in front of a client's job."""
+    def _shadow(self, primary: Job, provider: str) -> None:
+        """Send a copy of the request to the route's shadow if one of its workers is idle now and none of its
+        jobs waits, else drop it: a shadow never queues, so it never stands in front of a client's job."""
         pool = self.pools.get(provider)
-        return pool is not None and not pool.removed and not self.stopping and not self.queues[provider] and bool(pool.idle)
-
-    def place_shadow(self, job: Job, now: float) -> None:
-        """Start a shadow job on the least recently used idle worker (``shadow_room`` said there is one)."""
-        worker = self.pools[job.provider].take_idle()
-        assert worker is not None, "place_shadow without shadow_room"
-        self.start_job(job, worker, now)
+        room = pool is not None and not pool.removed and not self.queues[provider] and bool(pool.idle)
+        now = time.monotonic()
+        shadow = admission.shadow_job(f"w{next(self.job_ids)}", primary, provider, self.shm_prefix, now) if room else None
+        if pool is None or shadow is None:
+            self.rollout.dropped(primary.route, provider)
+            return
+        self.rollout.paired(primary, shadow)
+        worker = pool.take_idle()
+        assert worker is not None, "a shadow placed without an idle worker"
+        self.start_job(shadow, worker, now)
 
     def _home(self, job: Job) -> WorkerHandle | None:
         """A session: the ready worker with the least session load and room for one more. A one-shot job:
@@ -117,19 +342,6 @@ class Farm:
         else:
             chosen = one_shot_home(loads, pool.config.pool)
         return pool.workers[chosen] if chosen is not None else None
-
-
-    def cancel(self, client: bytes, request_id: str) -> None:
-        """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
-        job = self.requests.pop((client, request_id), None)
-        if job is None:
-            return
-        if job.worker is None:
-            self.queues[job.provider].remove(job)
-        elif job.session:
-            self.close_session(job, "the client went away")
-        self._record(job, "JOB_TIMEOUT", time.monotonic())
-        job.client = b""
 
     def close_session(self, job: Job, reason: str) -> None:
         """Ask the worker to flush and answer; a client's close has no reason, the hub's says why."""
@@ -165,11 +377,21 @@ class Farm:
         if msg.type is MsgType.SEGMENT:
             job.finals.append({k: v for k, v in msg.body.items() if k not in ("read", "keep")})
 
-    def _to_worker(self, job: Job, msg_type: MsgType, body: dict[str, Any], payload: bytes | None) -> None:
+    # --- messages to workers: all built in ``_send`` -------------------------------
+
+    def _send(self, worker_id: str, msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None,
+              payload: bytes | None = None) -> zmq.ZMQError | None:
+        """Every message to a worker is built and sent here (zguide's ``send_to_worker``); returns the error
+        when the worker is gone (the socket is ROUTER_MANDATORY: a dead peer raises, nothing is dropped)."""
         try:
-            self.backend.send_multipart([(job.worker or "").encode(), *protocol.build(msg_type, job.id, body, payload)])
-        except zmq.ZMQError:
-            pass  # the worker is gone: reaping it fails the session
+            self.backend.send_multipart([worker_id.encode(), *protocol.build(msg_type, msg_id, body, payload)])
+        except zmq.ZMQError as exc:
+            return exc
+        return None
+
+    def _to_worker(self, job: Job, msg_type: MsgType, body: dict[str, Any], payload: bytes | None) -> None:
+        """A message about a job to the worker running it; when that worker is gone, reaping it fails the job."""
+        self._send(job.worker or "", msg_type, job.id, body, payload)
 
     def set_size(self, pool: ProviderPool, size: int, clamp: bool) -> None:
         """Set the pool's size at run time: the floor autoscaling keeps; extra workers retire now."""
@@ -189,6 +411,7 @@ class Farm:
         for worker in [w for w in by_use if w.live][: max(0, extra)]:
             self.drain(worker, now)
 
+    # --- jobs on workers -----------------------------------------------------------
 
     def start_job(self, job: Job, worker: WorkerHandle, now: float) -> None:
         pool = self.pools[job.provider]
@@ -206,12 +429,8 @@ class Farm:
         pool.set_state(worker, WorkerState.BUSY, now)
         self.running[job.id] = job
         msg_type = MsgType.STREAM_OPEN if job.session else MsgType.JOB
-        try:
-            self.backend.send_multipart(
-                [worker.id.encode(), *protocol.build(msg_type, job.id, job.job_body(), job.payload)]
-            )
-        except zmq.ZMQError as exc:
-            self.recycle(worker, f"unreachable: {exc}", now)
+        if (error := self._send(worker.id, msg_type, job.id, job.job_body(), job.payload)) is not None:
+            self.recycle(worker, f"unreachable: {error}", now)
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} was unreachable"))
             return
         if resume_data is not None:
@@ -295,11 +514,9 @@ class Farm:
             run = now - job.started_at if job.started_at else 0.0
         if job.client:
             self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
-        if job.route and self.routed_ended is not None:
-            self.routed_ended(job, code, run, text if code is None else "")
+        if job.route:
+            self.rollout.ended(job, code, run, text if code is None else "")
         log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request, code or "done", (now - job.received_at) * 1e3)
-
-
 
     def on_answer(self, worker: WorkerHandle, msg: Message, now: float) -> None:
         """A worker's final answer to its job: forward it, account for it, free or recycle the worker."""
@@ -353,7 +570,6 @@ class Farm:
             log.info("rolling restart of %s: %s replaces %s", pool.name, worker.id, replaced.id)
             self.drain(replaced, now)
         self.worker_free(worker, now)
-
 
     def _read_cards(self) -> None:
         """One NVML reading per card per sampling pass, shared by the workers on it."""
@@ -515,9 +731,7 @@ class Farm:
         if worker.job is not None or worker.sessions or worker.kill_at is not None:
             return
         worker.kill_at = now + KILL_GRACE
-        try:
-            self.backend.send_multipart([worker.id.encode(), *protocol.build(MsgType.STOP, worker.id)])
-        except zmq.ZMQError:
+        if self._send(worker.id, MsgType.STOP, worker.id) is not None:
             process.terminate(worker.proc)
 
     def on_exit(self, pool: ProviderPool, worker: WorkerHandle, code: int, now: float) -> None:
@@ -622,17 +836,6 @@ class Farm:
         log.info("started worker %s (pid %d, %s)", spec.id, proc.pid, "CPU" if card is None else card.describe())
         return True
 
-    @property
-    def ready(self) -> bool:
-        """Every enabled provider has its ``min_size`` workers ready."""
-        return all(
-            sum(1 for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
-            >= pool.config.pool.min_size
-            for pool in self.pools.values()
-            if not pool.removed
-        )
-
-
     def view(self, pool: ProviderPool, now: float) -> status.PoolView:
         return status.PoolView(
             pool=pool,
@@ -643,99 +846,6 @@ class Farm:
             figures=self.metrics.summary(pool.name, now, max(1, pool.size)),
             gpu_error=self.nvml.error,
         )
-
-    def on_worker(self, identity: bytes, msg: Message) -> None:
-        """A message from a worker's socket (or its heartbeat socket, ``<id>.hb``)."""
-        now = time.monotonic()
-        worker = self._worker(identity.decode("ascii", "replace").removesuffix(".hb"))
-        if worker is None:
-            return
-        if msg.type is MsgType.HEARTBEAT:
-            busy = msg.body.get("busy")
-            if isinstance(busy, (int, float)) and now > worker.last_heartbeat:
-                worker.duty = max(0.0, float(busy) - worker.busy) / (now - worker.last_heartbeat)
-                worker.busy = float(busy)
-            worker.last_heartbeat = now
-        elif msg.type is MsgType.READY:
-            self.on_ready(worker, msg.body, now)
-        elif msg.type is MsgType.LOAD_FAILED:
-            worker.last_error = str(msg.body.get("error", "unknown error"))
-        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
-            job = self.running.get(msg.id)
-            if job is not None and job.worker == worker.id:
-                if job.session:
-                    self._heard(job, msg)
-                self.reply(job.client, msg.type, job.request, msg.body)
-        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (worker.job == msg.id or msg.id in worker.sessions):
-            self.on_answer(worker, msg, now)
-
-    def tick(self, now: float, sample: bool) -> None:
-        """Reap, kill the overdue, watch heartbeats and deadlines, expire queued jobs, check health, roll, scale."""
-        if sample and self.gpus.cards:
-            self._read_cards()
-        for name, pool in list(self.pools.items()):
-            for worker in list(pool.workers.values()):
-                if sample:
-                    self._sample(pool, worker)
-                self._watch(pool, worker, now)
-            for job in self.queues[name].expired(now):
-                self.fail(job, self._acquire_timeout(job, now))
-            self.feed(pool, now)  # a session worker's duty may have fallen enough for a waiting job
-            if pool.removed:
-                if not pool.workers:
-                    del self.pools[name], self.queues[name]
-                continue
-            if not self.stopping:
-                self._health_checks(pool, now)
-                self._roll(pool, now)
-                self._scale(pool, now)
-
-    def reconfigure(self, new: HubConfig, now: float) -> None:
-        """A reloaded config: pools that stay get a new generation (a rolling restart), removed ones drain."""
-        for name, pool in self.pools.items():
-            provider = new.providers.get(name)
-            if provider is None or not provider.enabled:
-                log.info("provider %s left the config: draining its workers", name)
-                pool.removed = True
-                for job in self.queues[name].clear():
-                    self.fail(job, ProviderUnavailable(f"provider {name!r} was removed from the config"))
-                for worker in list(pool.workers.values()):
-                    self.drain(worker, now)
-            else:
-                pool.config = provider
-                pool.removed = False
-                pool.generation += 1
-                pool.floor = 0
-                pool.load_failures = 0
-                pool.next_spawn_at = now
-                self.queues[name].limit = provider.pool.max_queue
-        for provider in new.enabled_providers:
-            if provider.name not in self.pools:
-                self.pools[provider.name] = ProviderPool(provider)
-                self.queues[provider.name] = JobQueue(provider.pool.max_queue)
-        self.config = new
-
-    def shutdown(self) -> int:
-        """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL); return how many there were."""
-        for queue in self.queues.values():
-            for job in queue.clear():
-                self.fail(job, ShuttingDown("the hub stopped before a worker could take this job"))
-        for job in list(self.running.values()):
-            self.fail(job, ShuttingDown("the hub stopped before the job finished"))
-        workers = [w for pool in self.pools.values() for w in pool.workers.values()]
-        for worker in workers:
-            try:
-                self.backend.send_multipart([worker.id.encode(), *protocol.build(MsgType.STOP, worker.id)])
-            except zmq.ZMQError:
-                pass
-        _wait_all(workers, 2.0)
-        for worker in workers:
-            process.terminate(worker.proc)
-        _wait_all(workers, KILL_GRACE)
-        for worker in workers:
-            process.kill(worker.proc)
-        _wait_all(workers, KILL_GRACE)
-        return len(workers)
 
 
 def _wait_all(workers: list[WorkerHandle], timeout: float) -> None:

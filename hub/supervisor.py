@@ -1,11 +1,17 @@
-"""The supervisor: one poll loop that wires the frontend, the workers, the signals and the timers.
+"""The supervisor: one poll loop that owns the sockets, the signals and the timers (gunicorn's arbiter).
 
-Each pass of the loop reads what the sockets have; every ``TICK_INTERVAL`` (not on every
-wake-up: under load the loop wakes per message) it runs ``tick``: reap exited workers,
-kill the overdue, enforce heartbeats and deadlines, expire queued jobs, run health
-checks, roll restarts forward, scale, and sweep orphaned shared memory. Signal
-handlers only enqueue (gunicorn's arbiter); a socketpair registered with
-``signal.set_wakeup_fd`` wakes the poll.
+Each pass of the loop reads a batch from each socket that has messages: a client's message
+goes to the farm (``Farm.admit`` for new work), a worker's to ``Farm.on_worker``. Every
+``TICK_INTERVAL`` (not on every wake-up: under load the loop wakes per message) it runs
+``tick``: the farm's timer work (reap, kill the overdue, heartbeats, deadlines, health
+checks, rolling restarts, scaling), the gateway child, the sweep of orphaned shared memory,
+the metrics. Signal handlers only enqueue; a socketpair registered with
+``signal.set_wakeup_fd`` wakes the poll, and the loop calls ``handle_<name>`` for each
+signal queued. Admission, placing and every message to a worker are the farm's.
+
+Words used once: a *shutdown* is the hub stopping (SIGTERM/SIGINT: no new work, up to
+``hub.drain_timeout`` for what is in flight); a worker *drains* when it finishes what it
+has and stops (``Farm.drain``, state ``draining``); the loop *reads a batch* of a socket.
 
 Run it as ``python -m hub.supervisor --config config/config.sample.yaml``.
 """
@@ -31,32 +37,11 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from hub import __version__, http, logs, protocol, shm, status
 from hub.children import GatewayChild
-from hub.config import (
-    ConfigError,
-    CurveConfig,
-    HubConfig,
-    ProviderConfig,
-    check_exposure,
-    hub_id,
-    load_config,
-    pid_file,
-)
-from hub.dispatch import Job, acquire_deadline
-from hub.errors import (
-    BadRequest,
-    HubError,
-    InternalError,
-    InvalidAudio,
-    PoolBusy,
-    ProviderUnavailable,
-    ShuttingDown,
-    UnknownProvider,
-)
+from hub.config import ConfigError, CurveConfig, HubConfig, check_exposure, hub_id, load_config, pid_file
+from hub.errors import BadRequest, HubError, InternalError
 from hub.farm import Farm
 from hub.metrics import Metrics
-from hub.policy import floor_size
-from hub.protocol import AudioRef, Message, MsgType
-from hub.resume import AudioTail
+from hub.protocol import Message, MsgType
 from hub.rollout import Rollout
 
 log = logging.getLogger("hub.supervisor")
@@ -65,10 +50,17 @@ TICK_INTERVAL = 0.05  # seconds between timer passes (reap, deadlines, heartbeat
 SHM_SWEEP_INTERVAL = 2.0
 SAMPLE_INTERVAL = 1.0  # how often worker memory is read
 MAX_BATCH = 256  # messages read from one socket before the loop looks at the others
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+SIGNALS = ("HUP", "INT", "TERM", "TTIN", "TTOU")  # each handled by ``Supervisor.handle_<name lowercased>``
+
+
+def handler_name(signum: int) -> str:
+    """The method that handles a signal: ``handle_term`` for SIGTERM (gunicorn's arbiter)."""
+    return "handle_" + signal.Signals(signum).name.removeprefix("SIG").lower()
 
 
 class Supervisor:
+    """The hub's process: sockets, the loop, signals and timers; the farm does the rest."""
+
     def __init__(self, config: HubConfig, config_path: Path | None = None, pid_path: Path | None = None) -> None:
         self.config_path = config_path
         self.hub_id = hub_id(config.hub.frontend)
@@ -91,21 +83,19 @@ class Supervisor:
         self.pid_path = pid_path or pid_file(config)
         self.pid_path.write_text(f"{os.getpid()}\n")
         self.metrics = Metrics()
-        self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics)
         self.rollout = Rollout(config.routes, self.metrics)
-        self.farm.routed_ended = self.rollout.ended
+        self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics, self.rollout)
         self.http: Any = None
         self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
-        self.signals: deque[int] = deque()
-        self.drain_deadline = 0.0
+        self.sig_queue: deque[int] = deque()  # filled by the signal handler, emptied by the loop
+        self.shutdown_deadline = 0.0  # when a shutdown stops waiting for jobs in flight
         self.ready_logged = False
         self.next_sweep = 0.0
         self.next_tick = 0.0
         self.next_sample = 0.0
         self.dropped = 0  # replies dropped because a client stopped reading
         self.malformed = 0  # messages refused as BAD_REQUEST, or dropped when from a worker
-        self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
 
     def _gateway_child(self, config: HubConfig, config_path: Path | None) -> GatewayChild | None:
         if not config.gateway.enabled:
@@ -142,12 +132,13 @@ class Supervisor:
     # --- the loop ------------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until a shutdown ends: poll the sockets, handle signals, run the timers; return the exit status."""
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in _HANDLED_SIGNALS:
-            signal.signal(signum, lambda signum, _frame: self.signals.append(signum))
+        for name in SIGNALS:
+            signal.signal(getattr(signal, f"SIG{name}"), lambda signum, _frame: self.sig_queue.append(signum))
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -167,11 +158,11 @@ class Supervisor:
                     except BlockingIOError:
                         pass
                     self.next_tick = 0.0  # a signal: act on it in this pass
-                self._handle_signals()
+                self.handle_signals()
                 if self.backend in events:
-                    self._drain_socket(self.backend, self.on_backend)
+                    self._read_batch(self.backend, self.on_backend)
                 if self.frontend in events:
-                    self._drain_socket(self.frontend, self.on_frontend)
+                    self._read_batch(self.frontend, self.on_frontend)
                 if (now := time.monotonic()) >= self.next_tick:
                     self.tick(now)
         finally:
@@ -181,7 +172,8 @@ class Supervisor:
             self.close()
         return 0
 
-    def _drain_socket(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+    def _read_batch(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        """Handle up to ``MAX_BATCH`` messages of one socket, so that the other is not starved."""
         for _ in range(MAX_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -189,29 +181,43 @@ class Supervisor:
                 return
             handler(frames)
 
-    def _handle_signals(self) -> None:
-        while self.signals:
-            signum = self.signals.popleft()
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                self.reload()
-            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-                step = 1 if signum == signal.SIGTTIN else -1
-                for pool in self.farm.pools.values():
-                    if not pool.removed:
-                        self.farm.set_size(pool, floor_size(self.farm._snapshot(pool), pool.config.pool) + step, clamp=True)
-            elif self.farm.stopping:
-                log.warning("%s again: stopping now, without waiting for jobs in flight", name)
-                self.drain_deadline = 0.0
-            else:
-                log.info("%s: draining (no new jobs; up to %.0f s for jobs in flight)", name, self.config.hub.drain_timeout)
-                self.farm.stopping = True
-                self.drain_deadline = time.monotonic() + self.config.hub.drain_timeout
+    # --- signals: the handlers only enqueue; the loop calls handle_<name> ----------
+
+    def handle_signals(self) -> None:
+        """Handle the queued signals in order, each by its ``handle_<name>``."""
+        while self.sig_queue:
+            getattr(self, handler_name(self.sig_queue.popleft()))()
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_term(self) -> None:
+        self.begin_shutdown("SIGTERM")
+
+    def handle_int(self) -> None:
+        self.begin_shutdown("SIGINT")
+
+    def handle_ttin(self) -> None:
+        self.farm.step_sizes(+1)
+
+    def handle_ttou(self) -> None:
+        self.farm.step_sizes(-1)
+
+    def begin_shutdown(self, why: str) -> None:
+        """Refuse new work and give jobs in flight ``hub.drain_timeout``; a second signal stops at once."""
+        if self.farm.stopping:
+            log.warning("%s again: stopping now, without waiting for jobs in flight", why)
+            self.shutdown_deadline = 0.0
+            return
+        timeout = self.config.hub.drain_timeout
+        log.info("%s: shutting down (no new jobs; up to %.0f s for jobs in flight, hub.drain_timeout)", why, timeout)
+        self.farm.begin_shutdown()
+        self.shutdown_deadline = time.monotonic() + timeout
 
     def _finished(self, now: float) -> bool:
         if not self.farm.stopping:
             return False
-        return not self.farm.requests or now >= self.drain_deadline
+        return not self.farm.in_flight or now >= self.shutdown_deadline
 
     # --- frontend ------------------------------------------------------------------
 
@@ -234,32 +240,26 @@ class Supervisor:
             self.reply(client, MsgType.ERROR, request_id, error.to_dict())
 
     def on_client_message(self, client: bytes, msg: Message) -> None:
+        """One client message, to the room that handles it: new work and sessions to the farm, the rest here."""
         if msg.type in (MsgType.TRANSCRIBE, MsgType.STREAM_OPEN):
-            try:
-                self.submit(client, msg) if msg.type is MsgType.TRANSCRIBE else self.open_session(client, msg)
-            except HubError as exc:
-                name = msg.body.get("provider") or self.default_provider
-                known = isinstance(name, str) and name in self.config.providers
-                self.metrics.rejected(name if known else "_unknown", exc.code)
-                log.debug("request %s refused: %s", msg.id, exc)
-                raise
+            self.farm.admit(client, msg)
+        elif msg.type is MsgType.STREAM_DATA:
+            self.farm.stream_data(client, msg)
+        elif msg.type is MsgType.STREAM_CLOSE:
+            self.farm.stream_close(client, msg.id)
+        elif msg.type is MsgType.CANCEL:
+            self.farm.cancel(client, msg.id)
         elif msg.type is MsgType.STATUS:
             self.reply(client, MsgType.REPLY, msg.id, self.status())
         elif msg.type is MsgType.HELLO:
             self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
-        elif msg.type is MsgType.CANCEL:
-            self.farm.cancel(client, msg.id)
         elif msg.type is MsgType.SCALE:
-            self.reply(client, MsgType.REPLY, msg.id, self.scale_request(msg.body))
+            self.reply(client, MsgType.REPLY, msg.id, self.farm.scale(msg.body.get("provider"), msg.body.get("size")))
         elif msg.type is MsgType.ROUTE:
             route, weights = protocol.parse_weights(msg.body)
             known = {p.name for p in self.config.enabled_providers}
             weights = self.rollout.set_weights(route, weights, known)
             self.reply(client, MsgType.REPLY, msg.id, {"route": route, "weights": weights})
-        elif msg.type is MsgType.STREAM_DATA:
-            self.session_data(client, msg)
-        elif msg.type is MsgType.STREAM_CLOSE:
-            self.farm.close_session(self._session(client, msg.id), "")
         else:
             raise BadRequest(f"message type {msg.type.value} is not accepted from clients")
 
@@ -298,145 +298,6 @@ class Supervisor:
             "max_audio_seconds": self.config.hub.max_audio_seconds,
         }
 
-    def _admit(self, client: bytes, msg: Message) -> tuple[ProviderConfig, str]:
-        """The checks every new job or session passes first; returns the provider it goes to and the route
-        that chose it ("" when the request named a provider)."""
-        if self.farm.stopping:
-            raise ShuttingDown("the hub is shutting down and takes no new work; retry once it is back")
-        if (client, msg.id) in self.farm.requests:
-            raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
-        name = msg.body.get("provider")
-        routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body)) if isinstance(name, str) else None
-        if routed is None:
-            return self._provider_for(msg.body), ""
-        return self._provider_for({"provider": routed}), name
-
-    def submit(self, client: bytes, msg: Message) -> None:
-        provider, route = self._admit(client, msg)
-        audio = protocol.parse_audio_ref(
-            msg.body, msg.payload, max_samples=int(self.config.hub.max_audio_seconds * protocol.SAMPLE_RATE)
-        )
-        if audio.shm is not None:
-            self._own_segment(audio.shm)
-        if msg.payload is not None:
-            self.inline_bytes += len(msg.payload)
-        job = self._new_job(
-            client, msg, provider, "j", audio=audio, payload=msg.payload, stream=bool(msg.body.get("stream", False)), route=route
-        )
-        log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, provider.name, audio.seconds)
-        self.farm.place(job, job.received_at)
-        shadow = self.rollout.shadow_for(route) if route else None
-        if shadow is not None:
-            self._shadow(job, shadow)
-
-    def _shadow(self, primary: Job, provider: str) -> None:
-        """Send a copy of the request to the route's shadow, if one of its workers is idle now; else drop it.
-        Its PCM is the primary's: the same inline bytes, or a second name for the client's segment."""
-        if not self.farm.shadow_room(provider):
-            self.rollout.dropped(primary.route, provider)
-            return
-        audio = primary.audio
-        if audio.shm is not None:
-            try:
-                audio = AudioRef(samples=audio.samples, shm=shm.share(audio.shm, self.shm_prefix))
-            except InvalidAudio as exc:
-                log.debug("shadow of job %s dropped: %s", primary.id, exc)
-                self.rollout.dropped(primary.route, provider)
-                return
-        now = time.monotonic()
-        shadow = Job(
-            id=f"w{next(self.farm.job_ids)}", client=b"", request="", provider=provider, audio=audio,
-            payload=primary.payload, options=primary.options, stream=False, received_at=now, acquire_deadline=now,
-            client_timeout=None, route=primary.route, shadow=True,
-        )
-        self.rollout.paired(primary, shadow)
-        self.farm.place_shadow(shadow, now)
-
-    def _own_segment(self, name: str) -> None:
-        if not name.startswith(self.shm_prefix):
-            raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's ({self.shm_prefix}*)")
-
-    def _new_job(self, client: bytes, msg: Message, provider: ProviderConfig, kind: str, **fields: Any) -> Job:
-        """A job or a session (``kind`` "j" or "s" prefixes its id) with what every request has in common."""
-        now = time.monotonic()
-        timeout = protocol.parse_timeout(msg.body)
-        return Job(
-            id=f"{kind}{next(self.farm.job_ids)}",
-            client=client,
-            request=msg.id,
-            provider=provider.name,
-            options=protocol.parse_options(msg.body),
-            received_at=now,
-            acquire_deadline=acquire_deadline(provider.pool, now, timeout),
-            client_timeout=timeout,
-            **fields,
-        )
-
-    def open_session(self, client: bytes, msg: Message) -> None:
-        """A live stream, one of several on a worker until it closes; at most ``pool.max_sessions`` of a pool."""
-        provider, route = self._admit(client, msg)
-        limit = provider.pool.session_limit
-        active = self.farm.sessions(provider.name)
-        if active >= limit:
-            raise PoolBusy(
-                f"provider {provider.name!r} has {active} live session(s), its limit (pool.max_sessions={limit}); "
-                "the rest of the pool is kept for one-shot jobs"
-            )
-        ring = protocol.parse_ring(msg.body)
-        if ring is not None:
-            self._own_segment(ring.shm)
-        job = self._new_job(
-            client, msg, provider, "s", audio=AudioRef(samples=0), payload=None, stream=True, session=True, ring=ring, route=route
-        )
-        job.last_activity = job.received_at
-        if ring is None:  # inline chunks: the supervisor keeps the recent ones, for a resume on another worker
-            job.tail = AudioTail(int(provider.stream.window_seconds * protocol.SAMPLE_RATE))
-        log.info("session %s: opened by request %s for %s", job.id, msg.id, provider.name)
-        self.farm.place(job, job.received_at)
-
-    def _session(self, client: bytes, request_id: str) -> Job:
-        job = self.farm.requests.get((client, request_id))
-        if job is None or not job.session:
-            raise BadRequest(f"no live session {request_id!r} on this connection")
-        if job.attempts == 0:
-            raise BadRequest(f"session {request_id!r} has no worker yet; wait for the open to be answered")
-        return job
-
-    def session_data(self, client: bytes, msg: Message) -> None:
-        job = self._session(client, msg.id)
-        position = protocol.parse_stream_data(msg.body, msg.payload)
-        if msg.payload is not None:
-            self.inline_bytes += len(msg.payload)
-        self.farm.session_data(job, msg.body, msg.payload, position)
-
-    def _provider_for(self, body: dict[str, Any]) -> ProviderConfig:
-        name = body.get("provider") or self.default_provider
-        if not isinstance(name, str):
-            raise BadRequest("field 'provider' must be a provider name")
-        provider = self.config.providers.get(name)
-        if provider is None:
-            known = ", ".join(p.name for p in self.config.enabled_providers)
-            raise UnknownProvider(f"no provider named {name!r}; this hub serves: {known}")
-        if not provider.enabled:
-            raise ProviderUnavailable(f"provider {name!r} is disabled in the config (providers.{name}.enabled)")
-        pool = self.farm.pools[name]
-        if pool.size == 0 and pool.load_failures:
-            wait = max(0.0, pool.next_spawn_at - time.monotonic())
-            raise ProviderUnavailable(
-                f"provider {name!r} has no live worker: {pool.last_error} (next start in {wait:.0f} s)"
-            )
-        return provider
-
-    def scale_request(self, body: dict[str, Any]) -> dict[str, Any]:
-        name, size = body.get("provider"), body.get("size")
-        pool = self.farm.pools.get(name) if isinstance(name, str) else None
-        if pool is None or pool.removed:
-            raise UnknownProvider(f"no enabled provider named {name!r}")
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise BadRequest("field 'size' must be an integer")
-        self.farm.set_size(pool, size, clamp=False)
-        return {"provider": pool.name, "size": size}
-
     def tick(self, now: float) -> None:
         """The timer work, every ``TICK_INTERVAL``; what is due less often (sampling, the sweep) keeps its own time."""
         self.next_tick = now + TICK_INTERVAL
@@ -450,10 +311,10 @@ class Supervisor:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
-        self.metrics.ready = ready = self.farm.ready and not self.farm.stopping  # draining: out of the Service
+        self.metrics.ready = ready = self.farm.ready and not self.farm.stopping  # shutting down: out of the Service
         self.metrics.loop_at = now
         if sample or now >= self.next_summary:
-            views = {name: self.farm.view(pool, now) for name, pool in self.farm.pools.items()}
+            views = self.farm.views(now)
             if sample:
                 self.metrics.publish(status.gauges(views, ready))
             if now >= self.next_summary:
@@ -466,7 +327,7 @@ class Supervisor:
         """Say once that the hub is ready; also checked before a status reply, so the log says it first."""
         if not self.ready_logged and self.farm.ready and not self.farm.stopping:
             self.ready_logged = True
-            sizes = ", ".join(f"{n}: {p.size} worker(s)" for n, p in self.farm.pools.items())
+            sizes = ", ".join(f"{name}: {size} worker(s)" for name, size in self.farm.sizes().items())
             log.info("hub ready in %.2f s on %s (%s)", now - self.started, self.config.hub.frontend, sizes)
 
     def reload(self) -> None:
@@ -486,15 +347,13 @@ class Supervisor:
         self.rollout.reconfigure(new.routes)
         if self.gateway is not None:
             self.gateway.reload()
-        log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.pools))
+        log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.sizes()))
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         self._log_ready(now)
-        providers = {
-            p.name: status.provider_status(p, self.farm.view(self.farm.pools[p.name], now) if p.name in self.farm.pools else None, now)
-            for p in self.config.providers.values()
-        }
+        views = self.farm.views(now)
+        providers = {p.name: status.provider_status(p, views.get(p.name), now) for p in self.config.providers.values()}
         return {
             "hub": {
                 "id": self.hub_id,
@@ -506,7 +365,7 @@ class Supervisor:
                 "shutting_down": self.farm.stopping,
                 "dropped_replies": self.dropped,
                 "malformed_messages": self.malformed,
-                "inline_bytes": self.inline_bytes,
+                "inline_bytes": self.farm.inline_bytes,
             },
             "providers": providers,
             "routes": self.rollout.status(),
@@ -515,7 +374,7 @@ class Supervisor:
 
     def close(self) -> None:
         """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL), remove our files."""
-        stopped = self.farm.shutdown()
+        stopped = self.farm.close()
         if self.gateway is not None:
             self.gateway.stop()
         if self.http is not None:

@@ -369,7 +369,7 @@ def test_sigterm_drains_jobs_in_flight_and_exits_cleanly(hub_factory) -> None:
         t.start()
     wait_for(lambda: _states(hub) == ["busy", "busy"], what="both jobs running")
     hub.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "SIGTERM: draining" in hub.log(), what="the drain to begin")
+    wait_for(lambda: "SIGTERM: shutting down" in hub.log(), what="the drain to begin")
     with hub.client() as client:
         with pytest.raises(ShuttingDown):  # an answer: a supervisor that stopped reading would not give one
             client.transcribe(TONE, timeout=5)

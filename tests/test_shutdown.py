@@ -51,7 +51,7 @@ def test_sigint_drains_like_sigterm_and_removes_the_runtime_files(hub_factory) -
     assert pid_file.read_text().strip() == str(hub.proc.pid) and socket.exists()
     thread, outcome = in_flight(hub, sleep=1.5)
     hub.proc.send_signal(signal.SIGINT)
-    wait_for(lambda: "SIGINT: draining" in hub.log(), what="the drain")
+    wait_for(lambda: "SIGINT: shutting down" in hub.log(), what="the drain")
     with hub.client() as client, pytest.raises(ShuttingDown):
         client.transcribe(TONE, timeout=10)
     thread.join(30)
@@ -63,7 +63,7 @@ def test_a_second_sigterm_stops_at_once_without_waiting_for_the_job(hub_factory)
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1)}, hub={"drain_timeout": 300})
     thread, outcome = in_flight(hub, sleep=60)
     hub.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "SIGTERM: draining" in hub.log(), what="the drain")
+    wait_for(lambda: "SIGTERM: shutting down" in hub.log(), what="the drain")
     hub.proc.send_signal(signal.SIGTERM)
     # long before the job's 60 s or the 300 s drain_timeout would have ended
     assert hub.proc.wait(30) == 0

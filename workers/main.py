@@ -91,6 +91,7 @@ class Worker:
         return {"busy": self.session_busy, "sessions": len(self.sessions)}
 
     def serve(self) -> None:
+        """Take the supervisor's messages and serve them (jobs in order, sessions in turns) until STOP."""
         try:
             while self._take_messages():
                 due = {sid: s.due_since for sid, s in self.sessions.items() if s.due_since is not None}

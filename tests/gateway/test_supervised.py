@@ -74,7 +74,7 @@ def test_drain_keeps_answering_then_stops_the_gateway_last(gateway_factory: Any)
     assert gw.hub.proc.wait(30) == 0
     assert not psutil.pid_exists(gateway_pid) or psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
     log = gw.hub.log()  # the gateway carried the queued request through the drain, and was stopped after it
-    assert log.index("SIGTERM: draining") < log.index("hub.supervisor: gateway stopped (exit status 0") < log.index("supervisor stopped")
+    assert log.index("SIGTERM: shutting down") < log.index("hub.supervisor: gateway stopped (exit status 0") < log.index("supervisor stopped")
 
 
 def test_gateway_stops_when_its_supervisor_is_killed(gateway_factory: Any) -> None:
