@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -56,10 +55,15 @@ def test_probe() -> None:
 
 
 def test_sweep_removes_segments_whose_owner_process_group_was_killed() -> None:
-    """A client killed with its whole process group leaves its segment (its tracker dies too); the sweep removes it."""
+    """A client killed with its whole process group leaves its segment (its tracker dies too); the sweep removes it.
+
+    Whether the killed tracker gets to clean up first is a race the kernel decides (it may read its pipe's end
+    before its own SIGKILL lands), so the child takes its segment off its tracker's list: the state the race
+    leaves in the usual case, made certain."""
     code = (
-        "import sys, numpy as np; from hub import shm\n"
-        f"seg = shm.create_pcm({PREFIX!r}, np.zeros(10, np.float32)); print(seg.name, flush=True)\n"
+        "import sys, numpy as np; from multiprocessing import resource_tracker; from hub import shm\n"
+        f"seg = shm.create_pcm({PREFIX!r}, np.zeros(10, np.float32))\n"
+        "resource_tracker.unregister('/' + seg.name, 'shared_memory'); print(seg.name, flush=True)\n"
         "sys.stdin.read()\n"
     )
     proc = subprocess.Popen(
@@ -71,8 +75,8 @@ def test_sweep_removes_segments_whose_owner_process_group_was_killed() -> None:
     assert name not in live  # its owner is alive: untouched
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    time.sleep(0.2)
-    assert name in shm.list_segments(PREFIX), "the tracker should have died with the group"
+    # At once: another hub on this host (a parallel test run, say) sweeps every hub's orphans every few seconds.
+    assert name in shm.list_segments(PREFIX), "the segment should outlive its owner"
     assert name in shm.sweep_orphans()
     assert name not in shm.list_segments(PREFIX)
 
