@@ -32,7 +32,7 @@ from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript
 
 RECONNECT_GRACE = 1.0  # seconds a request waits for a closed connection to come back before giving up
-AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 Reply = Segment | Transcript | dict[str, Any]
@@ -83,7 +83,8 @@ class Peer:
         return AuthFailed(
             f"the hub at {self.endpoint} refused this client in the CURVE handshake (server key "
             f"{self.curve.server.decode()}, client public key {self.curve.public.decode()}): the client's public key "
-            "is not in the hub's hub.curve.allowed_clients folder, or the server key is not that hub's"
+            "is not in the hub's hub.curve.allowed_clients folder, or the server key is not that hub's, or that hub "
+            "does not use CURVE (no hub.curve: connect without keys)"
         )
 
     def lost(self, link: LinkState) -> HubError:
@@ -107,6 +108,9 @@ class _Handshake:
     mid-handshake (a drain, a crash) shows. It counts as a refusal only until a handshake has succeeded: a hub
     that accepted this client's key once and then fails one is, in practice, going away, and the request lost
     with it is HUB_UNREACHABLE (a pool retries it on another hub), not AUTH_FAILED (final).
+
+    A protocol failure is a refusal only when the security mechanisms differ (CURVE on one side, none on the
+    other): any other one (a peer that does not speak ZMTP, say an HTTP port) says nothing about our key.
     """
 
     __slots__ = ("accepted", "refused")
@@ -115,12 +119,14 @@ class _Handshake:
         self.accepted = False
         self.refused = False
 
-    def take(self, event: int) -> bool:
-        """Account for ``event`` if it is a handshake's outcome; False for any other event."""
+    def take(self, event: int, value: int = 0) -> bool:
+        """Account for ``event`` (with its monitor ``value``) if it is a handshake's outcome; False for any other."""
         if not event & (AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED):
             return False
         if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.accepted, self.refused = True, False
+        elif event & zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            self.refused = value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
         else:
             self.refused = bool(event & zmq.EVENT_HANDSHAKE_FAILED_AUTH) or not self.accepted
         return True
@@ -135,9 +141,9 @@ class LinkState:
         self.down = False
         self.handshake = _Handshake()
 
-    def take(self, event: int) -> bool:
-        """Account for one monitor event; True if it closed the connection."""
-        if not self.handshake.take(event):
+    def take(self, event: int, value: int = 0) -> bool:
+        """Account for one monitor event (and its value); True if it closed the connection."""
+        if not self.handshake.take(event, value):
             self.down = event == zmq.EVENT_DISCONNECTED
         return event == zmq.EVENT_DISCONNECTED
 

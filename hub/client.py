@@ -24,6 +24,7 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import zmq
@@ -284,7 +285,8 @@ class _Link:
         """Take the pending events (waiting up to ``timeout_ms`` for the first); True if a close was among them."""
         closed = False
         while self.monitor.poll(timeout_ms):
-            closed = self.state.take(recv_monitor_message(self.monitor)["event"]) or closed
+            event = recv_monitor_message(self.monitor)
+            closed = self.state.take(event["event"], event["value"]) or closed
             timeout_ms = 0
         return closed
 
@@ -435,7 +437,7 @@ class HubClient(_ClientCore):
             link.update()
             if link.state.down and not link.wait_up(call.grace()):
                 raise call.lost(link.state, sent=False)
-            sock.send_multipart(call.request())
+            _send_in_time(sock, link, call)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(link.monitor, zmq.POLLIN)
@@ -450,7 +452,7 @@ class HubClient(_ClientCore):
                 elif call.left() <= 0:
                     raise call.expire()
         finally:
-            _send_quietly(sock.send_multipart, call.finish())
+            _send_quietly(partial(sock.send_multipart, flags=zmq.NOBLOCK), call.finish())
 
     def _socket(self) -> tuple[zmq.Socket, _Link]:
         """This thread's socket for one-shot calls, and what its monitor says of its connection."""
@@ -477,6 +479,29 @@ class HubClient(_ClientCore):
             if session.sock in self._sockets:
                 self._sockets.remove(session.sock)
                 session.sock.close(linger=0)
+
+
+def _send_in_time(sock: zmq.Socket, link: _Link, call: Call) -> None:
+    """Send ``call``'s request once the socket has room, before its deadline.
+
+    A handshake that fails on a protocol error (a client without keys meeting a CURVE hub) ends the socket's
+    only connection for good, and a DEALER without a connection has no room: a plain send would wait forever.
+    """
+    frames = call.request()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLOUT)
+    poller.register(link.monitor, zmq.POLLIN)
+    while True:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            link.update()
+        if link.state.handshake.refused:
+            raise call.lost(link.state, sent=False)
+        if call.left() <= 0:
+            raise call.expire()
+        poller.poll(max(1, int(call.left() * 1000)))
 
 
 def _send_quietly(send: Callable[[list[bytes]], Any], frames: list[bytes] | None) -> None:
@@ -641,7 +666,7 @@ class AsyncHubClient(_ClientCore):
                 await asyncio.sleep(0.05)
             if self._link.down:
                 raise call.lost(self._link, sent=False)
-            await self._sock.send_multipart(call.request())
+            await self._send_in_time(call)
             while not call.over:
                 try:
                     async with asyncio.timeout(call.left()):  # no task per wait, unlike wait_for
@@ -654,6 +679,22 @@ class AsyncHubClient(_ClientCore):
             self._pending.pop(call.id, None)
             # expired, or its caller stopped listening (a cancelled task cannot wait: fire and forget)
             _send_quietly(self._sock.send_multipart, call.finish())
+
+    async def _send_in_time(self, call: Call) -> None:
+        """``_send_in_time``'s twin: a socket whose connection ended on a protocol error has no room, and
+        waiting for it would never end (the reader task marks a refusal on the link meanwhile)."""
+        frames = call.request()
+        while True:
+            try:
+                await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            if self._link.handshake.refused:
+                raise call.lost(self._link, sent=False)
+            if call.left() <= 0:
+                raise call.expire()
+            await asyncio.sleep(min(0.05, call.left()))
 
     def _inbox(self, request_id: str) -> asyncio.Queue[Message]:
         """The queue ``request_id``'s replies are routed to (starting the reader on first use)."""
@@ -672,8 +713,8 @@ class AsyncHubClient(_ClientCore):
         while True:
             ready = dict(await poller.poll())
             if self._monitor in ready:
-                event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
-                if self._link.take(event):
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+                if self._link.take(event["event"], event["value"]):
                     gone = self._peer.lost(self._link).to_dict()
                     for request_id, inbox in list(self._pending.items()):
                         inbox.put_nowait(Message(MsgType.ERROR, request_id, gone))

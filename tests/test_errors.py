@@ -1,7 +1,7 @@
 import pytest
 import zmq
 
-from hub.client import _Handshake
+from hub.call import CurveKeys, Peer, _Handshake
 from hub.errors import ERROR_CLASSES, HubError, PoolBusy, WorkerCrashed
 
 
@@ -34,3 +34,18 @@ def test_a_handshake_without_detail_is_a_refusal_only_before_one_succeeded() -> 
     assert stopping.take(zmq.EVENT_HANDSHAKE_SUCCEEDED) and not stopping.refused
     assert stopping.take(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) and not stopping.refused
     assert stopping.take(zmq.EVENT_HANDSHAKE_FAILED_AUTH) and stopping.refused  # the hub said so: always a refusal
+
+
+def test_a_protocol_failure_is_a_refusal_only_when_the_mechanisms_differ() -> None:
+    """A client without keys meeting a CURVE hub (or one with keys meeting a plain hub, which may also fail
+    without detail) fails with a mechanism mismatch: AUTH_FAILED. Any other protocol failure (a peer that does
+    not speak ZMTP) says nothing of the key."""
+    mismatch = _Handshake()
+    assert mismatch.take(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
+    assert mismatch.refused
+    other = _Handshake()
+    assert other.take(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_UNEXPECTED_COMMAND)
+    assert not other.refused
+    assert "requires CURVE keys" in str(Peer("tcp://h:1").refused())
+    with_keys = str(Peer("tcp://h:1", CurveKeys(b"p" * 40, b"s" * 40, b"k" * 40)).refused())
+    assert "allowed_clients" in with_keys and "does not use CURVE" in with_keys

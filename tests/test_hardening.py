@@ -241,9 +241,19 @@ def test_curve_serves_allowed_keys_only(hub_factory, tmp_path: Path) -> None:
             return str(refused.value)
 
     assert "allowed_clients" in asyncio.run(asyncio.wait_for(refused_async(), 10))
-    with HubClient(hub.endpoint, timeout=20) as client:  # no keys at all
-        with pytest.raises(AuthFailed, match="requires CURVE keys"):
-            client.transcribe(TONE)
+    for _ in range(3):  # the refusal ends the connection for good: a send after it must not wait forever
+        with HubClient(hub.endpoint, timeout=20) as client:  # no keys at all
+            with pytest.raises(AuthFailed, match="requires CURVE keys"):
+                client.transcribe(TONE)
+            with pytest.raises(AuthFailed, match="requires CURVE keys"):
+                client.status()
+
+    async def no_keys_async() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=20) as client:
+            with pytest.raises(AuthFailed, match="requires CURVE keys"):
+                await client.transcribe(TONE)
+
+    asyncio.run(asyncio.wait_for(no_keys_async(), 10))
     cli = subprocess.run(
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "--client-key", str(keys / "alice.key_secret"),
          "--server-key", str(keys / "server.key"), "status", "--json"],
@@ -268,3 +278,25 @@ def test_a_frontend_beyond_loopback_is_allowed_with_curve(hub_factory, tmp_path:
         assert client.wait_ready(30)["hub"]["frontend"] == f"tcp://0.0.0.0:{port}"
         assert client.transcribe(TONE).text == echo_text(TONE)
     assert hub.proc.poll() is None
+
+
+def test_keys_against_a_plain_hub_are_refused_with_advice(hub_factory, tmp_path: Path) -> None:
+    """A client with CURVE keys meeting a hub without hub.curve: AUTH_FAILED saying so, at once, both clients."""
+    for name in ("server", "alice"):
+        assert make_keys([str(tmp_path), name]) == 0
+    hub = hub_factory({"echo": echo_provider()})
+    alice = CurveKeys.load(str(tmp_path / "alice.key_secret"), str(tmp_path / "server.key"))
+    started = time.monotonic()
+    with HubClient(hub.endpoint, timeout=20, curve=alice) as client:
+        with pytest.raises(AuthFailed, match="does not use CURVE"):
+            client.transcribe(TONE)
+
+    async def refused_async() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=20, curve=alice) as client:
+            with pytest.raises(AuthFailed, match="does not use CURVE"):
+                await client.status()
+
+    asyncio.run(asyncio.wait_for(refused_async(), 10))
+    assert time.monotonic() - started < 10, "a refusal waited for the client's timeout"
+    with HubClient(hub.endpoint, timeout=20) as client:
+        assert client.transcribe(TONE).text == echo_text(TONE)  # the hub carries on
