@@ -22,6 +22,7 @@ from bench.hubproc import running_hub
 from bench.procstats import Meter, wait_for_quiet
 from bench.progress import say
 from hub.client import HubClient
+from hub.status import PoolStatus
 
 CHUNK_S = 0.05
 
@@ -49,7 +50,7 @@ def measure(workdir: Path, sessions: int, seconds: float, settle_s: float) -> di
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + 60
-        while hub.status()["providers"]["echo"]["sessions"] < sessions and time.monotonic() < deadline:
+        while (hub.status().providers["echo"].pool or PoolStatus()).sessions < sessions and time.monotonic() < deadline:
             time.sleep(0.1)
         wait_for_quiet(settle_s)
         groups = {"client": [p.pid for p in procs if p.pid], "hub": [hub.pid], "workers": hub.worker_pids("echo")}

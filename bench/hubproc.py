@@ -24,6 +24,7 @@ import yaml
 
 from bench.settings import MODEL, ROOT, compute_type
 from hub.client import HubClient
+from hub.status import HubStatus
 
 READY_TIMEOUT_S = 180.0
 # Queued jobs wait as long as the benchmark's clients do: a deep queue (C=16 on one worker, or an
@@ -73,12 +74,11 @@ class RunningHub:
         return self.proc.pid
 
     def worker_pids(self, provider: str) -> list[int]:
-        with HubClient(self.endpoint, timeout=10) as client:
-            return [int(w["pid"]) for w in client.status()["providers"][provider]["workers"]]
+        return [w.pid for w in self.status().providers[provider].workers]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> HubStatus:
         with HubClient(self.endpoint, timeout=10) as client:
-            return client.status()
+            return HubStatus.from_dict(client.status())
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -154,9 +154,9 @@ def _sizes(hub: RunningHub, clips: list[np.ndarray], reps: tuple[int, ...]) -> l
         pcm = of_length(seconds, clips)
         row: dict[str, Any] = {"audio_s": seconds}
         for mode, use_shm in (("shm", True), ("inline", False)):
-            before = hub.status()["hub"]["inline_bytes"]
+            before = hub.status().hub.inline_bytes
             row[mode] = _latency(hub_round_trips(hub.endpoint, pcm, count, use_shm, warm=1))
-            row[f"{mode}_bytes_through_hub"] = (hub.status()["hub"]["inline_bytes"] - before) // (count + 1)
+            row[f"{mode}_bytes_through_hub"] = (hub.status().hub.inline_bytes - before) // (count + 1)
         say(f"  {seconds:g} s of audio: shm p50 {row['shm']['p50']:.2f} ms, inline p50 {row['inline']['p50']:.2f} ms")
         rows.append(row)
     return rows

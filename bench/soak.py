@@ -95,22 +95,23 @@ def _session(client: HubClient, pcm: np.ndarray) -> None:
 def killer(hub: RunningHub, stop: threading.Event, every: float, kills: list[str]) -> None:
     rng = random.Random(99)
     while not stop.wait(every):
-        providers = hub.status()["providers"]
-        live = [(p, w) for p, info in providers.items() for w in info["workers"] if w["state"] in ("idle", "busy")]
+        providers = hub.status().providers
+        live = [(p, w) for p, info in providers.items() for w in info.workers if w.serving]
         if live:
             provider, worker = rng.choice(live)
-            os.kill(worker["pid"], signal.SIGKILL)
-            kills.append(worker["id"])
+            os.kill(worker.pid, signal.SIGKILL)
+            kills.append(worker.id)
 
 
 def snapshot(hub: RunningHub) -> dict[str, Any]:
     supervisor = psutil.Process(hub.pid)
-    workers = {w["id"]: round(w["rss_mb"], 1) for p in hub.status()["providers"].values() for w in p["workers"]}
+    status = hub.status()
+    workers = {w.id: round(w.rss_mb, 1) for p in status.providers.values() for w in p.workers}
     return {
         "supervisor_rss_mb": round(supervisor.memory_info().rss / 2**20, 1),
         "supervisor_fds": supervisor.num_fds(),
         "worker_rss_mb": workers,
-        "segments": len(shm.list_segments(shm.hub_prefix(hub.status()["hub"]["id"]))),
+        "segments": len(shm.list_segments(shm.hub_prefix(status.hub.id))),
     }
 
 

@@ -32,6 +32,7 @@ from hub.audio import AudioInput, to_pcm
 from hub.client import AsyncHubClient, CurveKeys, HubClient, TranscriptStream
 from hub.errors import HubError, HubUnreachable, PoolBusy, ProviderUnavailable, ShuttingDown
 from hub.results import Segment, Transcript
+from hub.status import HubStatus, PoolStatus, ReadyState
 
 __all__ = ["HubPool", "AsyncHubPool", "Balancer", "needs_pool", "parse_endpoints", "system_resolver", "DNS_SCHEME"]
 
@@ -102,14 +103,14 @@ class Capacity:
     sessions: int
 
 
-def capacities(status: dict[str, Any]) -> dict[str | None, Capacity]:
+def capacities(status: HubStatus) -> dict[str | None, Capacity]:
     """Per provider from a hub's status; the key ``None`` is the hub's default provider (its first enabled one)."""
     found: dict[str | None, Capacity] = {}
-    for name, p in status["providers"].items():
-        if not p["enabled"]:
+    for name, p in status.providers.items():
+        if not p.enabled:
             continue
-        idle = p.get("workers_by_state", {}).get("idle", 0)
-        found[name] = Capacity(idle - p["queue_depth"], p.get("sessions", 0))
+        pool = p.pool or PoolStatus()
+        found[name] = Capacity(pool.workers_by_state.get("idle", 0) - p.queue_depth, pool.sessions)
         found.setdefault(None, found[name])
     return found
 
@@ -187,14 +188,15 @@ class Balancer(Generic[Client]):
                 self.retired.append(member)
             return self._collect()
 
-    def probed(self, member: Member[Client], status: dict[str, Any] | None) -> None:
+    def probed(self, member: Member[Client], answer: dict[str, Any] | None) -> None:
         """What a probe found: a status, or None when the hub did not answer in time."""
         with self._lock:
-            if status is None:
+            if answer is None:
                 member.down = True
                 return
+            status = HubStatus.from_dict(answer)
             member.down = False
-            member.draining = bool(status["hub"]["shutting_down"])
+            member.draining = status.readiness is ReadyState.DRAINING
             member.capacity = capacities(status)
             member.in_flight_at_status = member.in_flight
 
@@ -578,16 +580,21 @@ def _close(clients: list[HubClient]) -> None:
         client.close()
 
 
+def _answers(status: dict[str, Any]) -> dict[str, HubStatus | None]:
+    """Each hub's status in a pool's status, None for a hub that did not answer."""
+    return {endpoint: HubStatus.of(entry) for endpoint, entry in status["hubs"].items()}
+
+
 def _ready_count(status: dict[str, Any]) -> int:
-    return sum(1 for s in status["hubs"].values() if s.get("hub", {}).get("ready") and not s["hub"]["shutting_down"])
+    return sum(1 for s in _answers(status).values() if s is not None and s.ready)
 
 
 def _not_enough(status: dict[str, Any], hubs: int, timeout: float) -> HubError:
+    answers = _answers(status)
     seen = ", ".join(
-        f"{e}: {s['error']['code'] if 'error' in s else ('ready' if s['hub']['ready'] else 'not ready')}"
-        for e, s in status["hubs"].items()
+        f"{e}: {status['hubs'][e]['error']['code'] if s is None else s.readiness.value}" for e, s in answers.items()
     )
-    if not any("hub" in s for s in status["hubs"].values()):
+    if not any(s is not None for s in answers.values()):
         return HubUnreachable(f"no hub of the pool answered within {timeout:.0f} s ({seen or 'no hub resolved'})")
     return ProviderUnavailable(f"fewer than {hubs} hub(s) of the pool were ready within {timeout:.0f} s ({seen})")
 

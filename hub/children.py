@@ -15,10 +15,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from hub.config import GatewaySection, loopback_endpoint
 from hub.process import backoff, describe_exit
+from hub.status import GatewayStatus
 
 log = logging.getLogger("hub.supervisor")
 
@@ -91,12 +91,12 @@ class GatewayChild:
                 self.proc.wait()
         log.info("gateway stopped (%s)", describe_exit(self.proc.returncode))
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": self.proc.pid if self.running and self.proc is not None else None,
-            "running": self.running,
-            "url": f"http://{self.section.host}:{self.section.port}",
-            "wyoming_port": self.section.wyoming_port or None,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
-        }
+    def status(self) -> GatewayStatus:
+        return GatewayStatus(
+            pid=self.proc.pid if self.running and self.proc is not None else None,
+            running=self.running,
+            url=f"http://{self.section.host}:{self.section.port}",
+            wyoming_port=self.section.wyoming_port or None,
+            restarts=self.restarts,
+            last_exit=self.last_exit,
+        )

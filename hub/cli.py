@@ -14,6 +14,7 @@ from hub.balance import DNS_SCHEME, HubPool, needs_pool
 from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient, StreamSession
 from hub.errors import HubError
 from hub.protocol import SAMPLE_RATE
+from hub.status import HubStatus, Percentiles
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,70 +73,71 @@ def parse_weights(items: list[str]) -> dict[str, float]:
     return weights
 
 
-def format_status(status: dict[str, Any]) -> str:
+def format_status(status: HubStatus) -> str:
     """The status as a table a person reads at a glance."""
-    hub = status["hub"]
+    hub = status.hub
     lines = [
-        f"hub {hub['id']} pid {hub['pid']} on {hub['frontend']}  "
-        f"{'ready' if hub['ready'] else 'not ready'}{'  (shutting down)' if hub['shutting_down'] else ''}  "
-        f"up {hub['uptime']:.0f} s"
+        f"hub {hub.id} pid {hub.pid} on {hub.frontend}  "
+        f"{'ready' if status.ready else 'not ready'}{'  (shutting down)' if hub.shutting_down else ''}  "
+        f"up {hub.uptime:.0f} s"
     ]
-    for name, p in status["providers"].items():
-        if not p["enabled"]:
-            lines.append(f"\n{name} ({p['type']}): disabled")
+    for name, p in status.providers.items():
+        if not p.enabled or p.pool is None:
+            lines.append(f"\n{name} ({p.type}): disabled")
             continue
-        pool = "pool" if p["pool_enabled"] else "single instance"
+        mode = "pool" if p.pool_enabled else "single instance"
+        pool, f = p.pool, p.pool.figures
         lines.append(
-            f"\n{name} ({p['type']}, {pool}): size {p['size']} [{p['min_size']}..{p['max_size']}], "
-            f"queue {p['queue_depth']}/{p['max_queue']}{'  DEGRADED' if p['degraded'] else ''}"
+            f"\n{name} ({p.type}, {mode}): size {p.size} [{p.min_size}..{p.max_size}], "
+            f"queue {p.queue_depth}/{p.max_queue}{'  DEGRADED' if pool.degraded else ''}"
         )
-        rate = "-" if p["success_rate"] is None else f"{p['success_rate']:.1%}"
+        rate = "-" if f.success_rate is None else f"{f.success_rate:.1%}"
         lines.append(
-            f"  requests {p['requests']}: {p['succeeded']} ok, {p['failed']} failed, {p['rejected']} rejected, "
-            f"{p['timed_out']} timed out ({rate} ok)"
+            f"  requests {f.requests}: {f.succeeded} ok, {f.failed} failed, {f.rejected} rejected, "
+            f"{f.timed_out} timed out ({rate} ok)"
         )
         lines.append(
-            f"  wait p50/p95/p99 {_ms(p['wait_ms'])}  inference {_ms(p['inference_ms'])}  "
-            f"utilisation {p['utilization']:.0%}  throughput {p['throughput']:.2f} audio s/s"
+            f"  wait p50/p95/p99 {_ms(f.wait_ms)}  inference {_ms(f.inference_ms)}  "
+            f"utilisation {f.utilization:.0%}  throughput {f.throughput:.2f} audio s/s"
         )
-        if p["last_error"]:
-            lines.append(f"  last error: {p['last_error']}")
-        if p["held_back"]:
-            lines.append(f"  scaling held back: {p['held_back']}")
+        if pool.last_error:
+            lines.append(f"  last error: {pool.last_error}")
+        if pool.held_back:
+            lines.append(f"  scaling held back: {pool.held_back}")
         lines.append(f"  {'worker':<16} {'pid':>7}  {'state':<10} {'device':<8} {'jobs':>6} {'fails':>5} {'restarts':>8} {'RSS MiB':>8}  GPU")
-        for w in p["workers"]:
-            gpu = w["gpu_error"] or ("-" if w["gpu_memory_used_mb"] is None else (
-                f"GPU {w['gpu']['ordinal']}: {w['gpu_memory_used_mb']:.0f} MiB of {w['gpu_card_used_mb']:.0f}/"
-                f"{w['gpu_card_total_mb']:.0f} used, {w['gpu_utilization']:.0f}%"
+        for w in p.workers:
+            gpu = w.gpu_error or ("-" if w.gpu_memory_used_mb is None or w.gpu is None else (
+                f"GPU {w.gpu.ordinal}: {w.gpu_memory_used_mb:.0f} MiB of {w.gpu_card_used_mb:.0f}/"
+                f"{w.gpu_card_total_mb:.0f} used, {w.gpu_utilization:.0f}%"
             ))
             lines.append(
-                f"  {w['id']:<16} {w['pid']:>7}  {w['state']:<10} {w['device']:<8} {w['jobs_done']:>6} "
-                f"{w['consecutive_failures']:>5} {w['restarts']:>8} {w['rss_mb']:>8.0f}  {gpu}"
+                f"  {w.id:<16} {w.pid:>7}  {w.state:<10} {w.device:<8} {w.jobs_done:>6} "
+                f"{w.consecutive_failures:>5} {w.restarts:>8} {w.rss_mb:>8.0f}  {gpu}"
             )
-            if w["last_error"]:
-                lines.append(f"      last error: {w['last_error']}")
-    for name, r in status.get("routes", {}).items():
-        shares = ", ".join(f"{p}={w:g}" for p, w in r["weights"].items())
-        lines.append(f"\nroute {name}: {shares}{'  (sticky)' if r['sticky'] else ''}")
-        for provider, why in r["rolled_back"].items():
+            if w.last_error:
+                lines.append(f"      last error: {w.last_error}")
+    for name, r in status.routes.items():
+        shares = ", ".join(f"{p}={w:g}" for p, w in r.weights.items())
+        lines.append(f"\nroute {name}: {shares}{'  (sticky)' if r.sticky else ''}")
+        for provider, why in r.rolled_back.items():
             lines.append(f"  ROLLED BACK {provider}: {why}")
-        for provider, wer in r["agreement_wer"].items():
-            lines.append(f"  shadow {provider}: {wer['count']} compared, mean WER {wer['mean']}")
+        for provider, wer in r.figures.agreement_wer.items():
+            lines.append(f"  shadow {provider}: {wer.count} compared, mean WER {wer.mean}")
     return "\n".join(lines)
 
 
 def _status_text(status: dict[str, Any]) -> str:
     """One hub's table, or one per hub of a pool (``HubPool.status``)."""
     if "hubs" not in status:
-        return format_status(status)
+        return format_status(HubStatus.from_dict(status))
     return "\n\n".join(
-        f"{endpoint}: error {s['error']['code']}: {s['error']['message']}" if "error" in s else format_status(s)
+        f"{endpoint}: error {s['error']['code']}: {s['error']['message']}" if (typed := HubStatus.of(s)) is None else format_status(typed)
         for endpoint, s in status["hubs"].items()
     )
 
 
-def _ms(summary: dict[str, float | None]) -> str:
-    values = [summary[k] for k in ("p50", "p95", "p99")]
+def _ms(summary: Percentiles) -> str:
+    values = [summary.p50, summary.p95, summary.p99]
     return "/".join("-" if v is None else f"{v:.0f}" for v in values) + " ms"
 
 

@@ -50,6 +50,7 @@ from hub.call import options as _options
 from hub.errors import HubError, HubUnreachable, ProviderUnavailable
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript
+from hub.status import HubStatus, ReadyState
 from hub.stream import RING_SECONDS, AsyncStreamSession, StreamEvent, StreamSession, open_body
 
 __all__ = [
@@ -88,16 +89,17 @@ class _Hello:
         )
 
 
-def _not_ready(endpoint: str, timeout: float, status: dict[str, Any] | None) -> HubError:
+def _not_ready(endpoint: str, timeout: float, status: HubStatus | None) -> HubError:
     if status is None:
         return Peer(endpoint).unreachable(timeout)
-    short = [
-        f"{name} ({sum(w['state'] in ('idle', 'busy') for w in p['workers'])} of {p['min_size']} ready"
-        + (f"; {p['last_error']}" if p.get("last_error") else "") + ")"
-        for name, p in status["providers"].items()
-        if p["enabled"] and sum(w["state"] in ("idle", "busy") for w in p["workers"]) < p["min_size"]
-    ]
-    return ProviderUnavailable(f"the hub at {endpoint} answers but was not ready within {timeout:.0f} s: " + ", ".join(short))
+    if status.readiness is ReadyState.DRAINING:
+        why = "it is draining (shutting down)"
+    else:
+        why = ", ".join(
+            f"{name} ({p.serving} of {p.min_size} ready" + (f"; {p.pool.last_error}" if p.pool and p.pool.last_error else "") + ")"
+            for name, p in status.short().items()
+        )
+    return ProviderUnavailable(f"the hub at {endpoint} answers but was not ready within {timeout:.0f} s: {why}")
 
 
 class _Readiness:
@@ -108,7 +110,7 @@ class _Readiness:
     def __init__(self, endpoint: str, timeout: float) -> None:
         self.endpoint, self.timeout = endpoint, timeout
         self.deadline = time.monotonic() + timeout
-        self.status: dict[str, Any] | None = None
+        self.status: HubStatus | None = None
 
     def next_try(self) -> float | None:
         """The next STATUS's timeout; None once the time is up."""
@@ -116,8 +118,8 @@ class _Readiness:
         return min(left, 2.0) if left > 0 else None
 
     def ready(self, status: dict[str, Any]) -> bool:
-        self.status = status
-        return bool(status["hub"]["ready"])
+        self.status = HubStatus.from_dict(status)
+        return self.status.ready
 
     def pause(self) -> float:
         return min(self.PAUSE, max(0.0, self.deadline - time.monotonic()))
@@ -380,7 +382,8 @@ class HubClient(_ClientCore):
         return session._start(open_body(provider, _options(language, None, options), ring, timeout))
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
-        """The supervisor's view of every provider and worker (see the README for the fields)."""
+        """The supervisor's view of every provider and worker, as the wire's dict (docs/operations/pool_monitoring.md
+        names the fields); ``hub.status.HubStatus.from_dict`` reads it as typed values."""
         return self._request(MsgType.STATUS, {}, timeout)
 
     def scale(self, provider: str, size: int, timeout: float | None = None) -> dict[str, Any]:
@@ -393,7 +396,8 @@ class HubClient(_ClientCore):
         return self._request(MsgType.ROUTE, {"route": route, "weights": dict(weights)}, timeout)
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Block until every enabled provider has its ``min_size`` workers ready; return the status.
+        """Block until the hub is ready (every enabled provider has its ``min_size`` workers, and it is not
+        draining: ``HubStatus.ready``); return the status.
         ``HubUnreachable`` if no hub answered, ``ProviderUnavailable`` if it answered but was not ready."""
         wait = _Readiness(self.endpoint, timeout)
         while (left := wait.next_try()) is not None:

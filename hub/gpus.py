@@ -53,9 +53,6 @@ class Card:
         known = f", NVML {self.nvml_index}, PCI {self.pci_bus_id}" if self.nvml_index is not None else ", no NVML identity"
         return f"GPU {self.ordinal} (CUDA_VISIBLE_DEVICES={self.mask}{known})"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"ordinal": self.ordinal, "nvml_index": self.nvml_index, "pci_bus_id": self.pci_bus_id, "uuid": self.uuid}
-
 
 @dataclass(frozen=True)
 class Discovery:

@@ -24,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hub.sketch import QuantileSketch
+from hub.status import Percentiles, RequestFigures, RouteFigures, RouteShare, Spread
 
 # seconds; the Prometheus buckets, wide enough for a 5 ms echo and a 5-minute clip on a CPU
 BUCKETS = tuple(
@@ -67,13 +68,13 @@ class Histogram(QuantileSketch):
         bounds = [repr(self.upper(i)) for i in self.edges]
         return [(bound, float(n)) for bound, n in zip(bounds, counts)] + [("+Inf", float(self.count))]
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> Percentiles:
         """Mean and percentiles in milliseconds, for status."""
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000.0, 3)
 
-        return {"mean": ms(self.mean), "p50": ms(self.quantile(0.5)), "p95": ms(self.quantile(0.95)),
-                "p99": ms(self.quantile(0.99))}
+        return Percentiles(mean=ms(self.mean), p50=ms(self.quantile(0.5)), p95=ms(self.quantile(0.95)),
+                           p99=ms(self.quantile(0.99)))
 
 
 class Window:
@@ -110,23 +111,23 @@ class ProviderMetrics:
     busy: Window = field(default_factory=Window)  # worker-seconds spent on jobs
     audio: Window = field(default_factory=Window)  # audio seconds transcribed
 
-    def summary(self, now: float, workers: int) -> dict[str, Any]:
+    def summary(self, now: float, workers: int) -> RequestFigures:
         finished = self.succeeded + self.failed + self.timed_out
         span = float(WINDOW)
-        return {
-            "requests": self.requests,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "rejected": self.rejected,
-            "timed_out": self.timed_out,
-            "session_resumes": self.session_resumes,
-            "errors": dict(self.errors),
-            "success_rate": round(self.succeeded / finished, 4) if finished else None,
-            "wait_ms": self.wait.summary(),
-            "inference_ms": self.inference.summary(),
-            "utilization": round(min(1.0, self.busy.total(now) / (span * workers)), 4) if workers else 0.0,
-            "throughput": round(self.audio.total(now) / span, 4),
-        }
+        return RequestFigures(
+            requests=self.requests,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            rejected=self.rejected,
+            timed_out=self.timed_out,
+            session_resumes=self.session_resumes,
+            errors=dict(self.errors),
+            success_rate=round(self.succeeded / finished, 4) if finished else None,
+            wait_ms=self.wait.summary(),
+            inference_ms=self.inference.summary(),
+            utilization=round(min(1.0, self.busy.total(now) / (span * workers)), 4) if workers else 0.0,
+            throughput=round(self.audio.total(now) / span, 4),
+        )
 
 
 @dataclass
@@ -141,25 +142,25 @@ class RouteMetrics:
     rollbacks: Counter[str] = field(default_factory=Counter)
     weights: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RouteFigures:
         names = [*self.weights, *(p for p in self.requests if p not in self.weights)]
-        return {
-            "providers": {
-                p: {"weight": self.weights.get(p, 0.0), "requests": self.requests[p], "errors": self.errors[p]} for p in names
+        return RouteFigures(
+            providers={
+                p: RouteShare(weight=self.weights.get(p, 0.0), requests=self.requests[p], errors=self.errors[p]) for p in names
             },
-            "shadow_requests": {f"{p} {outcome}": n for (p, outcome), n in self.shadow.items()},
-            "agreement_wer": {p: _plain(h) for p, h in self.agreement.items()},
-            "latency_ratio": {p: _plain(h) for p, h in self.latency_ratio.items()},
-            "rollbacks": dict(self.rollbacks),
-        }
+            shadow_requests={f"{p} {outcome}": n for (p, outcome), n in self.shadow.items()},
+            agreement_wer={p: _spread(h) for p, h in self.agreement.items()},
+            latency_ratio={p: _spread(h) for p, h in self.latency_ratio.items()},
+            rollbacks=dict(self.rollbacks),
+        )
 
 
-def _plain(h: Histogram) -> dict[str, Any]:
+def _spread(h: Histogram) -> Spread:
     """A histogram of plain numbers (WER, ratios) for status: count, mean and percentiles."""
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 4)
 
-    return {"count": h.count, "mean": r(h.mean), "p50": r(h.quantile(0.5)), "p95": r(h.quantile(0.95))}
+    return Spread(count=h.count, mean=r(h.mean), p50=r(h.quantile(0.5)), p95=r(h.quantile(0.95)))
 
 
 class Metrics:
@@ -214,7 +215,7 @@ class Metrics:
             else:
                 m.failed += 1
 
-    def summary(self, provider: str, now: float, workers: int) -> dict[str, Any]:
+    def summary(self, provider: str, now: float, workers: int) -> RequestFigures:
         with self.lock:
             return self._of(provider).summary(now, workers)
 
@@ -254,7 +255,7 @@ class Metrics:
         with self.lock:
             self._route(route).weights = dict(weights)
 
-    def route_summary(self, route: str) -> dict[str, Any]:
+    def route_summary(self, route: str) -> RouteFigures:
         with self.lock:
             return self._route(route).summary()
 

@@ -133,6 +133,11 @@ class ProviderPool:
     def counts(self) -> Counter[WorkerState]:
         return Counter(w.state for w in self.workers.values())
 
+    def by_state(self) -> dict[str, int]:
+        """Workers counted by state, every state named (zeros too): what status and the gauges show."""
+        counts = self.counts()
+        return {state.value: counts[state] for state in WorkerState}
+
     @property
     def size(self) -> int:
         return sum(1 for w in self.workers.values() if w.live)

@@ -13,13 +13,13 @@ import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from hub import routes, shm
 from hub.config import RouteConfig
 from hub.dispatch import Job
 from hub.errors import BadRequest, UnknownProvider
 from hub.metrics import Metrics
+from hub.status import RouteStatus, ShadowStatus, WindowStatus
 from hub.wer import word_error_rate
 
 log = logging.getLogger("hub.supervisor")
@@ -187,28 +187,28 @@ class Rollout:
         self.metrics.route_weights(name, state.weights)
         log.error("route %s: rolled back %s (weights now %s): %s", name, provider, _describe(state.weights), reason)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, RouteStatus]:
         """The ``routes`` part of the hub's status."""
         return {
-            name: {
-                "weights": dict(state.weights),
-                "configured_weights": state.config.weights,
-                "sticky": state.config.sticky,
-                "shadow": (
-                    {"provider": state.config.shadow.provider, "fraction": state.config.shadow.fraction, "on": state.shadow_on}
+            name: RouteStatus(
+                weights=dict(state.weights),
+                configured_weights=state.config.weights,
+                sticky=state.config.sticky,
+                shadow=(
+                    ShadowStatus(provider=state.config.shadow.provider, fraction=state.config.shadow.fraction, on=state.shadow_on)
                     if state.config.shadow
                     else None
                 ),
-                "analysis": None if state.config.analysis is None else {p: _window(state.figures(p)) for p in state.weights},
-                "rolled_back": dict(state.rolled_back),
-                **self.metrics.route_summary(name),
-            }
+                analysis=None if state.config.analysis is None else {p: _window(state.figures(p)) for p in state.weights},
+                rolled_back=dict(state.rolled_back),
+                figures=self.metrics.route_summary(name),
+            )
             for name, state in self.routes.items()
         }
 
 
-def _window(f: routes.WindowFigures) -> dict[str, Any]:
-    return {"requests": f.requests, "error_rate": round(f.error_rate, 4), "p95_ms": None if f.p95 is None else round(f.p95 * 1e3, 3)}
+def _window(f: routes.WindowFigures) -> WindowStatus:
+    return WindowStatus(requests=f.requests, error_rate=round(f.error_rate, 4), p95_ms=None if f.p95 is None else round(f.p95 * 1e3, 3))
 
 
 def _describe(weights: dict[str, float]) -> str:

@@ -250,7 +250,7 @@ class Supervisor:
         elif msg.type is MsgType.CANCEL:
             self.farm.cancel(client, msg.id)
         elif msg.type is MsgType.STATUS:
-            self.reply(client, MsgType.REPLY, msg.id, self.status())
+            self.reply(client, MsgType.REPLY, msg.id, self.status().to_dict())
         elif msg.type is MsgType.HELLO:
             self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
         elif msg.type is MsgType.SCALE:
@@ -349,28 +349,25 @@ class Supervisor:
             self.gateway.reload()
         log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.sizes()))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> status.HubStatus:
         now = time.monotonic()
         self._log_ready(now)
         views = self.farm.views(now)
         providers = {p.name: status.provider_status(p, views.get(p.name), now) for p in self.config.providers.values()}
-        return {
-            "hub": {
-                "id": self.hub_id,
-                "pid": os.getpid(),
-                "version": __version__,
-                "frontend": self.config.hub.frontend,
-                "uptime": round(now - self.started, 3),
-                "ready": self.farm.ready,
-                "shutting_down": self.farm.stopping,
-                "dropped_replies": self.dropped,
-                "malformed_messages": self.malformed,
-                "inline_bytes": self.farm.inline_bytes,
-            },
-            "providers": providers,
-            "routes": self.rollout.status(),
-            **({"gateway": self.gateway.status()} if self.gateway is not None else {}),
-        }
+        hub = status.HubInfo(
+            id=self.hub_id,
+            pid=os.getpid(),
+            version=__version__,
+            frontend=self.config.hub.frontend,
+            uptime=round(now - self.started, 3),
+            ready=self.farm.ready,
+            shutting_down=self.farm.stopping,
+            dropped_replies=self.dropped,
+            malformed_messages=self.malformed,
+            inline_bytes=self.farm.inline_bytes,
+        )
+        gateway = None if self.gateway is None else self.gateway.status()
+        return status.HubStatus(hub=hub, providers=providers, routes=self.rollout.status(), gateway=gateway)
 
     def close(self) -> None:
         """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL), remove our files."""

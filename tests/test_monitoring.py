@@ -69,11 +69,11 @@ def test_counters_match_a_known_sequence() -> None:
     m.finished("p", 10.0, wait=0.0, run=5.0, audio=2.0, code="JOB_TIMEOUT")
     m.rejected("p", "POOL_BUSY")
     s = m.summary("p", 10.5, workers=2)
-    assert (s["requests"], s["succeeded"], s["failed"], s["rejected"], s["timed_out"]) == (7, 3, 1, 1, 2)
-    assert s["errors"] == {"INFERENCE_FAILED": 1, "ACQUIRE_TIMEOUT": 1, "JOB_TIMEOUT": 1, "POOL_BUSY": 1}
-    assert s["success_rate"] == pytest.approx(3 / 6, abs=1e-4)
-    assert s["throughput"] == pytest.approx(6.0 / 60) and s["utilization"] == pytest.approx(6.6 / 120, abs=1e-4)
-    assert s["inference_ms"]["mean"] == pytest.approx(500.0)
+    assert (s.requests, s.succeeded, s.failed, s.rejected, s.timed_out) == (7, 3, 1, 1, 2)
+    assert s.errors == {"INFERENCE_FAILED": 1, "ACQUIRE_TIMEOUT": 1, "JOB_TIMEOUT": 1, "POOL_BUSY": 1}
+    assert s.success_rate == pytest.approx(3 / 6, abs=1e-4)
+    assert s.throughput == pytest.approx(6.0 / 60) and s.utilization == pytest.approx(6.6 / 120, abs=1e-4)
+    assert s.inference_ms.mean == pytest.approx(500.0)
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -171,12 +171,12 @@ def test_a_failing_canary_is_rolled_back_and_stays_so_until_weights_are_set() ->
         rollout.ended(_job(f"a{i}", "v1"), None, 0.01, "x")
         rollout.ended(_job(f"b{i}", "v2"), "INFERENCE_FAILED" if i % 3 == 2 else None, 0.01, "x")
     state = rollout.status()["r"]
-    assert state["weights"] == {"v1": 50.0, "v2": 0.0}
-    assert "error rate 33.3%" in state["rolled_back"]["v2"]
-    assert state["rollbacks"] == {"v2": 1}
+    assert state.weights == {"v1": 50.0, "v2": 0.0}
+    assert "error rate 33.3%" in state.rolled_back["v2"]
+    assert state.figures.rollbacks == {"v2": 1}
     assert {rollout.resolve("r", None) for _ in range(50)} == {"v1"}
     rollout.set_weights("r", {"v1": 50, "v2": 50}, {"v1", "v2"})
-    assert rollout.status()["r"]["rolled_back"] == {} and rollout.status()["r"]["weights"] == {"v1": 50.0, "v2": 50.0}
+    assert rollout.status()["r"].rolled_back == {} and rollout.status()["r"].weights == {"v1": 50.0, "v2": 50.0}
 
 
 def test_a_healthy_canary_is_kept() -> None:
@@ -184,7 +184,7 @@ def test_a_healthy_canary_is_kept() -> None:
     for i in range(100):
         rollout.ended(_job(f"a{i}", "v1"), None, 0.01, "x")
         rollout.ended(_job(f"b{i}", "v2"), None, 0.012, "x")
-    assert rollout.status()["r"]["rolled_back"] == {}
+    assert rollout.status()["r"].rolled_back == {}
 
 
 def test_set_weights_checks_names_and_sums_and_zeroes_providers_left_out() -> None:
@@ -202,9 +202,9 @@ def test_a_reload_resets_only_the_routes_whose_config_changed() -> None:
     rollout, _ = _rollout()
     rollout.set_weights("r", {"v1": 100}, {"v1", "v2"})
     rollout.reconfigure(config({"r": {"providers": [{"provider": "v1", "weight": 50}, {"provider": "v2", "weight": 50}]}}))
-    assert rollout.status()["r"]["weights"] == {"v1": 100.0, "v2": 0.0}
+    assert rollout.status()["r"].weights == {"v1": 100.0, "v2": 0.0}
     rollout.reconfigure(config({"r": [{"provider": "v1", "weight": 80}, {"provider": "v2", "weight": 20}]}))
-    assert rollout.status()["r"]["weights"] == {"v1": 80.0, "v2": 20.0}
+    assert rollout.status()["r"].weights == {"v1": 80.0, "v2": 20.0}
 
 
 def test_a_shadow_is_compared_when_both_have_ended_in_either_order() -> None:
@@ -216,9 +216,9 @@ def test_a_shadow_is_compared_when_both_have_ended_in_either_order() -> None:
         for job, text, run in ends if first_primary else ends[::-1]:
             rollout.ended(job, None, run, text)
     assert rollout.pending == {}
-    wer = rollout.status()["r"]["agreement_wer"]["v3"]
-    assert wer["count"] == 2 and wer["mean"] == pytest.approx(1 / 3, abs=1e-3)
-    assert rollout.status()["r"]["latency_ratio"]["v3"]["count"] == 2
+    wer = rollout.status()["r"].figures.agreement_wer["v3"]
+    assert wer.count == 2 and wer.mean == pytest.approx(1 / 3, abs=1e-3)
+    assert rollout.status()["r"].figures.latency_ratio["v3"].count == 2
 
 
 def test_a_failed_shadow_is_counted_not_compared() -> None:
@@ -228,7 +228,7 @@ def test_a_failed_shadow_is_counted_not_compared() -> None:
     rollout.ended(shadow, "JOB_TIMEOUT", 1.0, "")
     rollout.ended(primary, None, 0.1, "text")
     status = rollout.status()["r"]
-    assert status["shadow_requests"] == {"v3 failed": 1} and status["agreement_wer"] == {} and rollout.pending == {}
+    assert status.figures.shadow_requests == {"v3 failed": 1} and status.figures.agreement_wer == {} and rollout.pending == {}
 
 
 def test_a_disagreeing_shadow_is_switched_off_by_the_analysis() -> None:
@@ -239,5 +239,5 @@ def test_a_disagreeing_shadow_is_switched_off_by_the_analysis() -> None:
         rollout.ended(primary, None, 0.1, "hello world")
         rollout.ended(shadow, None, 0.1, "echo 1.000s rms=0.1")
     status = rollout.status()["r"]
-    assert status["shadow"]["on"] is False and "mean WER" in status["rolled_back"]["v3"]
+    assert status.shadow is not None and status.shadow.on is False and "mean WER" in status.rolled_back["v3"]
     assert all(rollout.shadow_for("r") is None for _ in range(20))

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hub.status import HubStatus, ReadyState
+
 HubStatuses = dict[str, dict[str, Any]]
 
 
@@ -32,19 +34,20 @@ class Readiness:
 
 
 def answered(status: dict[str, Any]) -> bool:
-    return "hub" in status
+    return HubStatus.of(status) is not None
 
 
 def hub_problem(endpoint: str, status: dict[str, Any]) -> str | None:
     """Why this hub cannot take a request now, or None if it can."""
-    if not answered(status):
+    typed = HubStatus.of(status)
+    if typed is None:
         error = status.get("error", {})
         return f"the hub at {endpoint} does not answer ({error.get('code', 'no status')}): {error.get('message', '')}"
-    if status["hub"].get("shutting_down"):
-        return f"the hub at {endpoint} is draining (shutting down)"
-    if not status["hub"].get("ready"):
-        return f"the hub at {endpoint} has not got its pools ready yet"
-    return None
+    return {
+        ReadyState.READY: None,
+        ReadyState.DRAINING: f"the hub at {endpoint} is draining (shutting down)",
+        ReadyState.NOT_READY: f"the hub at {endpoint} has not got its pools ready yet",
+    }[typed.readiness]
 
 
 def readiness(hubs: HubStatuses, where: str) -> Readiness:

@@ -16,6 +16,7 @@ from hub.gateway.auth import ApiKeys
 from hub.gateway.errors import ApiError
 from hub.gateway.hubs import HubStatuses, Readiness, answered, providers, readiness
 from hub.gateway.metrics import GatewayMetrics
+from hub.status import HubStatus
 
 log = logging.getLogger("hub.gateway")
 
@@ -120,7 +121,7 @@ class Gateway:
 
     def routes(self) -> list[str]:
         """The routes (public model names of a gray release) of any hub that answered, each once."""
-        names = (name for status in self.hubs.values() if answered(status) for name in status.get("routes", {}))
+        names = (name for entry in self.hubs.values() if (status := HubStatus.of(entry)) is not None for name in status.routes)
         return list(dict.fromkeys(names))
 
     def answered(self) -> bool:
