@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, chunks, gateway, hubpool, report, scheduler, streaming
+from bench import chart, chunks, crash, gateway, hubpool, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -36,6 +36,11 @@ def hubpool_plan(args: argparse.Namespace) -> hubpool.PoolPlan:
 def scheduler_plan(args: argparse.Namespace) -> scheduler.SchedulerPlan:
     """200 sessions either way (the target is about 200); the quick run streams 5 s instead of 20."""
     return scheduler.SchedulerPlan(seconds=5.0, settle_s=2) if args.quick else scheduler.SchedulerPlan()
+
+
+def crash_plan(args: argparse.Namespace) -> crash.CrashPlan:
+    """Both clients (ring and inline); the quick run the ring client only."""
+    return crash.CrashPlan(clients=("ring",)) if args.quick else crash.CrashPlan()
 
 
 def plans(args: argparse.Namespace, cores: int) -> tuple[MatrixPlan, OverheadPlan]:
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         result["chunks"] = chunks.measure(workdir, sessions=4, seconds=2.0 if args.quick else 5.0, settle_s=overhead_plan.settle_s)
         say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
+        result["crash"] = crash.measure(workdir, crash_plan(args), args.device)
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {
         "timestamp": stamp,

@@ -28,16 +28,24 @@ def read_wav(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
 
 
+def _orders() -> list[list[str]]:
+    """The sources of each clip, in order: the clip ``skip`` leaves source ``skip`` out."""
+    return [[SOURCES[(skip + k) % len(SOURCES)] for k in range(1, len(SOURCES))] for skip in range(len(SOURCES))]
+
+
 def build_clips() -> list[np.ndarray]:
     """Four clips, each three of the four sources in a rotated order: 9.8 to 13.2 s."""
-    sources = [read_wav(DATA / f"{name}.wav") for name in SOURCES]
     gap = np.zeros(int(GAP_S * SAMPLE_RATE), dtype=np.float32)
     clips = []
-    for skip in range(len(sources)):
-        parts = [sources[(skip + k) % len(sources)] for k in range(1, len(sources))]
-        joined = [p for part in parts for p in (part, gap)][:-1]
+    for names in _orders():
+        joined = [p for name in names for p in (read_wav(DATA / f"{name}.wav"), gap)][:-1]
         clips.append(np.concatenate(joined))
     return clips
+
+
+def clip_texts() -> list[str]:
+    """What each of ``build_clips()`` says: its sources' committed reference texts, in order."""
+    return [" ".join((DATA / f"{name}.txt").read_text().strip() for name in names) for names in _orders()]
 
 
 def of_length(seconds: float, clips: list[np.ndarray]) -> np.ndarray:

@@ -82,6 +82,7 @@ def targets(result: Result) -> list[Result]:
         *gateway_targets(result["gateway"]),
         *hubpool_targets(result["hubpool"]),
         *(scheduler_targets(result["scheduler"]) if "scheduler" in result else []),
+        *(crash_targets(result["crash"]) if "crash" in result else []),
     ]
 
 
@@ -224,6 +225,53 @@ def scheduler_lines(s: Result) -> list[str]:
     ]
 
 
+def crash_targets(c: Result) -> list[Result]:
+    """Crash under sessions (issue 14): a resume loses and doubles no final word, and its text is as far from an
+    undisturbed run's as two undisturbed runs are from each other."""
+    rows = [row for run in c["crash"].values() for row in run["sessions"]]
+    clients = ", ".join(c["crash"])
+    return [
+        _target(
+            f"final words lost or doubled at the resume point, {len(rows)} sessions after SIGKILL ({clients})",
+            sum(r["lost"] + r["doubled"] for r in rows), 0, False, "words",
+            f"resumes {[r['resumes'] for r in rows]}, gap {max(r['gap_s'] or 0.0 for r in rows):.2f} s at most",
+        ),
+        _target(
+            "WER of a resumed session against an undisturbed run, within the run-to-run noise",
+            max(r["wer_vs_undisturbed"] for r in rows), c["noise"]["max"], False, "",
+            "the target is the larger WER between two undisturbed runs of the same sessions",
+        ),
+    ]
+
+
+def crash_lines(c: Result) -> list[str]:
+    noise = c["noise"]
+    kills = ", ".join(f"{client} {run['killed_at_s']} s" for client, run in c["crash"].items())
+    spots = sum(j["lost"] + j["doubled"] for j in noise["junction"])
+    lines = [
+        "",
+        f"crash under sessions ({c['sessions']} tiny.en sessions of {min(c['audio_s']):.0f}-{max(c['audio_s']):.0f} s at real "
+        f"time on one worker; SIGKILL into the audio: {kills}; load {c['load']['before']} before, {c['load']['after']} after):",
+        f"  two undisturbed runs: WER between them {', '.join(f'{w:.1%}' for w in noise['wer'])} ({spots} words lost or "
+        f"doubled at the same points); against the reference text {c['undisturbed_wer_vs_reference']}; the longest "
+        f"wait between two events of a session {c['undisturbed_longest_wait_s']:.2f} s",
+        "  client  session  words equal  lost  doubled  WER vs undisturbed  WER vs reference  moved s  gap s  resumes",
+    ]
+    for client, run in c["crash"].items():
+        for i, r in enumerate(run["sessions"]):
+            lines.append(
+                f"  {client:<6}  {i + 1:>7}  {'yes' if r['words_equal'] else 'no':>11}  {r['lost']:>4}  {r['doubled']:>7}"
+                f"  {r['wer_vs_undisturbed']:>18.1%}  {r['wer_vs_reference']:>16.1%}  {r['moved_s']!s:>7}  {r['gap_s']!s:>5}"
+                f"  {r['resumes']:>7}"
+            )
+    verdict = "met" if c["met"] else "MISSED"
+    lines.append(
+        f"  verdict: {verdict} (no word lost or doubled at the resume point, WER vs undisturbed <= {noise['max']:.1%}); "
+        f"shared-memory segments left: {len(c['shm_left'])}"
+    )
+    return lines
+
+
 def _cell_row(c: Result) -> str:
     lat = c["latency_ms"]
     rss = sum(c["rss_mb"]) / len(c["rss_mb"]) if c["rss_mb"] else float("nan")
@@ -301,6 +349,8 @@ def format_table(result: Result) -> str:
     lines += hubpool_lines(result["hubpool"])
     if "scheduler" in result:
         lines += scheduler_lines(result["scheduler"])
+    if "crash" in result:
+        lines += crash_lines(result["crash"])
     r = result["ratios"]
     lines += [
         "",

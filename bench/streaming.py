@@ -7,7 +7,8 @@ last word had been "spoken" (its end time in the stream, on the playback clock).
 
 Modes: ``--sessions 1,2,4`` (K concurrent sessions on 2 one-thread workers, a row per K; with
 ``--one-shot-load``, each K again beside a stream of one-shot requests), ``--scheduler`` (200 echo
-sessions on 4 echo workers: ``bench/scheduler.py``) and ``--batching K`` (K sessions' windows decoded one
+sessions on 4 echo workers: ``bench/scheduler.py``), ``--crash`` (a worker serving 3 sessions killed
+mid-stream: ``bench/crash.py``) and ``--batching K`` (K sessions' windows decoded one
 at a time against in one batched call: ``bench/batching.py``).
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import batching, report, scheduler
+from bench import batching, crash, report, scheduler
 from bench.clips import build_clips
 from bench.hubproc import running_hub, whisper_provider
 from hub.client import HubClient
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scheduler", action="store_true", help="the scheduler alone: 200 echo sessions at real time on 4 echo workers"
     )
     mode.add_argument(
+        "--crash", action="store_true", help="SIGKILL a worker serving 3 sessions mid-stream; the texts against undisturbed runs"
+    )
+    mode.add_argument(
         "--batching", type=int, metavar="K", help="K session windows decoded one at a time against in one batched call"
     )
     parser.add_argument(
@@ -226,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(figures, indent=2))
             print("\n".join(report.scheduler_lines(figures)))
             print("\n".join(report.target_line(t) for t in report.scheduler_targets(figures)))
+            return 0
+        if args.crash:
+            figures = crash.measure(Path(workdir), crash.CrashPlan(), args.device)
+            print(json.dumps(figures, indent=2))
+            print("\n".join(report.crash_lines(figures)))
+            print("\n".join(report.target_line(t) for t in report.crash_targets(figures)))
             return 0
         if args.sessions:
             counts = tuple(int(n) for n in args.sessions.split(","))

@@ -23,7 +23,7 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     (result_file,) = tmp_path.glob("*.json")
     assert (result_file.with_suffix(".png")).stat().st_size > 10_000
     result = json.loads(result_file.read_text())
-    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "meta"} <= set(result)
+    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "crash", "meta"} <= set(result)
     names = " ".join(t["name"] for t in result["targets"])
     assert "M/D/c" in names and "CPU per echo request, supervisor" in names and "chunks forwarded" in names
     assert "supervisor CPU, 200 echo sessions" in names and "the scheduler alone" in out.stdout
@@ -33,6 +33,9 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     assert result["gateway"]["whisper_http_vs_sdk"] > 0.5 and result["gateway"]["echo_requests_per_s"]["http"] > 0
     assert result["streaming"]["finals"] > 0 and 0 <= result["streaming"]["wer_vs_whole"] < 0.5
     assert "speech to final text" in out.stdout and "ceiling" in out.stdout
+    resumed = result["crash"]["crash"]["ring"]["sessions"]
+    assert [r["resumes"] for r in resumed] == [1, 1, 1] and all(r["gap_s"] > 0 for r in resumed)
+    assert result["crash"]["shm_left"] == [] and "crash under sessions" in out.stdout and "lost or doubled" in names
 
 
 def _side(audio_per_s: float, p50_ms: float, rates: dict[str, float], rss_mb: float, processes: int, first_s: float) -> dict:
@@ -82,3 +85,28 @@ def test_the_batched_decode_mode_runs_and_compares_tokens() -> None:
     figures = batching.measure(2, seconds=2.0, repeats=1)
     assert set(figures["wall_s"]) == {"worker", "one_at_a_time", "batched"} and min(figures["wall_s"].values()) > 0
     assert isinstance(figures["identical_tokens"], bool) and "identical tokens" in batching.summary(figures)
+
+
+def test_the_crash_bench_finds_words_lost_or_doubled_where_a_resumed_session_joins() -> None:
+    """bench.crash's comparison: only what goes wrong at the resume point counts, and all of it does."""
+    from bench.crash import Junction, junction
+    from hub.wer import words
+
+    ref = words("Please bring me a cup of coffee and a glass of water.")
+    assert junction(ref, ref[:5], ref[5:]) == Junction(lost=0, doubled=0)
+    assert junction(ref, ref[:5], ref[3:]) == Junction(lost=0, doubled=2)  # "a cup" said again after the resume
+    assert junction(ref, ref[:5], ref[4:]) == Junction(lost=0, doubled=1)
+    assert junction(ref, ref[:3], ref[4:]) == Junction(lost=1, doubled=0)  # "a" never confirmed
+    assert junction(ref, ref[:3], ref[6:]) == Junction(lost=3, doubled=0)
+    assert junction(ref, ref[:9], ref[1:]) == Junction(lost=0, doubled=8)  # a phrase longer than the span, whole
+    assert junction(ref, [], ref) == Junction(lost=0, doubled=0)
+    # the model's noise away from the resume point, or an extra word there that repeats nothing, is the WER's
+    assert junction(ref, ref[:2], [*ref[2:9], "the", "glass", "of", "water"]) == Junction(lost=0, doubled=0)
+    assert junction(ref, ref[:2], ref[2:6]) == Junction(lost=0, doubled=0)  # the last words missed, far away
+    assert junction(ref, ref[4:8], ref[8:]) == Junction(lost=0, doubled=0)  # the first words missed
+    assert junction(ref, ref[:5], ["a", "cop", *ref[5:]]) == Junction(lost=0, doubled=2)  # doubled, misheard
+    assert junction(ref, ref[:5], ["um", *ref[5:]]) == Junction(lost=0, doubled=0)
+    # a repetition the undisturbed run has too is no doubling
+    twice = words("Hello hello world.")
+    assert junction(twice, twice[:1], twice[1:]) == Junction(lost=0, doubled=0)
+    assert junction(twice, twice[:2], twice[1:]) == Junction(lost=0, doubled=1)
