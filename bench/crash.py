@@ -22,6 +22,7 @@ session there), the rest is the new worker decoding the sessions' windows in tur
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -48,6 +49,8 @@ SETTLE_S = 120.0  # how long the second worker may take to get ready, and a fina
 class CrashPlan:
     kill_at: float = 0.4  # the kill, as a share of the shortest session's audio (later if no word is final yet)
     clients: tuple[str, ...] = ("ring", "inline")  # the SDK on this host (shared-memory ring), and as a remote one
+    undisturbed: int = 2  # undisturbed runs: the first is what the resumed runs are compared with, the others the noise
+    window_s: float | None = None  # stream.window_seconds (None: the default, 15 s, longer than a clip: resumes from 0 s)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class SessionRun:
     resumes: int
     moved_s: float | None  # kill to the client learning of the new worker (the supervisor's part of the gap)
     gap_s: float | None  # kill to the first event from the new worker
-    longest_wait_s: float  # the longest time between two events of the session: what a gap compares with
+    waits_s: list[float]  # the times between two partials (a decode each) of the session: what a gap compares with
 
 
 def _record(session: StreamSession, log: list[tuple[float, StreamEvent, int]]) -> None:
@@ -184,9 +187,9 @@ def _session_run(
     after = [t for t, _, resumed in log if resumed]
     gap = round(after[0] - killed_at, 3) if after and killed_at is not None else None
     moved_s = round(moved - killed_at, 3) if moved is not None and killed_at is not None else None
-    times = [t for t, _, _ in log]
-    wait = round(max((b - a for a, b in zip(times, times[1:])), default=0.0), 3)
-    return SessionRun(text=transcript.text, before=before, resumes=resumes, moved_s=moved_s, gap_s=gap, longest_wait_s=wait)
+    times = [t for t, e, _ in log if e.kind == "partial"]
+    waits = [b - a for a, b in zip(times, times[1:])]
+    return SessionRun(text=transcript.text, before=before, resumes=resumes, moved_s=moved_s, gap_s=gap, waits_s=waits)
 
 
 def compare(run: SessionRun, undisturbed: str, reference: str) -> dict[str, Any]:
@@ -208,6 +211,19 @@ def compare(run: SessionRun, undisturbed: str, reference: str) -> dict[str, Any]
     }
 
 
+def resumed_from(log: str) -> list[float]:
+    """Where each resumed session began again (seconds into its audio), from the supervisor's log: 0 while the
+    dead worker's window still began at the start of the stream; later once it had trimmed confirmed audio."""
+    return sorted(float(x) for x in re.findall(r"session \S+: resumed on \S+ from ([0-9.]+) s", log))
+
+
+def _waits(waits: list[float]) -> dict[str, float | None]:
+    ordered = sorted(waits)
+    if not ordered:
+        return {"p50": None, "max": None}
+    return {"p50": round(ordered[len(ordered) // 2], 3), "max": round(ordered[-1], 3)}
+
+
 def _segments() -> set[str]:
     """This process's shared-memory segments (rings and one-shot audio) still in /dev/shm."""
     mine = f"_{os.getpid()}_"
@@ -222,46 +238,52 @@ def measure(workdir: Path, plan: CrashPlan, device: str = "cpu") -> dict[str, An
     references = texts[:SESSIONS]
     provider = whisper_provider(1, 1, device)
     provider["pool"].update({"max_size": 2, "sessions_per_worker": SESSIONS})
+    if plan.window_s is not None:
+        provider["stream"] = {"window_seconds": plan.window_s}
     kill_at_s = round(plan.kill_at * min(p.size for p in pcms) / 16000, 2)
     load = [round(x, 2) for x in os.getloadavg()]
 
-    def run(label: str, use_shm: bool, kill: bool) -> tuple[list[SessionRun], float | None, int]:
-        say(f"crash under sessions: {label}")
-        with running_hub(workdir, f"crash-{label}", {"whisper": provider}) as hub:
+    def run(name: str, use_shm: bool, kill: bool) -> tuple[list[SessionRun], float | None, int, list[float]]:
+        say(f"crash under sessions: {name}")
+        with running_hub(workdir, f"crash-{name}", {"whisper": provider}) as hub:
             runs, killed = one_run(hub, pcms, use_shm, kill_at_s if kill else None)
             resumes = int(hub.status()["providers"]["whisper"].get("session_resumes", 0))
-        return runs, killed, resumes
+        return runs, killed, resumes, resumed_from(hub.log_path.read_text(errors="replace"))
 
-    first, _, _ = run("undisturbed 1", True, False)
-    second, _, _ = run("undisturbed 2", True, False)
+    first, *others = [run(f"undisturbed-{k + 1}", True, False)[0] for k in range(max(2, plan.undisturbed))]
+    second = others[0]
     alone = [r.text for r in first]
-    noise = [round(word_error_rate(a, b.text), 4) for a, b in zip(alone, second)]
+    # each session's largest WER between the first undisturbed run and another
+    noise = [max(round(word_error_rate(a, other[i].text), 4) for other in others) for i, a in enumerate(alone)]
     crashed: dict[str, Any] = {}
     for client in plan.clients:
-        runs, killed, hub_resumes = run(f"SIGKILL, {client} client", client == "ring", True)
+        runs, killed, hub_resumes, starts = run(f"sigkill-{client}", client == "ring", True)
         rows = [compare(r, a, ref) for r, a, ref in zip(runs, alone, references)]
         met = all(
             r["resumes"] == 1 and r["lost"] == 0 and r["doubled"] == 0 and r["wer_vs_undisturbed"] <= max(noise) for r in rows
         )
-        crashed[client] = {"killed_at_s": killed, "hub_session_resumes": hub_resumes, "sessions": rows, "met": met}
+        crashed[client] = {
+            "killed_at_s": killed, "hub_session_resumes": hub_resumes, "resumed_from_s": starts, "sessions": rows, "met": met,
+        }
     load_after = [round(x, 2) for x in os.getloadavg()]
     figures = {
         "sessions": SESSIONS,
         "audio_s": [round(p.size / 16000, 2) for p in pcms],
         "kill_at_s": kill_at_s,
+        "window_s": plan.window_s,
         "noise": {
             "wer": noise,
             "max": max(noise),
-            # the same measure as the resumed runs', between the two undisturbed ones, at the first resume point
+            # the same measure as the resumed runs', between the first two undisturbed ones, at the first resume point
             "junction": [
                 vars(junction(words(a), words(b.text)[:n], words(b.text)[n:]))
                 for a, b, n in zip(alone, second, [r["resume_point_word"] for r in crashed[plan.clients[0]]["sessions"]])
             ],
         },
-        # the longest wait between two events of a session in the undisturbed runs: the gap's yardstick
-        "undisturbed_longest_wait_s": max(r.longest_wait_s for r in [*first, *second]),
+        # the waits between two partials of a session in the undisturbed runs: the gap's yardstick
+        "undisturbed_wait_s": _waits([w for rs in [first, *others] for r in rs for w in r.waits_s]),
         "undisturbed_wer_vs_reference": [
-            [round(word_error_rate(ref, r.text), 4) for r, ref in zip(rs, references)] for rs in (first, second)
+            [round(word_error_rate(ref, r.text), 4) for r, ref in zip(rs, references)] for rs in [first, *others]
         ],
         "undisturbed_text": alone,
         "crash": crashed,

@@ -214,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--batching", type=int, metavar="K", help="K session windows decoded one at a time against in one batched call"
     )
+    parser.add_argument("--undisturbed", type=int, default=2, help="with --crash: undisturbed runs (at least 2)")
+    parser.add_argument(
+        "--window-seconds", type=float, help="with --crash: stream.window_seconds (default 15, longer than a clip)"
+    )
     parser.add_argument(
         "--one-shot-load", action="store_true", help="with --sessions: each count again beside a stream of one-shot requests"
     )
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(report.target_line(t) for t in report.scheduler_targets(figures)))
             return 0
         if args.crash:
-            figures = crash.measure(Path(workdir), crash.CrashPlan(), args.device)
+            figures = crash.measure(Path(workdir), crash.CrashPlan(undisturbed=args.undisturbed, window_s=args.window_seconds), args.device)
             print(json.dumps(figures, indent=2))
             print("\n".join(report.crash_lines(figures)))
             print("\n".join(report.target_line(t) for t in report.crash_targets(figures)))

@@ -89,7 +89,7 @@ def test_the_batched_decode_mode_runs_and_compares_tokens() -> None:
 
 def test_the_crash_bench_finds_words_lost_or_doubled_where_a_resumed_session_joins() -> None:
     """bench.crash's comparison: only what goes wrong at the resume point counts, and all of it does."""
-    from bench.crash import Junction, junction
+    from bench.crash import Junction, junction, resumed_from
     from hub.wer import words
 
     ref = words("Please bring me a cup of coffee and a glass of water.")
@@ -110,3 +110,5 @@ def test_the_crash_bench_finds_words_lost_or_doubled_where_a_resumed_session_joi
     twice = words("Hello hello world.")
     assert junction(twice, twice[:1], twice[1:]) == Junction(lost=0, doubled=0)
     assert junction(twice, twice[:2], twice[1:]) == Junction(lost=0, doubled=1)
+    log = "x INFO hub.farm: session s2: resumed on whisper-2 from 4.25 s (attempt 2)\nsession s1: resumed on whisper-2 from 0.00 s"
+    assert resumed_from(log) == [0.0, 4.25]
