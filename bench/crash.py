@@ -114,8 +114,8 @@ def _play(session: StreamSession, pcm: np.ndarray, begin: float, out: list[Any],
     out[index] = session.close()
 
 
-def _worker(hub: RunningHub, worker: str) -> dict[str, Any]:
-    return next(w for w in hub.status()["providers"]["whisper"]["workers"] if w["id"] == worker)
+def _worker_pid(hub: RunningHub, worker: str) -> int:
+    return next(w.pid for w in hub.status().providers["whisper"].workers if w.id == worker)
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:
@@ -126,8 +126,8 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _ready_workers(hub: RunningHub) -> int:
-    return sum(w["state"] in ("idle", "busy") for w in hub.status()["providers"]["whisper"]["workers"])
+def _serving(hub: RunningHub) -> int:
+    return hub.status().providers["whisper"].serving
 
 
 def one_run(
@@ -142,7 +142,7 @@ def one_run(
         homes = {s.worker for s in sessions}
         if len(homes) != 1:
             raise RuntimeError(f"crash bench: the sessions opened on {sorted(map(str, homes))}, not on one worker")
-        _wait(lambda: _ready_workers(hub) >= 2, SETTLE_S, "a second worker to take the sessions over")
+        _wait(lambda: _serving(hub) >= 2, SETTLE_S, "a second worker to take the sessions over")
         readers = [threading.Thread(target=_record, args=(s, log)) for s, log in zip(sessions, logs)]
         begin = time.monotonic() + 0.5
         players = [
@@ -156,7 +156,7 @@ def one_run(
             time.sleep(max(0.0, begin + kill_at_s - time.monotonic()))
             while time.monotonic() < end and not all(any(e.kind == "final" for _, e, _ in list(log)) for log in logs):
                 time.sleep(0.05)
-            pid = int(_worker(hub, str(next(iter(homes))))["pid"])
+            pid = _worker_pid(hub, str(next(iter(homes))))
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
         moved = _moved(sessions, players) if killed_at is not None else [None] * len(sessions)
@@ -247,7 +247,8 @@ def measure(workdir: Path, plan: CrashPlan, device: str = "cpu") -> dict[str, An
         say(f"crash under sessions: {name}")
         with running_hub(workdir, f"crash-{name}", {"whisper": provider}) as hub:
             runs, killed = one_run(hub, pcms, use_shm, kill_at_s if kill else None)
-            resumes = int(hub.status()["providers"]["whisper"].get("session_resumes", 0))
+            pool = hub.status().providers["whisper"].pool
+            resumes = pool.figures.session_resumes if pool else 0
         return runs, killed, resumes, resumed_from(hub.log_path.read_text(errors="replace"))
 
     first, *others = [run(f"undisturbed-{k + 1}", True, False)[0] for k in range(max(2, plan.undisturbed))]
