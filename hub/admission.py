@@ -12,7 +12,7 @@ import logging
 
 from hub import protocol, shm
 from hub.config import HubConfig, ProviderConfig
-from hub.dispatch import Job, acquire_deadline
+from hub.dispatch import Job, JobKind, acquire_deadline
 from hub.errors import BadRequest, InvalidAudio, PoolBusy, ProviderUnavailable, UnknownProvider
 from hub.pool import ProviderPool
 from hub.protocol import AudioRef, Message
@@ -55,13 +55,16 @@ def own_segment(name: str, shm_prefix: str) -> None:
         raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's ({shm_prefix}*)")
 
 
-def _job(job_id: str, client: bytes, msg: Message, provider: ProviderConfig, route: str, now: float, **fields: object) -> Job:
+def _job(
+    job_id: str, kind: JobKind, client: bytes, msg: Message, provider: ProviderConfig, route: str, now: float, **fields: object
+) -> Job:
     """What every client's job has in common: who asked, the provider, the options, the deadlines."""
     timeout = protocol.parse_timeout(msg.body)
     return Job(
         id=job_id,
+        kind=kind,
         client=client,
-        request=msg.id,
+        request_id=msg.id,
         provider=provider.name,
         options=protocol.parse_options(msg.body),
         received_at=now,
@@ -80,7 +83,7 @@ def request_job(
     if audio.shm is not None:
         own_segment(audio.shm, shm_prefix)
     stream = bool(msg.body.get("stream", False))
-    return _job(job_id, client, msg, provider, route, now, audio=audio, payload=msg.payload, stream=stream)
+    return _job(job_id, JobKind.REQUEST, client, msg, provider, route, now, audio=audio, payload=msg.payload, stream=stream)
 
 
 def session_job(job_id: str, client: bytes, msg: Message, provider: ProviderConfig, route: str, shm_prefix: str, now: float) -> Job:
@@ -88,7 +91,7 @@ def session_job(job_id: str, client: bytes, msg: Message, provider: ProviderConf
     ring = protocol.parse_ring(msg.body)
     if ring is not None:
         own_segment(ring.shm, shm_prefix)
-    job = _job(job_id, client, msg, provider, route, now, audio=AudioRef(samples=0), payload=None, stream=True, session=True, ring=ring)
+    job = _job(job_id, JobKind.SESSION, client, msg, provider, route, now, audio=AudioRef(samples=0), payload=None, stream=True, ring=ring)
     job.last_activity = now
     if ring is None:  # inline chunks: the supervisor keeps the recent ones, for a resume on another worker
         job.tail = AudioTail(int(provider.stream.window_seconds * protocol.SAMPLE_RATE))
@@ -106,6 +109,6 @@ def shadow_job(job_id: str, primary: Job, provider: str, shm_prefix: str, now: f
             log.debug("shadow of job %s dropped: %s", primary.id, exc)
             return None
     return Job(
-        id=job_id, client=b"", request="", provider=provider, audio=audio, payload=primary.payload, options=primary.options,
-        stream=False, received_at=now, acquire_deadline=now, client_timeout=None, route=primary.route, shadow=True,
+        id=job_id, kind=JobKind.SHADOW, client=b"", request_id="", provider=provider, audio=audio, payload=primary.payload,
+        options=primary.options, stream=False, received_at=now, acquire_deadline=now, client_timeout=None, route=primary.route,
     )

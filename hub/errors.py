@@ -2,7 +2,7 @@
 
 Every error carries a stable ``code`` and a message a person can act on. Errors cross
 process boundaries as plain dicts (``to_dict`` / ``from_dict``), so a client re-raises
-the very class that the worker or the supervisor raised, with its message and job id.
+the very class that the worker or the supervisor raised, with its message and request id.
 """
 
 from __future__ import annotations
@@ -11,20 +11,23 @@ from typing import Any, ClassVar
 
 
 class HubError(Exception):
-    """Base class of every error the hub reports. ``code`` is stable; messages may change."""
+    """Base class of every error the hub reports. ``code`` is stable; messages may change.
+
+    ``request_id`` is the id of the client's request that failed (on the wire its key is ``job_id``,
+    kept for compatibility; it holds the request id)."""
 
     code: ClassVar[str] = "HUB_ERROR"
 
-    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.job_id = job_id
+        self.request_id = request_id
 
     def __str__(self) -> str:
         return f"[{self.code}] {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "job_id": self.job_id}
+        return {"code": self.code, "message": self.message, "job_id": self.request_id}
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> HubError:
@@ -32,12 +35,12 @@ class HubError(Exception):
         code = str(data.get("code", HubError.code))
         cls = ERROR_CLASSES.get(code)
         message = str(data.get("message", "unknown error"))
-        job_id = data.get("job_id")
+        request_id = data.get("job_id")
         if cls is None:
-            err = HubError(message, job_id=job_id)
+            err = HubError(message, request_id=request_id)
             err.code = code  # type: ignore[misc]  # keep a newer peer's code visible
             return err
-        return cls(message, job_id=job_id)
+        return cls(message, request_id=request_id)
 
 
 class PoolBusy(HubError):

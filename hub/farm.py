@@ -11,7 +11,6 @@ are the supervisor's; it calls only the public methods of the first section belo
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ import zmq
 
 from hub import admission, gpus, process, protocol, status
 from hub.config import HubConfig
-from hub.dispatch import Job, JobQueue, health_job, run_deadline
+from hub.dispatch import Job, JobKind, Jobs, JobState, health_job, run_deadline
 from hub.errors import (
     AcquireTimeout,
     BadRequest,
@@ -46,7 +45,7 @@ from hub.resume import context, merge_result
 log = logging.getLogger("hub.supervisor")
 
 KILL_GRACE = 3.0  # seconds between SIGTERM (or STOP) and SIGKILL
-CLIENT_CLOSE = "closed by the client"  # a session's ``closing`` when the client closed it (no reason to send)
+CLIENT_CLOSE = "closed by the client"  # a session's ``close_reason`` when its client closed it (no reason to send)
 HELD_LOG_INTERVAL = 60.0  # a pool held back under steady load says so once a minute, not on every pass
 
 Reply = Callable[[bytes, MsgType, str, dict[str, Any]], None]
@@ -72,7 +71,9 @@ class Farm:
         self.reply = reply
         self.metrics = metrics
         self.pools = {p.name: ProviderPool(p) for p in config.enabled_providers}
-        self.queues = {p.name: JobQueue(p.pool.max_queue) for p in config.enabled_providers}
+        self.jobs = Jobs()  # every job in flight, and the providers' queues
+        for provider in config.enabled_providers:
+            self.jobs.add_provider(provider.name, provider.pool.max_queue)
         self.nvml = gpus.Nvml()
         self.gpus = gpus.discover(os.environ, self.nvml.devices())
         self.readings: dict[int, gpus.CardReading] = {}  # hub ordinal -> last reading of that card
@@ -81,9 +82,6 @@ class Farm:
         self.device_problems: dict[str, str] = {}  # a provider's devices outside the hub's GPUs, logged once
         self.held_back: dict[str, str] = {}
         self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
-        self.running: dict[str, Job] = {}  # job id -> job on a worker
-        self.requests: dict[tuple[bytes, str], Job] = {}  # (client, request id) -> queued or running job
-        self.job_ids = itertools.count(1)
         self.stopping = False  # the hub is shutting down: no new job, no health check, no scaling
         self.rollout = rollout  # routes: which provider a routed request goes to, shadows, the end of every routed job
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
@@ -94,7 +92,7 @@ class Farm:
         """Turn a client's TRANSCRIBE or STREAM_OPEN into a job and place it, or raise the error that refuses it."""
         try:
             job = self._admitted(client, msg, time.monotonic())
-            if job.session:
+            if job.kind is JobKind.SESSION:
                 log.info("session %s: opened by request %s for %s", job.id, msg.id, job.provider)
             else:
                 log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, job.provider, job.audio.seconds)
@@ -105,7 +103,7 @@ class Farm:
             self.metrics.rejected(name if known else "_unknown", exc.code)
             log.debug("request %s refused: %s", msg.id, exc)
             raise
-        shadow = self.rollout.shadow_for(job.route) if job.route and not job.session else None
+        shadow = self.rollout.shadow_for(job.route) if job.route and job.kind is JobKind.REQUEST else None
         if shadow is not None:
             self._shadow(job, shadow)
 
@@ -122,16 +120,18 @@ class Farm:
         self.close_session(self._session(client, request_id), "")
 
     def cancel(self, client: bytes, request_id: str) -> None:
-        """The client gave up (its timeout): forget the job; a running one finishes and its answer is dropped."""
-        job = self.requests.pop((client, request_id), None)
+        """The client gave up (its timeout): a queued job is dropped; one on a worker is abandoned there (it
+        finishes, a session flushes) and its answer goes nowhere."""
+        job = self.jobs.of_request(client, request_id)
         if job is None:
             return
-        if job.worker is None:
-            self.queues[job.provider].remove(job)
-        elif job.session:
-            self.close_session(job, "the client went away")
         self._record(job, "JOB_TIMEOUT", time.monotonic())
-        job.client = b""
+        if job.state is JobState.QUEUED:
+            self.jobs.finish(job)
+            return
+        if job.kind is JobKind.SESSION:
+            self.close_session(job, "the client went away")
+        self.jobs.abandon(job)
 
     def on_worker(self, identity: bytes, msg: Message) -> None:
         """A message from a worker's socket (or its heartbeat socket, ``<id>.hb``)."""
@@ -150,11 +150,11 @@ class Farm:
         elif msg.type is MsgType.LOAD_FAILED:
             worker.last_error = str(msg.body.get("error", "unknown error"))
         elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
-            job = self.running.get(msg.id)
+            job = self.jobs.get(msg.id)
             if job is not None and job.worker == worker.id:
-                if job.session:
+                if job.kind is JobKind.SESSION:
                     self._heard(job, msg)
-                self.reply(job.client, msg.type, job.request, msg.body)
+                self._reply(job, msg.type, msg.body)
         elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (worker.job == msg.id or msg.id in worker.sessions):
             self.on_answer(worker, msg, now)
 
@@ -167,12 +167,13 @@ class Farm:
                 if sample:
                     self._sample(pool, worker)
                 self._watch(pool, worker, now)
-            for job in self.queues[name].expired(now):
+            for job in self.jobs.expired(name, now):
                 self.fail(job, self._acquire_timeout(job, now))
             self.feed(pool, now)  # a session worker's duty may have fallen enough for a waiting job
             if pool.removed:
                 if not pool.workers:
-                    del self.pools[name], self.queues[name]
+                    del self.pools[name]
+                    self.jobs.drop_provider(name)
                 continue
             if not self.stopping:
                 self._health_checks(pool, now)
@@ -206,7 +207,7 @@ class Farm:
     @property
     def in_flight(self) -> int:
         """Clients' jobs and sessions not answered yet, queued or running."""
-        return len(self.requests)
+        return self.jobs.in_flight
 
     @property
     def ready(self) -> bool:
@@ -233,7 +234,7 @@ class Farm:
             if provider is None or not provider.enabled:
                 log.info("provider %s left the config: draining its workers", name)
                 pool.removed = True
-                for job in self.queues[name].clear():
+                for job in self.jobs.waiting(name):
                     self.fail(job, ProviderUnavailable(f"provider {name!r} was removed from the config"))
                 for worker in list(pool.workers.values()):
                     self.drain(worker, now)
@@ -244,20 +245,20 @@ class Farm:
                 pool.floor = 0
                 pool.load_failures = 0
                 pool.next_spawn_at = now
-                self.queues[name].limit = provider.pool.max_queue
+                self.jobs.add_provider(name, provider.pool.max_queue)
         for provider in new.enabled_providers:
             if provider.name not in self.pools:
                 self.pools[provider.name] = ProviderPool(provider)
-                self.queues[provider.name] = JobQueue(provider.pool.max_queue)
+                self.jobs.add_provider(provider.name, provider.pool.max_queue)
         self.config = new
 
     def close(self) -> int:
         """The end of a shutdown: fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL);
         return how many there were."""
-        for queue in self.queues.values():
-            for job in queue.clear():
+        for name in self.pools:
+            for job in self.jobs.waiting(name):
                 self.fail(job, ShuttingDown("the hub stopped before a worker could take this job"))
-        for job in list(self.running.values()):
+        for job in self.jobs.on_workers():
             self.fail(job, ShuttingDown("the hub stopped before the job finished"))
         workers = [w for pool in self.pools.values() for w in pool.workers.values()]
         for worker in workers:
@@ -277,7 +278,7 @@ class Farm:
         """The checks every new job or session passes (``hub.admission``), then the job it becomes."""
         if self.stopping:
             raise ShuttingDown("the hub is shutting down and takes no new work; retry once it is back")
-        if (client, msg.id) in self.requests:
+        if self.jobs.of_request(client, msg.id) is not None:
             raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
         name, route = msg.body.get("provider"), ""
         routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body)) if isinstance(name, str) else None
@@ -285,19 +286,17 @@ class Farm:
             name, route = routed, name
         provider = admission.provider_for(self.config, self.pools, name, now)
         if msg.type is MsgType.STREAM_OPEN:
-            admission.check_session_room(provider, self.sessions(provider.name))
-            return admission.session_job(f"s{next(self.job_ids)}", client, msg, provider, route, self.shm_prefix, now)
-        job = admission.request_job(f"j{next(self.job_ids)}", client, msg, provider, route, self.config, self.shm_prefix, now)
+            admission.check_session_room(provider, self.jobs.sessions(provider.name))
+            job_id = self.jobs.new_id(JobKind.SESSION)
+            return admission.session_job(job_id, client, msg, provider, route, self.shm_prefix, now)
+        job_id = self.jobs.new_id(JobKind.REQUEST)
+        job = admission.request_job(job_id, client, msg, provider, route, self.config, self.shm_prefix, now)
         self.inline_bytes += len(msg.payload or b"")
         return job
 
-    def sessions(self, provider: str) -> int:
-        """Live sessions of ``provider``, open or waiting for a worker."""
-        return sum(1 for j in self.requests.values() if j.session and j.provider == provider)
-
     def _session(self, client: bytes, request_id: str) -> Job:
-        job = self.requests.get((client, request_id))
-        if job is None or not job.session:
+        job = self.jobs.of_request(client, request_id)
+        if job is None or job.kind is not JobKind.SESSION:
             raise BadRequest(f"no live session {request_id!r} on this connection")
         if job.attempts == 0:
             raise BadRequest(f"session {request_id!r} has no worker yet; wait for the open to be answered")
@@ -306,38 +305,37 @@ class Farm:
     def place(self, job: Job, now: float) -> None:
         """Give a new job a worker now (``_home``), or queue it (POOL_BUSY when the queue is full)."""
         worker = self._home(job)
+        self.jobs.place(job, queued=worker is None)
         if worker is not None:
             self.start_job(job, worker, now)
-        else:
-            self.queues[job.provider].push(job)
-        self.requests[(job.client, job.request)] = job
 
     def _shadow(self, primary: Job, provider: str) -> None:
         """Send a copy of the request to the route's shadow if one of its workers is idle now and none of its
         jobs waits, else drop it: a shadow never queues, so it never stands in front of a client's job."""
         pool = self.pools.get(provider)
-        room = pool is not None and not pool.removed and not self.queues[provider] and bool(pool.idle)
+        room = pool is not None and not pool.removed and not self.jobs.queued(provider) and bool(pool.idle)
         now = time.monotonic()
-        shadow = admission.shadow_job(f"w{next(self.job_ids)}", primary, provider, self.shm_prefix, now) if room else None
+        shadow = admission.shadow_job(self.jobs.new_id(JobKind.SHADOW), primary, provider, self.shm_prefix, now) if room else None
         if pool is None or shadow is None:
             self.rollout.dropped(primary.route, provider)
             return
         self.rollout.paired(primary, shadow)
         worker = pool.take_idle()
         assert worker is not None, "a shadow placed without an idle worker"
+        self.jobs.place(shadow, queued=False)
         self.start_job(shadow, worker, now)
 
     def _home(self, job: Job) -> WorkerHandle | None:
         """A session: the ready worker with the least session load and room for one more. A one-shot job:
         the least recently used idle worker, else a worker whose sessions leave it time (``hub.placement``)."""
         pool = self.pools[job.provider]
-        if not job.session:
+        if job.kind is not JobKind.SESSION:
             idle = pool.take_idle()
             if idle is not None:
                 return idle
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
         loads = [WorkerLoad(w.id, len(w.sessions), w.job is not None, w.duty) for w in ready]
-        if job.session:
+        if job.kind is JobKind.SESSION:
             chosen = session_home(loads, pool.config.pool.sessions_per_worker)
         else:
             chosen = one_shot_home(loads, pool.config.pool)
@@ -345,9 +343,9 @@ class Farm:
 
     def close_session(self, job: Job, reason: str) -> None:
         """Ask the worker to flush and answer; a client's close has no reason, the hub's says why."""
-        if job.closing:
+        if job.close_reason:
             return
-        job.closing = reason or CLIENT_CLOSE
+        job.close_reason = reason or CLIENT_CLOSE
         if reason:
             log.info("session %s: closing, %s", job.id, reason)
         if job.worker is not None:  # else the worker that takes the session over is told (``start_job``)
@@ -355,7 +353,8 @@ class Farm:
 
     def _send_close(self, job: Job, now: float) -> None:
         job.run_deadline = now + self.pools[job.provider].config.pool.job_timeout
-        reason = "" if job.closing == CLIENT_CLOSE else job.closing
+        reason = "" if job.close_reason == CLIENT_CLOSE else job.close_reason
+        self.jobs.close(job)
         self._to_worker(job, MsgType.STREAM_CLOSE, {"reason": reason} if reason else {}, None)
 
     def session_data(self, job: Job, body: dict[str, Any], payload: bytes | None, position: int) -> None:
@@ -415,32 +414,30 @@ class Farm:
 
     def start_job(self, job: Job, worker: WorkerHandle, now: float) -> None:
         pool = self.pools[job.provider]
-        job.attempts += 1
-        job.worker = worker.id
-        resumed = job.session and job.attempts > 1
+        self.jobs.start(job, worker.id)
+        session = job.kind is JobKind.SESSION
+        resumed = session and job.attempts > 1
         if not resumed:  # a resumed session keeps its start: max_session_seconds counts from the open
             job.started_at = now
         job.run_deadline = run_deadline(pool.config.pool, job, now)
         resume_data = self._resume(job) if resumed else None
-        if job.session:
+        if session:
             worker.sessions.add(job.id)
         else:
             worker.job = job.id
         pool.set_state(worker, WorkerState.BUSY, now)
-        self.running[job.id] = job
-        msg_type = MsgType.STREAM_OPEN if job.session else MsgType.JOB
+        msg_type = MsgType.STREAM_OPEN if session else MsgType.JOB
         if (error := self._send(worker.id, msg_type, job.id, job.job_body(), job.payload)) is not None:
             self.recycle(worker, f"unreachable: {error}", now)
             self.job_lost(job, WorkerCrashed(f"worker {worker.id} was unreachable"))
             return
         if resume_data is not None:
             self._to_worker(job, MsgType.STREAM_DATA, *resume_data)
-            if job.closing:
+            if job.close_reason:
                 self._send_close(job, now)
-        if job.session:
+        if session:
             job.last_activity = now
-            reply = {"session": job.id, "worker": worker.id, "resumed": job.attempts - 1}
-            self.reply(job.client, MsgType.REPLY, job.request, reply)
+            self._reply(job, MsgType.REPLY, {"session": job.id, "worker": worker.id, "resumed": job.attempts - 1})
 
     def _resume(self, job: Job) -> tuple[dict[str, Any], bytes | None]:
         """Set the ``resume`` of a session taking over from a worker that died: it starts at the dead worker's
@@ -473,69 +470,73 @@ class Farm:
 
     def feed(self, pool: ProviderPool, now: float) -> None:
         """Start queued jobs, oldest first, while the oldest has a worker to go to."""
-        queue = self.queues[pool.name]
-        while (job := queue.peek()) is not None and (worker := self._home(job)) is not None:
-            queue.pop()
+        while (job := self.jobs.next_waiting(pool.name)) is not None and (worker := self._home(job)) is not None:
             self.start_job(job, worker, now)
 
     def job_lost(self, job: Job, error: HubError) -> None:
         """The job's worker is gone: retry it once more where allowed, else tell the client."""
-        self.running.pop(job.id, None)
-        job.worker = None
-        if job.health:
+        if job.kind is JobKind.HEALTH:
+            self.jobs.finish(job)
             return
         limits = self.pools[job.provider].config.pool
-        if job.client and job.attempts <= limits.retry_on_crash and not self.stopping:
-            if job.session:  # it moves to another worker, which resumes from the last final word
+        if job.client_waits and job.attempts <= limits.retry_on_crash and not self.stopping:
+            if job.kind is JobKind.SESSION:  # it moves to another worker, which resumes from the last final word
                 log.warning("session %s: %s; moving it to another worker", job.id, error.message)
                 job.acquire_deadline = time.monotonic() + limits.acquire_timeout
                 self.metrics.resumed(job.provider)
             else:
                 log.info("job %s: retrying on another worker (%s)", job.id, error.message)
-            self.queues[job.provider].push_front(job)
+            self.jobs.requeue(job)
             return
         self.fail(job, error)
 
     def fail(self, job: Job, error: HubError) -> None:
-        self.running.pop(job.id, None)
-        self.requests.pop((job.client, job.request), None)
-        error.job_id = job.request
+        """The job ends with ``error``: accounted for, told to its client if one waits, out of the table."""
+        error.request_id = job.request_id
         self._record(job, error.code, time.monotonic())
-        self.reply(job.client, MsgType.ERROR, job.request, error.to_dict())
+        self._reply(job, MsgType.ERROR, error.to_dict())
+        self.jobs.finish(job)
+
+    def _reply(self, job: Job, msg_type: MsgType, body: dict[str, Any]) -> None:
+        """A reply about ``job`` to its client, under the client's request id; none when no client waits."""
+        if job.client_waits:
+            self.reply(job.client, msg_type, job.request_id, body)
 
     def _record(self, job: Job, code: str | None, now: float, run: float | None = None, text: str = "") -> None:
         """Account for a client's job (or a shadow) once, when its answer (or its client's give-up) is known.
         ``run`` is the worker's busy time where it differs from the time on the worker (a session's decoding,
         not its lease)."""
-        if not job.client and not job.shadow:
+        if job.kind is JobKind.HEALTH or job.state is JobState.ABANDONED:
             return
         started = job.started_at or now
         if run is None:
             run = now - job.started_at if job.started_at else 0.0
-        if job.client:
+        if job.kind.has_client:
             self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
         if job.route:
             self.rollout.ended(job, code, run, text if code is None else "")
-        log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request, code or "done", (now - job.received_at) * 1e3)
+        log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request_id, code or "done", (now - job.received_at) * 1e3)
 
     def on_answer(self, worker: WorkerHandle, msg: Message, now: float) -> None:
         """A worker's final answer to its job: forward it, account for it, free or recycle the worker."""
-        job = self.running.pop(msg.id, None)
+        job = self.jobs.get(msg.id)
+        if job is not None and job.worker != worker.id:
+            job = None
         if msg.id in worker.sessions:
             worker.sessions.discard(msg.id)
         else:
             worker.job = None
         model_failed = msg.type is MsgType.ERROR and msg.body.get("code") == "INFERENCE_FAILED"
-        if job is not None and job.health:
+        if job is not None and job.kind is JobKind.HEALTH:
+            self.jobs.finish(job)
             if model_failed or msg.type is MsgType.ERROR or not str(msg.body.get("text", "")).strip():
                 reason = msg.body.get("message") or "no text for the test clip"
                 self.recycle(worker, f"health check failed: {reason}", now)
                 return
             worker.last_check = now
         elif job is not None:
-            self.requests.pop((job.client, job.request), None)
             code = msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None
-            decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.session else None
+            decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.kind is JobKind.SESSION else None
             self._record(job, code, now, decoding, str(msg.body.get("text", "")))
             worker.jobs_done += 1
             body = merge_result(job.finals[: job.carried], msg.body) if job.carried else dict(msg.body)
@@ -544,8 +545,9 @@ class Farm:
                 if job.route:
                     body["route"] = job.route
             else:
-                body["job_id"] = job.request
-            self.reply(job.client, msg.type, job.request, body)
+                body["job_id"] = job.request_id  # the wire's name for the failed request's id
+            self._reply(job, msg.type, body)
+            self.jobs.finish(job)
         worker.consecutive_failures = worker.consecutive_failures + 1 if model_failed else 0
         self.worker_free(worker, now)
 
@@ -640,7 +642,7 @@ class Farm:
                 process.kill(worker.proc)
             return
         hub = self.config.hub
-        job = self.running.get(worker.job or "")
+        job = self.jobs.get(worker.job or "")
         if worker.state is WorkerState.STARTING:
             if now - worker.started_at > hub.start_timeout:
                 self.recycle(worker, f"not ready after {hub.start_timeout:.0f} s", now)
@@ -649,20 +651,20 @@ class Farm:
             self._lose_all(worker, WorkerCrashed(f"worker {worker.id} stopped answering"))
             self.recycle(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s", now)
             return
-        for session in [self.running[s] for s in list(worker.sessions) if s in self.running]:
-            self._watch_session(worker, session, now)
+        for session in [self.jobs.get(s) for s in list(worker.sessions)]:
+            if session is not None:
+                self._watch_session(worker, session, now)
         if job is not None and now >= job.run_deadline:
             limit = job.run_deadline - job.started_at
-            what = "health check" if job.health else f"job {job.id}"
+            what = "health check" if job.kind is JobKind.HEALTH else f"job {job.id}"
             self.recycle(worker, f"{what} overran its {limit:.0f} s deadline", now)
-            if not job.health:
-                self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"))
+            self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"))
 
     def _watch_session(self, worker: WorkerHandle, job: Job, now: float) -> None:
         """Close a session idle or open too long; fail one whose flush overran (its worker serves on)."""
-        if not job.closing and (why := self._session_overdue(job, now)):
+        if not job.close_reason and (why := self._session_overdue(job, now)):
             self.close_session(job, why)
-        elif job.closing and now >= job.run_deadline:
+        elif job.close_reason and now >= job.run_deadline:
             worker.sessions.discard(job.id)
             limit = self.pools[job.provider].config.pool.job_timeout
             self.fail(job, JobTimeout(f"the session did not flush within {limit:.0f} s (pool.job_timeout)"))
@@ -670,11 +672,11 @@ class Farm:
 
     def _lose_all(self, worker: WorkerHandle, error: HubError) -> None:
         """The worker is gone or going: its job and every session it served are lost (retried where allowed)."""
-        lost = [self.running.get(job_id) for job_id in [worker.job or "", *worker.sessions]]
+        lost = [self.jobs.get(job_id) for job_id in [worker.job or "", *worker.sessions]]
         worker.job = None
         worker.sessions.clear()
         for job in lost:
-            if job is not None:
+            if job is not None and job.worker == worker.id:  # not one that has since moved to another worker
                 self.job_lost(job, error)
 
     def _session_overdue(self, job: Job, now: float) -> str:
@@ -692,7 +694,7 @@ class Farm:
         of a pool is checked only once the pool has been quiet for a whole interval.
         """
         interval = pool.config.pool.health_check_interval
-        if self.queues[pool.name]:
+        if self.jobs.queued(pool.name):
             return
         for worker_id in list(pool.idle):
             worker = pool.workers[worker_id]
@@ -700,7 +702,8 @@ class Farm:
             if now - worker.last_check < interval or (alone and now - worker.idle_since < interval):
                 continue
             pool.idle.pop(worker_id)
-            job = health_job(f"h{next(self.job_ids)}", pool.name, now)
+            job = health_job(self.jobs.new_id(JobKind.HEALTH), pool.name, now)
+            self.jobs.place(job, queued=False)
             self.start_job(job, worker, now)
 
     def _roll(self, pool: ProviderPool, now: float) -> None:
@@ -744,7 +747,7 @@ class Farm:
             pool.last_error = worker.last_error or what
             log.error("worker %s %s: %s; next start in %.0f s", worker.id, what, pool.last_error, delay)
             if pool.size == 0:
-                for job in self.queues[pool.name].clear():
+                for job in self.jobs.waiting(pool.name):
                     self.fail(job, ProviderUnavailable(f"provider {pool.name!r} has no live worker: {pool.last_error}"))
         elif worker.state is not WorkerState.DRAINING:
             what += f" ({worker.last_error})" if worker.last_error else ""
@@ -759,7 +762,7 @@ class Farm:
             sessions=sum(len(w.sessions) for w in live),
             live=len(live),
             starting=counts[WorkerState.STARTING],
-            queued=len(self.queues[pool.name]),
+            queued=self.jobs.queued(pool.name),
             idle_since=tuple((wid, pool.workers[wid].idle_since) for wid in pool.idle),
             floor=pool.floor,
             memory_mb=sum(w.rss_mb for w in live),
@@ -839,8 +842,8 @@ class Farm:
     def view(self, pool: ProviderPool, now: float) -> status.PoolView:
         return status.PoolView(
             pool=pool,
-            queue_depth=len(self.queues[pool.name]),
-            sessions=self.sessions(pool.name),
+            queue_depth=self.jobs.queued(pool.name),
+            sessions=self.jobs.sessions(pool.name),
             held_back=self.held_back.get(pool.name, ""),
             target_size=floor_size(self._snapshot(pool), pool.config.pool),
             figures=self.metrics.summary(pool.name, now, max(1, pool.size)),

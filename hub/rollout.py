@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from hub import routes, shm
 from hub.config import RouteConfig
-from hub.dispatch import Job
+from hub.dispatch import Job, JobKind
 from hub.errors import BadRequest, UnknownProvider
 from hub.metrics import Metrics
 from hub.status import RouteStatus, ShadowStatus, WindowStatus
@@ -129,7 +129,7 @@ class Rollout:
     def ended(self, job: Job, code: str | None, run: float, text: str) -> None:
         """A routed job (or a shadow) ended: success (``code`` None) or the error's code."""
         state = self.routes.get(job.route)
-        if job.shadow:
+        if job.kind is JobKind.SHADOW:
             if job.audio.shm:
                 shm.remove(job.audio.shm)
             if code is not None:
@@ -143,7 +143,7 @@ class Rollout:
         if pending is None:
             return
         answer = _Answer(code is None, run, text)
-        if job.shadow:
+        if job.kind is JobKind.SHADOW:
             pending.shadowed = answer
         else:
             pending.primary = answer

@@ -232,11 +232,11 @@ class Supervisor:
         except HubError as exc:
             if isinstance(exc, BadRequest):
                 self.malformed += 1
-            exc.job_id = request_id
+            exc.request_id = request_id
             self.reply(client, MsgType.ERROR, request_id, exc.to_dict())
         except Exception:  # a bug must cost one request, never the supervisor
             log.exception("internal error while handling request %s", request_id)
-            error = InternalError("the hub failed to handle this request; its log has the details", job_id=request_id)
+            error = InternalError("the hub failed to handle this request; its log has the details", request_id=request_id)
             self.reply(client, MsgType.ERROR, request_id, error.to_dict())
 
     def on_client_message(self, client: bytes, msg: Message) -> None:

@@ -7,9 +7,10 @@ from hub.errors import ERROR_CLASSES, HubError, PoolBusy, WorkerCrashed
 
 @pytest.mark.parametrize("cls", list(ERROR_CLASSES.values()))
 def test_every_error_crosses_processes_intact(cls: type[HubError]) -> None:
-    err = cls("something went wrong", job_id="7")
+    err = cls("something went wrong", request_id="7")
     back = HubError.from_dict(err.to_dict())
-    assert type(back) is cls and back.code == cls.code and back.message == err.message and back.job_id == "7"
+    assert type(back) is cls and back.code == cls.code and back.message == err.message and back.request_id == "7"
+    assert err.to_dict()["job_id"] == "7"  # the wire keeps its key
 
 
 def test_documented_codes_exist() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from hub import routes
 from hub.config import AnalysisConfig, ConfigError, parse_config
-from hub.dispatch import Job
+from hub.dispatch import Job, JobKind
 from hub.metrics import Metrics
 from hub.protocol import AudioRef
 from hub.rollout import Rollout
@@ -151,8 +151,9 @@ def test_word_error_rate() -> None:
 
 
 def _job(job_id: str, provider: str, route: str = "r", shadow: bool = False) -> Job:
-    return Job(id=job_id, client=b"" if shadow else b"c", request=job_id, provider=provider, audio=AudioRef(1), payload=None,
-               options={}, stream=False, received_at=0.0, acquire_deadline=0.0, client_timeout=None, route=route, shadow=shadow)
+    kind = JobKind.SHADOW if shadow else JobKind.REQUEST
+    return Job(id=job_id, kind=kind, client=b"" if shadow else b"c", request_id=job_id, provider=provider, audio=AudioRef(1),
+               payload=None, options={}, stream=False, received_at=0.0, acquire_deadline=0.0, client_timeout=None, route=route)
 
 
 def _rollout(analysis: dict | None = None, shadow: dict | None = None) -> tuple[Rollout, Metrics]:

@@ -145,11 +145,10 @@ class Worker:
             action(session)
             return True
         except HubError as exc:
-            exc.job_id = session.id
             error = exc
         except Exception as exc:
             log.exception("session %s failed", session.id)
-            error = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}", job_id=session.id)
+            error = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}")
         self.send(MsgType.ERROR, session.id, error.to_dict())
         self.sessions.pop(session.id, None)
         session.close()
@@ -168,12 +167,11 @@ class Worker:
 
             result = self.engine.transcribe(pcm, options, on_segment)
         except HubError as exc:
-            exc.job_id = msg.id
             self.send(MsgType.ERROR, msg.id, exc.to_dict())
             return
         except Exception as exc:
             log.exception("worker %s: job %s failed", self.spec.id, msg.id)
-            err = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}", job_id=msg.id)
+            err = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}")
             self.send(MsgType.ERROR, msg.id, err.to_dict())
             return
         body = {
@@ -189,11 +187,10 @@ class Worker:
         try:
             self.sessions[msg.id] = Session(self.spec, self.engine, self.sock, msg)
         except HubError as exc:
-            exc.job_id = msg.id
             self.send(MsgType.ERROR, msg.id, exc.to_dict())
         except Exception as exc:
             log.exception("worker %s: cannot open a session", self.spec.id)
-            error = InferenceFailed(f"cannot open a live session on {self.spec.type}: {exc}", job_id=msg.id)
+            error = InferenceFailed(f"cannot open a live session on {self.spec.type}: {exc}")
             self.send(MsgType.ERROR, msg.id, error.to_dict())
 
     def _pcm(self, msg: Message) -> np.ndarray:
