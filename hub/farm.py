@@ -34,13 +34,13 @@ from hub.errors import (
     WorkerCrashed,
 )
 from hub.metrics import Metrics
-from hub.rollout import Rollout
 from hub.placement import WorkerLoad, one_shot_home, session_home
 from hub.policy import PoolSnapshot, decide, floor_size
 from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import ExitCode, Message, MsgType, Resume, WorkerSpec
 from hub.resources import rss_mb
 from hub.resume import context, merge_result
+from hub.rollout import Rollout
 
 log = logging.getLogger("hub.supervisor")
 
@@ -376,22 +376,6 @@ class Farm:
         if msg.type is MsgType.SEGMENT:
             job.finals.append({k: v for k, v in msg.body.items() if k not in ("read", "keep")})
 
-    # --- messages to workers: all built in ``_send`` -------------------------------
-
-    def _send(self, worker_id: str, msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None,
-              payload: bytes | None = None) -> zmq.ZMQError | None:
-        """Every message to a worker is built and sent here (zguide's ``send_to_worker``); returns the error
-        when the worker is gone (the socket is ROUTER_MANDATORY: a dead peer raises, nothing is dropped)."""
-        try:
-            self.backend.send_multipart([worker_id.encode(), *protocol.build(msg_type, msg_id, body, payload)])
-        except zmq.ZMQError as exc:
-            return exc
-        return None
-
-    def _to_worker(self, job: Job, msg_type: MsgType, body: dict[str, Any], payload: bytes | None) -> None:
-        """A message about a job to the worker running it; when that worker is gone, reaping it fails the job."""
-        self._send(job.worker or "", msg_type, job.id, body, payload)
-
     def set_size(self, pool: ProviderPool, size: int, clamp: bool) -> None:
         """Set the pool's size at run time: the floor autoscaling keeps; extra workers retire now."""
         limits = pool.config.pool
@@ -409,6 +393,22 @@ class Farm:
         by_use = [pool.workers[w] for w in pool.idle] + [w for w in pool.workers.values() if w.state is not WorkerState.IDLE]
         for worker in [w for w in by_use if w.live][: max(0, extra)]:
             self.drain(worker, now)
+
+    # --- messages to workers: all built in ``_send`` -------------------------------
+
+    def _send(self, worker_id: str, msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None,
+              payload: bytes | None = None) -> zmq.ZMQError | None:
+        """Every message to a worker is built and sent here (zguide's ``send_to_worker``); returns the error
+        when the worker is gone (the socket is ROUTER_MANDATORY: a dead peer raises, nothing is dropped)."""
+        try:
+            self.backend.send_multipart([worker_id.encode(), *protocol.build(msg_type, msg_id, body, payload)])
+        except zmq.ZMQError as exc:
+            return exc
+        return None
+
+    def _to_worker(self, job: Job, msg_type: MsgType, body: dict[str, Any], payload: bytes | None) -> None:
+        """A message about a job to the worker running it; when that worker is gone, reaping it fails the job."""
+        self._send(job.worker or "", msg_type, job.id, body, payload)
 
     # --- jobs on workers -----------------------------------------------------------
 
