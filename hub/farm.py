@@ -2,17 +2,18 @@
 
 It admits new work (``admit``: the checks of ``hub.admission``, then a job), places jobs on
 the least recently used idle worker or in the provider's bounded queue, starts, watches,
-recycles and drains workers, enforces deadlines, runs health checks, rolling restarts and
-the scaling decision of ``hub.policy``. Every message to a worker is built in ``_send``;
-clients are answered through the ``reply`` callable. Reading sockets, signals and timers
-are the supervisor's; it calls only the public methods of the first section below.
+recycles and drains workers (on the card ``hub.cards`` picks), enforces deadlines, runs health
+checks, rolling restarts and the scaling decision of ``hub.policy``. Every job is in the
+``Jobs`` table of ``hub.dispatch``, the only place its state changes. Every message to a
+worker is built in ``_send``; clients are answered through the ``reply`` callable. Reading
+sockets, signals and timers are the supervisor's; it calls only the public methods of the
+first section below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import zmq
 
-from hub import admission, gpus, process, protocol, status
+from hub import admission, process, protocol, status
+from hub.cards import Cards
 from hub.config import HubConfig
 from hub.dispatch import Job, JobKind, Jobs, JobState, health_job, run_deadline
 from hub.errors import (
@@ -74,12 +76,7 @@ class Farm:
         self.jobs = Jobs()  # every job in flight, and the providers' queues
         for provider in config.enabled_providers:
             self.jobs.add_provider(provider.name, provider.pool.max_queue)
-        self.nvml = gpus.Nvml()
-        self.gpus = gpus.discover(os.environ, self.nvml.devices())
-        self.readings: dict[int, gpus.CardReading] = {}  # hub ordinal -> last reading of that card
-        _log_discovery(self.gpus, self.nvml)
-        self._read_cards()  # the first placements see what other tenants already hold
-        self.device_problems: dict[str, str] = {}  # a provider's devices outside the hub's GPUs, logged once
+        self.cards = Cards()  # the GPUs the hub may use and their last readings
         self.held_back: dict[str, str] = {}
         self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
         self.stopping = False  # the hub is shutting down: no new job, no health check, no scaling
@@ -160,12 +157,13 @@ class Farm:
 
     def tick(self, now: float, sample: bool) -> None:
         """Reap, kill the overdue, watch heartbeats and deadlines, expire queued jobs, check health, roll, scale."""
-        if sample and self.gpus.cards:
-            self._read_cards()
+        if sample:
+            self.cards.read()
         for name, pool in list(self.pools.items()):
             for worker in list(pool.workers.values()):
                 if sample:
-                    self._sample(pool, worker)
+                    worker.rss_mb = rss_mb(worker.pid)
+                    self.cards.sample(pool, worker)
                 self._watch(pool, worker, now)
             for job in self.jobs.expired(name, now):
                 self.fail(job, self._acquire_timeout(job, now))
@@ -560,7 +558,7 @@ class Farm:
             return
         pool = self.pools[worker.provider]
         worker.device = str(body.get("device", "unknown"))
-        self._check_card(worker, body)
+        self.cards.check_ready(worker, body)
         worker.last_heartbeat = worker.last_check = now
         pool.load_failures = 0
         pool.last_error = ""
@@ -572,55 +570,6 @@ class Farm:
             log.info("rolling restart of %s: %s replaces %s", pool.name, worker.id, replaced.id)
             self.drain(replaced, now)
         self.worker_free(worker, now)
-
-    def _read_cards(self) -> None:
-        """One NVML reading per card per sampling pass, shared by the workers on it."""
-        self.readings = {
-            card.ordinal: self.nvml.read(card.nvml_index)
-            if card.nvml_index is not None
-            else gpus.CardReading(error=self.nvml.error or f"{card.describe()} has no NVML identity")
-            for card in self.gpus.cards
-        }
-
-    def _check_card(self, worker: WorkerHandle, body: dict[str, Any]) -> None:
-        """A GPU worker whose model ended on the CPU stops counting as a GPU worker; one whose CUDA reports
-        another card than the one it was placed on is logged (status shows both)."""
-        if worker.card is None:
-            return
-        if not worker.device.startswith("cuda"):
-            log.warning(
-                "worker %s was placed on %s but its model runs on %s; it no longer counts as a GPU worker",
-                worker.id, worker.card.describe(), worker.device,
-            )
-            worker.card = None
-            worker.gpu_error = f"placed on a GPU, runs on {worker.device}"
-            return
-        worker.cuda_pci_bus_id = gpus.normalize_pci(str(body.get("cuda_pci_bus_id", "")))
-        if worker.card.pci_bus_id and worker.cuda_pci_bus_id and worker.cuda_pci_bus_id != worker.card.pci_bus_id:
-            log.error(
-                "worker %s was placed on %s but its CUDA runtime reports PCI %s",
-                worker.id, worker.card.describe(), worker.cuda_pci_bus_id,
-            )
-
-    def _sample(self, pool: ProviderPool, worker: WorkerHandle) -> None:
-        worker.rss_mb = rss_mb(worker.pid)
-        if worker.card is None:
-            return
-        reading = self.readings.get(worker.card.ordinal) or gpus.CardReading(error=self.nvml.error or "no NVML reading")
-        worker.gpu_card_used_mb, worker.gpu_card_total_mb = reading.used_mb, reading.total_mb
-        worker.gpu_utilization = reading.utilization
-        worker.gpu_used_mb = reading.processes.get(worker.pid)
-        if reading.error:
-            worker.gpu_error = reading.error
-        elif worker.gpu_used_mb is None:
-            worker.gpu_error = (
-                "the driver lists no GPU memory for this pid (not allocated yet, or a container's PID namespace "
-                "hides the worker's pid from it)"
-            )
-        else:
-            worker.gpu_error = ""
-            if worker.state is not WorkerState.STARTING:
-                pool.gpu_need_mb = max(pool.gpu_need_mb or 0.0, worker.gpu_used_mb)
 
     def _acquire_timeout(self, job: Job, now: float) -> AcquireTimeout:
         pool = self.pools[job.provider]
@@ -788,29 +737,10 @@ class Farm:
             self.held_logged[pool.name] = now
         self.held_back[pool.name] = why
 
-    def _place(self, pool: ProviderPool) -> gpus.Placement:
-        """The card for a new worker of ``pool``, weighing the workers of every pool already on the cards."""
-        provider = pool.config
-        if not process.uses_gpu(provider):
-            return gpus.Placement(None)
-        cards, problem = gpus.provider_cards(provider.devices, self.gpus)
-        if problem and self.device_problems.get(pool.name) != problem:
-            log.error("provider %s: %s", pool.name, problem)
-            self.device_problems[pool.name] = problem
-        occupants = [
-            gpus.Occupant(w.card.ordinal, w.provider, w.gpu_used_mb, w.state is WorkerState.STARTING)
-            for p in self.pools.values()
-            for w in p.workers.values()
-            if w.card is not None
-        ]
-        return gpus.place(
-            pool.name, cards, occupants, self.readings, provider.pool.max_gpu_memory_fraction, pool.gpu_need_mb
-        )
-
     def spawn(self, pool: ProviderPool, now: float) -> bool:
         """Start one worker of ``pool`` on the card placement picks; False when the GPU memory cap holds it back."""
         provider = pool.config
-        placement = self._place(pool)
+        placement = self.cards.place(pool, self.pools.values())
         if placement.held_back:
             self._held(pool, placement.held_back, now)
             return False
@@ -847,7 +777,7 @@ class Farm:
             held_back=self.held_back.get(pool.name, ""),
             target_size=floor_size(self._snapshot(pool), pool.config.pool),
             figures=self.metrics.summary(pool.name, now, max(1, pool.size)),
-            gpu_error=self.nvml.error,
+            gpu_error=self.cards.error,
         )
 
 
@@ -858,13 +788,3 @@ def _wait_all(workers: list[WorkerHandle], timeout: float) -> None:
             worker.proc.wait(max(0.0, deadline - time.monotonic()))
         except Exception:
             pass
-
-
-def _log_discovery(found: gpus.Discovery, nvml: gpus.Nvml) -> None:
-    """Say once, at start, which GPUs the hub will use and how it found them."""
-    for warning in found.warnings:
-        log.warning("GPUs: %s", warning)
-    if found.cards:
-        log.info("GPUs: %s: %s", found.source, "; ".join(card.describe() for card in found.cards))
-    else:
-        log.info("GPUs: none (%s)", found.source if found.known else nvml.error or found.source)
