@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from tests.conftest import Hub, echo_provider, free_port
+from tests.conftest import Hub, echo_provider, free_port, wait_for
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(90)
@@ -45,7 +45,8 @@ def test_healthz_answers_while_a_client_holds_a_request_half_sent(hub_factory: C
 def test_readyz_turns_503_as_soon_as_the_drain_starts(hub_factory: Callable[..., Hub]) -> None:
     port = free_port()
     hub = hub_factory({"echo": echo_provider()}, hub={"metrics_port": port, "drain_timeout": 20})
-    assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    # /readyz reads gauges the timer publishes (up to a second after the hub says ready)
+    wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 5, "/readyz 200 on a ready hub")
     answers: list[str] = []
     with hub.client() as client:
         job = threading.Thread(target=lambda: answers.append(client.transcribe(TONE, sleep=3, timeout=20).text))
