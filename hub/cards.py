@@ -1,4 +1,4 @@
-"""The GPUs as the farm sees them: the cards the hub may use, their last NVML reading, the card a new
+"""The GPUs as the workforce sees them: the cards the hub may use, their last NVML reading, the card a new
 worker goes to, and what a worker's READY and its memory readings say about its card.
 
 The mechanism around the pure decisions of ``hub.gpus`` (discovery, placement, the memory cap):

@@ -166,6 +166,16 @@ def run_deadline(pool: PoolConfig, job: Job, now: float) -> float:
     return now + pool.job_timeout + pool.job_timeout_per_audio_second * job.audio.seconds
 
 
+def session_overdue(pool: PoolConfig, job: Job, now: float) -> str:
+    """Why an open session is closed now ("" while it may go on): no audio for ``session_idle_timeout``,
+    or open longer than ``max_session_seconds``."""
+    if now - job.last_activity > pool.session_idle_timeout:
+        return f"no audio for {now - job.last_activity:.0f} s (pool.session_idle_timeout={pool.session_idle_timeout:g})"
+    if now - job.started_at > pool.max_session_seconds:
+        return f"open longer than pool.max_session_seconds={pool.max_session_seconds:g}"
+    return ""
+
+
 class JobQueue:
     """FIFO of jobs waiting for a worker of one provider, bounded by ``max_queue``."""
 
@@ -207,7 +217,8 @@ class Jobs:
     """Every job in flight, by its id and, for a client's, by (client, request id); the queue of each provider.
 
     The only place a job changes state (``set_state``); placing, starting, moving, abandoning and
-    finishing a job are its operations here. The farm does the rest: workers, messages, accounting.
+    finishing a job are its operations here. The farm does the rest (messages, accounting); its
+    workforce (``hub.workforce``) keeps the workers.
     """
 
     def __init__(self) -> None:

@@ -7,11 +7,12 @@ goes to the farm (``Farm.admit`` for new work), a worker's to ``Farm.on_worker``
 checks, rolling restarts, scaling), the gateway child, the sweep of orphaned shared memory,
 the metrics. Signal handlers only enqueue; a socketpair registered with
 ``signal.set_wakeup_fd`` wakes the poll, and the loop calls ``handle_<name>`` for each
-signal queued. Admission, placing and every message to a worker are the farm's.
+signal queued. Admission and placing are the farm's; the workers' life and every message to a
+worker are its workforce's (``hub.workforce``).
 
 Words used once: a *shutdown* is the hub stopping (SIGTERM/SIGINT: no new work, up to
 ``hub.drain_timeout`` for what is in flight); a worker *drains* when it finishes what it
-has and stops (``Farm.drain``, state ``draining``); the loop *reads a batch* of a socket.
+has and stops (``Workforce.drain``, state ``draining``); the loop *reads a batch* of a socket.
 
 Run it as ``python -m hub.supervisor --config config/config.sample.yaml``.
 """

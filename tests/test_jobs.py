@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from hub.dispatch import TRANSITIONS, Job, JobKind, Jobs, JobState, JobStateError, check_transition
+from hub.config import PoolConfig
+from hub.dispatch import TRANSITIONS, Job, JobKind, Jobs, JobState, JobStateError, check_transition, session_overdue
 from hub.errors import PoolBusy
 from hub.protocol import AudioRef
 
@@ -140,3 +141,13 @@ def test_an_expired_job_stays_queued_until_it_is_finished() -> None:
     assert jobs.expired("p", now=0.5) == [] and jobs.expired("p", now=1.0) == [a]
     jobs.finish(a)
     assert jobs.queued("p") == 0 and jobs.expired("p", now=2.0) == []
+
+
+def test_a_session_is_overdue_when_idle_or_open_too_long_and_says_which_limit() -> None:
+    limits = PoolConfig(session_idle_timeout=30.0, max_session_seconds=600.0)
+    session = job(table(), JobKind.SESSION)
+    session.started_at, session.last_activity = 100.0, 650.0
+    assert session_overdue(limits, session, 680.0) == ""
+    assert "no audio for 31 s (pool.session_idle_timeout=30)" in session_overdue(limits, session, 681.0)
+    session.last_activity = 699.0
+    assert session_overdue(limits, session, 700.5) == "open longer than pool.max_session_seconds=600"
