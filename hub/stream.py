@@ -28,7 +28,7 @@ import zmq
 from hub import protocol, shm
 from hub.audio import AudioInput, StreamResampler, check_sample_rate, pcm16, to_pcm
 from hub.call import route_fields
-from hub.errors import HubError, InvalidAudio, JobTimeout
+from hub.errors import HubError, HubUnreachable, InvalidAudio, JobTimeout
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript, join_text
 
@@ -164,6 +164,16 @@ class _SessionCore:
     def silent(self) -> JobTimeout:
         return JobTimeout(f"the hub did not answer the session within {self.timeout:.0f} s")
 
+    def unsent(self) -> HubUnreachable:
+        """A send that found no room for the session's timeout: the hub has taken none of what was queued.
+        The session is over (nothing more can reach the hub); its error keeps the final text so far."""
+        self.error = HubUnreachable(
+            f"the hub took no message of this session for {self.timeout:.0f} s (about 1,000 are queued): "
+            "it is stopped or unreachable"
+        )
+        self.error.transcript = self.confirmed()  # type: ignore[attr-defined]
+        return self.error
+
     def _check_open(self) -> None:
         if self.released and not self.ended:
             raise RuntimeError(CLOSED)
@@ -257,6 +267,8 @@ class StreamSession(_SessionView):
         on_close: Callable[[StreamSession], None],
     ) -> None:
         self.sock = sock
+        # A send waits for room at most the session's timeout (a hub that takes nothing would hold it forever)
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
         self._core = _SessionCore(request_id, ring, timeout)
         self._on_close = on_close
         self._lock = threading.Lock()
@@ -264,8 +276,8 @@ class StreamSession(_SessionView):
     def _start(self, body: dict[str, Any]) -> StreamSession:
         deadline = time.monotonic() + self._core.timeout
         with self._lock:
-            self.sock.send_multipart(self._core.open(body))
             try:
+                self._send(self._core.open(body))
                 while not self._core.opened():
                     self._core.handle(self._next(deadline))
             except HubError:
@@ -289,7 +301,7 @@ class StreamSession(_SessionView):
                     if time.monotonic() >= deadline:
                         raise self._core.behind()
                     self._pump(POLL_MS)
-                self.sock.send_multipart(self._core.data(piece))
+                self._send(self._core.data(piece))
 
     def results(self) -> Iterator[StreamEvent]:
         """Events as they arrive, until the session is closed (by ``close`` or by the hub)."""
@@ -315,7 +327,7 @@ class StreamSession(_SessionView):
         with self._lock:
             try:
                 if (frames := self._core.close_frames()) is not None:
-                    self.sock.send_multipart(frames)
+                    self._send(frames)
                     deadline = time.monotonic() + self._core.timeout
                     while not self._core.ended:
                         self._core.handle(self._next(deadline))
@@ -332,6 +344,12 @@ class StreamSession(_SessionView):
         except HubError:
             if exc_type is None:
                 raise
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.Again:
+            raise self._core.unsent() from None
 
     def _next(self, deadline: float) -> Message:
         """The next message (for any request: ``handle`` drops others'), or JobTimeout at the deadline."""

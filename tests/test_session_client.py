@@ -1,16 +1,20 @@
-"""A live session's client side without a hub: the audio it sends, and its asyncio waiting."""
+"""A live session's client side: the audio it sends, its asyncio waiting, and a hub that takes nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 
 import numpy as np
 import pytest
 
 from hub.audio import resample
-from hub.errors import InvalidAudio
+from hub.errors import HubUnreachable, InvalidAudio
 from hub.protocol import Message, MsgType
 from hub.stream import AsyncStreamSession, ChunkAudio
+from tests.conftest import echo_provider, wait_for
+from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,3 +73,25 @@ def test_a_cancelled_reader_leaves_no_getter_to_steal_the_next_message() -> None
         assert event.text == "hello"
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_session_whose_hub_takes_nothing_ends_at_its_timeout(hub_factory) -> None:
+    """A stopped hub (SIGSTOP) takes no message: once the socket's queue is full, a send waits the session's
+    timeout, not forever, and the session ends with HUB_UNREACHABLE; the hub carries on once resumed."""
+    hub = hub_factory({"echo": echo_provider(session_idle_timeout=2)})  # the hub lets go of the abandoned session
+    with hub.client(use_shm=False, timeout=2) as client:
+        session = client.open_stream()
+        hub.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(HubUnreachable, match="took no message"):
+                for _ in range(100_000):  # 100 samples each: the socket's 1,000 messages and the kernel's buffers fill
+                    session.send(np.zeros(100, np.float32))
+            assert time.monotonic() - started < 30
+            with pytest.raises(HubUnreachable):
+                session.close()  # over: nothing more is sent
+        finally:
+            hub.proc.send_signal(signal.SIGCONT)
+        assert client.transcribe(np.zeros(1600, np.float32)).text == echo_text(np.zeros(1600, np.float32))
+    wait_for(lambda: hub.status()["providers"]["echo"]["sessions"] == 0, 20, "the hub to close the abandoned session")
