@@ -32,6 +32,9 @@ from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript
 
 RECONNECT_GRACE = 1.0  # seconds a request waits for a closed connection to come back before giving up
+# Seconds a HELLO waits for an answer, whatever the call's timeout: a supervisor answers it itself at once, so
+# silence this long means no hub is there (a gateway's 600 s request timeout would otherwise hold a caller that long)
+HELLO_TIMEOUT = 10.0
 AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED
 

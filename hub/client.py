@@ -34,6 +34,7 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 from hub import protocol, shm
 from hub.audio import AudioInput
 from hub.call import (
+    HELLO_TIMEOUT,
     LINK_EVENTS,
     Call,
     CurveKeys,
@@ -42,7 +43,6 @@ from hub.call import (
     Peer,
     ProbeLease,
     Reply,
-    _Handshake,  # noqa: F401  (re-exported: tests read a handshake's outcome through the client module)
     audio_lease,
     transcribe_body,
 )
@@ -185,7 +185,7 @@ class _ClientCore:
         return Call(kind, self._new_id(), body, deadline, self._peer, lease)
 
     def _hello_call(self, deadline: float) -> Call:
-        return self._call(MsgType.HELLO, {}, deadline, ProbeLease())
+        return self._call(MsgType.HELLO, {}, min(deadline, time.monotonic() + HELLO_TIMEOUT), ProbeLease())
 
     def _hello_busy(self, deadline: float) -> HubError:
         """For a call that waited its whole time while another did the HELLO, which did not get an answer."""

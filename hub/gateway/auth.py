@@ -18,15 +18,17 @@ class ApiKeys:
     def __init__(self, path: str) -> None:
         self.path = path
         self.keys: frozenset[str] = frozenset()
-        if path:
-            self.reload()
+        self.reload()
 
     @property
     def required(self) -> bool:
         return bool(self.path)
 
     def reload(self) -> None:
-        """Read the file again; a file that cannot be read keeps the keys in force (and says so)."""
+        """Read the file again; a file that cannot be read keeps the keys in force (and says so). Without a
+        file (no keys required) there is nothing to read, on a SIGHUP either."""
+        if not self.path:
+            return
         try:
             lines = Path(self.path).read_text().splitlines()
         except OSError as exc:

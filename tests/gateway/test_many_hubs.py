@@ -27,6 +27,7 @@ import openai
 import pytest
 from websockets.sync.client import connect
 
+from hub.call import HELLO_TIMEOUT
 from hub.client import CurveKeys
 from hub.gateway.hubs import providers, readiness
 from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port, reference, repeating, wait_for, word_error_rate
@@ -278,3 +279,23 @@ hub_factory(ECHO, args=("--frontend", f"tcp://127.0.0.{i}:{port}")) for i in (1,
     before = served(first)
     transcribe(4)
     assert served(first) == before
+
+
+def test_no_hub_is_a_502_within_the_hello_bound_not_the_request_timeout(gateway_process: Callable[..., Front]) -> None:
+    """A gateway whose hub is not there answers 502 once the HELLO goes unanswered (hub.call.HELLO_TIMEOUT),
+    not after its 600 s request timeout; /readyz says why meanwhile."""
+    front = gateway_process(f"tcp://127.0.0.1:{free_port()}")
+
+    def serving() -> bool:
+        try:
+            return front.get("/healthz")[0] == 200
+        except OSError:  # not listening yet
+            return False
+
+    wait_for(serving, 30, "the gateway to serve")
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as failed:
+        front.sdk().audio.transcriptions.create(model="echo", file=("hello.wav", HELLO))
+    assert failed.value.status_code == 502 and "no ASR Hub answered" in failed.value.message
+    assert time.monotonic() - started < HELLO_TIMEOUT + 5
+    assert front.get("/readyz")[0] == 503

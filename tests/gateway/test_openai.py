@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import socket
@@ -16,6 +17,7 @@ import openai
 import pytest
 
 from hub.client import HubClient
+from hub.gateway.auth import ApiKeys
 from tests.conftest import CLIPS, DATA, reference, word_error_rate
 from tests.gateway.conftest import Gateway
 
@@ -291,6 +293,15 @@ def _authorised(gw: Gateway, key: str, audio: bytes) -> bool:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_no_keys_file_means_nothing_to_reload(caplog: pytest.LogCaptureFixture) -> None:
+    """The sample config has no keys file: a SIGHUP's reload reads nothing and logs no error."""
+    keys = ApiKeys("")
+    with caplog.at_level(logging.INFO, logger="hub.gateway"):
+        keys.reload()
+    assert not keys.required and caplog.records == []
+    keys.check(None)  # no key needed
+
+
 def test_curl_from_the_readme(whisper_gateway: Gateway) -> None:
     out = subprocess.run(
         ["curl", "-sS", "-F", f"file=@{DATA / 'coffee.wav'}", f"{whisper_gateway.url}/v1/audio/transcriptions"],
