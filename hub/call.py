@@ -274,6 +274,15 @@ class Call:
         self.state = CallState.LOST
         return self.peer.lost(link) if sent else self.peer.down(link)
 
+    def unsendable(self, link: LinkState) -> HubError | None:
+        """Why a request still waiting for room to be sent must stop (the hub refused our key, or the deadline
+        passed); None while it may wait on."""
+        if link.handshake.refused:
+            return self.lost(link, sent=False)
+        if self.left() <= 0:
+            return self.expire()
+        return None
+
     def finish(self) -> list[bytes] | None:
         """Let go of what the call holds; return a CANCEL to send when the hub may still be working on it
         (it expired, or its caller stopped listening), else None."""

@@ -501,10 +501,8 @@ def _send_in_time(sock: zmq.Socket, link: _Link, call: Call) -> None:
             return
         except zmq.Again:
             link.update()
-        if link.state.handshake.refused:
-            raise call.lost(link.state, sent=False)
-        if call.left() <= 0:
-            raise call.expire()
+        if (error := call.unsendable(link.state)) is not None:
+            raise error
         poller.poll(max(1, int(call.left() * 1000)))
 
 
@@ -694,10 +692,8 @@ class AsyncHubClient(_ClientCore):
                 return
             except zmq.Again:
                 pass
-            if self._link.handshake.refused:
-                raise call.lost(self._link, sent=False)
-            if call.left() <= 0:
-                raise call.expire()
+            if (error := call.unsendable(self._link)) is not None:
+                raise error
             await asyncio.sleep(min(0.05, call.left()))
 
     def _inbox(self, request_id: str) -> asyncio.Queue[Message]:
