@@ -146,7 +146,7 @@ class Farm:
     def tick(self, now: float, sample: bool) -> None:
         """Reap, kill the overdue, watch heartbeats and deadlines, expire queued jobs, check health, roll, scale."""
         if sample:
-            self.workforce.cards.read()
+            self.workforce.read_cards()
         for name, pool in list(self.pools.items()):
             for worker in list(pool.workers.values()):
                 if sample:
@@ -157,8 +157,7 @@ class Farm:
                 self.fail(job, _acquire_timeout(pool, job, now))
             self.feed(pool, now)  # a session worker's duty may have fallen enough for a waiting job
             if pool.removed:
-                if not pool.workers:
-                    del self.pools[name]
+                if self.workforce.retire(name):
                     self.jobs.drop_provider(name)
                 continue
             if not self.stopping:

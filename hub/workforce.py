@@ -139,6 +139,17 @@ class Workforce:
             return True
         return False
 
+    def read_cards(self) -> None:
+        """One NVML reading per card, for this pass's ``sample`` calls."""
+        self.cards.read()
+
+    def retire(self, name: str) -> bool:
+        """Drop a removed provider's pool once its last worker is gone; True if it was dropped."""
+        if self.pools[name].workers:
+            return False
+        del self.pools[name]
+        return True
+
     def sample(self, pool: ProviderPool, worker: WorkerHandle) -> None:
         """The worker's RSS and its share of its card's last reading."""
         worker.rss_mb = rss_mb(worker.pid)
