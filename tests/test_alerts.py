@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hub import http
-from hub.metrics import Metrics
+from hub.supervisor import probes as http
+from hub.supervisor.metrics import Metrics
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,9 +15,15 @@ from typing import Any, Protocol
 import numpy as np
 import pytest
 
-from hub.call import ProbeLease
 from hub.client import AsyncHubClient, HubClient
-from hub.errors import BadRequest, HubUnreachable, InvalidAudio, JobTimeout, UnknownProvider
+from hub.client.call import ProbeLease
+from hub.errors import (
+    BadRequest,
+    HubUnreachable,
+    InvalidAudio,
+    JobTimeout,
+    UnknownProvider,
+)
 from hub.results import Segment, Transcript
 from tests.conftest import Hub, echo_provider, free_port, start_hub
 from workers.echo import echo_text

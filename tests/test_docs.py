@@ -16,17 +16,17 @@ import pytest
 import yaml
 
 import hub.client
+import hub.client.session
 import hub.errors
-import hub.stream
-from hub.cli import _parser as client_parser
+from hub.client.__main__ import _parser as client_parser
 from hub.config import parse_config
-from hub.provider_types import PROVIDER_TYPES
 from hub.gateway.__main__ import parser as gateway_parser
+from hub.provider_types import PROVIDER_TYPES
 from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SDK = {name: getattr(hub.client, name) for name in hub.client.__all__}
-CLI_MODULES = {"hub.client", "hub.supervisor", "hub.gateway", "hub.keys", "hub.rollback", "bench", "bench.soak", "bench.streaming", "workers"}
+CLI_MODULES = {"hub.client", "hub.supervisor", "hub.gateway", "hub.keys", "hub.client.rollback", "bench", "bench.soak", "bench.streaming", "workers"}
 
 
 def _text(path: Path) -> str:
@@ -88,8 +88,8 @@ def test_cli_commands_and_flags_exist(path: Path) -> None:
             assert module in CLI_MODULES, f"{path.name}: python -m {module} is not a command of this project"
         for command in re.findall(r"python -m hub\.client(?: --[\w-]+(?: \S+)?)* ([a-z]\w*)", line):
             assert command in commands, f"{path.name}: hub.client has no command {command!r}"
-        if "python -m hub.client" in line:
-            for flag in re.findall(r"\s(--[a-z][\w-]*)", line.split("python -m hub.client", 1)[1]):
+        if (after := re.split(r"python -m hub\.client(?![\w.])", line, maxsplit=1)[1:]):
+            for flag in re.findall(r"\s(--[a-z][\w-]*)", after[0]):
                 assert flag in flags, f"{path.name}: hub.client has no flag {flag}"
         if "python -m hub.gateway" in line:
             for flag in re.findall(r"\s\[?(--[a-z][\w-]*)", line.split("python -m hub.gateway", 1)[1]):

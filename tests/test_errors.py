@@ -1,7 +1,7 @@
 import pytest
 import zmq
 
-from hub.call import CurveKeys, Peer, _Handshake
+from hub.client.call import CurveKeys, Peer, _Handshake
 from hub.errors import ERROR_CLASSES, HubError, PoolBusy, WorkerCrashed
 
 

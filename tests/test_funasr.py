@@ -36,9 +36,9 @@ from funasr.register import tables
 
 from hub import shm
 from hub.audio import to_pcm
+from hub.client.session import StreamEvent
 from hub.errors import BadRequest, ProviderUnavailable
 from hub.protocol import WorkerSpec
-from hub.stream import StreamEvent
 from tests.conftest import DATA, Hub, reference, start_hub, word_error_rate
 from workers.engine import StreamSettings
 from workers.funasr import FunASREngine, clean_text, resolve_model, to_segment, to_words

@@ -122,7 +122,7 @@ def test_the_gpu_check_runs_and_fails_plainly_without_a_gpu() -> None:
     import subprocess
     import sys
 
-    from hub.gpus import Nvml
+    from hub.supervisor.gpus import Nvml
 
     if Nvml().available:
         pytest.skip("this machine has an NVIDIA driver: run scripts/gpu_check.sh itself")

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from hub.config import ConfigError, ProviderConfig, parse_config
-from hub.gpus import (
+from hub.supervisor.gpus import (
     Card,
     CardReading,
     Nvml,
@@ -21,7 +21,7 @@ from hub.gpus import (
     place,
     provider_cards,
 )
-from hub.process import uses_gpu, worker_env
+from hub.supervisor.process import uses_gpu, worker_env
 
 pytestmark = pytest.mark.timeout(30)
 

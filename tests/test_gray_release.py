@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from hub import routes, shm
+from hub import shm
 from hub.config import hub_id
 from hub.errors import HubError
+from hub.supervisor.release import routes
 from tests.conftest import DATA, ROOT, Hub, reference, wait_for
 
 pytestmark = pytest.mark.timeout(180)

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hub.balance import AsyncHubPool, Balancer, Capacity, Endpoints, HubPool, parse_endpoints, tcp_endpoint
+from hub.client.balance import (
+    AsyncHubPool,
+    Balancer,
+    Capacity,
+    Endpoints,
+    HubPool,
+    parse_endpoints,
+    tcp_endpoint,
+)
 from hub.errors import HubError, HubUnreachable, PoolBusy, ShuttingDown
 from hub.results import Segment, Transcript
 from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port, repeating

@@ -7,9 +7,18 @@ import itertools
 import pytest
 
 from hub.config import PoolConfig
-from hub.dispatch import TRANSITIONS, Job, JobKind, Jobs, JobState, JobStateError, check_transition, session_overdue
 from hub.errors import PoolBusy
 from hub.protocol import AudioRef
+from hub.supervisor.jobs import (
+    TRANSITIONS,
+    Job,
+    JobKind,
+    Jobs,
+    JobState,
+    JobStateError,
+    check_transition,
+    session_overdue,
+)
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hub.errors import HubError, PoolBusy
-from hub.metrics import Histogram, Metrics, Window
+from hub.supervisor.metrics import Histogram, Metrics, Window
 from tests.conftest import DATA, ROOT, echo_provider, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -215,7 +215,7 @@ def test_cli_status_watch_redraws(hub_factory) -> None:
 
 
 def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:
-    from hub import http
+    from hub.supervisor import probes as http
 
     metrics = Metrics()
     port = free_port()

@@ -88,7 +88,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 def drive(endpoints: list[str], stop_path: str) -> None:
     """Run in the client's namespace: load the pool from three threads, report each half second on stdout."""
-    from hub.balance import HubPool
+    from hub.client.balance import HubPool
     from hub.errors import HubError
     from workers.echo import echo_text
 

@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 
 from hub.config import SINGLE_INSTANCE, PoolConfig
-from hub.placement import ONE_SHOT_DUTY, WorkerLoad, one_shot_home, session_home
-from hub.policy import PoolSnapshot, decide, floor_size
+from hub.supervisor.assignment import (
+    ONE_SHOT_DUTY,
+    WorkerLoad,
+    one_shot_home,
+    session_home,
+)
+from hub.supervisor.scaling import PoolSnapshot, decide, floor_size
 from workers.turns import JOB, next_turn
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,5 +1,5 @@
 from hub.config import PoolConfig
-from hub.policy import PoolSnapshot, decide
+from hub.supervisor.scaling import PoolSnapshot, decide
 
 POOL = PoolConfig(min_size=1, max_size=4, idle_timeout=60.0)
 

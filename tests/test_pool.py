@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 from hub.config import ProviderConfig
-from hub.pool import ProviderPool, WorkerHandle, WorkerState
-from hub.process import backoff, describe_exit
+from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.supervisor.process import backoff, describe_exit
 
 
 def handle(pool: ProviderPool, n: int, proc: subprocess.Popen) -> WorkerHandle:

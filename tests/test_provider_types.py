@@ -33,7 +33,7 @@ def test_the_table_lists_the_types_the_config_knows() -> None:
     assert ADAPTERS == ("workers.whisper", "workers.funasr", "workers.echo")
 
 
-@pytest.mark.parametrize("module", ["hub.config", "hub.process", "hub.provider_types", "workers.engine"])
+@pytest.mark.parametrize("module", ["hub.config", "hub.supervisor.process", "hub.provider_types", "workers.engine"])
 def test_reading_the_table_imports_no_adapter_and_no_model_library(module: str) -> None:
     _fresh(f"import {module}; " + _loaded(ADAPTERS + HEAVY))
 

@@ -187,7 +187,7 @@ def test_max_jobs_per_worker_recycles_without_failing_requests(hub_factory) -> N
 
 
 def test_scale_by_sdk_cli_and_signals(hub_factory) -> None:
-    from hub.cli import main as cli
+    from hub.client.__main__ import main as cli
 
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3)})
     with hub.client() as client:
@@ -297,8 +297,8 @@ def test_a_bug_in_the_supervisor_costs_one_request_as_internal_error(hub_factory
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import hub.status\n\n\ndef provider_status(*args, **kwargs):\n"
-        "    raise RuntimeError('injected fault')\n\n\nhub.status.provider_status = provider_status\n"
+        "import hub.supervisor.views\n\n\ndef provider_status(*args, **kwargs):\n"
+        "    raise RuntimeError('injected fault')\n\n\nhub.supervisor.views.provider_status = provider_status\n"
     )
     env = {"PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
     hub = hub_factory({"echo": echo_provider()}, ready=False, env=env)

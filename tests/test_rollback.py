@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from hub.client.rollback import set_pool_enabled
 from hub.config import parse_config
-from hub.rollback import set_pool_enabled
 from tests.conftest import ROOT, echo_provider, steady_load
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,7 +87,7 @@ def test_rollback_without_a_running_hub_says_so(tmp_path) -> None:
 
 
 def test_rollback_module_keeps_the_old_text_and_refuses_a_file_it_cannot_make_valid(tmp_path) -> None:
-    from hub.rollback import main as rollback
+    from hub.client.rollback import main as rollback
 
     config = tmp_path / "hub.yaml"
     config.write_text(CONFIG)

@@ -9,13 +9,13 @@ from collections import Counter
 
 import pytest
 
-from hub import routes
-from hub.config import AnalysisConfig, ConfigError, parse_config
-from hub.dispatch import Job, JobKind
-from hub.metrics import Metrics
+from hub.config import AnalysisConfig, ConfigError, baseline_of, parse_config
 from hub.protocol import AudioRef
-from hub.rollout import Rollout
-from hub.routes import Verdict, WindowFigures
+from hub.supervisor.jobs import Job, JobKind
+from hub.supervisor.metrics import Metrics
+from hub.supervisor.release import routes
+from hub.supervisor.release.rollout import Rollout
+from hub.supervisor.release.routes import Verdict, WindowFigures
 from hub.wer import word_error_rate
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,8 +105,8 @@ def test_weighted_pick_follows_the_weights_and_never_picks_weight_zero() -> None
 
 
 def test_baseline_is_the_heaviest_and_the_first_listed_on_a_tie() -> None:
-    assert routes.baseline_of({"v1": 10, "v2": 90}, ("v1", "v2")) == "v2"
-    assert routes.baseline_of({"v1": 50, "v2": 50}, ("v1", "v2")) == "v1"
+    assert baseline_of({"v1": 10, "v2": 90}, ("v1", "v2")) == "v2"
+    assert baseline_of({"v1": 50, "v2": 50}, ("v1", "v2")) == "v1"
 
 
 LIMITS = AnalysisConfig(min_requests=100, max_error_rate_increase=0.01, max_latency_ratio=1.5, max_wer=0.15)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from hub.audio import resample
+from hub.client.session import AsyncStreamSession, ChunkAudio
 from hub.errors import HubUnreachable, InvalidAudio
 from hub.protocol import Message, MsgType
-from hub.stream import AsyncStreamSession, ChunkAudio
 from tests.conftest import echo_provider, wait_for
 from workers.echo import echo_text
 

@@ -116,7 +116,7 @@ def test_cli_stream_realtime_paces_its_chunks_at_the_speed_of_speech(
     whisper_hub: Hub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The pacing itself is timed: when each chunk was handed to the session, not the whole run."""
-    from hub.cli import main as cli
+    from hub.client.__main__ import main as cli
 
     sent: list[tuple[float, int]] = []
     send = StreamSession.send

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hub.supervisor import SIGNALS, Supervisor, handler_name
+from hub.supervisor.loop import SIGNALS, Supervisor, handler_name
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from hub.sketch import QuantileSketch
+from hub.supervisor.sketch import QuantileSketch
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -48,7 +48,7 @@ def test_zeros_empty_and_bad_accuracy() -> None:
 
 def test_a_zero_bound_counts_only_the_zeros() -> None:
     """The WER histogram's first Prometheus bound is 0: a perfect agreement, counted apart from the bins."""
-    from hub.metrics import WER_BUCKETS, Histogram
+    from hub.supervisor.metrics import WER_BUCKETS, Histogram
 
     h = Histogram(WER_BUCKETS)
     for wer in (0.0, 0.0, 0.01, 0.3, 2.5):

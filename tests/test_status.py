@@ -10,8 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hub.cli import format_status
-from hub.status import GpuCard, HubStatus, PoolStatus, ProviderStatus, ReadyState, WorkerStatus
+from hub.client.__main__ import format_status
+from hub.status import (
+    GpuCard,
+    HubStatus,
+    PoolStatus,
+    ProviderStatus,
+    ReadyState,
+    WorkerStatus,
+)
 from tests.conftest import Hub, echo_provider
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,8 +10,11 @@ import time
 from typing import Any
 
 from hub.audio import to_pcm
-from hub.balance import DNS_SCHEME, HubPool, needs_pool
-from hub.client import DEFAULT_ENDPOINT, CurveKeys, HubClient, StreamSession
+from hub.client.balance import DNS_SCHEME, HubPool, needs_pool
+from hub.client.call import CurveKeys
+from hub.client.core import DEFAULT_ENDPOINT
+from hub.client.session import StreamSession
+from hub.client.sync import HubClient
 from hub.errors import HubError
 from hub.protocol import SAMPLE_RATE
 from hub.status import HubStatus, Percentiles
@@ -224,3 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except HubError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,8 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from hub.audio import AudioInput, to_pcm
-from hub.client import AsyncHubClient, CurveKeys, HubClient, TranscriptStream
-from hub.errors import HubError, HubUnreachable, PoolBusy, ProviderUnavailable, ShuttingDown
+from hub.client.aio import AsyncHubClient
+from hub.client.call import CurveKeys
+from hub.client.sync import HubClient, TranscriptStream
+from hub.errors import (
+    HubError,
+    HubUnreachable,
+    PoolBusy,
+    ProviderUnavailable,
+    ShuttingDown,
+)
 from hub.results import Segment, Transcript
 from hub.status import HubStatus, PoolStatus, ReadyState
 

@@ -1,4 +1,4 @@
-"""``python -m hub.rollback CONFIG [--undo] [--signal]``: the rollback switch, flipped in the config file.
+"""``python -m hub.client.rollback CONFIG [--undo] [--signal]``: the rollback switch, flipped in the config file.
 
 Rolling back sets ``pool.enabled: false`` for every provider (one worker, one job at a
 time: the old single-instance behaviour); ``--undo`` sets it back to true. The file is
@@ -25,9 +25,16 @@ from pathlib import Path
 
 import yaml
 
-from hub.config import ConfigError, HubConfig, load_config, loopback_endpoint, parse_config, pid_file
+from hub.config import (
+    ConfigError,
+    HubConfig,
+    baseline_of,
+    load_config,
+    loopback_endpoint,
+    parse_config,
+    pid_file,
+)
 from hub.errors import HubError
-from hub.routes import baseline_of
 
 _KEY = re.compile(r"^(\s*)([\w.-]+):\s*(.*?)\s*(#.*)?$")
 
@@ -129,7 +136,7 @@ def route_rollback(config: HubConfig, route: str, to: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hub.rollback", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hub.client.rollback", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--undo", action="store_true", help="set pool.enabled back to true")
     parser.add_argument("--signal", action="store_true", help="then SIGHUP the supervisor running this config")

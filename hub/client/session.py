@@ -27,7 +27,7 @@ import zmq
 
 from hub import protocol, shm
 from hub.audio import AudioInput, StreamResampler, check_sample_rate, pcm16, to_pcm
-from hub.call import route_fields
+from hub.client.call import route_fields
 from hub.errors import HubError, HubUnreachable, InvalidAudio, JobTimeout
 from hub.protocol import SAMPLE_RATE, Message, MsgType
 from hub.results import Segment, Transcript, join_text

@@ -12,11 +12,17 @@ import logging
 
 from hub import protocol, shm
 from hub.config import HubConfig, ProviderConfig
-from hub.dispatch import Job, JobKind, acquire_deadline
-from hub.errors import BadRequest, InvalidAudio, PoolBusy, ProviderUnavailable, UnknownProvider
-from hub.pool import ProviderPool
+from hub.errors import (
+    BadRequest,
+    InvalidAudio,
+    PoolBusy,
+    ProviderUnavailable,
+    UnknownProvider,
+)
 from hub.protocol import AudioRef, Message
 from hub.resume import AudioTail
+from hub.supervisor.jobs import Job, JobKind, acquire_deadline
+from hub.supervisor.pool import ProviderPool
 
 log = logging.getLogger("hub.supervisor")
 

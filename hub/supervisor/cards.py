@@ -12,8 +12,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from hub import gpus, process
-from hub.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.supervisor import gpus, process
+from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
 
 log = logging.getLogger("hub.supervisor")
 

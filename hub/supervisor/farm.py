@@ -22,9 +22,8 @@ from typing import Any
 
 import zmq
 
-from hub import admission, protocol, status
+from hub import protocol
 from hub.config import HubConfig
-from hub.dispatch import Job, JobKind, Jobs, JobState, health_job, run_deadline, session_overdue
 from hub.errors import (
     AcquireTimeout,
     BadRequest,
@@ -34,13 +33,24 @@ from hub.errors import (
     ShuttingDown,
     WorkerCrashed,
 )
-from hub.metrics import Metrics
-from hub.placement import WorkerLoad, one_shot_home, session_home
-from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import Message, MsgType, Resume
 from hub.resume import context, merge_result
-from hub.rollout import Rollout
-from hub.workforce import Workforce
+from hub.supervisor import admission
+from hub.supervisor.assignment import WorkerLoad, one_shot_home, session_home
+from hub.supervisor.jobs import (
+    Job,
+    JobKind,
+    Jobs,
+    JobState,
+    health_job,
+    run_deadline,
+    session_overdue,
+)
+from hub.supervisor.metrics import Metrics
+from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.supervisor.release.rollout import Rollout
+from hub.supervisor.views import PoolView
+from hub.supervisor.workforce import Workforce
 
 log = logging.getLogger("hub.supervisor")
 
@@ -185,7 +195,7 @@ class Farm:
         """Every enabled provider has its ``min_size`` workers ready."""
         return self.workforce.ready
 
-    def views(self, now: float) -> dict[str, status.PoolView]:
+    def views(self, now: float) -> dict[str, PoolView]:
         """Every pool as status and the metrics see it."""
         return {name: self.view(pool, now) for name, pool in self.pools.items()}
 
@@ -460,8 +470,8 @@ class Farm:
             self.fail(job, JobTimeout(f"the session did not flush within {limit:.0f} s (pool.job_timeout)"))
             self.worker_free(worker, now)
 
-    def view(self, pool: ProviderPool, now: float) -> status.PoolView:
-        return status.PoolView(
+    def view(self, pool: ProviderPool, now: float) -> PoolView:
+        return PoolView(
             pool=pool,
             queue_depth=self.jobs.queued(pool.name),
             sessions=self.jobs.sessions(pool.name),

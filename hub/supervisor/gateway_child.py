@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from hub.config import GatewaySection, loopback_endpoint
-from hub.process import backoff, describe_exit
 from hub.status import GatewayStatus
+from hub.supervisor.process import backoff, describe_exit
 
 log = logging.getLogger("hub.supervisor")
 

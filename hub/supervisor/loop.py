@@ -8,7 +8,7 @@ checks, rolling restarts, scaling), the gateway child, the sweep of orphaned sha
 the metrics. Signal handlers only enqueue; a socketpair registered with
 ``signal.set_wakeup_fd`` wakes the poll, and the loop calls ``handle_<name>`` for each
 signal queued. Admission and placing are the farm's; the workers' life and every message to a
-worker are its workforce's (``hub.workforce``).
+worker are its workforce's (``hub.supervisor.workforce``).
 
 Words used once: a *shutdown* is the hub stopping (SIGTERM/SIGINT: no new work, up to
 ``hub.drain_timeout`` for what is in flight); a worker *drains* when it finishes what it
@@ -36,14 +36,23 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from hub import __version__, http, logs, protocol, shm, status
-from hub.children import GatewayChild
-from hub.config import ConfigError, CurveConfig, HubConfig, check_exposure, hub_id, load_config, pid_file
+from hub import __version__, logs, protocol, shm, status
+from hub.config import (
+    ConfigError,
+    CurveConfig,
+    HubConfig,
+    check_exposure,
+    hub_id,
+    load_config,
+    pid_file,
+)
 from hub.errors import BadRequest, HubError, InternalError
-from hub.farm import Farm
-from hub.metrics import Metrics
 from hub.protocol import Message, MsgType
-from hub.rollout import Rollout
+from hub.supervisor import probes, views
+from hub.supervisor.farm import Farm
+from hub.supervisor.gateway_child import GatewayChild
+from hub.supervisor.metrics import Metrics
+from hub.supervisor.release.rollout import Rollout
 
 log = logging.getLogger("hub.supervisor")
 
@@ -86,7 +95,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.rollout = Rollout(config.routes, self.metrics)
         self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics, self.rollout)
-        self.http: Any = None
+        self.probes: Any = None
         self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
         self.sig_queue: deque[int] = deque()  # filled by the signal handler, emptied by the loop
@@ -147,7 +156,7 @@ class Supervisor:
         log.info("supervisor %s (pid %d) listening on %s", self.hub_id, os.getpid(), self.config.hub.frontend)
         hub = self.config.hub
         if hub.metrics_port:
-            self.http = http.serve(self.metrics, hub.metrics_host, hub.metrics_port)
+            self.probes = probes.serve(self.metrics, hub.metrics_host, hub.metrics_port)
             log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", hub.metrics_host, hub.metrics_port)
         try:
             self.tick(time.monotonic())
@@ -315,13 +324,13 @@ class Supervisor:
         self.metrics.ready = ready = self.farm.ready and not self.farm.stopping  # shutting down: out of the Service
         self.metrics.loop_at = now
         if sample or now >= self.next_summary:
-            views = self.farm.views(now)
+            pool_views = self.farm.views(now)
             if sample:
-                self.metrics.publish(status.gauges(views, ready))
+                self.metrics.publish(views.gauges(pool_views, ready))
             if now >= self.next_summary:
                 self.next_summary = now + self.config.hub.metrics_log_interval
-                for name, view in views.items():
-                    log.info(status.summary_line(name, view))
+                for name, view in pool_views.items():
+                    log.info(views.summary_line(name, view))
         self._log_ready(now)
 
     def _log_ready(self, now: float) -> None:
@@ -353,8 +362,8 @@ class Supervisor:
     def status(self) -> status.HubStatus:
         now = time.monotonic()
         self._log_ready(now)
-        views = self.farm.views(now)
-        providers = {p.name: status.provider_status(p, views.get(p.name), now) for p in self.config.providers.values()}
+        pool_views = self.farm.views(now)
+        providers = {p.name: views.provider_status(p, pool_views.get(p.name), now) for p in self.config.providers.values()}
         hub = status.HubInfo(
             id=self.hub_id,
             pid=os.getpid(),
@@ -375,8 +384,8 @@ class Supervisor:
         stopped = self.farm.close()
         if self.gateway is not None:
             self.gateway.stop()
-        if self.http is not None:
-            self.http.shutdown()
+        if self.probes is not None:
+            self.probes.shutdown()
         self.frontend.close()
         self.backend.close()
         if self.auth is not None:
@@ -418,6 +427,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return supervisor.run()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,8 +23,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from hub.sketch import QuantileSketch
 from hub.status import Percentiles, RequestFigures, RouteFigures, RouteShare, Spread
+from hub.supervisor.sketch import QuantileSketch
 
 # seconds; the Prometheus buckets, wide enough for a 5 ms echo and a 5-minute clip on a CPU
 BUCKETS = tuple(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hub.config import ProviderConfig
-from hub.gpus import Card
+from hub.supervisor.gpus import Card
 
 
 class WorkerState(str, Enum):

@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from hub.metrics import Metrics, PrometheusCollector
+from hub.supervisor.metrics import Metrics, PrometheusCollector
 
 STALL_SECONDS = 5.0  # the loop passes every 50 ms; this long without one means it is stuck
 

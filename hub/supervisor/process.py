@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 from hub.config import ProviderConfig
-from hub.gpus import PCI_ORDER, Card
 from hub.protocol import ExitCode, WorkerSpec
 from hub.provider_types import PROVIDER_TYPES
+from hub.supervisor.gpus import PCI_ORDER, Card
 
 MAX_BACKOFF = 60.0
 

@@ -17,14 +17,15 @@ from typing import Any, Protocol
 
 import zmq
 
-from hub import process, protocol
-from hub.cards import Cards
+from hub import protocol
 from hub.config import HubConfig
 from hub.errors import BadRequest, HubError, UnknownProvider, WorkerCrashed
-from hub.policy import PoolSnapshot, decide, floor_size
-from hub.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
-from hub.resources import rss_mb
+from hub.supervisor import process
+from hub.supervisor.cards import Cards
+from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.supervisor.resources import rss_mb
+from hub.supervisor.scaling import PoolSnapshot, decide, floor_size
 
 log = logging.getLogger("hub.supervisor")
 

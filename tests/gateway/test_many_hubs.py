@@ -27,10 +27,20 @@ import openai
 import pytest
 from websockets.sync.client import connect
 
-from hub.call import HELLO_TIMEOUT
 from hub.client import CurveKeys
+from hub.client.call import HELLO_TIMEOUT
 from hub.gateway.hubs import providers, readiness
-from tests.conftest import DATA, ROOT, Hub, echo_provider, free_port, reference, repeating, wait_for, word_error_rate
+from tests.conftest import (
+    DATA,
+    ROOT,
+    Hub,
+    echo_provider,
+    free_port,
+    reference,
+    repeating,
+    wait_for,
+    word_error_rate,
+)
 from tests.gateway.conftest import WHISPER, gateway_keys, http_get, wait_ready
 from tests.gateway.test_live import STEPS_TEXT, frames, read_all, steps
 

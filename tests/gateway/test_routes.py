@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from hub import routes
+from hub.supervisor.release import routes
 from tests.conftest import wait_for
 from tests.gateway.conftest import Gateway
 

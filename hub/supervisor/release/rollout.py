@@ -14,12 +14,13 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from hub import routes, shm
-from hub.config import RouteConfig
-from hub.dispatch import Job, JobKind
+from hub import shm
+from hub.config import RouteConfig, baseline_of
 from hub.errors import BadRequest, UnknownProvider
-from hub.metrics import Metrics
 from hub.status import RouteStatus, ShadowStatus, WindowStatus
+from hub.supervisor.jobs import Job, JobKind
+from hub.supervisor.metrics import Metrics
+from hub.supervisor.release import routes
 from hub.wer import word_error_rate
 
 log = logging.getLogger("hub.supervisor")
@@ -171,7 +172,7 @@ class Rollout:
     def _analyse(self, name: str, state: RouteState) -> None:
         assert state.config.analysis is not None
         order = tuple(state.weights)
-        baseline = routes.baseline_of(state.weights, order)
+        baseline = baseline_of(state.weights, order)
         base = state.figures(baseline)
         for canary in [p for p in order if p != baseline and state.weights[p] > 0]:
             decision = routes.judge(base, state.figures(canary), state.config.analysis)
@@ -179,7 +180,7 @@ class Rollout:
                 self._roll_back(name, state, canary, f"{decision.reason}; baseline {baseline}")
 
     def _roll_back(self, name: str, state: RouteState, provider: str, reason: str) -> None:
-        if provider in state.weights and provider != routes.baseline_of(state.weights, tuple(state.weights)):
+        if provider in state.weights and provider != baseline_of(state.weights, tuple(state.weights)):
             state.weights[provider] = 0.0
         state.rolled_back[provider] = reason
         state.windows.pop(provider, None)

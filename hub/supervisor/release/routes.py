@@ -41,11 +41,6 @@ def pick(weights: dict[str, float], key: str | None, sticky: bool, rng: random.R
     return sticky_pick(weights, key) if sticky and key else weighted_pick(weights, rng)
 
 
-def baseline_of(weights: dict[str, float], order: tuple[str, ...]) -> str:
-    """The provider canaries are compared with: the heaviest weight, the first listed on a tie."""
-    return max(order, key=lambda p: (weights.get(p, 0.0), -order.index(p)))
-
-
 @dataclass(frozen=True)
 class WindowFigures:
     """One provider's last requests through a route: how many, how many failed, the p95 time on a worker."""
