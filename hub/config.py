@@ -56,6 +56,10 @@ class PoolConfig:
     max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0
+    # jobs one worker holds at once and decodes together in one forward pass; 1 on a CPU, where batching
+    # measured no faster (bench/README.md, batched decoding); raise it on a GPU
+    max_batch: int = 1
+    batch_wait_ms: float = 5.0  # a worker holding fewer than max_batch jobs waits this long for more before it decodes
 
     @property
     def session_limit(self) -> int:
@@ -74,6 +78,8 @@ class StreamConfig:
     window_seconds: float = 15.0
 
 
+MAX_BATCH = 256  # pool.max_batch at most: far beyond what one card decodes at once
+MAX_BATCH_WAIT_MS = 1000.0  # pool.batch_wait_ms at most: a longer wait is latency no batch repays
 SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1)
 
 
@@ -473,7 +479,9 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     pool = _build(PoolConfig, body, path)
     if not pool.enabled:
         sessions = 1 if pool.max_sessions is None else min(pool.max_sessions, 1)
-        return dataclasses.replace(pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1)
+        return dataclasses.replace(
+            pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1, max_batch=1
+        )
     if pool.min_size < 1:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
     if pool.min_size > pool.max_size:
@@ -492,6 +500,12 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
         )
     if pool.max_queue < 0:
         raise ConfigError(f"{path}.max_queue: must be >= 0, got {pool.max_queue}")
+    if not 1 <= pool.max_batch <= MAX_BATCH:
+        raise ConfigError(f"{path}.max_batch: must be a whole number from 1 to {MAX_BATCH}, got {pool.max_batch}")
+    if not 0 <= pool.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+        raise ConfigError(
+            f"{path}.batch_wait_ms: must be from 0 to {MAX_BATCH_WAIT_MS} milliseconds, got {pool.batch_wait_ms:g}"
+        )
     for key in ("acquire_timeout", "job_timeout", "idle_timeout", "health_check_interval"):
         if getattr(pool, key) <= 0:
             raise ConfigError(f"{path}.{key}: must be a positive number of seconds")

@@ -39,7 +39,7 @@ class MsgType(str, Enum):
     HELLO = "HELLO"
     STATUS = "STATUS"
     TRANSCRIBE = "TRANSCRIBE"
-    CANCEL = "CANCEL"
+    CANCEL = "CANCEL"  # also supervisor -> worker: drop a held job that has not started
     SCALE = "SCALE"
     ROUTE = "ROUTE"  # set a route's weights at run time
     STREAM_OPEN = "STREAM_OPEN"  # also supervisor -> worker, with the job id
@@ -58,6 +58,7 @@ class MsgType(str, Enum):
     READY = "READY"
     LOAD_FAILED = "LOAD_FAILED"
     HEARTBEAT = "HEARTBEAT"
+    BATCH = "BATCH"  # the held jobs it starts decoding together now (body: jobs)
 
 
 _TYPES = {t.value.encode(): t for t in MsgType}
@@ -316,6 +317,8 @@ class WorkerSpec:
     allow_download: bool = False
     log_format: str = "text"
     stream: dict[str, Any] = field(default_factory=dict)
+    max_batch: int = 1  # jobs it may hold and decode together (pool.max_batch)
+    batch_wait_ms: float = 5.0  # how long a partial batch waits for more jobs
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

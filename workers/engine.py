@@ -24,12 +24,31 @@ from workers.streaming import StreamUpdate
 OnSegment = Callable[[Segment], None]
 
 
+def no_segments(segment: Segment) -> None:
+    """An ``OnSegment`` for a decode whose segments nobody streams."""
+
+
 @dataclass(frozen=True)
 class EngineResult:
     text: str
     segments: tuple[Segment, ...]
     language: str | None
     duration: float
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeItem:
+    """One decode of a batch: its own float32 mono 16 kHz audio and its own (checked) options.
+
+    A one-shot request, a piece of a long recording and a live session's step are all decode items,
+    so any of them can share a forward pass with the others (``Engine.transcribe_batch``)."""
+
+    pcm: np.ndarray
+    options: dict[str, Any]
+    on_segment: OnSegment = no_segments
+
+
+Outcome = EngineResult | Exception  # one item's result, or what failed it (that item alone)
 
 
 class Streamer(Protocol):
@@ -65,6 +84,11 @@ class Engine(Protocol):
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         """Transcribe float32 mono 16 kHz PCM, calling ``on_segment`` for each segment as it is decoded."""
+        ...
+
+    def transcribe_batch(self, items: Sequence[DecodeItem]) -> list[Outcome]:
+        """Decode ``items`` together where their options allow (``workers.batch``): one outcome per item,
+        in order; an item's failure is its own outcome and fails no other item."""
         ...
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> Streamer:

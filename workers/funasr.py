@@ -28,7 +28,8 @@ from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.provider_types import FUNASR
 from hub.results import Segment, Word, join_text
 from workers.cuda import warn_cpu_fallback
-from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings
+from workers.batch import decode_groups, one_by_one
+from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, Streamer, StreamSettings
 from workers.streaming import StreamUpdate, WindowStreamer
 
 CONFIG_FILES = ("config.yaml", "configuration.json")  # what FunASR reads to know the model's class
@@ -263,17 +264,35 @@ class FunASREngine:
         return str(next(self._model.model.parameters()).device.type)
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
-        duration = pcm.size / SAMPLE_RATE
-        segments, detected = [], None
         # an online model given no cache and no is_final keeps the last partial chunk back, waiting for more
         run = {**online_options(options), "cache": {}, "is_final": True} if self.online else options
-        for result in self._model.generate(input=pcm, **run):
+        return self._answer(DecodeItem(pcm, options, on_segment), self._model.generate(input=pcm, **run))
+
+    def transcribe_batch(self, items: Sequence[DecodeItem]) -> list[Outcome]:
+        """Jobs with the same options in one ``generate`` over the list of their audio, ``batch_size`` of them
+        at once (FunASR pads them into one forward pass); a streaming model, whose decode runs through one
+        cache, decodes each alone."""
+        return decode_groups(items, self._decode_group, self.transcribe)
+
+    def _decode_group(self, items: Sequence[DecodeItem]) -> list[Outcome]:
+        if self.online or len(items) == 1:
+            return one_by_one(self.transcribe, items)
+        results = self._model.generate(input=[item.pcm for item in items], batch_size=len(items), **items[0].options)
+        if len(results) != len(items):
+            raise RuntimeError(f"funasr answered {len(results)} results for a batch of {len(items)}")
+        return [self._answer(item, [result]) for item, result in zip(items, results)]
+
+    def _answer(self, item: DecodeItem, results: list[dict[str, Any]]) -> EngineResult:
+        """FunASR's results for one item's audio as the item's answer, its segments streamed."""
+        duration = item.pcm.size / SAMPLE_RATE
+        segments, detected = [], None
+        for result in results:
             text, language = clean_text(str(result.get("text", "")))
             detected = detected or language
             segment = to_segment(result, text, duration)
             segments.append(segment)
-            on_segment(segment)
-        asked = options.get("language")
+            item.on_segment(segment)
+        asked = item.options.get("language")
         return EngineResult(
             text=join_text(s.text for s in segments),
             segments=tuple(segments),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import signal
 import threading
@@ -28,11 +29,12 @@ import zmq
 
 from hub import logs, protocol, shm
 from hub.audio import to_pcm, validate_pcm
-from hub.errors import HubError, InferenceFailed
+from hub.errors import HubError, InferenceFailed, JobTimeout
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
 from workers.cuda import visible_pci_bus_ids
-from workers.engine import Engine, check_options, load_engine
+from workers.batch import batch_ready
+from workers.engine import DecodeItem, Engine, Outcome, check_options, load_engine, no_segments
 from workers.session import Session
 from workers.turns import JOB, next_turn
 
@@ -72,7 +74,10 @@ def _heartbeat(
 
 class Worker:
     """Serves one-shot jobs and any number of live sessions (the supervisor decides how many), one turn
-    at a time: take every message waiting, then decode whatever has waited longest (``workers.turns``)."""
+    at a time: take every message waiting, then decode whatever has waited longest (``workers.turns``).
+    The one-shot jobs it holds (up to ``max_batch``, sent by the supervisor while it has room) decode
+    together in one forward pass (``Engine.transcribe_batch``) once the batch is full or its oldest job
+    has waited ``batch_wait_ms`` (``workers.batch.batch_ready``)."""
 
     def __init__(self, spec: WorkerSpec, engine: Engine, sock: zmq.Socket) -> None:
         self.spec = spec
@@ -80,8 +85,9 @@ class Worker:
         self.sock = sock
         self.segments = shm.SegmentReader(spec.shm_prefix)
         self.sessions: dict[str, Session] = {}
-        self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs waiting, with their arrival
+        self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs held, not started, with their arrival
         self.session_busy = 0.0  # seconds spent decoding sessions: the heartbeat reports it as the session load
+        self.batch_wait = spec.batch_wait_ms / 1000.0
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
@@ -91,23 +97,36 @@ class Worker:
         return {"busy": self.session_busy, "sessions": len(self.sessions)}
 
     def serve(self) -> None:
-        """Take the supervisor's messages and serve them (jobs in order, sessions in turns) until STOP."""
+        """Take the supervisor's messages and serve them (jobs in batches, sessions in turns) until STOP."""
         try:
             while self._take_messages():
                 due = {sid: s.due_since for sid, s in self.sessions.items() if s.due_since is not None}
-                turn = next_turn(due, self.jobs[0][1] if self.jobs else None)
+                turn = next_turn(due, self.jobs[0][1] if self._batch_ready() else None)
                 if turn == JOB:
-                    self.run_job(self.jobs.popleft()[0])
+                    self.run_batch([self.jobs.popleft()[0] for _ in range(min(len(self.jobs), self.spec.max_batch))])
                 elif turn is not None:
                     self._guard(self.sessions[turn], lambda session: self._spent(session.step()))
         finally:
             for session in self.sessions.values():
                 session.close()
 
+    def _batch_ready(self) -> bool:
+        if not self.jobs:
+            return False
+        return batch_ready(len(self.jobs), self.jobs[0][1], time.monotonic(), self.spec.max_batch, self.batch_wait)
+
+    def _wait_ms(self) -> int:
+        """How long to wait for a message: not at all while something is due, until a partial batch's wait
+        ends, or (-1) until one comes."""
+        if self._batch_ready() or any(s.due_since is not None for s in self.sessions.values()):
+            return 0
+        if self.jobs:
+            return max(1, math.ceil((self.jobs[0][1] + self.batch_wait - time.monotonic()) * 1000))
+        return -1
+
     def _take_messages(self) -> bool:
         """Every message already waiting (waiting for one when there is nothing to do); False on STOP."""
-        busy = bool(self.jobs) or any(s.due_since is not None for s in self.sessions.values())
-        if not self.sock.poll(0 if busy else -1):
+        if not self.sock.poll(self._wait_ms()):
             return True
         while True:
             try:
@@ -126,6 +145,8 @@ class Worker:
     def _on_message(self, msg: Message) -> None:
         if msg.type is MsgType.JOB:
             self.jobs.append((msg, time.monotonic()))
+        elif msg.type is MsgType.CANCEL:
+            self._cancel(msg.id)
         elif msg.type is MsgType.STREAM_OPEN:
             self.open_session(msg)
         elif (session := self.sessions.get(msg.id)) is not None:
@@ -136,6 +157,14 @@ class Worker:
                 if self._guard(session, lambda s: self._spent(s.finish(reason))):
                     self.sessions.pop(session.id).close()
 
+    def _cancel(self, job_id: str) -> None:
+        """A held job whose client gave up leaves the jobs waiting for a batch; one already decoding goes on
+        (its answer is dropped by the supervisor)."""
+        held = next((entry for entry in self.jobs if entry[0].id == job_id), None)
+        if held is not None:
+            self.jobs.remove(held)
+            self.send(MsgType.ERROR, job_id, JobTimeout("cancelled by its client before its batch started").to_dict())
+
     def _spent(self, seconds: float) -> None:
         self.session_busy += seconds
 
@@ -144,44 +173,62 @@ class Worker:
         try:
             action(session)
             return True
-        except HubError as exc:
-            error = exc
         except Exception as exc:
-            log.exception("session %s failed", session.id)
-            error = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}")
+            error = self._error(exc, f"session {session.id}")
         self.send(MsgType.ERROR, session.id, error.to_dict())
         self.sessions.pop(session.id, None)
         session.close()
         return False
 
-    def run_job(self, msg: Message) -> None:
+    def _error(self, exc: Exception, what: str) -> HubError:
+        """A failure as the error its job or session answers: a HubError as it is, anything else the model's."""
+        if isinstance(exc, HubError):
+            return exc
+        log.error("worker %s: %s failed: %s: %s", self.spec.id, what, type(exc).__name__, exc, exc_info=exc)
+        return InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}")
+
+    def run_batch(self, msgs: list[Message]) -> None:
+        """Decode the held jobs ``msgs`` together; each answers alone (a job whose audio or options are bad
+        fails before the batch starts, one the model fails fails alone)."""
         started = time.perf_counter()
+        items, held = [], []
+        for msg in msgs:
+            try:
+                items.append(self._item(msg))
+                held.append(msg)
+            except Exception as exc:
+                self.send(MsgType.ERROR, msg.id, self._error(exc, f"job {msg.id}").to_dict())
+        if not held:
+            return
+        self.send(MsgType.BATCH, self.spec.id, {"jobs": [msg.id for msg in held]})
         try:
-            pcm = self._pcm(msg)
-            options = {**self.spec.options, **protocol.parse_options(msg.body)}
-            check_options(self.engine, self.spec.type, options)
+            outcomes: list[Outcome] = self.engine.transcribe_batch(items)
+        except Exception as exc:  # an adapter's own failure: every job of the batch fails with it
+            outcomes = [exc] * len(held)
+        inference_ms = (time.perf_counter() - started) * 1000.0
+        for msg, outcome in zip(held, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self.send(MsgType.ERROR, msg.id, self._error(outcome, f"job {msg.id}").to_dict())
+                continue
+            body = {
+                "text": outcome.text,
+                "segments": [s.to_dict() for s in outcome.segments],
+                "language": outcome.language,
+                "duration": outcome.duration,
+                "inference_ms": inference_ms,
+            }
+            self.send(MsgType.RESULT, msg.id, body)
 
-            def on_segment(segment: Segment) -> None:
-                if msg.body.get("stream"):
-                    self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
+    def _item(self, msg: Message) -> DecodeItem:
+        """A held job as a decode item: its audio and checked options, its segments streamed where it asked."""
+        pcm = self._pcm(msg)
+        options = {**self.spec.options, **protocol.parse_options(msg.body)}
+        check_options(self.engine, self.spec.type, options)
 
-            result = self.engine.transcribe(pcm, options, on_segment)
-        except HubError as exc:
-            self.send(MsgType.ERROR, msg.id, exc.to_dict())
-            return
-        except Exception as exc:
-            log.exception("worker %s: job %s failed", self.spec.id, msg.id)
-            err = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}")
-            self.send(MsgType.ERROR, msg.id, err.to_dict())
-            return
-        body = {
-            "text": result.text,
-            "segments": [s.to_dict() for s in result.segments],
-            "language": result.language,
-            "duration": result.duration,
-            "inference_ms": (time.perf_counter() - started) * 1000.0,
-        }
-        self.send(MsgType.RESULT, msg.id, body)
+        def on_segment(segment: Segment) -> None:
+            self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
+
+        return DecodeItem(pcm, options, on_segment if msg.body.get("stream") else no_segments)
 
     def open_session(self, msg: Message) -> None:
         try:

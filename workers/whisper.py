@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ from hub.protocol import WorkerSpec
 from hub.provider_types import WHISPER
 from hub.results import Segment, Word, join_text
 from workers.cuda import warn_cpu_fallback
-from workers.engine import EngineResult, OnSegment, StreamSettings
+from workers.batch import decode_groups, one_by_one
+from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, StreamSettings
 from workers.streaming import WindowStreamer
+from workers.whisper_batch import batchable, settings, window_batch
 
 BUNDLED_MODEL = "tiny.en"
 
@@ -70,9 +73,7 @@ class WhisperEngine:
         self.device = kind  # which card: the supervisor's status, from the PCI bus id this worker reports
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
-        if isinstance(options.get("temperature"), list):
-            options = {**options, "temperature": tuple(options["temperature"])}
-        generator, info = self._model.transcribe(pcm, **options)
+        generator, info = self._model.transcribe(pcm, **self._arguments(options))
         segments = []
         for seg in generator:  # decoding happens as the generator is consumed
             segment = Segment(
@@ -85,6 +86,27 @@ class WhisperEngine:
             on_segment(segment)
         text = join_text(s.text for s in segments)
         return EngineResult(text=text, segments=tuple(segments), language=info.language, duration=info.duration)
+
+    def transcribe_batch(self, items: Sequence[DecodeItem]) -> list[Outcome]:
+        """Jobs with the same options in one encode + generate (``workers.whisper_batch``); a job that path
+        cannot reproduce exactly (``window_batch`` says which) decodes alone, as does a group of one."""
+        return decode_groups(items, self._decode_group, self.transcribe)
+
+    def _decode_group(self, items: Sequence[DecodeItem]) -> list[Outcome]:
+        options = items[0].options
+        batched: list[EngineResult | None] = [None] * len(items)
+        if len(items) > 1 and batchable(self._model, settings(self._model, self._arguments(options))):
+            batched = window_batch(self._model, items, self._arguments(options))
+        alone = [item for item, result in zip(items, batched) if result is None]
+        rest = iter(one_by_one(self.transcribe, alone))
+        return [result if result is not None else next(rest) for result in batched]
+
+    @staticmethod
+    def _arguments(options: dict[str, Any]) -> dict[str, Any]:
+        """The request's options as ``WhisperModel.transcribe`` takes them (a temperature list is a tuple)."""
+        if isinstance(options.get("temperature"), list):
+            return {**options, "temperature": tuple(options["temperature"])}
+        return options
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
         """Local agreement over a growing window; the confirmed text is the next decode's prompt."""

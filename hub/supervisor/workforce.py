@@ -355,6 +355,8 @@ class Workforce:
             allow_download=provider.allow_download,
             log_format=self.config.hub.log_format,
             stream=dataclasses.asdict(provider.stream),
+            max_batch=provider.pool.max_batch,
+            batch_wait_ms=provider.pool.batch_wait_ms,
         )
         proc = process.spawn(spec, provider, card)
         handle = WorkerHandle(spec.id, provider.name, proc, card, started_at=now, last_heartbeat=now)

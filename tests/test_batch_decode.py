@@ -1,0 +1,172 @@
+"""Batched decoding inside a worker: when a batch starts, how it splits by options, how failures stay
+with their own job, and that the real adapters give the same words batched as one by one.
+
+whisper runs the real tiny.en model on the committed clips; FunASR a tiny offline Paraformer (as in
+``tests/test_funasr.py``); echo is the fault-injection adapter the hub tests drive batches with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hub.audio import to_pcm
+from hub.protocol import WorkerSpec
+from tests.conftest import DATA
+from workers.batch import batch_ready, decode_groups, groups
+from workers.echo import EchoEngine, echo_text
+from workers.engine import DecodeItem, EngineResult, Outcome
+
+CLIPS = ("coffee", "hello", "stella", "weather")
+
+
+def _spec(kind: str, model: str = "", **extra: Any) -> WorkerSpec:
+    return WorkerSpec(
+        id=f"{kind}-1", provider=kind, type=kind, model=model, device="cpu", compute_type="auto", cpu_threads=1,
+        backend="", shm_prefix="", heartbeat_interval=1.0, options={}, **extra,
+    )
+
+
+def _item(pcm: np.ndarray, **options: Any) -> DecodeItem:
+    return DecodeItem(pcm, options)
+
+
+# --- when a batch starts, how it splits ----------------------------------------------
+
+
+def test_a_batch_starts_when_full_or_once_its_oldest_job_waited_long_enough() -> None:
+    assert batch_ready(held=1, oldest=10.0, now=10.0, max_batch=1, wait_s=0.005)  # no batching: at once
+    assert not batch_ready(held=2, oldest=10.0, now=10.004, max_batch=4, wait_s=0.005)
+    assert batch_ready(held=2, oldest=10.0, now=10.005, max_batch=4, wait_s=0.005)
+    assert batch_ready(held=4, oldest=10.0, now=10.0, max_batch=4, wait_s=0.005)
+
+
+def test_items_group_by_their_option_set_in_arrival_order() -> None:
+    pcm = np.zeros(160, dtype=np.float32)
+    items = [_item(pcm, language="en"), _item(pcm, language="de"), _item(pcm, language="en", beam_size=1),
+             _item(pcm, language="en"), _item(pcm, language="de")]
+    assert groups(items) == [[0, 3], [1, 4], [2]]
+
+
+def _result(text: str) -> EngineResult:
+    return EngineResult(text=text, segments=(), language=None, duration=0.0)
+
+
+def test_a_group_whose_batched_call_raises_is_decoded_again_one_by_one_so_only_the_bad_item_fails() -> None:
+    pcm = np.zeros(160, dtype=np.float32)
+    items = [_item(pcm, n=1), _item(pcm, n=2), _item(pcm.copy(), n=1)]
+    items[2] = DecodeItem(np.full(3, np.nan, dtype=np.float32), {"n": 1})
+    batched_calls: list[int] = []
+
+    def decode_group(group: Sequence[DecodeItem]) -> list[Outcome]:
+        batched_calls.append(len(group))
+        if any(np.isnan(item.pcm).any() for item in group):
+            raise ValueError("nan in the batch")
+        return [_result(f"n={item.options['n']}") for item in group]
+
+    def transcribe(pcm: np.ndarray, options: dict[str, Any], on_segment: Any) -> EngineResult:
+        if np.isnan(pcm).any():
+            raise ValueError("nan audio")
+        return _result(f"alone n={options['n']}")
+
+    outcomes = decode_groups(items, decode_group, transcribe)
+    assert batched_calls == [2, 1]  # the n=1 group together, then the n=2 group
+    assert isinstance(outcomes[0], EngineResult) and outcomes[0].text == "alone n=1"
+    assert isinstance(outcomes[1], EngineResult) and outcomes[1].text == "n=2"
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "nan audio"
+
+
+# --- echo: one pass, each job's faults its own ----------------------------------------
+
+
+def test_echo_decodes_a_batch_in_one_pass_and_one_jobs_fault_fails_it_alone() -> None:
+    engine = EchoEngine(_spec("echo"))
+    engine.transcribe(np.zeros(1600, dtype=np.float32), {}, lambda s: None)  # the start's health decode
+    a, b = np.ones(8000, dtype=np.float32) * 0.1, np.ones(16000, dtype=np.float32) * 0.2
+    outcomes = engine.transcribe_batch([_item(a), _item(b, fail="this one"), _item(b, language="de")])
+    assert [o.text if isinstance(o, EngineResult) else f"error: {o}" for o in outcomes] == [
+        echo_text(a), "error: this one", echo_text(b)
+    ]
+    assert engine.decodes == 4  # every job counts as a decode, for fail_from and fail_every
+
+
+# --- whisper: the same words batched and one by one ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def whisper() -> Iterator[Any]:
+    from workers.whisper import WhisperEngine
+
+    engine = WhisperEngine(_spec("whisper", "tiny.en"))
+    calls: list[tuple[int, ...]] = []
+    encode = engine._model.encode
+    engine._model.encode = lambda features: (calls.append(features.shape), encode(features))[1]
+    engine.encodes = calls
+    yield engine
+
+
+@pytest.mark.parametrize("options", [{"beam_size": 1}, {"beam_size": 5}, {"beam_size": 5, "word_timestamps": True}])
+def test_whisper_batched_gives_the_words_and_timings_of_one_by_one_in_one_encode(whisper: Any, options: dict[str, Any]) -> None:
+    clips = [to_pcm(DATA / f"{name}.wav") for name in CLIPS]
+    alone = [whisper.transcribe(pcm, dict(options), lambda s: None) for pcm in clips]
+    whisper.encodes.clear()
+    batched = whisper.transcribe_batch([_item(pcm, **options) for pcm in clips])
+    assert whisper.encodes[0] == (len(CLIPS), 80, 3000)  # one encode over the four 30 s windows
+    assert len(whisper.encodes) == 1, f"{len(whisper.encodes) - 1} clip(s) left the batch"
+    for one, many in zip(alone, batched):
+        assert isinstance(many, EngineResult)
+        assert many.text == one.text and many.segments == one.segments  # words and their timings included
+
+
+def test_whisper_splits_a_batch_by_options_and_decodes_a_long_recording_alone(whisper: Any) -> None:
+    short = to_pcm(DATA / "hello.wav")
+    long = np.concatenate([to_pcm(DATA / f"{name}.wav") for name in (*CLIPS, *CLIPS, *CLIPS)])  # over 30 s
+    assert long.size > 30 * 16000
+    whisper.encodes.clear()
+    outcomes = whisper.transcribe_batch([_item(short), _item(long), _item(short, beam_size=1), _item(short)])
+    assert all(isinstance(o, EngineResult) for o in outcomes)
+    assert whisper.encodes[0] == (2, 80, 3000)  # the two short default-option jobs together
+    assert outcomes[0].text == outcomes[3].text == whisper.transcribe(short, {}, lambda s: None).text
+    assert "coffee" in outcomes[1].text and outcomes[1].duration == pytest.approx(long.size / 16000)
+
+
+def test_whisper_fails_a_job_with_bad_audio_alone(whisper: Any) -> None:
+    good = to_pcm(DATA / "hello.wav")
+    outcomes = whisper.transcribe_batch([_item(good), _item(good, temperature=[0.0, 0.2], beam_size=0)])
+    assert isinstance(outcomes[0], EngineResult) and outcomes[0].text == "Hello world."
+    assert isinstance(outcomes[1], Exception)
+
+
+# --- FunASR: generate over a list -------------------------------------------------------
+
+
+def test_funasr_decodes_a_batch_in_one_generate_and_only_padding_can_change_a_shorter_jobs_tail(tmp_path: Path) -> None:
+    """FunASR pads a batch to its longest audio. Here (a tiny Paraformer with random weights) that changed the
+    last tokens of one of the four clips (weather, padded from 3.9 s to stella's 4.7 s): the longest clip, and
+    any batch of equal lengths, decode exactly as alone; the others are compared by their common prefix."""
+    pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
+    from tests.test_funasr import build_tiny_model
+    from workers.funasr import FunASREngine
+
+    engine = FunASREngine(_spec("funasr", str(build_tiny_model("paraformer", tmp_path / "paraformer"))))
+    calls: list[int] = []
+    generate = engine._model.generate
+    engine._model.generate = lambda **kw: (calls.append(len(kw["input"]) if isinstance(kw["input"], list) else 1),
+                                           generate(**kw))[1]
+    clips = [to_pcm(DATA / f"{name}.wav") for name in CLIPS]
+    alone = [engine.transcribe(pcm, {}, lambda s: None) for pcm in clips]
+    calls.clear()
+    batched = engine.transcribe_batch([_item(pcm) for pcm in clips])
+    assert calls == [len(CLIPS)]
+    texts = [b.text for b in batched if isinstance(b, EngineResult)]
+    longest = max(range(len(clips)), key=lambda i: clips[i].size)
+    assert texts[longest] == alone[longest].text
+    for text, one in zip(texts, alone):
+        same = next((i for i, (x, y) in enumerate(zip(text, one.text)) if x != y), min(len(text), len(one.text)))
+        assert same >= 0.75 * len(one.text), f"batched {text!r} and alone {one.text!r} part before their tails"
+    twice = engine.transcribe_batch([_item(clips[0]), _item(clips[0])])
+    assert [t.text for t in twice if isinstance(t, EngineResult)] == [alone[0].text] * 2
