@@ -36,6 +36,7 @@ from hub.supervisor.jobs import Job, JobKind, Jobs, JobState, health_job, run_de
 from hub.supervisor.metrics import Metrics
 from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.supervisor.release.rollout import Rollout
+from hub.supervisor.release.routes import Unavailable
 from hub.supervisor.sessions import Sessions
 from hub.supervisor.views import PoolView
 from hub.supervisor.workforce import Workforce
@@ -94,7 +95,7 @@ class Farm:
             self.metrics.rejected(name if known else "_unknown", exc.code)
             log.debug("request %s refused: %s", msg.id, exc)
             raise
-        shadow = self.rollout.shadow_for(job.route) if job.route and job.kind is JobKind.REQUEST else None
+        shadow = self.rollout.shadow_for(job.route, self.unavailable()) if job.route and job.kind is JobKind.REQUEST else None
         if shadow is not None:
             self._shadow(job, shadow, now)
 
@@ -188,7 +189,7 @@ class Farm:
         if self.jobs.of_request(client, msg.id) is not None:
             raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
         name, route = msg.body.get("provider"), ""
-        routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body)) if isinstance(name, str) else None
+        routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body), self.unavailable()) if isinstance(name, str) else None
         if routed is not None:
             name, route = routed, name
         provider = admission.provider_for(self.config, self.pools, name, now)
@@ -198,6 +199,20 @@ class Farm:
         job = admission.request_job(job_id, client, msg, provider, route, self.config, self.shm_prefix, now)
         self.inline_bytes += len(msg.payload or b"")
         return job
+
+    def unavailable(self) -> dict[str, Unavailable]:
+        """The providers a route must not send to now, and why: disabled or removed, degraded (its workers fail to
+        start), or without a ready worker yet."""
+        out: dict[str, Unavailable] = {}
+        for name, provider in self.config.providers.items():
+            pool = self.pools.get(name)
+            if not provider.enabled or pool is None or pool.removed:
+                out[name] = Unavailable("it is disabled", failed=True)
+            elif pool.load_failures:
+                out[name] = Unavailable(f"it is degraded ({pool.last_error or 'its workers fail to start'})", failed=True)
+            elif not any(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in pool.workers.values()):
+                out[name] = Unavailable("it has no ready worker", failed=False)
+        return out
 
     def place(self, job: Job, now: float) -> None:
         """Give a new job a worker now (``_home``), or queue it (POOL_BUSY when the queue is full)."""
