@@ -105,6 +105,11 @@ class Farm:
         job = self.jobs.of_request(client, request_id)
         if job is None:
             return
+        where = f"on {job.worker}" if job.worker else "in the queue"
+        log.info(
+            "job %s (request %s): cancelled by its client after %.1f s %s (state %s, attempt %d)",
+            job.id, job.request_id, now - job.received_at, where, job.state.value, job.attempts,
+        )
         self._record(job, "JOB_TIMEOUT", now)
         if job.state is JobState.QUEUED:
             self.jobs.finish(job)
