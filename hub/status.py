@@ -174,6 +174,7 @@ class RequestFigures(Wire):
     inference_ms: Percentiles = Percentiles()
     utilization: float = 0.0
     throughput: float = 0.0
+    mean_batch: float | None = None  # jobs per forward pass over the last minute (pool.max_batch); None: no batch
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class WorkerStatus(Wire):
     gpu: GpuCard | None = None
     cuda_pci_bus_id: str = ""
     jobs_done: int = 0
+    jobs_held: int = 0  # one-shot jobs it holds now, decoding or waiting for its next batch (up to pool.max_batch)
     sessions: int = 0
     session_duty: float = 0.0
     consecutive_failures: int = 0

@@ -1,10 +1,12 @@
-"""Where a live session or a one-shot job goes when a pool's workers also hold sessions: pure functions.
+"""Where a live session or a one-shot job goes when the idle queue has no worker for it: pure functions.
 
 A session is state, not a lease: a worker serves up to ``pool.sessions_per_worker`` of them
 and takes turns between them (``workers.turns``). The supervisor places a new session on the
-worker with the least session load, and gives one-shot jobs to workers without sessions first;
-a worker with sessions takes one only when its sessions leave it the time (its measured decode
-duty below ``ONE_SHOT_DUTY``), since the job's decode delays every session's next turn on it.
+worker with the least session load. A one-shot job goes to the least recently used idle worker
+first (the pool's idle queue); failing that, to a worker that still has room: one holding fewer
+than ``pool.max_batch`` jobs, which it decodes together in one forward pass. A worker with sessions
+takes one only when its sessions leave it the time (its measured decode duty below
+``ONE_SHOT_DUTY``), since the job's decode delays every session's next turn on it.
 """
 
 from __future__ import annotations
@@ -25,23 +27,26 @@ class WorkerLoad:
 
     id: str
     sessions: int
-    job: bool  # a one-shot job or health check is on it now
+    jobs: int  # one-shot jobs and health checks it holds now
     duty: float  # fraction of the last heartbeat interval it spent decoding its sessions
 
 
 def session_home(workers: Sequence[WorkerLoad], per_worker: int) -> str | None:
-    """The worker with the least session load that has room (fewest sessions, then no job, then the
+    """The worker with the least session load that has room (fewest sessions, then fewest jobs, then the
     lowest duty), or None when every one is full."""
     room = [w for w in workers if w.sessions < per_worker]
-    return min(room, key=lambda w: (w.sessions, w.job, w.duty)).id if room else None
+    return min(room, key=lambda w: (w.sessions, w.jobs, w.duty)).id if room else None
 
 
 def one_shot_home(workers: Sequence[WorkerLoad], pool: PoolConfig) -> str | None:
-    """A worker holding sessions that has time for a one-shot job, or None (the job waits for a free worker).
+    """A busy worker with room for one more one-shot job, or None (the job waits for a free worker).
 
-    Only workers without a job, with sessions, whose duty is below ``ONE_SHOT_DUTY``; the least busy first.
+    Only busy workers (free ones are the idle queue's, taken least recently used first). Room: fewer than ``pool.max_batch`` jobs held, and sessions (if any) whose duty is below
+    ``ONE_SHOT_DUTY``. By load: workers without sessions first, then the fewest jobs held (the batch that
+    starts soonest), then the lowest duty and fewest sessions; ties keep the order given (the pool's).
     Never with ``pool.enabled: false``: one worker, one job at a time, a session included."""
     if not pool.enabled:
         return None
-    fits = [w for w in workers if w.sessions and not w.job and w.duty < ONE_SHOT_DUTY]
-    return min(fits, key=lambda w: (w.duty, w.sessions)).id if fits else None
+    busy = [w for w in workers if w.jobs or w.sessions]  # a worker with neither is in the idle queue
+    fits = [w for w in busy if w.jobs < pool.max_batch and (not w.sessions or w.duty < ONE_SHOT_DUTY)]
+    return min(fits, key=lambda w: (w.sessions > 0, w.jobs, w.duty, w.sessions)).id if fits else None

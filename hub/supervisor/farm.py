@@ -116,6 +116,8 @@ class Farm:
             return
         if job.kind is JobKind.SESSION:
             self.sessions.close_session(job, "the client went away", now)
+        elif job.worker is not None:  # a held job not started yet leaves its worker's next batch
+            self.workforce.send(job.worker, MsgType.CANCEL, job.id)
         self.jobs.abandon(job)
 
     def on_worker(self, identity: bytes, msg: Message, now: float) -> None:
@@ -131,8 +133,10 @@ class Farm:
                 if job.kind is JobKind.SESSION:
                     self.sessions.heard(job, msg)
                 self._reply(job, msg.type, msg.body)
-        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (worker.job == msg.id or msg.id in worker.sessions):
+        elif msg.type in (MsgType.RESULT, MsgType.ERROR) and (msg.id in worker.jobs or msg.id in worker.sessions):
             self.on_answer(worker, msg, now)
+        elif msg.type is MsgType.BATCH:
+            self._batched(worker, msg, now)
 
     def tick(self, now: float, sample: bool) -> None:
         """Reap, kill the overdue, watch heartbeats and deadlines, expire queued jobs, check health, roll, scale."""
@@ -251,7 +255,7 @@ class Farm:
         if idle is not None:
             return idle
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), w.job is not None, w.duty) for w in ready]
+        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty) for w in ready]
         chosen = one_shot_home(loads, pool.config.pool)
         return pool.workers[chosen] if chosen is not None else None
 
@@ -351,16 +355,28 @@ class Farm:
 
     def _watch_jobs(self, worker: WorkerHandle, now: float) -> None:
         """A worker up and answering: the sessions' room watches its sessions (one whose flush overran fails, the
-        worker serves on); a one-shot job that overran its deadline fails and its worker is recycled."""
-        job = self.jobs.get(worker.job or "")
+        worker serves on); one-shot jobs that overran their deadline fail and their worker is recycled (the other
+        jobs it holds are retried elsewhere once it exits)."""
         for session, error in self.sessions.watch(worker, now):
             self.fail(session, error, now)
             self.worker_free(worker, now)
-        if job is not None and now >= job.run_deadline:
+        overdue = [job for job in map(self.jobs.get, list(worker.jobs)) if job is not None and now >= job.run_deadline]
+        if overdue:
+            first = overdue[0]
+            what = "health check" if first.kind is JobKind.HEALTH else f"job {first.id}"
+            self.workforce.recycle(worker, f"{what} overran its {first.run_deadline - first.started_at:.0f} s deadline", now)
+        for job in overdue:
             limit = job.run_deadline - job.started_at
-            what = "health check" if job.kind is JobKind.HEALTH else f"job {job.id}"
-            self.workforce.recycle(worker, f"{what} overran its {limit:.0f} s deadline", now)
             self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"), now)
+
+    def _batched(self, worker: WorkerHandle, msg: Message, now: float) -> None:
+        """The worker starts decoding held jobs together in one forward pass: counted for the batch-size
+        histogram and the status' mean batch."""
+        jobs = msg.body.get("jobs")
+        if not isinstance(jobs, list) or not jobs:
+            return
+        self.metrics.batch(worker.provider, len(jobs), now)
+        log.debug("worker %s: decoding a batch of %d job(s): %s", worker.id, len(jobs), " ".join(map(str, jobs)))
 
     def view(self, pool: ProviderPool, now: float) -> PoolView:
         return PoolView(
@@ -382,15 +398,16 @@ class Farm:
     def worker_free(self, worker: WorkerHandle, now: float) -> None:
         """A worker finished its job (or its start): give it the next job, or let it go if it is due to."""
         pool = self.pools[worker.provider]
-        if worker.job is not None or worker.sessions:  # still serving sessions: busy, though a job may fit
+        if worker.jobs or worker.sessions:  # still holding jobs or serving sessions: busy, though a job may fit
             if worker.state is WorkerState.BUSY:
                 self.feed(pool, now)
         elif self.workforce.free(worker, now):
             self.feed(pool, now)
 
     def worker_lost(self, worker: WorkerHandle, error: HubError, now: float) -> None:
-        """The worker is gone or going: its job and every session it served are lost (retried where allowed)."""
-        for job in [self.jobs.get(job_id) for job_id in self.workforce.unassign_all(worker)]:
+        """The worker is gone or going: its jobs and every session it served are lost (retried where allowed; each
+        retry goes to the front of the queue, so the newest goes first and the oldest ends up in front)."""
+        for job in [self.jobs.get(job_id) for job_id in reversed(self.workforce.unassign_all(worker))]:
             if job is not None and job.worker == worker.id:  # not one that has since moved to another worker
                 self.job_lost(job, error, now)
 

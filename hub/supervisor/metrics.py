@@ -37,6 +37,8 @@ WER_BUCKETS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 # a shadow's time on its worker over the primary's
 RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 SHADOW_OUTCOMES = ("compared", "dropped", "failed")
+# jobs a worker decoded together in one forward pass (pool.max_batch is at most 256)
+BATCH_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0, 256.0)
 
 REJECTED = frozenset({"POOL_BUSY", "PROVIDER_UNAVAILABLE", "SHUTTING_DOWN", "UNKNOWN_PROVIDER", "BAD_REQUEST"})
 TIMED_OUT = frozenset({"ACQUIRE_TIMEOUT", "JOB_TIMEOUT"})
@@ -109,6 +111,9 @@ class ProviderMetrics:
     wait: Histogram = field(default_factory=Histogram)
     inference: Histogram = field(default_factory=Histogram)
     busy: Window = field(default_factory=Window)  # worker-seconds spent on jobs
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))  # jobs per forward pass
+    batches: Window = field(default_factory=Window)  # forward passes ...
+    batched_jobs: Window = field(default_factory=Window)  # ... and the jobs in them, for the window's mean batch
     audio: Window = field(default_factory=Window)  # audio seconds transcribed
 
     def summary(self, now: float, workers: int) -> RequestFigures:
@@ -127,6 +132,7 @@ class ProviderMetrics:
             inference_ms=self.inference.summary(),
             utilization=round(min(1.0, self.busy.total(now) / (span * workers)), 4) if workers else 0.0,
             throughput=round(self.audio.total(now) / span, 4),
+            mean_batch=round(self.batched_jobs.total(now) / passes, 3) if (passes := self.batches.total(now)) else None,
         )
 
 
@@ -187,6 +193,14 @@ class Metrics:
             m.requests += 1
             m.rejected += 1
             m.errors[code] += 1
+
+    def batch(self, provider: str, size: int, now: float) -> None:
+        """A worker started decoding ``size`` jobs together in one forward pass."""
+        with self.lock:
+            m = self._of(provider)
+            m.batch_size.observe(float(size))
+            m.batches.add(now, 1.0)
+            m.batched_jobs.add(now, float(size))
 
     def resumed(self, provider: str) -> None:
         """A live session whose worker died moves to another worker."""
@@ -332,6 +346,7 @@ def _copy(m: ProviderMetrics) -> dict[str, Any]:
         "timed_out": m.timed_out, "errors": dict(m.errors), "audio_seconds": m.audio_seconds,
         "session_resumes": m.session_resumes,
         "wait": (m.wait.cumulative(), m.wait.sum), "inference": (m.inference.cumulative(), m.inference.sum),
+        "batch_size": (m.batch_size.cumulative(), m.batch_size.sum),
     }
 
 
@@ -361,6 +376,11 @@ def _request_families(providers: dict[str, dict[str, Any]]) -> Iterator[Any]:
             buckets, total = m[key]
             family.add_metric([name], buckets, total)
         yield family
+    batch = HistogramMetricFamily("asr_hub_batch_size", "Jobs a worker decoded together in one forward pass", labels=["provider"])
+    for name, m in providers.items():
+        buckets, total = m["batch_size"]
+        batch.add_metric([name], buckets, total)
+    yield batch
 
 
 def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:

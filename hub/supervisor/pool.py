@@ -37,7 +37,7 @@ class WorkerHandle:
     device: str = "pending"
     last_heartbeat: float = 0.0
     idle_since: float = 0.0
-    job: str | None = None  # the one-shot job (or health check) it runs
+    jobs: list[str] = field(default_factory=list)  # the one-shot jobs (and health checks) it holds, up to pool.max_batch
     sessions: set[str] = field(default_factory=set)  # the live sessions it serves (job ids)
     busy: float = 0.0  # seconds it has spent decoding sessions, as its last heartbeat said
     duty: float = 0.0  # fraction of the last heartbeat interval spent decoding sessions
@@ -120,7 +120,7 @@ class ProviderPool:
         self.idle.pop(handle.id, None)
         if state is WorkerState.IDLE:
             handle.idle_since = now
-            handle.job = None
+            handle.jobs.clear()
             self.idle[handle.id] = None
 
     def take_idle(self) -> WorkerHandle | None:

@@ -55,7 +55,7 @@ class Sessions:
     def home(self, pool: ProviderPool) -> WorkerHandle | None:
         """The ready worker with the least session load and room for one more, or None."""
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), w.job is not None, w.duty) for w in ready]
+        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty) for w in ready]
         chosen = session_home(loads, pool.config.pool.sessions_per_worker)
         return pool.workers[chosen] if chosen is not None else None
 

@@ -64,6 +64,7 @@ def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> WorkerStatus:
         gpu=None if w.card is None else gpu_card(w.card),  # where it was placed: hub ordinal, NVML index, PCI id
         cuda_pci_bus_id=w.cuda_pci_bus_id,  # the card its own CUDA runtime reports (READY)
         jobs_done=w.jobs_done,
+        jobs_held=len(w.jobs),
         sessions=len(w.sessions),
         session_duty=round(w.duty, 3),
         consecutive_failures=w.consecutive_failures,

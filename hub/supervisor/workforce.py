@@ -81,15 +81,15 @@ class Workforce:
         if session:
             worker.sessions.add(job_id)
         else:
-            worker.job = job_id
+            worker.jobs.append(job_id)
         self.pools[worker.provider].set_state(worker, WorkerState.BUSY, now)
 
     def release(self, worker: WorkerHandle, job_id: str) -> None:
         """The job (or session) is off the worker; ``free`` decides what the worker does next."""
         if job_id in worker.sessions:
             worker.sessions.discard(job_id)
-        elif worker.job == job_id:
-            worker.job = None
+        elif job_id in worker.jobs:
+            worker.jobs.remove(job_id)
 
     def tally(self, worker: WorkerHandle, counted: bool, model_failed: bool) -> None:
         """An answer from the worker: one more job done (health checks are not counted), and its run of
@@ -99,8 +99,8 @@ class Workforce:
 
     def unassign_all(self, worker: WorkerHandle) -> list[str]:
         """The worker is gone or going: take every job and session off it; returns their ids."""
-        held = [job_id for job_id in [worker.job or "", *worker.sessions] if job_id]
-        worker.job = None
+        held = [*worker.jobs, *worker.sessions]
+        worker.jobs.clear()
         worker.sessions.clear()
         return held
 
@@ -160,6 +160,8 @@ class Workforce:
         jobs in a row, ``pool.max_jobs_per_worker``), else idle; True when it can take work."""
         pool = self.pools[worker.provider]
         limits = pool.config.pool
+        if worker.state is WorkerState.UNHEALTHY:  # on its way out: a late answer frees nothing
+            return False
         if worker.state is WorkerState.DRAINING:
             self.drain(worker, now)
         elif worker.consecutive_failures >= limits.max_consecutive_failures:
@@ -266,18 +268,18 @@ class Workforce:
             self.spawn(pool, now)
 
     def recycle(self, worker: WorkerHandle, reason: str, now: float) -> None:
-        """Stop a worker that cannot be trusted: SIGTERM now, SIGKILL after a grace period."""
+        """Stop a worker that cannot be trusted: SIGTERM now, SIGKILL after a grace period. The jobs it still
+        holds are lost with it when it exits (``Employer.worker_lost``), unless it answers them first."""
         log.warning("recycling worker %s (pid %d): %s", worker.id, worker.pid, reason)
         worker.last_error = reason
         self.pools[worker.provider].set_state(worker, WorkerState.UNHEALTHY, now)
-        worker.job = None
         worker.kill_at = now + KILL_GRACE
         self.io.terminate(worker.proc)
 
     def drain(self, worker: WorkerHandle, now: float) -> None:
         """Stop a healthy worker politely: it takes no new job, finishes the one it has, then exits on STOP."""
         self.pools[worker.provider].set_state(worker, WorkerState.DRAINING, now)
-        if worker.job is not None or worker.sessions or worker.kill_at is not None:
+        if worker.jobs or worker.sessions or worker.kill_at is not None:
             return
         worker.kill_at = now + KILL_GRACE
         if self.send(worker.id, MsgType.STOP, worker.id) is not None:

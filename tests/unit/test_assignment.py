@@ -79,3 +79,17 @@ def test_sessions_keep_the_workers_their_load_needs_plus_one() -> None:
     assert grown.spawn == 1
     kept = decide(PoolSnapshot(live=2, starting=0, queued=0, sessions=1, idle_since=(("w2", 0.0),)), pool, now=1e6)
     assert kept.retire == ()  # the free worker beside the sessions stays, however long idle
+
+
+def test_with_batching_a_job_joins_the_busy_worker_holding_the_fewest_jobs() -> None:
+    pool = PoolConfig(max_batch=4)
+    two, one, full = WorkerLoad("two", 0, 2, 0.0), WorkerLoad("one", 0, 1, 0.0), WorkerLoad("full", 0, 4, 0.0)
+    assert one_shot_home([two, one, full], pool) == "one"  # by load: the batch that starts soonest
+    assert one_shot_home([two, full], pool) == "two"
+    assert one_shot_home([full], pool) is None  # B jobs held: not free
+    assert one_shot_home([two, WorkerLoad("tie", 0, 2, 0.0)], pool) == "two"  # a tie keeps the pool's order
+    session_worker = WorkerLoad("s", 1, 0, 0.1)
+    assert one_shot_home([session_worker, WorkerLoad("three", 0, 3, 0.0)], pool) == "three"  # session-free first
+    assert one_shot_home([session_worker], pool) == "s"
+    assert one_shot_home([WorkerLoad("s", 1, 1, ONE_SHOT_DUTY + 0.1)], pool) is None  # its sessions need the time
+    assert one_shot_home([one], PoolConfig(max_batch=1)) is None  # max_batch 1: one job per worker, as before

@@ -22,7 +22,7 @@ from hub.protocol import Message, MsgType, WorkerSpec
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
