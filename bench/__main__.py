@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, chunks, crash, gateway, hubpool, report, scheduler, streaming
+from bench import batching, chart, chunks, crash, gateway, hubpool, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -36,6 +36,11 @@ def hubpool_plan(args: argparse.Namespace) -> hubpool.PoolPlan:
 def scheduler_plan(args: argparse.Namespace) -> scheduler.SchedulerPlan:
     """200 sessions either way (the target is about 200); the quick run streams 5 s instead of 20."""
     return scheduler.SchedulerPlan(seconds=5.0, settle_s=2) if args.quick else scheduler.SchedulerPlan()
+
+
+def batching_plan(args: argparse.Namespace) -> batching.HubBatchPlan:
+    """max_batch 1/2/4 on 1 worker x 2 threads and 2 x 1, C=8; the quick run sends half the requests."""
+    return batching.HubBatchPlan(jobs=16 if args.quick else 32, device=args.device)
 
 
 def crash_plan(args: argparse.Namespace) -> crash.CrashPlan:
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
         result["crash"] = crash.measure(workdir, crash_plan(args), args.device)
+        result["batching"] = batching.measure_hub(workdir, batching_plan(args))
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {
         "timestamp": stamp,
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     chart.draw(result, png_path)
     print(report.format_table(result))
     print(streaming.summary(result["streaming"]))
+    print(batching.hub_summary(result["batching"]))
     say(f"done in {elapsed():.0f} s: {json_path} and {png_path}")
     return 0
 

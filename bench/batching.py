@@ -1,4 +1,5 @@
-"""Batched decodes for live sessions: would a worker with several sessions due gain by decoding their
+"""Batched decodes: in the hub (``measure_hub``: ``pool.max_batch`` 1/2/4 on 1 worker x 2 threads and 2 workers x
+1 thread, at C callers, in ``make bench``), and for live sessions (``measure``): would a worker with several sessions due gain by decoding their
 windows in one CTranslate2 call instead of one after another?
 
 faster-whisper's model takes a batch of features: one ``encode`` for K windows, one ``generate`` for
@@ -15,16 +16,24 @@ every window here decodes without a prompt.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.clips import build_clips
-from bench.settings import MODEL, compute_type
+from bench.hubproc import running_hub, whisper_provider
+from bench.load import closed_loop, warm_up
+from bench.progress import say
+from bench.settings import MODEL, ROOT, compute_type
+from bench.stats import percentiles
+from hub.client import AsyncHubClient, HubClient
 from hub.supervisor.process import THREAD_VARS
 
 OFFSET_S = 7.3  # where window i starts in the clips (i × this), so the K windows hold different speech
@@ -144,3 +153,86 @@ def summary(f: dict[str, Any]) -> str:
         f"  batched against one at a time: {f['batched_vs_one_at_a_time']:.2f}x faster; identical tokens: "
         f"{'yes' if f['identical_tokens'] else 'NO'}"
     )
+
+
+# --- batched decoding in the hub (pool.max_batch), issue 26 ----------------------------------------------
+
+COMMITTED_CLIPS = ("coffee", "hello", "stella", "weather")  # tests/data: 1.3-4.7 s, one 30 s window each
+
+
+@dataclass(frozen=True)
+class HubBatchPlan:
+    """``make bench``'s batching rows: each max_batch on each layout (workers, threads each), C callers."""
+
+    batches: tuple[int, ...] = (1, 2, 4)
+    layouts: tuple[tuple[int, int], ...] = ((1, 2), (2, 1))
+    concurrency: int = 8
+    jobs: int = 32
+    batch_wait_ms: float = 5.0
+    device: str = "cpu"
+
+
+def committed_clips() -> list[np.ndarray]:
+    from hub.audio import to_pcm
+
+    return [to_pcm(ROOT / "tests" / "data" / f"{name}.wav") for name in COMMITTED_CLIPS]
+
+
+def measure_hub(workdir: Path, plan: HubBatchPlan) -> dict[str, Any]:
+    """Throughput and latency of a real hub (tiny.en) at C callers for every max_batch and layout, the batches
+    its workers really formed (status ``mean_batch``), and whether every answer was the one-by-one text."""
+    clips = committed_clips()
+    rows = []
+    expected: list[str] | None = None
+    for workers, threads in plan.layouts:
+        for batch in plan.batches:
+            provider = whisper_provider(workers, threads, plan.device)
+            provider["pool"].update(max_batch=batch, batch_wait_ms=plan.batch_wait_ms)
+            label = f"batch-{workers}x{threads}-b{batch}"
+            say(f"batching: {workers} worker(s) x {threads} thread(s), max_batch {batch}, C={plan.concurrency}")
+            with running_hub(workdir, label, {"whisper": provider}) as hub:
+                warm_up(hub.endpoint, clips, "whisper", workers)
+                with HubClient(hub.endpoint, timeout=300) as client:
+                    texts = [client.transcribe(pcm, "whisper").text for pcm in clips]  # one at a time: no batch
+                run = closed_loop(hub.endpoint, clips, "whisper", plan.concurrency, jobs=plan.jobs)
+                answers = _texts_under_load(hub.endpoint, clips, plan.concurrency)
+                figures = hub.status().providers["whisper"]
+            expected = expected or texts
+            latency = percentiles([s.latency_s for s in run.samples])
+            rows.append({
+                "workers": workers, "threads": threads, "max_batch": batch,
+                "audio_per_s": run.audio_per_s, "requests_per_s": run.requests_per_s,
+                "p50_s": latency["p50"], "p95_s": latency["p95"],
+                "mean_batch": (figures.pool.figures.mean_batch if figures.pool else None),
+                "same_text": answers == [expected[i % len(clips)] for i in range(len(answers))] and texts == expected,
+            })
+    for row in rows:
+        base = next(r for r in rows if (r["workers"], r["threads"], r["max_batch"]) == (row["workers"], row["threads"], 1))
+        row["vs_batch_1"] = row["audio_per_s"] / base["audio_per_s"]
+    return {"plan": asdict(plan), "rows": rows}
+
+
+def _texts_under_load(endpoint: str, clips: list[np.ndarray], concurrency: int) -> list[str]:
+    """C requests at once, one per caller (so they batch), the texts in request order."""
+    async def run() -> list[str]:
+        async with AsyncHubClient(endpoint, timeout=300) as client:
+            done = await asyncio.gather(*(client.transcribe(clips[i % len(clips)], "whisper") for i in range(concurrency)))
+            return [t.text for t in done]
+
+    return asyncio.run(run())
+
+
+def hub_summary(f: dict[str, Any]) -> str:
+    plan = f["plan"]
+    lines = [
+        f"\nbatched decoding in the hub (tiny.en, {plan['device']}, the 4 committed clips, C={plan['concurrency']}, "
+        f"{plan['jobs']} requests, batch_wait_ms {plan['batch_wait_ms']:g}):",
+        f"  {'layout':<18}{'max_batch':>10}{'audio s/s':>11}{'vs B=1':>8}{'p50 s':>8}{'p95 s':>8}{'mean batch':>12}  same text",
+    ]
+    for r in f["rows"]:
+        mean = "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"
+        lines.append(
+            f"  {r['workers']} worker(s) x {r['threads']}t{'':<3}{r['max_batch']:>10}{r['audio_per_s']:>11.2f}"
+            f"{r['vs_batch_1']:>7.2f}x{r['p50_s']:>8.2f}{r['p95_s']:>8.2f}{mean:>12}  {'yes' if r['same_text'] else 'NO'}"
+        )
+    return "\n".join(lines)

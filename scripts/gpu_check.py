@@ -6,7 +6,10 @@ nothing else: it starts its own hubs on loopback ports and stops them.
 
 Items: CUDA ordinal against NVML index on every card; every worker on its expected card; per-process memory
 readings; a decode on every worker; no provider stuck on GPU 0; the memory cap holding back a spawn on a
-card filled on purpose; the quick CUDA benchmark (``--no-bench`` skips it: it takes several minutes).
+card filled on purpose; the quick CUDA benchmark (``--no-bench`` skips it: it takes several minutes); the
+FunASR provider batched on torch's CUDA (``bench.funasr_batch``: a full-size Paraformer built offline with
+random weights, max_batch 1/4/8/16, its throughput, latency and GPU memory, placed and read like any worker).
+``--funasr-only`` runs only that last item, for a host where CTranslate2 cannot use the GPU (no cuBLAS 12).
 """
 
 from __future__ import annotations
@@ -199,6 +202,31 @@ def check_cap(workdir: Path, found: gpus.Discovery) -> None:
         item("memory cap lets go", grew, "the second worker started once the filler left" if grew else "no second worker after the filler left")
 
 
+def check_funasr_batching(workdir: Path) -> None:
+    """The FunASR provider on CUDA at max_batch 1/4/8/16: where its worker runs, NVML's reading of it, and
+    the largest batch's throughput against batch 1's (``bench.funasr_batch.TARGET``)."""
+    from bench import funasr_batch, paraformer
+
+    started = time.perf_counter()
+    model_dir = paraformer.build(workdir / "paraformer-large", paraformer.LARGE)
+    model = f"Paraformer large, {paraformer.parameters(model_dir) / 1e6:.0f} M random weights"
+    print(f"built {model} in {time.perf_counter() - started:.0f} s", flush=True)
+    try:
+        figures = funasr_batch.measure(workdir, model_dir, funasr_batch.FunasrBatchPlan())
+    except Exception as exc:  # a hub that did not get ready says why
+        item("FunASR batched on CUDA", False, str(exc)[-600:])
+        return
+    print(funasr_batch.summary(figures, model), flush=True)
+    rows = figures["rows"]
+    placed = all(r["device"] == "cuda" and r["gpu"] and gpus.normalize_pci(r["cuda_pci_bus_id"]) == r["gpu"] for r in rows)
+    item("FunASR worker on its card", placed, "; ".join(f"B={r['max_batch']}: {r['device']} on {r['gpu']}, its CUDA sees {r['cuda_pci_bus_id']!r}" for r in rows))
+    read = all((r["gpu_memory_used_mb"] or 0) > 0 for r in rows)
+    item("FunASR worker memory", read, ", ".join(f"B={r['max_batch']}: {r['gpu_memory_used_mb']} MiB {r['gpu_error']}".strip() for r in rows))
+    best = rows[-1]
+    item(f"FunASR batch {best['max_batch']} >= {funasr_batch.TARGET:g}x batch 1", best["vs_batch_1"] >= funasr_batch.TARGET,
+         f"{best['vs_batch_1']:.2f}x ({best['audio_per_s']:.1f} against {rows[0]['audio_per_s']:.1f} audio s/s), mean batch {best['mean_batch']}")
+
+
 def check_bench() -> None:
     run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
@@ -208,6 +236,7 @@ def check_bench() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-bench", action="store_true", help="skip the quick CUDA benchmark")
+    parser.add_argument("--funasr-only", action="store_true", help="only the FunASR batching item (no CTranslate2 on the GPU)")
     args = parser.parse_args()
     nvml = gpus.Nvml()
     found = gpus.discover(os.environ, nvml.devices())
@@ -217,10 +246,12 @@ def main() -> int:
     if found.cards:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
             check_ordinals(found)
-            check_pool(Path(tmp), found)
-            check_cap(Path(tmp), found)
-            if not args.no_bench:
-                check_bench()
+            if not args.funasr_only:
+                check_pool(Path(tmp), found)
+                check_cap(Path(tmp), found)
+                if not args.no_bench:
+                    check_bench()
+            check_funasr_batching(Path(tmp))
     failed = [name for name, ok, _ in results if not ok]
     print(f"\n{len(results) - len(failed)} PASS, {len(failed)} FAIL" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(60)
 WORKER = {
     "id": "whisper-1", "pid": 4242, "state": "idle", "device": "cuda",
     "gpu": {"ordinal": 0, "nvml_index": 1, "pci_bus_id": "00000000:3B:00.0", "uuid": "GPU-1234"},
-    "cuda_pci_bus_id": "00000000:3B:00.0", "jobs_done": 7, "sessions": 1, "session_duty": 0.25,
+    "cuda_pci_bus_id": "00000000:3B:00.0", "jobs_done": 7, "jobs_held": 2, "sessions": 1, "session_duty": 0.25,
     "consecutive_failures": 0, "rss_mb": 512.5, "since_health_check": 1.5, "slot": 0, "restarts": 1,
     "gpu_memory_used_mb": 900.0, "gpu_card_used_mb": 2000.0, "gpu_card_total_mb": 16000.0, "gpu_utilization": 35.0,
     "gpu_error": "", "uptime": 60.25, "last_error": "",
@@ -37,7 +37,7 @@ PROVIDER = {
     "requests": 9, "succeeded": 7, "failed": 1, "rejected": 1, "timed_out": 0, "session_resumes": 0,
     "errors": {"INFERENCE_FAILED": 1, "POOL_BUSY": 1}, "success_rate": 0.875,
     "wait_ms": PERCENTILES, "inference_ms": {"mean": None, "p50": None, "p95": None, "p99": None},
-    "utilization": 0.1, "throughput": 0.5,
+    "utilization": 0.1, "throughput": 0.5, "mean_batch": 1.75,
     "workers_by_state": {"starting": 0, "idle": 1, "busy": 0, "draining": 0, "unhealthy": 0},
     "size": 1, "target_size": 1, "queue_depth": 0, "sessions": 1, "degraded": False, "last_error": "",
     "restart_backoff": 0.0, "held_back": "", "workers": [WORKER],

@@ -23,7 +23,10 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     (result_file,) = tmp_path.glob("*.json")
     assert (result_file.with_suffix(".png")).stat().st_size > 10_000
     result = json.loads(result_file.read_text())
-    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "crash", "meta"} <= set(result)
+    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "crash", "batching", "meta"} <= set(result)
+    rows = result["batching"]["rows"]
+    assert [(r["workers"], r["threads"], r["max_batch"]) for r in rows] == [(1, 2, 1), (1, 2, 2), (1, 2, 4), (2, 1, 1), (2, 1, 2), (2, 1, 4)]
+    assert all(r["same_text"] for r in rows) and "batched decoding in the hub" in out.stdout
     names = " ".join(t["name"] for t in result["targets"])
     assert "M/D/c" in names and "CPU per echo request, supervisor" in names and "chunks forwarded" in names
     assert "supervisor CPU, 200 echo sessions" in names and "the scheduler alone" in out.stdout
@@ -85,6 +88,20 @@ def test_the_batched_decode_mode_runs_and_compares_tokens() -> None:
     figures = batching.measure(2, seconds=2.0, repeats=1)
     assert set(figures["wall_s"]) == {"worker", "one_at_a_time", "batched"} and min(figures["wall_s"].values()) > 0
     assert isinstance(figures["identical_tokens"], bool) and "identical tokens" in batching.summary(figures)
+
+
+@pytest.mark.timeout(400)
+def test_the_funasr_batch_bench_runs_on_the_cpu_with_the_tiny_paraformer(tmp_path: Path) -> None:
+    """``bench.funasr_batch`` (what scripts/gpu_check.sh runs on CUDA with the large model), at its smallest."""
+    pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
+    from bench import funasr_batch, paraformer
+
+    model = paraformer.build(tmp_path / "tiny", paraformer.TINY)
+    figures = funasr_batch.measure(tmp_path, model, funasr_batch.FunasrBatchPlan(batches=(1, 4), device="cpu", rounds=2))
+    one, four = figures["rows"]
+    assert one["mean_batch"] == 1.0 and four["mean_batch"] > 1.0  # the worker really held batches
+    assert one["device"] == four["device"] == "cpu" and one["gpu_memory_used_mb"] is None
+    assert one["vs_batch_1"] == 1.0 and "largest batch against batch 1" in funasr_batch.summary(figures, "tiny")
 
 
 def test_the_crash_bench_finds_words_lost_or_doubled_where_a_resumed_session_joins() -> None:
