@@ -8,7 +8,8 @@ script measures any revision: compare two checkouts in one run (bench/README.md,
 ``--baseline`` loads another checkout's ``hub/status.py`` and ``hub/config.py`` beside this one's and
 measures both in the same run, taking turns, so a busy machine disturbs both alike. Each figure is the
 best of ``--repeat`` rounds of enough calls to take about 0.2 s, in microseconds per call: the best round
-is the one least disturbed by other processes on a shared machine.
+is the one least disturbed by other processes on a shared machine. The last two lines are what a fresh
+process pays once (imports and the codec's set-up included), the best of ``--repeat`` fresh processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import timeit
 from collections.abc import Callable
@@ -133,6 +136,29 @@ def calls(codecs: Codecs) -> dict[str, Callable[[], object]]:
     }
 
 
+COLD = """
+import json, sys, time
+started = time.perf_counter()
+from hub.status import HubStatus
+HubStatus.from_dict(json.loads(sys.argv[1])).to_dict()
+status_ms = (time.perf_counter() - started) * 1e3
+started = time.perf_counter()
+from hub.config import parse_config
+parse_config(json.loads(sys.argv[2]))
+print(status_ms, (time.perf_counter() - started) * 1e3)
+"""
+
+
+def cold_ms(root: Path, repeat: int) -> tuple[float, float]:
+    """A fresh interpreter's first status read and write, and its first config check, imports included (ms):
+    what a process pays once. The best of ``repeat`` fresh processes."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    args = [sys.executable, "-c", COLD, json.dumps(status_dict()), json.dumps(config_dict())]
+    runs = [subprocess.run(args, env=env, cwd=root, check=True, capture_output=True, text=True) for _ in range(repeat)]
+    status_ms, config_ms = zip(*(map(float, run.stdout.split()) for run in runs), strict=True)
+    return min(status_ms), min(config_ms)
+
+
 def best_us(timers: list[timeit.Timer], repeat: int) -> list[float]:
     """Microseconds per call of each timer, from the best of ``repeat`` rounds of about 0.2 s each; the
     timers take turns round by round, so a busy spell of the machine hits them alike."""
@@ -149,6 +175,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="rounds per figure; the best is kept")
     parser.add_argument("--baseline", type=Path, help="another checkout (e.g. of main) to measure in the same run")
     args = parser.parse_args()
+    here = Path(__file__).resolve().parent.parent
+    roots = [here] if args.baseline is None else [args.baseline.resolve(), here]
     trees = [this_tree()] if args.baseline is None else [other_tree(args.baseline), this_tree()]
     measured = [calls(codecs) for codecs in trees]
     header = "µs per call" if args.baseline is None else "baseline µs   this µs   this/baseline"
@@ -157,6 +185,11 @@ def main() -> None:
         us = best_us([timeit.Timer(m[name]) for m in measured], args.repeat)
         ratio = f"   {us[1] / us[0]:13.2f}" if len(us) == 2 else ""
         print(f"{name:36s} " + "  ".join(f"{u:10.1f}" for u in us) + ratio)
+    cold = [cold_ms(root, args.repeat) for root in roots]
+    for i, name in enumerate(("first status read+write, ms", "first parse_config, ms")):
+        ms = [c[i] for c in cold]
+        ratio = f"   {ms[1] / ms[0]:13.2f}" if len(ms) == 2 else ""
+        print(f"{name + ' (imports incl.)':36s} " + "  ".join(f"{m:10.1f}" for m in ms) + ratio)
 
 
 if __name__ == "__main__":

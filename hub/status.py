@@ -20,10 +20,11 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import GetCoreSchemaHandler, TypeAdapter
-from pydantic_core import core_schema
+if TYPE_CHECKING:  # pydantic is imported on the first encode or decode: a client that reads no status skips it
+    from pydantic import GetCoreSchemaHandler, TypeAdapter
+    from pydantic_core import CoreSchema
 
 FLAT = {"flat": True}  # a part whose keys sit in its parent's dict, not under its own name
 OMIT_NONE = {"omit_none": True}  # a part whose key is left out while it is None
@@ -45,18 +46,20 @@ class Wire:
         return _adapter(cls).validate_python(d)
 
     @classmethod
-    def __get_pydantic_core_schema__(cls, source: type, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         """The dataclass's own schema; where a field is marked, its dict is laid out by ``_layout`` both ways:
         flat parts read from and written into the parent's dict, and None left out where marked."""
+        from pydantic_core import core_schema
+
         schema = handler(source)
-        if not any(f.metadata for f in fields(cls)):
+        if not any(f.metadata for f in fields(source)):
             return schema
-        keys = _layout(cls)
+        keys = _layout(source)
         wire = core_schema.typed_dict_schema(
             {k.name: core_schema.typed_dict_field(handler.generate_schema(k.kind), required=False) for k in keys}
         )
-        hints = typing.get_type_hints(cls)
-        flat = tuple((f.name, _layout(_strip_none(hints[f.name]))) for f in fields(cls) if f.metadata.get("flat"))
+        hints = typing.get_type_hints(source)
+        flat = tuple((f.name, _layout(_strip_none(hints[f.name]))) for f in fields(source) if f.metadata.get("flat"))
         return core_schema.no_info_before_validator_function(
             functools.partial(_nest, flat),
             {k: v for k, v in schema.items() if k != "ref"},  # type: ignore[arg-type]
@@ -67,9 +70,17 @@ class Wire:
         )
 
 
-@functools.cache
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
 def _adapter(cls: type) -> TypeAdapter[Any]:
-    return TypeAdapter(cls)
+    """The class's pydantic codec, built on its first use (a client that never reads a status builds none)."""
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        from pydantic import TypeAdapter
+
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
 
 
 @dataclass(frozen=True)
