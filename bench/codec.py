@@ -9,7 +9,8 @@ script measures any revision: compare two checkouts in one run (bench/README.md,
 measures both in the same run, taking turns, so a busy machine disturbs both alike. Each figure is the
 best of ``--repeat`` rounds of enough calls to take about 0.2 s, in microseconds per call: the best round
 is the one least disturbed by other processes on a shared machine. The last two lines are what a fresh
-process pays once (imports and the codec's set-up included), the best of ``--repeat`` fresh processes.
+process pays once, in milliseconds (imports and the codec's set-up included), the best of ``--repeat``
+fresh processes each.
 """
 
 from __future__ import annotations
@@ -136,27 +137,21 @@ def calls(codecs: Codecs) -> dict[str, Callable[[], object]]:
     }
 
 
-COLD = """
-import json, sys, time
-started = time.perf_counter()
-from hub.status import HubStatus
-HubStatus.from_dict(json.loads(sys.argv[1])).to_dict()
-status_ms = (time.perf_counter() - started) * 1e3
-started = time.perf_counter()
-from hub.config import parse_config
-parse_config(json.loads(sys.argv[2]))
-print(status_ms, (time.perf_counter() - started) * 1e3)
-"""
+COLD = {  # what a fresh interpreter runs, its input in argv[1]
+    "status": "from hub.status import HubStatus\nHubStatus.from_dict(data).to_dict()",
+    "config": "from hub.config import parse_config\nparse_config(data)",
+}
+TIMED = "import json, sys, time\ndata = json.loads(sys.argv[1])\nstarted = time.perf_counter()\n{}\nprint((time.perf_counter() - started) * 1e3)"
 
 
-def cold_ms(root: Path, repeat: int) -> tuple[float, float]:
-    """A fresh interpreter's first status read and write, and its first config check, imports included (ms):
+def cold_ms(root: Path, what: str, repeat: int) -> float:
+    """A fresh interpreter's first status read and write, or its first config check, imports included (ms):
     what a process pays once. The best of ``repeat`` fresh processes."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    args = [sys.executable, "-c", COLD, json.dumps(status_dict()), json.dumps(config_dict())]
-    runs = [subprocess.run(args, env=env, cwd=root, check=True, capture_output=True, text=True) for _ in range(repeat)]
-    status_ms, config_ms = zip(*(map(float, run.stdout.split()) for run in runs), strict=True)
-    return min(status_ms), min(config_ms)
+    data = json.dumps(status_dict() if what == "status" else config_dict())
+    args = [sys.executable, "-c", TIMED.format(COLD[what]), data]
+    return min(float(subprocess.run(args, env=env, cwd=root, check=True, capture_output=True, text=True).stdout)
+               for _ in range(repeat))
 
 
 def best_us(timers: list[timeit.Timer], repeat: int) -> list[float]:
@@ -185,12 +180,10 @@ def main() -> None:
         us = best_us([timeit.Timer(m[name]) for m in measured], args.repeat)
         ratio = f"   {us[1] / us[0]:13.2f}" if len(us) == 2 else ""
         print(f"{name:36s} " + "  ".join(f"{u:10.1f}" for u in us) + ratio)
-    cold = [cold_ms(root, args.repeat) for root in roots]
-    for i, name in enumerate(("first status read+write, ms", "first parse_config, ms")):
-        ms = [c[i] for c in cold]
+    for what, name in (("status", "first status read+write, ms"), ("config", "first parse_config, ms")):
+        ms = [cold_ms(root, what, args.repeat) for root in roots]
         ratio = f"   {ms[1] / ms[0]:13.2f}" if len(ms) == 2 else ""
-        print(f"{name + ' (imports incl.)':36s} " + "  ".join(f"{m:10.1f}" for m in ms) + ratio)
-
+        print(f"{name:36s} " + "  ".join(f"{m:10.1f}" for m in ms) + ratio)
 
 if __name__ == "__main__":
     main()
