@@ -159,7 +159,7 @@ async def _a_client_that_sends_audio_but_never_reads_stops_being_read() -> None:
     session = FakeSession(on_close=[], chatty=True)
     socket = FakeSocket()
     socket.reading.clear()
-    messages = 20 * OUTBOX_EVENTS
+    messages = 4 * OUTBOX_EVENTS
     for _ in range(messages):
         socket.say({"type": "input_audio_buffer.append", "audio": audio(0.02)})
     connection = Connection(socket, fake_gateway([session]), SessionConfig(), Dialect.GA)  # type: ignore[arg-type]
