@@ -344,3 +344,25 @@ def test_a_hub_without_vad_still_gives_deltas_under_server_vad() -> None:
     out += t.session_ended()
     assert kinds(out) == ["delta", "committed", "completed"]
     assert {e["item_id"] for e in out} == {"item_1"}
+
+
+def test_a_session_the_hub_ends_commits_the_open_item() -> None:
+    """The hub closed the session on its own (silence past pool.session_idle_timeout): what it heard is
+    committed and completed, not left as an item that never ends; too little audio to commit is dropped."""
+    t = turns(manual=True)
+    t.session_opened()
+    t.appended(RATE)
+    out = t.hub_event(final("Heard."))
+    out += t.session_ended()
+    assert kinds(out) == ["delta", "committed", "completed"]
+    assert out[-1]["transcript"] == "Heard." and out[-1]["usage"]["seconds"] == 1.0
+    t.session_opened()
+    t.appended(RATE // 20)  # 50 ms
+    assert t.session_ended() == []
+    vad = turns(manual=False)
+    vad.session_opened()
+    vad.appended(RATE * 2)
+    out = vad.hub_event(StreamEvent("speech_started", "", at=0.5))
+    out += vad.hub_event(final("Cut off"))
+    out += vad.session_ended()
+    assert kinds(out) == ["speech_started", "delta", "committed", "completed"]

@@ -216,11 +216,7 @@ class Connection:
     async def _update(self, event: UpdateSession) -> None:
         """A new configuration: a hub session opened with another model, language or prompt ends first
         (its audio committed, unless there is too little of it to commit)."""
-        if self.session is not None and event.config.hub_fields != self.applied.hub_fields:
-            try:
-                await self.outbox.put(self.turns.commit())
-            except Problem:
-                self.turns.clear()
+        if event.config.hub_fields != self.applied.hub_fields:
             await self._finish()
         self.applied = event.config
         self.turns.manual = event.config.turn_detection is None

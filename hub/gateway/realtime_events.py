@@ -404,9 +404,13 @@ class Turns:
         return []
 
     def session_ended(self, problem: Problem | None = None) -> list[dict[str, Any]]:
-        """The hub session is over: every committed item completes with its finals (or fails with the
-        session's ``problem``); the open item's audio went with the session."""
-        events = [_completed(item, item.text) if problem is None else _failed(item, problem) for item in self.committed]
+        """The hub session is over (closed by a commit, a clear, a new model, or by the hub itself, e.g. after
+        silence): the open item is committed if it holds enough audio (its words were decoded), and every
+        committed item completes with its finals (or fails with the session's ``problem``)."""
+        events = []
+        if self.open is not None and self.buffered * 1000 >= MIN_COMMIT_MS * self.rate:
+            events.append(self._commit(self.open, self.now))
+        events += [_completed(item, item.text) if problem is None else _failed(item, problem) for item in self.committed]
         self.committed.clear()
         self.open = None
         self.buffered = 0
