@@ -185,7 +185,15 @@ async def _manual_commits_through_the_connections_tasks() -> None:
     socket = FakeSocket()
     connection = Connection(socket, gateway, SessionConfig(), Dialect.GA)  # type: ignore[arg-type]
     task = asyncio.create_task(connection.run())
-    socket.say({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": None, "transcription": {"language": "en", "prompt": "Hi"}}}}})
+    socket.say(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "transcription",
+                "audio": {"input": {"turn_detection": None, "transcription": {"language": "en", "prompt": "Hi"}}},
+            },
+        }
+    )
     socket.say({"type": "input_audio_buffer.commit", "event_id": "too-soon"})
     socket.say({"type": "input_audio_buffer.append", "audio": audio(0.5)})
     await settle(lambda: first.samples)

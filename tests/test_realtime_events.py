@@ -74,7 +74,18 @@ def test_ga_session_update_merges_only_what_it_names() -> None:
     assert update == UpdateSession(SessionConfig("tiny", "en", "Stella", None), Dialect.GA, "u1")
     # a later update naming only the language keeps the model and prompt; turn detection back on takes defaults
     again = parse(
-        {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"transcription": {"language": "de"}, "turn_detection": {"type": "server_vad", "silence_duration_ms": 700}}}}},
+        {
+            "type": "session.update",
+            "session": {
+                "type": "transcription",
+                "audio": {
+                    "input": {
+                        "transcription": {"language": "de"},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 700},
+                    }
+                },
+            },
+        },
         update.config,
     )
     assert again.config == SessionConfig("tiny", "de", "Stella", ServerVad(silence_duration_ms=700))
@@ -107,22 +118,34 @@ def test_beta_transcription_session_update() -> None:
         ({"type": "input_audio_buffer.append"}, "invalid_value", "audio"),
         ({"type": "session.update", "session": {"type": "realtime"}}, "unsupported_value", "session.type"),
         (
-            {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}},
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+            },
             "invalid_value",
             "session.audio.input.format.rate",
         ),
         (
-            {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}},
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+            },
             "unsupported_value",
             "session.audio.input.format.type",
         ),
         (
-            {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}},
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+            },
             "unsupported_value",
             "session.audio.input.turn_detection.type",
         ),
         (
-            {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": {"threshold": 2}}}}},
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"turn_detection": {"threshold": 2}}}},
+            },
             "invalid_value",
             "session.audio.input.turn_detection.threshold",
         ),
@@ -131,7 +154,11 @@ def test_beta_transcription_session_update() -> None:
             "invalid_value",
             "session.audio.input.transcription.model",
         ),
-        ({"type": "transcription_session.update", "session": {"input_audio_format": "g711_ulaw"}}, "unsupported_value", "session.input_audio_format"),
+        (
+            {"type": "transcription_session.update", "session": {"input_audio_format": "g711_ulaw"}},
+            "unsupported_value",
+            "session.input_audio_format",
+        ),
         ({"type": "session.update", "session": "transcription"}, "invalid_value", "session"),
     ],
 )
@@ -189,7 +216,12 @@ def test_session_events_in_both_dialects() -> None:
     beta = session_event("updated", SessionConfig(), "sess_1", Dialect.BETA)
     assert beta["type"] == "transcription_session.updated"
     assert beta["session"]["input_audio_format"] == "pcm16"
-    assert beta["session"]["turn_detection"] == {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+    assert beta["session"]["turn_detection"] == {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 500,
+    }
 
 
 # --- turns --------------------------------------------------------------------------------------
@@ -222,8 +254,18 @@ def test_server_vad_maps_the_hubs_turns_onto_items() -> None:
         {"type": "input_audio_buffer.speech_started", "item_id": "item_1", "audio_start_ms": 500},
         {"type": "input_audio_buffer.speech_stopped", "item_id": "item_1", "audio_end_ms": 2250},
         {"type": "input_audio_buffer.committed", "item_id": "item_1", "previous_item_id": None},
-        {"type": "conversation.item.input_audio_transcription.delta", "item_id": "item_1", "content_index": 0, "delta": "Hello there."},
-        {"type": "conversation.item.input_audio_transcription.delta", "item_id": "item_1", "content_index": 0, "delta": " How are you?"},
+        {
+            "type": "conversation.item.input_audio_transcription.delta",
+            "item_id": "item_1",
+            "content_index": 0,
+            "delta": "Hello there.",
+        },
+        {
+            "type": "conversation.item.input_audio_transcription.delta",
+            "item_id": "item_1",
+            "content_index": 0,
+            "delta": " How are you?",
+        },
         {
             "type": "conversation.item.input_audio_transcription.completed",
             "item_id": "item_1",

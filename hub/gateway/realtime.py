@@ -158,7 +158,9 @@ class Connection:
             text = message.get("text")
             try:
                 if text is None:
-                    raise Problem(ErrorCode.INVALID_EVENT, "binary frames are not part of the Realtime API: send JSON events as text")
+                    raise Problem(
+                        ErrorCode.INVALID_EVENT, "binary frames are not part of the Realtime API: send JSON events as text"
+                    )
                 event = parse_client_event(text, self.config)
             except Problem as problem:
                 await self.outbox.put([error_event(problem)])
@@ -260,7 +262,7 @@ def _authorization(websocket: WebSocket, offered: list[str]) -> str | None:
     """The key from an ``openai-insecure-api-key.KEY`` subprotocol, else where ``/v1/stream`` looks for it."""
     for protocol in offered:
         if protocol.startswith(KEY_SUBPROTOCOL):
-            return f"Bearer {protocol[len(KEY_SUBPROTOCOL):]}"
+            return f"Bearer {protocol[len(KEY_SUBPROTOCOL) :]}"
     return authorization(websocket)
 
 

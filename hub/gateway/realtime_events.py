@@ -163,7 +163,11 @@ def parse_client_event(text: str, config: SessionConfig) -> ClientEvent:
         problem.event_id = event_id
         raise
     known = "session.update, transcription_session.update, input_audio_buffer.append, .commit and .clear"
-    why = " (this gateway serves transcription sessions only: no responses, no conversation items)" if kind in _CONVERSATION_EVENTS else ""
+    why = (
+        " (this gateway serves transcription sessions only: no responses, no conversation items)"
+        if kind in _CONVERSATION_EVENTS
+        else ""
+    )
     raise Problem(ErrorCode.UNKNOWN_EVENT, f"unknown event type {kind[:64]!r}{why}; the events are {known}", "type", event_id)
 
 
@@ -242,10 +246,14 @@ def _transcription(value: Any, config: SessionConfig, param: str) -> SessionConf
     fields = _object(value, param, nullable=True)
     model = fields.get("model", config.model)
     if not isinstance(model, str) or not model:
-        raise Problem(ErrorCode.INVALID_VALUE, f"model must be a model name (see GET /v1/models), got {model!r}", f"{param}.model")
+        raise Problem(
+            ErrorCode.INVALID_VALUE, f"model must be a model name (see GET /v1/models), got {model!r}", f"{param}.model"
+        )
     language = fields.get("language", config.language)
     if language is not None and not isinstance(language, str):
-        raise Problem(ErrorCode.INVALID_VALUE, f"language must be a language code such as 'en', got {language!r}", f"{param}.language")
+        raise Problem(
+            ErrorCode.INVALID_VALUE, f"language must be a language code such as 'en', got {language!r}", f"{param}.language"
+        )
     prompt = fields.get("prompt", config.prompt)
     if prompt is not None and not isinstance(prompt, str):
         raise Problem(ErrorCode.INVALID_VALUE, f"prompt must be a string, got {prompt!r}", f"{param}.prompt")
@@ -258,7 +266,11 @@ def _turns(value: Any, config: SessionConfig, param: str) -> ServerVad | None:
     fields = _object(value, param)
     kind = fields.get("type", "server_vad")
     if kind != "server_vad":
-        raise Problem(ErrorCode.UNSUPPORTED, f"turn_detection.type must be 'server_vad' (or turn_detection null), got {kind!r}", f"{param}.type")
+        raise Problem(
+            ErrorCode.UNSUPPORTED,
+            f"turn_detection.type must be 'server_vad' (or turn_detection null), got {kind!r}",
+            f"{param}.type",
+        )
     vad = config.turn_detection or ServerVad()
     threshold = fields.get("threshold", vad.threshold)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
@@ -267,7 +279,9 @@ def _turns(value: Any, config: SessionConfig, param: str) -> ServerVad | None:
     for name in ("prefix_padding_ms", "silence_duration_ms"):
         number = fields.get(name, getattr(vad, name))
         if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= 10_000:
-            raise Problem(ErrorCode.INVALID_VALUE, f"{name} must be an integer from 0 to 10000, got {number!r}", f"{param}.{name}")
+            raise Problem(
+                ErrorCode.INVALID_VALUE, f"{name} must be an integer from 0 to 10000, got {number!r}", f"{param}.{name}"
+            )
         values[name] = number
     return ServerVad(float(threshold), **values)
 
@@ -299,7 +313,13 @@ def session_event(verb: str, config: SessionConfig, session_id: str, dialect: Di
         "turn_detection": turns,
         "noise_reduction": None,
     }
-    session = {"id": session_id, "object": "realtime.transcription_session", "type": "transcription", "audio": {"input": source}, "include": []}
+    session = {
+        "id": session_id,
+        "object": "realtime.transcription_session",
+        "type": "transcription",
+        "audio": {"input": source},
+        "include": [],
+    }
     return {"type": f"session.{verb}", "session": session}
 
 
@@ -438,7 +458,9 @@ class Turns:
         delta = item.text[len(before) :]
         if not delta:
             return []
-        return [{"type": "conversation.item.input_audio_transcription.delta", "item_id": item.id, "content_index": 0, "delta": delta}]
+        return [
+            {"type": "conversation.item.input_audio_transcription.delta", "item_id": item.id, "content_index": 0, "delta": delta}
+        ]
 
 
 def _ms(seconds: float) -> int:

@@ -62,7 +62,11 @@ def chunks(pcm: bytes, seconds: float = 0.1) -> list[str]:
 
 
 def open_socket(
-    gw: Gateway, query: str = "?intent=transcription", key: str | None = KEY, headers: dict[str, str] | None = None, subprotocols: list[str] | None = None
+    gw: Gateway,
+    query: str = "?intent=transcription",
+    key: str | None = KEY,
+    headers: dict[str, str] | None = None,
+    subprotocols: list[str] | None = None,
 ) -> ClientConnection:
     auth = {"Authorization": f"Bearer {key}"} if key else {}
     return connect(
@@ -146,7 +150,7 @@ def test_openai_sdk_transcribes_committed_turns_with_the_real_model(gw: Gateway)
             for chunk in chunks(pcm24(name)):
                 conn.input_audio_buffer.append(audio=chunk)
             conn.input_audio_buffer.commit()
-        events = []
+        events: list[Any] = []
         while sum(e.type == f"{PREFIX}.completed" for e in events) < 2:
             events.append(conn.recv())
     assert not [e for e in events if e.type == "error"], events
@@ -154,7 +158,7 @@ def test_openai_sdk_transcribes_committed_turns_with_the_real_model(gw: Gateway)
     completed = [e for e in events if e.type == f"{PREFIX}.completed"]
     assert [c.item_id for c in committed] == [c.item_id for c in completed]  # one item per commit, in order
     assert committed[0].previous_item_id is None and committed[1].previous_item_id == committed[0].item_id
-    for event, name in zip(completed, ("hello", "weather")):
+    for event, name in zip(completed, ("hello", "weather"), strict=True):
         assert word_error_rate(reference(name), event.transcript) <= 0.2, (name, event.transcript)
         deltas = "".join(e.delta or "" for e in events if e.type == f"{PREFIX}.delta" and e.item_id == event.item_id)
         assert deltas == event.transcript  # the deltas add up to the transcript
@@ -174,9 +178,16 @@ def test_beta_dialect_and_every_bad_event_leave_the_socket_open(gw: Gateway) -> 
             ({"type": "response.create", "event_id": "r1"}, "unknown_event_type", "type"),
             ({"type": "input_audio_buffer.append", "audio": "***"}, "invalid_base64", "audio"),
             ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"odd").decode()}, "invalid_value", "audio"),
-            ({"type": "transcription_session.update", "session": {"input_audio_format": "g711_alaw"}}, "unsupported_value", "session.input_audio_format"),
             (
-                {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}},
+                {"type": "transcription_session.update", "session": {"input_audio_format": "g711_alaw"}},
+                "unsupported_value",
+                "session.input_audio_format",
+            ),
+            (
+                {
+                    "type": "session.update",
+                    "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+                },
                 "invalid_value",
                 "session.audio.input.format.rate",
             ),
@@ -240,11 +251,15 @@ def test_a_busy_pool_is_an_error_and_the_socket_stays_open(gw: Gateway) -> None:
             recv(ws)
             send(ws, manual)
             assert recv(ws)["type"] == "session.updated"
-        append(first, audio[: RATE])
+        append(first, audio[:RATE])
         wait_until(lambda: echo_sessions(gw) == 1, 10, "the first connection's hub session is open")
         send(second, {"type": "input_audio_buffer.append", "audio": chunks(audio)[0], "event_id": "a1"})
         error = recv(second)
-        assert (error["error"]["code"], error["error"]["type"], error["error"]["event_id"]) == ("pool_busy", "rate_limit_error", "a1")
+        assert (error["error"]["code"], error["error"]["type"], error["error"]["event_id"]) == (
+            "pool_busy",
+            "rate_limit_error",
+            "a1",
+        )
         append(first, audio[RATE:])
         send(first, {"type": "input_audio_buffer.commit"})
         assert list(items(until(first, f"{PREFIX}.completed")).values())[0]["transcript"] == STEPS_TEXT
@@ -279,7 +294,9 @@ def test_a_session_the_hub_closes_for_silence_completes_and_the_next_audio_opens
     assert committed[0]["previous_item_id"] == one[0] != two[0]
 
 
-@pytest.mark.skipif(not HUB_HAS_VAD, reason="the hub has no live VAD yet (no stream.vad in StreamConfig): it sends no speech events")
+@pytest.mark.skipif(
+    not HUB_HAS_VAD, reason="the hub has no live VAD yet (no stream.vad in StreamConfig): it sends no speech events"
+)
 def test_server_vad_turns_without_commits(gw: Gateway) -> None:
     """Two utterances, each followed by silence: the hub's VAD starts, stops and commits each item, and
     completes it, without a commit from the client."""
@@ -292,7 +309,12 @@ def test_server_vad_turns_without_commits(gw: Gateway) -> None:
                 "type": "session.update",
                 "session": {
                     "type": "transcription",
-                    "audio": {"input": {"transcription": {"language": "en"}, "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}},
+                    "audio": {
+                        "input": {
+                            "transcription": {"language": "en"},
+                            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
+                        }
+                    },
                 },
             },
         )
@@ -305,5 +327,5 @@ def test_server_vad_turns_without_commits(gw: Gateway) -> None:
     started = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
     assert 1500 <= started[0] <= 2500, started  # the first speech begins after 2 s of silence
     transcripts = [entry["transcript"] for entry in items(events).values()]
-    for transcript, name in zip(transcripts, ("hello", "weather")):
+    for transcript, name in zip(transcripts, ("hello", "weather"), strict=True):
         assert word_error_rate(reference(name), transcript) <= 0.2, (name, transcripts)
