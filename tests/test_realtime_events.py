@@ -408,3 +408,9 @@ def test_a_session_the_hub_ends_commits_the_open_item() -> None:
     out += vad.hub_event(final("Cut off"))
     out += vad.session_ended()
     assert kinds(out) == ["speech_started", "delta", "committed", "completed"]
+
+
+def test_server_vad_settings_become_the_hub_sessions_turn_detection() -> None:
+    assert ServerVad().hub_turns() == {"vad": True, "endpoint_ms": 500, "vad_threshold": 0.5}
+    assert ServerVad(threshold=0.0, silence_duration_ms=0).hub_turns() == {"vad": True, "endpoint_ms": 100, "vad_threshold": 0.2}
+    assert ServerVad(threshold=1.0, silence_duration_ms=10_000).hub_turns()["vad_threshold"] == 0.99

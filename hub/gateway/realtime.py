@@ -5,7 +5,7 @@ The client configures the session (``session.update``, or the beta ``transcripti
 appends base64 pcm16 at 24 kHz, and commits (or lets the hub's VAD end each turn); it reads deltas and
 the completed transcript of each item. ``realtime_events`` holds the protocol without I/O; this module
 only moves events. One hub session serves the audio until a commit, a clear, or a change of model,
-language or prompt ends it: ending it makes the worker decode the last words at once, and the next
+language, prompt or turn detection ends it: ending it makes the worker decode the last words at once, and the next
 audio opens another (the ``session.created`` event reports the connection's own session id).
 
 Four tasks serve a connection: ``receive`` reads client events and queues audio and commands (a bounded
@@ -18,6 +18,7 @@ not buffered without bound, and the hub session, no longer fed, stops making eve
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from collections import deque
@@ -25,7 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 
-from hub.client import AsyncStreamSession
+from hub.client import AsyncHubClient, AsyncStreamSession
 from hub.errors import HubError
 from hub.gateway.errors import ApiError, mapping
 from hub.gateway.live import PIECE_BYTES, QUEUE_PIECES
@@ -56,6 +57,9 @@ router = APIRouter()
 SUBPROTOCOL = "realtime"  # what OpenAI's browser example offers; chosen when offered
 KEY_SUBPROTOCOL = "openai-insecure-api-key."  # a browser's API key, as a subprotocol (it cannot set headers)
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+# Whether this SDK's live sessions take their own VAD settings (``open_stream(turn_detection=...)``); without
+# them server_vad leaves the turns to the provider's ``stream`` settings.
+HUB_TURN_DETECTION = "turn_detection" in inspect.signature(AsyncHubClient.open_stream).parameters
 OUTBOX_EVENTS = 64  # server events waiting for a slow client; while full, nothing more is read from it
 
 
@@ -216,8 +220,8 @@ class Connection:
         await self.outbox.put(self.turns.appended(len(event.pcm) // 2))
 
     async def _update(self, event: UpdateSession) -> None:
-        """A new configuration: a hub session opened with another model, language or prompt ends first
-        (its audio committed, unless there is too little of it to commit)."""
+        """A new configuration: a hub session opened with another model, language, prompt or turn detection
+        ends first (its audio committed, unless there is too little of it to commit)."""
         if event.config.hub_fields != self.applied.hub_fields:
             await self._finish()
         self.applied = event.config
@@ -226,7 +230,9 @@ class Connection:
 
     async def _open(self) -> None:
         config = self.applied
-        options = {"initial_prompt": config.prompt} if config.prompt else {}
+        options: dict[str, Any] = {"initial_prompt": config.prompt} if config.prompt else {}
+        if HUB_TURN_DETECTION and config.turn_detection is not None:
+            options["turn_detection"] = config.turn_detection.hub_turns()
         self.session = await self.gateway.client.open_stream(
             self.gateway.provider_for(config.model),
             language=config.language,

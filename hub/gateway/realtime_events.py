@@ -29,6 +29,8 @@ from hub.stream import StreamEvent
 RATE = 24000  # the only input rate of the Realtime API: pcm16, mono, little-endian
 MIN_COMMIT_MS = 100  # a commit of less audio than this is refused, as OpenAI does
 DEFAULT_MODEL = "whisper-1"  # the gateway's alias for the hub's default provider
+HUB_ENDPOINT_MS = (100, 10_000)  # the silence that ends an utterance, as a hub session's turn_detection takes it
+HUB_THRESHOLD = (0.2, 0.99)  # the VAD's speech threshold, likewise
 
 
 class Dialect(str, Enum):
@@ -71,12 +73,21 @@ class Problem(Exception):
 
 @dataclass(frozen=True)
 class ServerVad:
-    """``turn_detection: {type: "server_vad", ...}``: the hub's VAD ends each turn. The values are kept and
-    echoed; the hub's provider settings (``stream.vad``, ``stream.endpoint_ms``) decide the turns."""
+    """``turn_detection: {type: "server_vad", ...}``: the hub's VAD ends each turn, with this session's
+    ``threshold`` and ``silence_duration_ms`` (``hub_turns``); ``prefix_padding_ms`` is kept and echoed only."""
 
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
+
+    def hub_turns(self) -> dict[str, Any]:
+        """The hub session's ``turn_detection``: VAD on, its endpoint and threshold brought into the ranges
+        the hub takes (an endpoint of 100 ms to 10 s, a threshold of 0.2 to 0.99)."""
+        return {
+            "vad": True,
+            "endpoint_ms": min(max(self.silence_duration_ms, HUB_ENDPOINT_MS[0]), HUB_ENDPOINT_MS[1]),
+            "vad_threshold": min(max(self.threshold, HUB_THRESHOLD[0]), HUB_THRESHOLD[1]),
+        }
 
 
 @dataclass(frozen=True)
@@ -89,9 +100,9 @@ class SessionConfig:
     turn_detection: ServerVad | None = ServerVad()
 
     @property
-    def hub_fields(self) -> tuple[str, str | None, str]:
+    def hub_fields(self) -> tuple[str, str | None, str, ServerVad | None]:
         """What a hub session is opened with: a change to these needs a new one."""
-        return self.model, self.language, self.prompt
+        return self.model, self.language, self.prompt, self.turn_detection
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ hub has one)."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import re
 import time
@@ -22,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from hub.audio import to_pcm
-from hub.config import StreamConfig
+from hub.gateway.realtime import HUB_TURN_DETECTION
 from hub.wer import word_error_rate
 from tests.conftest import DATA, reference
 from tests.gateway.conftest import Gateway, serving
@@ -33,7 +32,6 @@ pytestmark = pytest.mark.timeout(120)
 RATE = 24000
 KEY = "sesame"
 PREFIX = "conversation.item.input_audio_transcription"
-HUB_HAS_VAD = "vad" in {f.name for f in dataclasses.fields(StreamConfig)}  # live VAD in the workers (stream.vad)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("realtime")
     (tmp / "keys").write_text(f"{KEY}\n")
     whisper: dict[str, Any] = {"type": "whisper", "model": "tiny.en", "pool": {"min_size": 1, "max_size": 2}}
-    if HUB_HAS_VAD:
-        whisper["stream"] = {"vad": True}
     echo = {"type": "echo", "pool": {"min_size": 1, "max_size": 1, "max_sessions": 1}}
     quiet = {"type": "echo", "pool": {"min_size": 1, "max_size": 1, "max_sessions": 1, "session_idle_timeout": 1.0}}
     providers = {"whisper": whisper, "echo": echo, "quiet": quiet}
@@ -295,11 +291,13 @@ def test_a_session_the_hub_closes_for_silence_completes_and_the_next_audio_opens
 
 
 @pytest.mark.skipif(
-    not HUB_HAS_VAD, reason="the hub has no live VAD yet (no stream.vad in StreamConfig): it sends no speech events"
+    not HUB_TURN_DETECTION,
+    reason="the hub has no live VAD yet (AsyncHubClient.open_stream takes no turn_detection): it sends no speech events",
 )
 def test_server_vad_turns_without_commits(gw: Gateway) -> None:
-    """Two utterances, each followed by silence: the hub's VAD starts, stops and commits each item, and
-    completes it, without a commit from the client."""
+    """Two utterances, each followed by silence: the hub's VAD (turned on by the session's server_vad, the
+    provider's ``stream.vad`` is off) starts, stops and commits each item, and completes it, without a commit
+    from the client."""
     silence = bytes(2 * RATE * 2)  # 2 s
     with open_socket(gw) as ws:
         recv(ws)
