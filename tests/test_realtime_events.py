@@ -414,3 +414,22 @@ def test_server_vad_settings_become_the_hub_sessions_turn_detection() -> None:
     assert ServerVad().hub_turns() == {"vad": True, "endpoint_ms": 500, "vad_threshold": 0.5}
     assert ServerVad(threshold=0.0, silence_duration_ms=0).hub_turns() == {"vad": True, "endpoint_ms": 100, "vad_threshold": 0.2}
     assert ServerVad(threshold=1.0, silence_duration_ms=10_000).hub_turns()["vad_threshold"] == 0.99
+
+
+def test_an_utterance_that_covers_two_turns_completes_both() -> None:
+    """A hub that fell behind decodes two utterances as one: its utterance (ending at the second's end)
+    completes both items, the first with the text, so that no item is left waiting forever."""
+    t = turns(manual=False)
+    t.session_opened()
+    t.appended(RATE * 10)
+    events = [
+        StreamEvent("speech_started", "", at=1.0),
+        StreamEvent("speech_stopped", "", at=2.0),
+        StreamEvent("speech_started", "", at=3.0),
+        StreamEvent("speech_stopped", "", at=5.0),
+        final("One. Two."),
+        StreamEvent("utterance", "One. Two.", at=5.0),
+    ]
+    out = [e for event in events for e in t.hub_event(event)]
+    done = [(e["item_id"], e["transcript"]) for e in out if e["type"].endswith("completed")]
+    assert done == [("item_1", "One. Two."), ("item_2", "")]

@@ -31,6 +31,7 @@ MIN_COMMIT_MS = 100  # a commit of less audio than this is refused, as OpenAI do
 DEFAULT_MODEL = "whisper-1"  # the gateway's alias for the hub's default provider
 HUB_ENDPOINT_MS = (100, 10_000)  # the silence that ends an utterance, as a hub session's turn_detection takes it
 HUB_THRESHOLD = (0.2, 0.99)  # the VAD's speech threshold, likewise
+AT_TOLERANCE_S = 0.01  # the hub's times of one boundary agree to well within this
 
 
 class Dialect(str, Enum):
@@ -430,8 +431,14 @@ class Turns:
             stopped = {"type": "input_audio_buffer.speech_stopped", "item_id": item.id, "audio_end_ms": _ms(at)}
             return [stopped, self._commit(item, at)]
         if event.kind == "utterance" and self.committed:
-            item = self.committed.popleft()
-            return [_completed(item, event.text.strip() or item.text)]
+            # the utterance that ended at ``at`` is complete; so is any later item that ended by then (a hub
+            # that fell behind may decode two utterances as one, whose text then goes to the first)
+            first = self.committed.popleft()
+            events = [_completed(first, event.text.strip() or first.text)]
+            while self.committed and (self.committed[0].end or 0.0) <= at + AT_TOLERANCE_S:
+                item = self.committed.popleft()
+                events.append(_completed(item, item.text))
+            return events
         return []
 
     def session_ended(self, problem: Problem | None = None) -> list[dict[str, Any]]:

@@ -317,13 +317,16 @@ def test_server_vad_turns_without_commits(gw: Gateway) -> None:
             },
         )
         assert recv(ws)["type"] == "session.updated"
-        append(ws, silence + pcm24("hello") + silence + pcm24("weather") + silence)
-        events = until(ws, f"{PREFIX}.completed", count=2, timeout=90)
+        started = time.monotonic()  # sent as it would be spoken: 100 ms every 100 ms
+        for i, chunk in enumerate(chunks(silence + pcm24("hello") + silence + pcm24("weather") + silence)):
+            time.sleep(max(0.0, started + i * 0.1 - time.monotonic()))
+            send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+        events = until(ws, f"{PREFIX}.completed", count=2, timeout=60)
     assert not [e for e in events if e["type"] == "error"], events
     kinds = [e["type"] for e in events]
-    assert kinds.count("input_audio_buffer.speech_started") == 2 and kinds.count("input_audio_buffer.speech_stopped") == 2
-    started = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
-    assert 1500 <= started[0] <= 2500, started  # the first speech begins after 2 s of silence
+    assert kinds.count("input_audio_buffer.speech_started") == 2 and kinds.count("input_audio_buffer.speech_stopped") == 2, events
+    starts = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    assert 1500 <= starts[0] <= 2500, starts  # the first speech begins after 2 s of silence
     transcripts = [entry["transcript"] for entry in items(events).values()]
     for transcript, name in zip(transcripts, ("hello", "weather"), strict=True):
         assert word_error_rate(reference(name), transcript) <= 0.2, (name, transcripts)
