@@ -174,6 +174,11 @@ class AnalysisConfig:
     max_wer: float = 0.15
 
 
+def baseline_of(weights: dict[str, float], order: tuple[str, ...]) -> str:
+    """The provider canaries are compared with: the heaviest weight, the first listed on a tie."""
+    return max(order, key=lambda p: (weights.get(p, 0.0), -order.index(p)))
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """A public model name served by weighted providers (a gray release), perhaps with a shadow and an analysis."""
