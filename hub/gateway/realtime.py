@@ -233,14 +233,21 @@ class Connection:
         options: dict[str, Any] = {"initial_prompt": config.prompt} if config.prompt else {}
         if HUB_TURN_DETECTION and config.turn_detection is not None:
             options["turn_detection"] = config.turn_detection.hub_turns()
-        self.session = await self.gateway.client.open_stream(
-            self.gateway.provider_for(config.model),
-            language=config.language,
-            timeout=self.gateway.settings.section.request_timeout,
-            **options,
+        opening = asyncio.ensure_future(
+            self.gateway.client.open_stream(
+                self.gateway.provider_for(config.model),
+                language=config.language,
+                timeout=self.gateway.settings.section.request_timeout,
+                **options,
+            )
         )
+        try:
+            self.session = session = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the client left while the hub was placing the session
+            opening.add_done_callback(_end_late)
+            raise
         self.turns.session_opened()
-        self.forwarder = asyncio.create_task(self._forward(self.session))
+        self.forwarder = asyncio.create_task(self._forward(session))
 
     async def _finish(self) -> None:
         """End the hub session (the worker decodes what is left) and wait until all its events are out."""
@@ -288,6 +295,18 @@ async def _refuse(websocket: WebSocket, exc: ApiError | HubError) -> None:
     except ClientGone:
         return
     await close(websocket, mapping(exc.code).close, exc.message)
+
+
+_late: set[asyncio.Task[None]] = set()  # closes of sessions opened for clients that had left
+
+
+def _end_late(opening: asyncio.Future[AsyncStreamSession]) -> None:
+    """A session the hub opened after its client left is closed at once, not left to its idle timeout."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    task = asyncio.ensure_future(end_session(opening.result()))
+    _late.add(task)
+    task.add_done_callback(_late.discard)
 
 
 def _new_id(prefix: str) -> str:

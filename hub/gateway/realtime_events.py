@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
 
+from hub.client import StreamEvent
 from hub.errors import HubError
 from hub.gateway.errors import ApiError, mapping
 from hub.results import join_text
-from hub.client import StreamEvent
 
 RATE = 24000  # the only input rate of the Realtime API: pcm16, mono, little-endian
 MIN_COMMIT_MS = 100  # a commit of less audio than this is refused, as OpenAI does

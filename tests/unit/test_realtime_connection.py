@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from hub.client import StreamEvent
 from hub.gateway.live import QUEUE_PIECES
 from hub.gateway.realtime import OUTBOX_EVENTS, Connection
 from hub.gateway.realtime_events import RATE, Dialect, SessionConfig
 from hub.gateway.sockets import ClientGone
 from hub.results import Transcript
-from hub.client import StreamEvent
 
 
 class FakeSocket:
@@ -260,3 +260,29 @@ async def _server_vad_events_through_the_connection() -> None:
     assert (socket.sent[1]["audio_start_ms"], socket.sent[2]["audio_end_ms"]) == (400, 1600)
     assert socket.sent[-1]["transcript"] == "Good morning."
     assert session.closed  # the client left: its hub session is closed, not left to time out
+
+
+def test_a_session_opened_after_its_client_left_is_closed() -> None:
+    run(_a_session_opened_after_its_client_left_is_closed())
+
+
+async def _a_session_opened_after_its_client_left_is_closed() -> None:
+    session = FakeSession(on_close=[])
+    placed = asyncio.Event()
+
+    async def slow_open(provider: str | None, **options: Any) -> FakeSession:
+        await placed.wait()  # the hub is still placing the session
+        return session
+
+    gateway = fake_gateway([])
+    gateway.client.open_stream = slow_open
+    socket = FakeSocket()
+    task = asyncio.create_task(Connection(socket, gateway, SessionConfig(), Dialect.GA).run())
+    socket.say({"type": "input_audio_buffer.append", "audio": audio(0.1)})
+    await settle(lambda: socket.reads)
+    socket.leave()
+    await gone(task)
+    assert not session.closed
+    placed.set()
+    await settle(lambda: session.closed)
+    assert session.closed and session.samples == 0

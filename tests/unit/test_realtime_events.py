@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from hub.client import StreamEvent
 from hub.errors import PoolBusy
 from hub.gateway.realtime_events import (
     RATE,
@@ -27,7 +28,6 @@ from hub.gateway.realtime_events import (
     parse_client_event,
     session_event,
 )
-from hub.client import StreamEvent
 
 DEFAULT = SessionConfig()
 
