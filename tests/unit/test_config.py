@@ -122,3 +122,18 @@ def test_errors_from_the_schema_name_the_key_path(data: dict, message: str) -> N
 def test_an_integer_is_a_number() -> None:
     pool = parse_config({"providers": {"echo": {"pool": {"idle_timeout": 10}}}}).providers["echo"].pool
     assert pool.idle_timeout == 10.0 and isinstance(pool.idle_timeout, float)
+
+
+def test_batching_keys_default_to_one_job_at_a_time_and_are_checked() -> None:
+    pools = parse_config({"providers": {"a": {"type": "echo", "pool": {}},
+                                        "b": {"type": "echo", "pool": {"max_batch": 16, "batch_wait_ms": 0}},
+                                        "off": {"type": "echo", "pool": {"enabled": False, "max_batch": 8}}}})
+    assert (pools.providers["a"].pool.max_batch, pools.providers["a"].pool.batch_wait_ms) == (1, 5.0)
+    assert (pools.providers["b"].pool.max_batch, pools.providers["b"].pool.batch_wait_ms) == (16, 0.0)
+    assert pools.providers["off"].pool.max_batch == 1  # single-instance mode: one job at a time
+    for pool, message in (({"max_batch": 0}, "max_batch: must be a whole number from 1 to 256, got 0"),
+                          ({"max_batch": 257}, "max_batch: must be"),
+                          ({"max_batch": 2.5}, "max_batch"),
+                          ({"batch_wait_ms": -1}, "batch_wait_ms: must be from 0 to 1000")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"providers": {"a": {"type": "echo", "pool": pool}}})
