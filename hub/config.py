@@ -61,8 +61,8 @@ class PoolConfig:
     max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0
-    # jobs one worker holds at once and decodes together in one forward pass; 1 on a CPU, where batching
-    # measured no faster (bench/README.md, batched decoding); raise it on a GPU
+    # jobs one worker holds at once and decodes together in one forward pass; 1 until batching on a CPU is
+    # confirmed on a quiet host (bench/README.md, batched decoding); raise it on a GPU
     max_batch: int = 1
     batch_wait_ms: float = 5.0  # a worker holding fewer than max_batch jobs waits this long for more before it decodes
 
