@@ -39,8 +39,10 @@ def scheduler_plan(args: argparse.Namespace) -> scheduler.SchedulerPlan:
 
 
 def batching_plan(args: argparse.Namespace) -> batching.HubBatchPlan:
-    """max_batch 1/2/4 on 1 worker x 2 threads and 2 x 1, C=8; the quick run sends half the requests."""
-    return batching.HubBatchPlan(jobs=16 if args.quick else 32, device=args.device)
+    """max_batch 1/2/4 on 1 worker x 2 threads and 2 x 1, C=8; the quick run only 1 and 4 on 2 x 1, 16 requests."""
+    if args.quick:
+        return batching.HubBatchPlan(batches=(1, 4), layouts=((2, 1),), jobs=16, device=args.device)
+    return batching.HubBatchPlan(device=args.device)
 
 
 def crash_plan(args: argparse.Namespace) -> crash.CrashPlan:

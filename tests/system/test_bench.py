@@ -25,7 +25,7 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     result = json.loads(result_file.read_text())
     assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "crash", "batching", "meta"} <= set(result)
     rows = result["batching"]["rows"]
-    assert [(r["workers"], r["threads"], r["max_batch"]) for r in rows] == [(1, 2, 1), (1, 2, 2), (1, 2, 4), (2, 1, 1), (2, 1, 2), (2, 1, 4)]
+    assert [(r["workers"], r["threads"], r["max_batch"]) for r in rows] == [(2, 1, 1), (2, 1, 4)]  # the quick run's
     assert all(r["same_text"] for r in rows) and "batched decoding in the hub" in out.stdout
     names = " ".join(t["name"] for t in result["targets"])
     assert "M/D/c" in names and "CPU per echo request, supervisor" in names and "chunks forwarded" in names
