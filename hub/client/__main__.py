@@ -102,6 +102,7 @@ def format_status(status: HubStatus) -> str:
         lines.append(
             f"  wait p50/p95/p99 {_ms(f.wait_ms)}  inference {_ms(f.inference_ms)}  "
             f"utilisation {f.utilization:.0%}  throughput {f.throughput:.2f} audio s/s"
+            + ("" if f.mean_batch is None else f"  mean batch {f.mean_batch:.2f}")
         )
         if pool.last_error:
             lines.append(f"  last error: {pool.last_error}")
