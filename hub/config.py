@@ -56,6 +56,10 @@ class PoolConfig:
     max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0
+    # a one-shot request longer than this is cut at pauses into pieces of at most split_piece_seconds,
+    # decoded on every worker of the pool and stitched in order (docs/guides/provider_pooling.md §1.6); 0: never
+    split_over_seconds: float = 60.0
+    split_piece_seconds: float = 30.0
 
     @property
     def session_limit(self) -> int:
@@ -74,7 +78,7 @@ class StreamConfig:
     window_seconds: float = 15.0
 
 
-SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1)
+SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1, split_over_seconds=0.0)
 
 
 @dataclass(frozen=True)
@@ -473,7 +477,7 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     pool = _build(PoolConfig, body, path)
     if not pool.enabled:
         sessions = 1 if pool.max_sessions is None else min(pool.max_sessions, 1)
-        return dataclasses.replace(pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1)
+        return dataclasses.replace(pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1, split_over_seconds=0.0)
     if pool.min_size < 1:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
     if pool.min_size > pool.max_size:
@@ -495,6 +499,13 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     for key in ("acquire_timeout", "job_timeout", "idle_timeout", "health_check_interval"):
         if getattr(pool, key) <= 0:
             raise ConfigError(f"{path}.{key}: must be a positive number of seconds")
+    if pool.split_over_seconds < 0:
+        raise ConfigError(f"{path}.split_over_seconds: must be 0 (never split) or a number of seconds, got {pool.split_over_seconds:g}")
+    if not 1.0 <= pool.split_piece_seconds <= max(pool.split_over_seconds, 1.0):
+        raise ConfigError(
+            f"{path}.split_piece_seconds: must be at least 1 and at most split_over_seconds "
+            f"({pool.split_over_seconds:g}), so that a request it cuts has two pieces or more; got {pool.split_piece_seconds:g}"
+        )
     return pool
 
 

@@ -200,20 +200,21 @@ class SegmentReader:
         self.prefix = prefix
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
-    def read(self, name: str, samples: int) -> np.ndarray:
-        """Copy ``samples`` float32 samples out of a client's segment, refusing names outside the prefix."""
+    def read(self, name: str, samples: int, offset: int = 0) -> np.ndarray:
+        """Copy ``samples`` float32 samples from sample ``offset`` on out of a client's segment, refusing
+        names outside the prefix."""
         if not name.startswith(self.prefix) or owner_pid(name) is None:
             raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {self.prefix!r})")
-        size = samples * 4
+        first, size = offset * 4, (offset + samples) * 4
         view = self._maps.get(name)
         if view is None or len(view) < size:
             view = _map_segment(name, size)
             if len(view) > self.MAX_MAPPED_BYTES:
                 with view:
-                    return np.frombuffer(view[:size], dtype=np.float32)
+                    return np.frombuffer(view[first:size], dtype=np.float32)
             self._keep(name, view)
         self._maps.move_to_end(name)
-        return np.frombuffer(view[:size], dtype=np.float32)
+        return np.frombuffer(view[first:size], dtype=np.float32)
 
     def _keep(self, name: str, view: mmap.mmap) -> None:
         old = self._maps.pop(name, None)

@@ -53,13 +53,21 @@ def test_pieces_done_out_of_order_stitch_in_time_order() -> None:
     assert split.done(2, result(seg(0.5, 3.0, "three"), language="de")) == []
     assert not split.complete
     split.done(0, result(seg(0.0, 2.0, "one"), seg(2.0, 29.0, "one more")))
-    split.done(1, result(seg(1.0, 4.0, "two"), ms=50.0))
+    split.done(1, result(seg(1.0, 4.0, "two"), ms=50.0), worker="w-2")
     assert split.complete
     body = split.result()
     assert [s["start"] for s in body["segments"]] == [0.0, 2.0, 31.0, 58.5]
     assert body["text"] == "one one more two three"
     assert body["language"] == "en" and body["duration"] == 90.0 and body["inference_ms"] == 250.0
-    assert body["extra"] == {"pieces": 3}
+    assert body["extra"] == {"pieces": 3} and body["worker"] == "w-2"
+
+
+def test_a_retried_plan_adds_no_piece_twice() -> None:
+    split = Split(60 * S, False)
+    assert split.plan_piece(0, 30 * S, True, "pause") == 0
+    split.replan()
+    assert split.plan_piece(0, 30 * S, True, "pause") is None
+    assert split.plan_piece(30 * S, 60 * S, True, "end") == 1 and split.planned
 
 
 def test_a_silent_piece_adds_nothing_and_the_language_is_the_first_heard() -> None:

@@ -28,9 +28,10 @@ import zmq
 
 from hub import logs, protocol, shm
 from hub.audio import to_pcm, validate_pcm
-from hub.errors import HubError, InferenceFailed
+from hub.errors import BadRequest, HubError, InferenceFailed
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
+from workers import cutting
 from workers.cuda import visible_pci_bus_ids
 from workers.engine import Engine, check_options, load_engine
 from workers.session import Session
@@ -155,17 +156,11 @@ class Worker:
         return False
 
     def run_job(self, msg: Message) -> None:
+        """A one-shot job: a transcription (a whole request or a piece of one), or the plan of where to cut a
+        long request (a body with ``plan``). The answer is a RESULT, or an ERROR saying what failed."""
         started = time.perf_counter()
         try:
-            pcm = self._pcm(msg)
-            options = {**self.spec.options, **protocol.parse_options(msg.body)}
-            check_options(self.engine, self.spec.type, options)
-
-            def on_segment(segment: Segment) -> None:
-                if msg.body.get("stream"):
-                    self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
-
-            result = self.engine.transcribe(pcm, options, on_segment)
+            body = self._plan(msg) if "plan" in msg.body else self._transcribe(msg)
         except HubError as exc:
             self.send(MsgType.ERROR, msg.id, exc.to_dict())
             return
@@ -174,14 +169,36 @@ class Worker:
             err = InferenceFailed(f"{self.spec.type} model raised {type(exc).__name__}: {exc}")
             self.send(MsgType.ERROR, msg.id, err.to_dict())
             return
-        body = {
+        self.send(MsgType.RESULT, msg.id, {**body, "inference_ms": (time.perf_counter() - started) * 1000.0})
+
+    def _transcribe(self, msg: Message) -> dict[str, Any]:
+        pcm = self._pcm(msg)
+        options = {**self.spec.options, **protocol.parse_options(msg.body)}
+        check_options(self.engine, self.spec.type, options)
+
+        def on_segment(segment: Segment) -> None:
+            if msg.body.get("stream"):
+                self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
+
+        result = self.engine.transcribe(pcm, options, on_segment)
+        return {
             "text": result.text,
             "segments": [s.to_dict() for s in result.segments],
             "language": result.language,
             "duration": result.duration,
-            "inference_ms": (time.perf_counter() - started) * 1000.0,
         }
-        self.send(MsgType.RESULT, msg.id, body)
+
+    def _plan(self, msg: Message) -> dict[str, Any]:
+        """Where to cut a long request (``workers.cutting``): each piece goes to the supervisor as a SEGMENT
+        as soon as its end is known, so its decoding starts while the rest is planned."""
+        piece = msg.body["plan"].get("piece") if isinstance(msg.body["plan"], dict) else None
+        if not isinstance(piece, int) or isinstance(piece, bool) or piece < 2 * cutting.MIN_GAP:
+            raise BadRequest(f"field 'plan.piece' must be a piece length of at least {2 * cutting.MIN_GAP} samples")
+        count = 0
+        for part in cutting.plan(self._pcm(msg), piece, cutting.silero_vad):
+            self.send(MsgType.SEGMENT, msg.id, part.to_dict())
+            count += 1
+        return {"pieces": count}
 
     def open_session(self, msg: Message) -> None:
         try:
@@ -198,7 +215,7 @@ class Worker:
             return _health_clip()
         ref = protocol.parse_audio_ref(msg.body, msg.payload, max_samples=2**31)
         if ref.shm is not None:
-            pcm = self.segments.read(ref.shm, ref.samples)
+            pcm = self.segments.read(ref.shm, ref.samples, ref.offset)
         else:
             pcm = np.frombuffer(msg.payload or b"", dtype=np.float32)
         return validate_pcm(pcm)

@@ -27,7 +27,7 @@ import zmq.auth
 
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
-from hub.errors import AuthFailed, HubError, HubUnreachable, JobTimeout
+from hub.errors import AuthFailed, BadRequest, HubError, HubUnreachable, JobTimeout
 from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript
 
@@ -308,11 +308,23 @@ def route_fields(options: dict[str, Any]) -> dict[str, Any]:
     return {} if key is None else {"route_key": key}
 
 
+def split_field(options: dict[str, Any]) -> dict[str, Any]:
+    """Take ``split`` (False: never cut this request into pieces, however long) out of a call's keyword
+    options into the request's own fields."""
+    split = options.pop("split", None)
+    if split is None:
+        return {}
+    if not isinstance(split, bool):
+        raise BadRequest(f"split must be True or False, got {split!r}")
+    return {"split": split}
+
+
 def transcribe_body(
     provider: str | None, options: dict[str, Any], stream: bool, deadline: float
 ) -> dict[str, Any]:
     timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
-    return {"provider": provider, "options": options, "stream": stream, "timeout": timeout, **route_fields(options)}
+    fields = {**route_fields(options), **split_field(options)}
+    return {"provider": provider, "options": options, "stream": stream, "timeout": timeout, **fields}
 
 
 def audio_lease(audio: AudioInput, sample_rate: int | None, segments: shm.SegmentPool | None) -> AudioLease:

@@ -147,6 +147,8 @@ class _Call:
             self.options["word_timestamps"] = True
         if route_key := form.get("route_key"):
             self.options["route_key"] = route_key
+        if form.get("split") not in (None, ""):
+            self.options["split"] = _flag(form.get("split"), "split")
         self.options["timeout"] = gateway.settings.section.request_timeout
 
 

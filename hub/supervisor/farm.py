@@ -47,6 +47,7 @@ from hub.supervisor.jobs import (
     session_overdue,
 )
 from hub.supervisor.metrics import Metrics
+from hub.supervisor.pieces import Pieces, wants_split
 from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.supervisor.release.rollout import Rollout
 from hub.supervisor.views import PoolView
@@ -83,6 +84,8 @@ class Farm:
         self.stopping = False  # the hub is shutting down: no new job, no health check, no scaling
         self.rollout = rollout  # routes: which provider a routed request goes to, shadows, the end of every routed job
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
+        # long requests split into pieces across the pool (``hub.supervisor.pieces``)
+        self.pieces = Pieces(self.jobs, metrics, self.place, self.fail, self._split_answered, self._split_segment)
 
     @property
     def pools(self) -> dict[str, ProviderPool]:
@@ -99,7 +102,11 @@ class Farm:
                 log.info("session %s: opened by request %s for %s", job.id, msg.id, job.provider)
             else:
                 log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, job.provider, job.audio.seconds)
-            self.place(job, job.received_at)
+            pool = self.pools[job.provider].config.pool
+            if job.kind is JobKind.REQUEST and wants_split(job.audio.samples, pool, protocol.parse_split(msg.body)):
+                self.pieces.start(job, pool, job.received_at)
+            else:
+                self.place(job, job.received_at)
         except HubError as exc:
             name = msg.body.get("provider") or self.config.enabled_providers[0].name
             known = isinstance(name, str) and name in self.config.providers
@@ -129,6 +136,9 @@ class Farm:
         if job is None:
             return
         self._record(job, "JOB_TIMEOUT", time.monotonic())
+        if job.state is JobState.SPLIT:
+            self.pieces.cancel(job)
+            return
         if job.state is JobState.QUEUED:
             self.jobs.finish(job)
             return
@@ -146,7 +156,9 @@ class Farm:
             self.workforce.on_message(worker, msg, now)
         elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
             job = self.jobs.get(msg.id)
-            if job is not None and job.worker == worker.id:
+            if job is not None and job.worker == worker.id and job.owner:
+                self.pieces.on_segment(job, msg.body, now)
+            elif job is not None and job.worker == worker.id:
                 if job.kind is JobKind.SESSION:
                     self._heard(job, msg)
                 self._reply(job, msg.type, msg.body)
@@ -290,6 +302,18 @@ class Farm:
             chosen = one_shot_home(loads, pool.config.pool)
         return pool.workers[chosen] if chosen is not None else None
 
+    def _split_answered(self, job: Job, body: dict[str, Any], now: float) -> None:
+        """A split request's stitched answer (``hub.supervisor.pieces``): accounted for once, to its client."""
+        self._record(job, None, now, float(body["inference_ms"]) / 1000.0, str(body["text"]))
+        body.update(provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0)
+        if job.route:
+            body["route"] = job.route
+        self._reply(job, MsgType.RESULT, body)
+        self.jobs.finish(job)
+
+    def _split_segment(self, job: Job, body: dict[str, Any]) -> None:
+        self._reply(job, MsgType.SEGMENT, body)
+
     def close_session(self, job: Job, reason: str) -> None:
         """Ask the worker to flush and answer; a client's close has no reason, the hub's says why."""
         if job.close_reason:
@@ -338,6 +362,8 @@ class Farm:
         resumed = session and job.attempts > 1
         if not resumed:  # a resumed session keeps its start: max_session_seconds counts from the open
             job.started_at = now
+        if job.owner:
+            self.pieces.started(job, now)
         job.run_deadline = run_deadline(pool.config.pool, job, now)
         resume_data = self._resume(job) if resumed else None
         if session:
@@ -379,19 +405,26 @@ class Farm:
             self.jobs.finish(job)
             return
         limits = self.pools[job.provider].config.pool
-        if job.client_waits and job.attempts <= limits.retry_on_crash and not self.stopping:
+        waits = job.client_waits or (bool(job.owner) and self.pieces.wanted(job))
+        if waits and job.attempts <= limits.retry_on_crash and not self.stopping:
             if job.kind is JobKind.SESSION:  # it moves to another worker, which resumes from the last final word
                 log.warning("session %s: %s; moving it to another worker", job.id, error.message)
                 job.acquire_deadline = time.monotonic() + limits.acquire_timeout
                 self.metrics.resumed(job.provider)
             else:
                 log.info("job %s: retrying on another worker (%s)", job.id, error.message)
+            if job.owner:
+                self.pieces.retrying(job)
             self.jobs.requeue(job)
             return
         self.fail(job, error)
 
     def fail(self, job: Job, error: HubError) -> None:
-        """The job ends with ``error``: accounted for, told to its client if one waits, out of the table."""
+        """The job ends with ``error``: accounted for, told to its client if one waits, out of the table
+        (a part of a split request fails its request)."""
+        if job.owner:
+            self.pieces.failed(job, error)
+            return
         error.request_id = job.request_id
         self._record(job, error.code, time.monotonic())
         self._reply(job, MsgType.ERROR, error.to_dict())
@@ -431,6 +464,9 @@ class Farm:
             self.jobs.finish(job)
             if not self.workforce.checked(worker, msg, now):
                 return
+        elif job is not None and job.owner:
+            worker.jobs_done += 1
+            self.pieces.on_answer(job, msg, worker.id, now)
         elif job is not None:
             code = msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None
             decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.kind is JobKind.SESSION else None
@@ -475,6 +511,7 @@ class Farm:
             pool=pool,
             queue_depth=self.jobs.queued(pool.name),
             sessions=self.jobs.sessions(pool.name),
+            pieces=self.jobs.pieces(pool.name),
             held_back=self.workforce.held_back.get(pool.name, ""),
             target_size=self.workforce.target_size(pool),
             figures=self.metrics.summary(pool.name, now, max(1, pool.size)),

@@ -43,6 +43,7 @@ class PieceState:
     sent: list[dict[str, Any]] = field(default_factory=list)  # segments the client has of it
     held: list[dict[str, Any]] = field(default_factory=list)  # segments waiting for an earlier piece
     seen: int = 0  # segments heard from the current attempt
+    worker: str = ""  # the worker that decoded it
 
     @property
     def seconds(self) -> tuple[float, float]:
@@ -62,6 +63,18 @@ class Split:
         self.pieces: list[PieceState] = []
         self.planned = False  # the plan has its last piece
         self.head = 0  # the first piece not done (its segments go to the client at once)
+        self.heard = 0  # pieces heard from the plan's current attempt
+
+    def plan_piece(self, start: int, end: int, speech: bool, cut: str) -> int | None:
+        """A piece the plan job sent: its index, or None for one known from the plan's attempt before a retry."""
+        self.heard += 1
+        if self.heard <= len(self.pieces):
+            return None
+        return self.add(start, end, speech, cut)
+
+    def replan(self) -> None:
+        """The plan job starts again on another worker: it will send its pieces from the first."""
+        self.heard = 0
 
     def add(self, start: int, end: int, speech: bool, cut: str) -> int:
         """The plan's next piece; it must start where the last one ended. Returns its index."""
@@ -91,10 +104,11 @@ class Split:
         piece.seen = 0
         piece.held.clear()
 
-    def done(self, index: int, body: dict[str, Any] | None) -> list[dict[str, Any]]:
-        """Piece ``index`` answered (``body``, its RESULT; None for a piece without speech, never decoded):
-        the segments the client may have now, in order."""
+    def done(self, index: int, body: dict[str, Any] | None, worker: str = "") -> list[dict[str, Any]]:
+        """Piece ``index`` answered (``body``, its RESULT, from ``worker``; None for a piece without speech,
+        never decoded): the segments the client may have now, in order."""
         piece = self.pieces[index]
+        piece.worker = worker
         body = body or {"text": "", "segments": [], "language": None, "inference_ms": 0.0}
         segments = [shift(s, *piece.seconds) for s in body.get("segments", ())]
         piece.result = {**body, "segments": piece.sent + segments[len(piece.sent) :]}
@@ -129,6 +143,7 @@ class Split:
             "language": languages[0] if languages else None,
             "duration": self.samples / SAMPLE_RATE,
             "inference_ms": sum(float(r.get("inference_ms", 0.0)) for r in results),
+            "worker": ",".join(dict.fromkeys(p.worker for p in self.pieces if p.worker)),
             "extra": {"pieces": len(self.pieces)},
         }
 
