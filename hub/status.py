@@ -225,7 +225,7 @@ class PoolStatus(Wire):
     workers_by_state: Mapping[str, int] = field(default_factory=dict)
     target_size: int = 0
     sessions: int = 0
-    pieces: int = 0
+    pieces_in_flight: int = 0
     degraded: bool = False
     last_error: str = ""
     restart_backoff: float = 0.0

@@ -362,8 +362,8 @@ class Jobs:
         return [j for j in self._by_id.values() if j.owner == owner]
 
     def pieces(self, provider: str) -> int:
-        """Pieces of split requests on the provider's workers (not abandoned)."""
-        return sum(1 for j in self._by_id.values() if j.kind is JobKind.PIECE and j.provider == provider and j.state is JobState.RUNNING)
+        """Pieces of split requests on the provider's workers (abandoned ones too: they hold their worker)."""
+        return sum(1 for j in self._by_id.values() if j.kind is JobKind.PIECE and j.provider == provider and j.worker is not None)
 
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider`` their clients still wait for, open or waiting for a worker."""

@@ -396,7 +396,7 @@ def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
         "degraded": "1 while the provider's model fails to load",
         "max_queue": "Configured max_queue",
         "sessions": "Live sessions, open or waiting for a worker",
-        "pieces": "Pieces of split requests on workers now",
+        "pieces_in_flight": "Pieces of split requests on workers now",
         "held_back": "1 while the pool wants to grow but max_size, memory or GPU memory holds it back",
     }
     providers = gauges.get("providers", {})

@@ -47,7 +47,7 @@ def provider_status(provider: ProviderConfig, view: PoolView | None, now: float)
             workers_by_state=pool.by_state(),
             target_size=view.target_size,
             sessions=view.sessions,
-            pieces=view.pieces,
+            pieces_in_flight=view.pieces,
             degraded=bool(pool.load_failures),
             last_error=pool.last_error,
             restart_backoff=max(0.0, pool.next_spawn_at - now),
@@ -106,7 +106,7 @@ def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
                 "degraded": int(bool(view.pool.load_failures)),
                 "max_queue": view.pool.config.pool.max_queue,
                 "sessions": view.sessions,
-                "pieces": view.pieces,
+                "pieces_in_flight": view.pieces,
                 "held_back": int(bool(view.held_back)),
                 "states": view.pool.by_state(),
                 "workers": [
