@@ -3,6 +3,8 @@ Silero VAD on speech whose words straddle the naive boundary."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -40,7 +42,7 @@ def test_the_quietest_100_ms_wins_and_a_flat_signal_cuts_at_the_latest() -> None
 
 def _partition(pieces: list[Piece], total: int) -> None:
     assert pieces[0].start == 0 and pieces[-1].end == total and pieces[-1].cut is Cut.END
-    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))
+    assert all(a.end == b.start for a, b in itertools.pairwise(pieces))
 
 
 def test_a_plan_partitions_the_audio_into_pieces_no_longer_than_asked() -> None:

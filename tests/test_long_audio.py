@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.clips import DATA, read_wav
-from hub.errors import InvalidAudio, JobTimeout, PoolBusy
+from hub.errors import InvalidAudio, JobTimeout
 from hub.protocol import SAMPLE_RATE
 from hub.results import Segment, Transcript
 from tests.conftest import echo_provider, wait_for
@@ -124,9 +124,8 @@ def test_a_short_request_waits_only_for_the_running_pieces(hub_factory) -> None:
 def test_a_cancelled_request_leaves_no_piece_queued(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=2, max_size=2, **SPLIT)})
     pieces = len([p for p in expected(6) if p.speech])
-    with hub.client() as client:
-        with pytest.raises(JobTimeout):
-            client.transcribe(talk(6), sleep=1.0, timeout=2.5)
+    with hub.client() as client, pytest.raises(JobTimeout):
+        client.transcribe(talk(6), sleep=1.0, timeout=2.5)
 
     def done() -> int:
         return sum(w["jobs_done"] for w in hub.status()["providers"]["echo"]["workers"])
