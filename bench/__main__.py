@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import chart, chunks, crash, gateway, hubpool, report, scheduler, streaming
+from bench import chart, chunks, crash, gateway, hubpool, long_audio, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
         result["crash"] = crash.measure(workdir, crash_plan(args), args.device)
+        long_plan = long_audio.LongPlan(seconds=120.0 if args.quick else 300.0, workers=tuple(sorted({1, min(2, args.max_workers)})))
+        result["long_audio"] = long_audio.measure(workdir, args.device, long_plan)
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {
         "timestamp": stamp,
