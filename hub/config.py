@@ -501,7 +501,7 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
             raise ConfigError(f"{path}.{key}: must be a positive number of seconds")
     if pool.split_over_seconds < 0:
         raise ConfigError(f"{path}.split_over_seconds: must be 0 (never split) or a number of seconds, got {pool.split_over_seconds:g}")
-    if not 1.0 <= pool.split_piece_seconds <= max(pool.split_over_seconds, 1.0):
+    if pool.split_piece_seconds < 1.0 or 0 < pool.split_over_seconds < pool.split_piece_seconds:
         raise ConfigError(
             f"{path}.split_piece_seconds: must be at least 1 and at most split_over_seconds "
             f"({pool.split_over_seconds:g}), so that a request it cuts has two pieces or more; got {pool.split_piece_seconds:g}"

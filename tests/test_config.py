@@ -96,3 +96,20 @@ def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
     assert rollback.providers["a"].pool.sessions_per_worker == 1 and rollback.providers["a"].pool.session_limit == 1
     capped = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "max_sessions": 1}}}})
     assert capped.providers["a"].pool.session_limit == 1
+
+
+def test_split_keys_are_checked_and_single_instance_never_splits() -> None:
+    pool = parse_config({"providers": {"a": {"type": "echo", "pool": {"max_size": 2}}}}).providers["a"].pool
+    assert (pool.split_over_seconds, pool.split_piece_seconds) == (60.0, 30.0)
+    off = parse_config({"providers": {"a": {"type": "echo", "pool": {"split_over_seconds": 0}}}}).providers["a"].pool
+    assert off.split_over_seconds == 0
+    single = parse_config({"providers": {"a": {"type": "echo"}}}).providers["a"].pool
+    rollback = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False}}}}).providers["a"].pool
+    assert single.split_over_seconds == 0 and rollback.split_over_seconds == 0
+    for bad, match in (
+        ({"split_over_seconds": -1}, "split_over_seconds: must be 0"),
+        ({"split_piece_seconds": 0.5}, "split_piece_seconds: must be at least 1"),
+        ({"split_over_seconds": 20, "split_piece_seconds": 30}, "at most split_over_seconds"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_config({"providers": {"a": {"type": "echo", "pool": bad}}})

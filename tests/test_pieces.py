@@ -175,3 +175,16 @@ def test_streamed_segments_reach_the_client_in_time_order(stream: bool) -> None:
     farm.pieces.on_segment(a, {"start": 0.0, "end": 1.0, "text": "a"}, 2.0)
     farm.pieces.on_answer(a, result("a"), "w2", 3.0)
     assert [s["text"] for s in farm.segments] == (["a", "b"] if stream else [])
+
+
+def test_pieces_that_expire_together_fail_their_request_once() -> None:
+    farm = Farm()
+    request(farm, 100)
+    plan = farm.run("w1")
+    for start, end in ((0, 30), (30, 60), (60, 100)):
+        farm.pieces.on_segment(plan, piece_msg(start, end), 1.0)
+    expired = farm.jobs.expired("p", 1000.0)  # the client's deadline: every queued piece at once
+    assert len(expired) == 3
+    for part in expired:
+        farm.pieces.failed(part, WorkerCrashed("gone"))
+    assert len(farm.errors) == 1 and farm.jobs.queued("p") == 0 and farm.jobs.in_flight == 0

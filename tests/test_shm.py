@@ -131,6 +131,8 @@ def test_segment_reader_keeps_small_segments_mapped_and_sees_them_rewritten() ->
     pool.give_back(seg, reusable=True)
     again = pool.lease(np.full(200, -0.5, np.float32))  # the same segment, the next request's audio
     assert again is seg and np.array_equal(reader.read(seg.name, 200), np.full(200, -0.5))
+    seg.write(np.arange(200, dtype=np.float32))
+    assert np.array_equal(reader.read(seg.name, 50, offset=120), np.arange(120, 170))  # a piece of a split request
     with pytest.raises(InvalidAudio, match="fewer than"):
         reader.read(seg.name, shm.MIN_SEGMENT)  # more than the segment holds
     with pytest.raises(InvalidAudio, match="not one of this hub"):

@@ -125,7 +125,10 @@ class Pieces:
             self._end(owner, InternalError(f"the plan of request {owner.request_id} ended before the audio did; please report it"))
 
     def failed(self, part: Job, error: HubError) -> None:
-        """A part failed for good (its retries used up, its deadline passed, the hub stopping): so does its request."""
+        """A part failed for good (its retries used up, its deadline passed, the hub stopping): so does its request.
+        A part already dropped with its request (several expire at once) has nothing left to fail."""
+        if part.state is JobState.DONE:
+            return
         owner, _ = self._of(part)
         self.jobs.finish(part)
         if owner is not None:
