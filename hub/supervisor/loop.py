@@ -49,10 +49,15 @@ from hub.config import (
 from hub.errors import BadRequest, HubError, InternalError
 from hub.protocol import Message, MsgType
 from hub.supervisor import probes, views
+from hub.supervisor.cards import Cards
 from hub.supervisor.farm import Farm
 from hub.supervisor.gateway_child import GatewayChild
+from hub.supervisor.jobs import Jobs
 from hub.supervisor.metrics import Metrics
+from hub.supervisor.process import ProcessIO
 from hub.supervisor.release.rollout import Rollout
+from hub.supervisor.sessions import Sessions
+from hub.supervisor.workforce import Workforce
 
 log = logging.getLogger("hub.supervisor")
 
@@ -94,7 +99,11 @@ class Supervisor:
         self.pid_path.write_text(f"{os.getpid()}\n")
         self.metrics = Metrics()
         self.rollout = Rollout(config.routes, self.metrics)
-        self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics, self.rollout)
+        # the supervisor core, side by side: the workers, the live sessions, the one-shot jobs (no clock, no I/O)
+        self.workforce = Workforce(config, ProcessIO(self.backend), Cards(), self.backend_path, self.shm_prefix)
+        jobs = Jobs()
+        self.sessions = Sessions(jobs, self.workforce, self.reply, self.metrics)
+        self.farm = Farm(config, jobs, self.workforce, self.sessions, self.reply, self.metrics, self.rollout)
         self.probes: Any = None
         self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
@@ -208,10 +217,10 @@ class Supervisor:
         self.begin_shutdown("SIGINT")
 
     def handle_ttin(self) -> None:
-        self.farm.step_sizes(+1)
+        self.workforce.step_sizes(+1, time.monotonic())
 
     def handle_ttou(self) -> None:
-        self.farm.step_sizes(-1)
+        self.workforce.step_sizes(-1, time.monotonic())
 
     def begin_shutdown(self, why: str) -> None:
         """Refuse new work and give jobs in flight ``hub.drain_timeout``; a second signal stops at once."""
@@ -252,19 +261,19 @@ class Supervisor:
     def on_client_message(self, client: bytes, msg: Message) -> None:
         """One client message, to the room that handles it: new work and sessions to the farm, the rest here."""
         if msg.type in (MsgType.TRANSCRIBE, MsgType.STREAM_OPEN):
-            self.farm.admit(client, msg)
+            self.farm.admit(client, msg, time.monotonic())
         elif msg.type is MsgType.STREAM_DATA:
-            self.farm.stream_data(client, msg)
+            self.sessions.data(client, msg, time.monotonic())
         elif msg.type is MsgType.STREAM_CLOSE:
-            self.farm.stream_close(client, msg.id)
+            self.sessions.close(client, msg.id, time.monotonic())
         elif msg.type is MsgType.CANCEL:
-            self.farm.cancel(client, msg.id)
+            self.farm.cancel(client, msg.id, time.monotonic())
         elif msg.type is MsgType.STATUS:
             self.reply(client, MsgType.REPLY, msg.id, self.status().to_dict())
         elif msg.type is MsgType.HELLO:
             self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
         elif msg.type is MsgType.SCALE:
-            self.reply(client, MsgType.REPLY, msg.id, self.farm.scale(msg.body.get("provider"), msg.body.get("size")))
+            self.reply(client, MsgType.REPLY, msg.id, self.workforce.scale(msg.body.get("provider"), msg.body.get("size"), time.monotonic()))
         elif msg.type is MsgType.ROUTE:
             route, weights = protocol.parse_weights(msg.body)
             known = {p.name for p in self.config.enabled_providers}
@@ -290,7 +299,7 @@ class Supervisor:
             self.malformed += 1
             log.warning("dropped a malformed message from a worker: %s", exc)
             return
-        self.farm.on_worker(identity, msg)
+        self.farm.on_worker(identity, msg, time.monotonic())
 
     def hello(self, body: dict[str, Any]) -> dict[str, Any]:
         """Tell the client who we are and whether it shares our /dev/shm (it proves it with a probe segment)."""
@@ -321,7 +330,7 @@ class Supervisor:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
-        self.metrics.ready = ready = self.farm.ready and not self.farm.stopping  # shutting down: out of the Service
+        self.metrics.ready = ready = self.workforce.ready and not self.farm.stopping  # shutting down: out of the Service
         self.metrics.loop_at = now
         if sample or now >= self.next_summary:
             pool_views = self.farm.views(now)
@@ -335,9 +344,9 @@ class Supervisor:
 
     def _log_ready(self, now: float) -> None:
         """Say once that the hub is ready; also checked before a status reply, so the log says it first."""
-        if not self.ready_logged and self.farm.ready and not self.farm.stopping:
+        if not self.ready_logged and self.workforce.ready and not self.farm.stopping:
             self.ready_logged = True
-            sizes = ", ".join(f"{name}: {size} worker(s)" for name, size in self.farm.sizes().items())
+            sizes = ", ".join(f"{name}: {size} worker(s)" for name, size in self.workforce.sizes.items())
             log.info("hub ready in %.2f s on %s (%s)", now - self.started, self.config.hub.frontend, sizes)
 
     def reload(self) -> None:
@@ -357,7 +366,7 @@ class Supervisor:
         self.rollout.reconfigure(new.routes)
         if self.gateway is not None:
             self.gateway.reload()
-        log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.sizes()))
+        log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.workforce.sizes))
 
     def status(self) -> status.HubStatus:
         now = time.monotonic()
@@ -370,18 +379,18 @@ class Supervisor:
             version=__version__,
             frontend=self.config.hub.frontend,
             uptime=round(now - self.started, 3),
-            ready=self.farm.ready,
+            ready=self.workforce.ready,
             shutting_down=self.farm.stopping,
             dropped_replies=self.dropped,
             malformed_messages=self.malformed,
-            inline_bytes=self.farm.inline_bytes,
+            inline_bytes=self.farm.inline_bytes + self.sessions.inline_bytes,
         )
         gateway = None if self.gateway is None else self.gateway.status()
         return status.HubStatus(hub=hub, providers=providers, routes=self.rollout.status(), gateway=gateway)
 
     def close(self) -> None:
         """Fail what is left, stop every worker (STOP, then SIGTERM, then SIGKILL), remove our files."""
-        stopped = self.farm.close()
+        stopped = self.farm.close(time.monotonic())
         if self.gateway is not None:
             self.gateway.stop()
         if self.probes is not None:

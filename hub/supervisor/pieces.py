@@ -39,7 +39,7 @@ from hub.supervisor.split import Split
 log = logging.getLogger("hub.supervisor")
 
 Place = Callable[[Job, float], None]  # give a job a worker or queue it (the farm's ``place``)
-Fail = Callable[[Job, HubError], None]  # end the client's request with an error
+Fail = Callable[[Job, HubError, float], None]  # end the client's request with an error
 Answer = Callable[[Job, dict[str, Any], float], None]  # the client's request's stitched RESULT body
 Segment = Callable[[Job, dict[str, Any]], None]  # one SEGMENT to the client of the request
 
@@ -97,7 +97,7 @@ class Pieces:
         try:
             index = split.plan_piece(int(body["start"]), int(body["end"]), bool(body["speech"]), str(body["cut"]))
         except (KeyError, TypeError, ValueError) as exc:
-            self._end(owner, InternalError(f"the plan of request {owner.request_id} is broken ({exc}); please report it"))
+            self._end(owner, InternalError(f"the plan of request {owner.request_id} is broken ({exc}); please report it"), now)
             return
         if index is None:
             return
@@ -118,13 +118,13 @@ class Pieces:
         if owner is None or split is None:
             return
         if msg.type is MsgType.ERROR:
-            self._end(owner, HubError.from_dict(msg.body))
+            self._end(owner, HubError.from_dict(msg.body), now)
         elif part.kind is JobKind.PIECE:
             self._deliver(owner, split, split.done(part.index, msg.body, worker), now)
         elif not split.planned:
-            self._end(owner, InternalError(f"the plan of request {owner.request_id} ended before the audio did; please report it"))
+            self._end(owner, InternalError(f"the plan of request {owner.request_id} ended before the audio did; please report it"), now)
 
-    def failed(self, part: Job, error: HubError) -> None:
+    def failed(self, part: Job, error: HubError, now: float) -> None:
         """A part failed for good (its retries used up, its deadline passed, the hub stopping): so does its request.
         A part already dropped with its request (several expire at once) has nothing left to fail."""
         if part.state is JobState.DONE:
@@ -132,7 +132,7 @@ class Pieces:
         owner, _ = self._of(part)
         self.jobs.finish(part)
         if owner is not None:
-            self._end(owner, error)
+            self._end(owner, error, now)
 
     def wanted(self, part: Job) -> bool:
         """Whether a part's request still waits for it (a part whose worker died is retried only then)."""
@@ -167,10 +167,10 @@ class Pieces:
             self._drop_parts(owner)  # a plan that has not answered yet after its last piece
             self.answer(owner, split.result(), now)
 
-    def _end(self, owner: Job, error: HubError) -> None:
+    def _end(self, owner: Job, error: HubError, now: float) -> None:
         self.splits.pop(owner.id, None)
         self._drop_parts(owner)
-        self.fail(owner, error)
+        self.fail(owner, error, now)
 
     def _drop_parts(self, owner: Job) -> None:
         for part in self.jobs.owned(owner.id):

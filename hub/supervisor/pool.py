@@ -7,13 +7,13 @@ only if its state is IDLE.
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
 from hub.config import ProviderConfig
 from hub.supervisor.gpus import Card
+from hub.supervisor.process import Proc
 
 
 class WorkerState(str, Enum):
@@ -30,7 +30,7 @@ class WorkerHandle:
 
     id: str
     provider: str
-    proc: subprocess.Popen[bytes]
+    proc: Proc
     card: Card | None  # the GPU it was placed on; None: the CPU (or a GPU worker that fell back to it)
     started_at: float
     state: WorkerState = WorkerState.STARTING

@@ -13,11 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from typing import Protocol
+
+import zmq
 
 from hub.config import ProviderConfig
 from hub.protocol import ExitCode, WorkerSpec
 from hub.provider_types import PROVIDER_TYPES
 from hub.supervisor.gpus import PCI_ORDER, Card
+from hub.supervisor.resources import rss_mb
 
 MAX_BACKOFF = 60.0
 
@@ -100,3 +105,76 @@ def describe_exit(code: int) -> str:
 def backoff(failures: int) -> float:
     """Seconds to wait before the next start after ``failures`` model-load failures in a row: 1, 2, 4 ... 60."""
     return min(MAX_BACKOFF, 2.0 ** max(0, failures - 1))
+
+
+class Proc(Protocol):
+    """What the workforce uses of a worker process (``subprocess.Popen`` is one; tests give a double)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+
+class WorkerIO(Protocol):
+    """The workforce's hands: every process, socket and reading it touches. ``ProcessIO`` is the real one;
+    the unit tests drive the supervisor core with a double and a fake clock."""
+
+    def spawn(self, spec: WorkerSpec, provider: ProviderConfig, card: Card | None) -> Proc: ...
+
+    def send(self, worker_id: str, frames: list[bytes]) -> Exception | None: ...
+
+    def terminate(self, proc: Proc) -> None: ...
+
+    def kill(self, proc: Proc) -> None: ...
+
+    def rss_mb(self, pid: int) -> float: ...
+
+    def stop_all(self, procs: list[Proc], grace: float) -> None: ...
+
+
+class ProcessIO:
+    """Real processes, the backend ROUTER socket and ``/proc`` readings."""
+
+    def __init__(self, backend: zmq.Socket) -> None:
+        self.backend = backend
+
+    def spawn(self, spec: WorkerSpec, provider: ProviderConfig, card: Card | None) -> subprocess.Popen[bytes]:
+        return spawn(spec, provider, card)
+
+    def send(self, worker_id: str, frames: list[bytes]) -> zmq.ZMQError | None:
+        """The socket is ROUTER_MANDATORY: a dead peer raises, and the error is returned, nothing dropped."""
+        try:
+            self.backend.send_multipart([worker_id.encode(), *frames])
+        except zmq.ZMQError as exc:
+            return exc
+        return None
+
+    def terminate(self, proc: Proc) -> None:
+        terminate(proc)  # type: ignore[arg-type]
+
+    def kill(self, proc: Proc) -> None:
+        kill(proc)  # type: ignore[arg-type]
+
+    def rss_mb(self, pid: int) -> float:
+        return rss_mb(pid)
+
+    def stop_all(self, procs: list[Proc], grace: float) -> None:
+        """After STOP went to each: wait, then SIGTERM, wait, then SIGKILL, wait (each wait at most ``grace``)."""
+        popens: list[subprocess.Popen[bytes]] = procs  # type: ignore[assignment]
+        _wait_all(popens, min(grace, 2.0))
+        for proc in popens:
+            terminate(proc)
+        _wait_all(popens, grace)
+        for proc in popens:
+            kill(proc)
+        _wait_all(popens, grace)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass

@@ -1,21 +1,22 @@
 """The workers' life: started on the card ``hub.cards`` picks, ready, watched, checked, scaled, rolled, stopped.
 
-The ``Workforce`` owns the pools and every message to a worker (``send``). It knows nothing of the
+The ``Workforce`` owns the pools, every worker record and every message to a worker (``send``): a
+worker's state, its jobs and sessions, its counts change only through its verbs (``assign``,
+``release``, ``tally``, ``unassign_all``, ``free``, ``drain``, ``recycle``). It knows nothing of the
 jobs themselves: the farm does. Where the two meet, the workforce asks its ``Employer`` (the farm):
 how many jobs wait, a worker is free for work or lost with its jobs, a provider has no worker left
 for the jobs that wait, an idle worker is due its health check. The scaling decision is the pure
-``hub.policy``; this module carries it out.
+``hub.supervisor.scaling``; this module carries it out. It touches processes and sockets only through
+its ``WorkerIO`` (``hub.supervisor.process``) and reads the time only as the ``now`` it is given, so the unit
+tests drive it with a double and a fake clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any, Protocol
-
-import zmq
 
 from hub import protocol
 from hub.config import HubConfig
@@ -24,7 +25,7 @@ from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.supervisor import process
 from hub.supervisor.cards import Cards
 from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
-from hub.supervisor.resources import rss_mb
+from hub.supervisor.process import WorkerIO
 from hub.supervisor.scaling import PoolSnapshot, decide, floor_size
 
 log = logging.getLogger("hub.supervisor")
@@ -42,10 +43,10 @@ class Employer(Protocol):
     def worker_free(self, worker: WorkerHandle, now: float) -> None:
         """The worker is ready (or finished a job): give it work, or let ``Workforce.free`` idle or retire it."""
 
-    def worker_lost(self, worker: WorkerHandle, error: HubError) -> None:
+    def worker_lost(self, worker: WorkerHandle, error: HubError, now: float) -> None:
         """The worker is gone or going: its job and sessions are lost (retried where allowed)."""
 
-    def provider_down(self, provider: str, reason: str) -> None:
+    def provider_down(self, provider: str, reason: str, now: float) -> None:
         """The provider can take no job now: every job waiting for it fails (``PROVIDER_UNAVAILABLE``)."""
 
     def health_check(self, worker: WorkerHandle, now: float) -> None:
@@ -55,26 +56,58 @@ class Employer(Protocol):
 class Workforce:
     """The pools and their worker processes, from spawn to exit."""
 
-    def __init__(self, config: HubConfig, backend: zmq.Socket, backend_path: Path, shm_prefix: str, employer: Employer) -> None:
+    employer: Employer  # the farm, which hires this workforce (``Farm.__init__``)
+
+    def __init__(self, config: HubConfig, io: WorkerIO, cards: Cards, backend_path: Path, shm_prefix: str) -> None:
         self.config = config
-        self.backend = backend
+        self.io = io
         self.backend_path = backend_path
         self.shm_prefix = shm_prefix
-        self.employer = employer
         self.pools = {p.name: ProviderPool(p) for p in config.enabled_providers}
-        self.cards = Cards()  # the GPUs the hub may use and their last readings
+        self.cards = cards  # the GPUs the hub may use and their last readings
         self.held_back: dict[str, str] = {}
         self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
 
     def send(self, worker_id: str, msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None,
-             payload: bytes | None = None) -> zmq.ZMQError | None:
+             payload: bytes | None = None) -> Exception | None:
         """Every message to a worker is built and sent here (zguide's ``send_to_worker``); returns the error
-        when the worker is gone (the socket is ROUTER_MANDATORY: a dead peer raises, nothing is dropped)."""
-        try:
-            self.backend.send_multipart([worker_id.encode(), *protocol.build(msg_type, msg_id, body, payload)])
-        except zmq.ZMQError as exc:
-            return exc
-        return None
+        when the worker is gone (nothing is dropped silently)."""
+        return self.io.send(worker_id, protocol.build(msg_type, msg_id, body, payload))
+
+    # --- the verbs: the only writers of a worker's record besides the pool's ``set_state`` ---
+
+    def assign(self, worker: WorkerHandle, job_id: str, session: bool, now: float) -> None:
+        """The worker takes a one-shot job (or health check), or serves one more live session: it is busy."""
+        if session:
+            worker.sessions.add(job_id)
+        else:
+            worker.job = job_id
+        self.pools[worker.provider].set_state(worker, WorkerState.BUSY, now)
+
+    def release(self, worker: WorkerHandle, job_id: str) -> None:
+        """The job (or session) is off the worker; ``free`` decides what the worker does next."""
+        if job_id in worker.sessions:
+            worker.sessions.discard(job_id)
+        elif worker.job == job_id:
+            worker.job = None
+
+    def tally(self, worker: WorkerHandle, counted: bool, model_failed: bool) -> None:
+        """An answer from the worker: one more job done (health checks are not counted), and its run of
+        model failures, which recycles it at ``pool.max_consecutive_failures``."""
+        worker.jobs_done += int(counted)
+        worker.consecutive_failures = worker.consecutive_failures + 1 if model_failed else 0
+
+    def unassign_all(self, worker: WorkerHandle) -> list[str]:
+        """The worker is gone or going: take every job and session off it; returns their ids."""
+        held = [job_id for job_id in [worker.job or "", *worker.sessions] if job_id]
+        worker.job = None
+        worker.sessions.clear()
+        return held
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Live workers of each pool."""
+        return {name: pool.size for name, pool in self.pools.items()}
 
     def worker(self, worker_id: str) -> WorkerHandle | None:
         """The live handle of a worker id (``<provider>-<n>``), or None once it is gone."""
@@ -153,7 +186,7 @@ class Workforce:
 
     def sample(self, pool: ProviderPool, worker: WorkerHandle) -> None:
         """The worker's RSS and its share of its card's last reading."""
-        worker.rss_mb = rss_mb(worker.pid)
+        worker.rss_mb = self.io.rss_mb(worker.pid)
         self.cards.sample(pool, worker)
 
     def watch(self, pool: ProviderPool, worker: WorkerHandle, now: float) -> bool:
@@ -165,7 +198,7 @@ class Workforce:
             return False
         if worker.kill_at is not None:
             if now >= worker.kill_at:
-                process.kill(worker.proc)
+                self.io.kill(worker.proc)
             return False
         hub = self.config.hub
         if worker.state is WorkerState.STARTING:
@@ -173,7 +206,7 @@ class Workforce:
                 self.recycle(worker, f"not ready after {hub.start_timeout:.0f} s", now)
             return False
         if now - worker.last_heartbeat > hub.heartbeat_timeout:
-            self.employer.worker_lost(worker, WorkerCrashed(f"worker {worker.id} stopped answering"))
+            self.employer.worker_lost(worker, WorkerCrashed(f"worker {worker.id} stopped answering"), now)
             self.recycle(worker, f"no heartbeat for {now - worker.last_heartbeat:.1f} s", now)
             return False
         return True
@@ -189,12 +222,12 @@ class Workforce:
             pool.last_error = worker.last_error or what
             log.error("worker %s %s: %s; next start in %.0f s", worker.id, what, pool.last_error, delay)
             if pool.size == 0:
-                self.employer.provider_down(pool.name, f"provider {pool.name!r} has no live worker: {pool.last_error}")
+                self.employer.provider_down(pool.name, f"provider {pool.name!r} has no live worker: {pool.last_error}", now)
         elif worker.state is not WorkerState.DRAINING:
             what += f" ({worker.last_error})" if worker.last_error else ""
             pool.last_error = f"worker {worker.id} {what}"
             log.warning("worker %s (pid %d) %s", worker.id, worker.pid, what)
-        self.employer.worker_lost(worker, WorkerCrashed(f"worker {worker.id} {what} while running the job"))
+        self.employer.worker_lost(worker, WorkerCrashed(f"worker {worker.id} {what} while running the job"), now)
 
     def tend(self, pool: ProviderPool, now: float) -> None:
         """The pool's routine while the hub runs: health checks, the rolling restart, scaling."""
@@ -239,7 +272,7 @@ class Workforce:
         self.pools[worker.provider].set_state(worker, WorkerState.UNHEALTHY, now)
         worker.job = None
         worker.kill_at = now + KILL_GRACE
-        process.terminate(worker.proc)
+        self.io.terminate(worker.proc)
 
     def drain(self, worker: WorkerHandle, now: float) -> None:
         """Stop a healthy worker politely: it takes no new job, finishes the one it has, then exits on STOP."""
@@ -248,7 +281,7 @@ class Workforce:
             return
         worker.kill_at = now + KILL_GRACE
         if self.send(worker.id, MsgType.STOP, worker.id) is not None:
-            process.terminate(worker.proc)
+            self.io.terminate(worker.proc)
 
     def _snapshot(self, pool: ProviderPool) -> PoolSnapshot:
         counts = pool.counts()
@@ -297,23 +330,23 @@ class Workforce:
             if not pool.removed
         )
 
-    def scale(self, name: object, size: object) -> dict[str, Any]:
+    def scale(self, name: object, size: object, now: float) -> dict[str, Any]:
         """An operator's SCALE: the pool's new size, within its ``min_size`` and ``max_size``; returns the reply."""
         pool = self.pools.get(name) if isinstance(name, str) else None
         if pool is None or pool.removed:
             raise UnknownProvider(f"no enabled provider named {name!r}")
         if not isinstance(size, int) or isinstance(size, bool):
             raise BadRequest("field 'size' must be an integer")
-        self.set_size(pool, size, clamp=False)
+        self.set_size(pool, size, False, now)
         return {"provider": pool.name, "size": size}
 
-    def step_sizes(self, step: int) -> None:
+    def step_sizes(self, step: int, now: float) -> None:
         """SIGTTIN / SIGTTOU: one worker more (or fewer) than each pool's target, within its bounds."""
         for pool in self.pools.values():
             if not pool.removed:
-                self.set_size(pool, self.target_size(pool) + step, clamp=True)
+                self.set_size(pool, self.target_size(pool) + step, True, now)
 
-    def set_size(self, pool: ProviderPool, size: int, clamp: bool) -> None:
+    def set_size(self, pool: ProviderPool, size: int, clamp: bool, now: float) -> None:
         """Set the pool's size at run time: the floor autoscaling keeps; extra workers retire now."""
         limits = pool.config.pool
         if clamp:
@@ -325,7 +358,6 @@ class Workforce:
             )
         pool.floor = size
         log.info("provider %s: size set to %d", pool.name, size)
-        now = time.monotonic()
         extra = pool.size - size
         by_use = [pool.workers[w] for w in pool.idle] + [w for w in pool.workers.values() if w.state is not WorkerState.IDLE]
         for worker in [w for w in by_use if w.live][: max(0, extra)]:
@@ -356,7 +388,7 @@ class Workforce:
             log_format=self.config.hub.log_format,
             stream=dataclasses.asdict(provider.stream),
         )
-        proc = process.spawn(spec, provider, card)
+        proc = self.io.spawn(spec, provider, card)
         handle = WorkerHandle(spec.id, provider.name, proc, card, started_at=now, last_heartbeat=now)
         handle.generation, handle.slot, handle.restarts = pool.generation, slot, restarts
         pool.add(handle)
@@ -370,7 +402,7 @@ class Workforce:
             if provider is None or not provider.enabled:
                 log.info("provider %s left the config: draining its workers", name)
                 pool.removed = True
-                self.employer.provider_down(name, f"provider {name!r} was removed from the config")
+                self.employer.provider_down(name, f"provider {name!r} was removed from the config", now)
                 for worker in list(pool.workers.values()):
                     self.drain(worker, now)
             else:
@@ -390,20 +422,6 @@ class Workforce:
         workers = [w for pool in self.pools.values() for w in pool.workers.values()]
         for worker in workers:
             self.send(worker.id, MsgType.STOP, worker.id)
-        _wait_all(workers, 2.0)
-        for worker in workers:
-            process.terminate(worker.proc)
-        _wait_all(workers, KILL_GRACE)
-        for worker in workers:
-            process.kill(worker.proc)
-        _wait_all(workers, KILL_GRACE)
+        self.io.stop_all([w.proc for w in workers], KILL_GRACE)
         return len(workers)
 
-
-def _wait_all(workers: list[WorkerHandle], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for worker in workers:
-        try:
-            worker.proc.wait(max(0.0, deadline - time.monotonic()))
-        except Exception:
-            pass

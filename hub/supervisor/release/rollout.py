@@ -1,6 +1,6 @@
 """Gray release at run time: each route's current weights, its shadow, its analysis windows, its rollbacks.
 
-Mechanism around the pure decisions of ``hub.routes``: the supervisor asks ``resolve`` which
+Mechanism around the pure decisions of ``hub.supervisor.release.routes``: the supervisor asks ``resolve`` which
 provider a request for a route goes to and ``shadow_for`` whether it is also shadowed; the farm
 reports every routed job's end to ``ended`` (once, on every path). A shadow's answer is compared
 with its primary's (WER and time ratio) when both have ended, and the hub-owned name of the PCM
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from hub import shm
@@ -89,18 +90,38 @@ class Rollout:
         for name, state in self.routes.items():
             self.metrics.route_weights(name, state.weights)
 
-    def resolve(self, name: str, key: str | None) -> str | None:
-        """The provider a request for ``name`` goes to, or None when ``name`` is not a route."""
+    def resolve(self, name: str, key: str | None, unavailable: Mapping[str, routes.Unavailable]) -> str | None:
+        """The provider a request for ``name`` goes to, or None when ``name`` is not a route. A provider that
+        cannot serve now gets nothing while another of the route can; with an ``analysis:`` block, a canary that
+        is down (disabled, or degraded: it cannot start) is rolled back for good, as a failing one is."""
         state = self.routes.get(name)
         if state is None:
             return None
-        return routes.pick(state.weights, key, state.config.sticky, self.rng)
+        if state.config.analysis is not None:
+            baseline = baseline_of(state.weights, tuple(state.weights))
+            for provider, why in unavailable.items():
+                if why.failed and provider != baseline and state.weights.get(provider, 0.0) > 0:
+                    self._roll_back(name, state, provider, f"it cannot serve: {why.reason}; baseline {baseline}")
+        weights = routes.routable(state.weights, unavailable)
+        return routes.pick(weights, key, state.config.sticky, self.rng)
 
-    def shadow_for(self, name: str) -> str | None:
-        """The shadow provider when this request for the route is to be shadowed (its ``fraction``)."""
+    def shadow_for(self, name: str, unavailable: Mapping[str, routes.Unavailable]) -> str | None:
+        """The shadow provider when this request for the route is to be shadowed (its ``fraction``). A shadow
+        that cannot serve gets no copy (counted as dropped); with an ``analysis:`` block, one that is down is
+        turned off and rolled back."""
         state = self.routes.get(name)
         shadow = state.config.shadow if state is not None else None
-        if shadow is None or not state.shadow_on or self.rng.random() >= shadow.fraction:
+        if shadow is None or not state.shadow_on:
+            return None
+        why = unavailable.get(shadow.provider)
+        if why is not None and why.failed and state.config.analysis is not None:
+            state.shadow_on = False
+            self._roll_back(name, state, shadow.provider, f"as a shadow, it cannot serve: {why.reason}")
+            return None
+        if self.rng.random() >= shadow.fraction:
+            return None
+        if why is not None:
+            self.dropped(name, shadow.provider)
             return None
         return shadow.provider
 

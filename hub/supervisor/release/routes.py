@@ -1,6 +1,6 @@
 """Gray-release decisions as pure functions: which provider a routed request goes to, and whether a
 canary is rolled back. No clock, no process, no socket: the supervisor feeds figures in and carries
-the answer out (``hub.rollout``), as it does with the scaling policy.
+the answer out (``hub.supervisor.release.rollout``), as it does with the scaling policy.
 
 Sticky routing is weighted rendezvous hashing: every (key, provider) pair gets a score from a hash
 and the provider's weight, and the key goes to the highest score. While the weights stay the same a
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,6 +35,23 @@ def weighted_pick(weights: dict[str, float], rng: random.Random) -> str:
     """A provider drawn in proportion to its weight (at least one weight > 0)."""
     names = [p for p, w in weights.items() if w > 0]
     return rng.choices(names, [weights[p] for p in names])[0]
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Why a provider cannot take a routed request now. ``failed``: it is down (disabled, degraded: its workers
+    fail to start), which with an ``analysis:`` block is a canary failure; else it only has no ready worker yet."""
+
+    reason: str
+    failed: bool
+
+
+def routable(weights: dict[str, float], unavailable: Mapping[str, Unavailable]) -> dict[str, float]:
+    """The weights a pick uses: a provider that cannot serve gets none while another of the route can (the others'
+    weights are renormalised by the draw itself); when none can, the route's weights stay, and the request meets
+    the provider's own error."""
+    able = {p: (0.0 if p in unavailable else w) for p, w in weights.items()}
+    return able if any(w > 0 for w in able.values()) else weights
 
 
 def pick(weights: dict[str, float], key: str | None, sticky: bool, rng: random.Random) -> str:

@@ -19,7 +19,7 @@ import pytest
 from hub.client import HubClient
 from hub.gateway.auth import ApiKeys
 from tests.conftest import CLIPS, DATA, reference, word_error_rate
-from tests.gateway.conftest import Gateway
+from tests.gateway_support import Gateway
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,13 +21,19 @@ class FakeFarm:
 
     def __init__(self) -> None:
         self.stopping = False
-        self.steps: list[int] = []
         self.config = SimpleNamespace(hub=SimpleNamespace(drain_timeout=30.0))
 
     def begin_shutdown(self) -> None:
         self.stopping = True
 
-    def step_sizes(self, step: int) -> None:
+
+class FakeWorkforce:
+    """What the signal handlers may touch of the workforce: the pools' sizes."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def step_sizes(self, step: int, now: float) -> None:
         self.steps.append(step)
 
 
@@ -35,6 +41,7 @@ def supervisor() -> Supervisor:
     """A supervisor with no socket and no process: only what the signal handlers read."""
     sup = Supervisor.__new__(Supervisor)
     sup.farm = FakeFarm()  # type: ignore[assignment]
+    sup.workforce = FakeWorkforce()  # type: ignore[assignment]
     sup.sig_queue = deque()
     sup.shutdown_deadline = 0.0
     sup.config_path = None
@@ -55,7 +62,7 @@ def test_ttin_and_ttou_step_every_pool_by_one() -> None:
     sup = supervisor()
     sup.sig_queue.extend([signal.SIGTTIN, signal.SIGTTIN, signal.SIGTTOU])
     sup.handle_signals()
-    assert sup.farm.steps == [1, 1, -1]  # type: ignore[attr-defined]
+    assert sup.workforce.steps == [1, 1, -1]  # type: ignore[attr-defined]
     assert not sup.sig_queue
 
 
@@ -75,4 +82,4 @@ def test_hup_without_a_config_file_changes_nothing(caplog: pytest.LogCaptureFixt
     sup.sig_queue.append(signal.SIGHUP)
     sup.handle_signals()
     assert "SIGHUP ignored" in caplog.text
-    assert not sup.farm.stopping and not sup.farm.steps  # type: ignore[attr-defined]
+    assert not sup.farm.stopping and not sup.workforce.steps  # type: ignore[attr-defined]

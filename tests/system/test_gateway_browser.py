@@ -17,7 +17,7 @@ import pytest
 
 from hub.audio import to_pcm
 from tests.conftest import DATA, ROOT, reference, word_error_rate
-from tests.gateway.conftest import Gateway
+from tests.gateway_support import Gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import DATA
-from tests.gateway.conftest import Gateway, serving
+from tests.gateway_support import Gateway, serving
 
 pytestmark = pytest.mark.timeout(300)
 WAV = (DATA / "hello.wav").read_bytes()

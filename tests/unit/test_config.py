@@ -4,7 +4,7 @@ import pytest
 
 from hub.config import ConfigError, ProviderConfig, load_config, parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sample_config_loads_into_typed_values() -> None:

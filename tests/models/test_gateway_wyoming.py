@@ -30,7 +30,7 @@ from hub.config import GatewaySection
 from hub.gateway import wyoming_asr
 from hub.gateway.state import Gateway, Settings
 from tests.conftest import CLIPS, DATA, free_port, reference, word_error_rate
-from tests.gateway.conftest import Gateway as GatewayProcess
+from tests.gateway_support import Gateway as GatewayProcess
 from workers.echo import echo_text
 
 TINY_EN_MAX_WER = 0.15  # tiny.en gets the committed clips right; allow a word in seven

@@ -20,7 +20,7 @@ import yaml
 
 from hub.client import HubClient
 from tests.conftest import DATA, ROOT, free_port
-from tests.gateway.conftest import Gateway, gateway_keys, wait_ready
+from tests.gateway_support import Gateway, gateway_keys, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 ECHO = {"echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 1}}}

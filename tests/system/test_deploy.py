@@ -15,7 +15,7 @@ import yaml
 
 from hub.config import HubConfig, parse_config
 from tests.conftest import ROOT
-from tests.test_monitoring import DOCUMENTED
+from tests.integration.test_monitoring import DOCUMENTED
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
 

@@ -28,7 +28,7 @@ from hub.errors import InvalidAudio
 from hub.gateway.errors import ApiError, mapping
 from hub.gateway.live import CONFIG_TIMEOUT_S, LiveAudio, parse_config
 from tests.conftest import DATA, ROOT, reference, word_error_rate
-from tests.gateway.conftest import Gateway, serving
+from tests.gateway_support import Gateway, serving
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -156,7 +156,7 @@ def test_cut_link_fails_over_and_recovers(hosts: None, tmp_path: Path) -> None:
             argv = [sys.executable, "-m", "hub.supervisor", "--config", str(tmp_path / f"{ns}.yaml")]
             procs.append(start_in(ns, argv, tmp_path / f"{ns}.log"))
         stop_path = tmp_path / "stop"
-        code = f"from tests.test_partition import drive; drive({list(endpoints.values())!r}, {str(stop_path)!r})"
+        code = f"from tests.system.test_partition import drive; drive({list(endpoints.values())!r}, {str(stop_path)!r})"
         driver = start_in(CLIENT, [sys.executable, "-c", code], tmp_path / "driver.log", stdout=subprocess.PIPE)
         procs.append(driver)
         reports = Reports(driver)

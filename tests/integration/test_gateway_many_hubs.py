@@ -41,8 +41,8 @@ from tests.conftest import (
     wait_for,
     word_error_rate,
 )
-from tests.gateway.conftest import WHISPER, gateway_keys, http_get, wait_ready
-from tests.gateway.test_live import STEPS_TEXT, frames, read_all, steps
+from tests.gateway_support import WHISPER, gateway_keys, http_get, wait_ready
+from tests.models.test_gateway_live import STEPS_TEXT, frames, read_all, steps
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -175,7 +175,7 @@ def test_a_failing_canary_is_rolled_back_and_stays_so_until_weights_are_set() ->
     assert state.weights == {"v1": 50.0, "v2": 0.0}
     assert "error rate 33.3%" in state.rolled_back["v2"]
     assert state.figures.rollbacks == {"v2": 1}
-    assert {rollout.resolve("r", None) for _ in range(50)} == {"v1"}
+    assert {rollout.resolve("r", None, {}) for _ in range(50)} == {"v1"}
     rollout.set_weights("r", {"v1": 50, "v2": 50}, {"v1", "v2"})
     assert rollout.status()["r"].rolled_back == {} and rollout.status()["r"].weights == {"v1": 50.0, "v2": 50.0}
 
@@ -241,4 +241,52 @@ def test_a_disagreeing_shadow_is_switched_off_by_the_analysis() -> None:
         rollout.ended(shadow, None, 0.1, "echo 1.000s rms=0.1")
     status = rollout.status()["r"]
     assert status.shadow is not None and status.shadow.on is False and "mean WER" in status.rolled_back["v3"]
-    assert all(rollout.shadow_for("r") is None for _ in range(20))
+    assert all(rollout.shadow_for("r", {}) is None for _ in range(20))
+
+
+def test_routable_weights_leave_out_who_cannot_serve_while_another_can() -> None:
+    down = {"v2": routes.Unavailable("it is degraded", failed=True)}
+    assert routes.routable({"v1": 90, "v2": 10}, down) == {"v1": 90, "v2": 0.0}
+    assert routes.routable({"v1": 0, "v2": 10}, down) == {"v1": 0, "v2": 10}  # nobody else can: unchanged
+    assert routes.routable({"v1": 90, "v2": 10}, {}) == {"v1": 90, "v2": 10}
+    rng = random.Random(3)
+    assert {routes.pick(routes.routable({"v1": 1, "v2": 99}, down), None, False, rng) for _ in range(50)} == {"v1"}
+    keys = [f"k{i}" for i in range(200)]
+    before = {k: routes.pick({"v1": 50, "v2": 50}, k, True, rng) for k in keys}
+    after = {k: routes.pick(routes.routable({"v1": 50, "v2": 50}, down), k, True, rng) for k in keys}
+    assert all(after[k] == "v1" for k in keys) and all(before[k] == after[k] for k in keys if before[k] == "v1")
+
+
+def test_a_canary_that_cannot_serve_is_routed_around_and_with_analysis_rolled_back() -> None:
+    down = {"v2": routes.Unavailable("it is degraded (boom)", failed=True)}
+    plain, _ = rollout_of({"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}]})
+    assert {plain.resolve("r", None, down) for _ in range(100)} == {"v1"}
+    assert plain.status()["r"].rolled_back == {} and plain.status()["r"].weights == {"v1": 90.0, "v2": 10.0}
+    analysed, metrics = rollout_of(
+        {"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}], "analysis": {"min_requests": 5}}
+    )
+    assert analysed.resolve("r", None, down) == "v1"
+    state = analysed.status()["r"]
+    assert state.weights == {"v1": 90.0, "v2": 0.0} and "cannot serve: it is degraded (boom)" in state.rolled_back["v2"]
+    starting = {"v2": routes.Unavailable("it has no ready worker", failed=False)}
+    patient, _ = rollout_of(
+        {"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}], "analysis": {"min_requests": 5}}
+    )
+    assert {patient.resolve("r", None, starting) for _ in range(50)} == {"v1"}
+    assert patient.status()["r"].rolled_back == {}  # not started yet is no failure
+
+
+def test_a_shadow_that_cannot_serve_gets_no_copy_and_with_analysis_is_turned_off() -> None:
+    body = {"providers": [{"provider": "v1", "weight": 100}], "shadow": {"provider": "v2", "fraction": 1.0}}
+    down = {"v2": routes.Unavailable("it is degraded", failed=True)}
+    plain, _ = rollout_of(body)
+    assert plain.shadow_for("r", {}) == "v2" and plain.shadow_for("r", down) is None
+    analysed, _ = rollout_of({**body, "analysis": {"min_requests": 5}})
+    assert analysed.shadow_for("r", down) is None
+    assert analysed.status()["r"].shadow.on is False and "as a shadow" in analysed.status()["r"].rolled_back["v2"]
+    assert analysed.shadow_for("r", {}) is None  # off for good, until the route's section changes
+
+
+def rollout_of(body: dict) -> tuple[Rollout, Metrics]:
+    metrics = Metrics()
+    return Rollout(config({"r": body}), metrics, random.Random(1)), metrics

@@ -1,20 +1,17 @@
-import subprocess
-import sys
-
 from hub.config import ProviderConfig
 from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.supervisor.process import backoff, describe_exit
+from tests.unit.core_rig import FakeProc
 
 
-def handle(pool: ProviderPool, n: int, proc: subprocess.Popen) -> WorkerHandle:
+def handle(pool: ProviderPool, n: int, proc: FakeProc) -> WorkerHandle:
     h = WorkerHandle(f"p-{n}", "p", proc, None, started_at=0.0)
     pool.add(h)
     return h
 
 
 def test_idle_queue_is_least_recently_used_first() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
+    proc = FakeProc(pid=1, code=0)
     pool = ProviderPool(ProviderConfig(name="p", type="echo"))
     a, b, c = (handle(pool, n, proc) for n in range(3))
     for t, h in enumerate((b, a, c)):
@@ -33,8 +30,7 @@ def test_exit_codes_and_backoff() -> None:
 
 
 def test_a_replacement_takes_over_the_slot_and_counts_a_restart() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
+    proc = FakeProc(pid=1, code=0)
     pool = ProviderPool(ProviderConfig(name="p", type="echo"))
     assert [pool.take_slot(), pool.take_slot()] == [(0, 0), (1, 0)]
     a = WorkerHandle("p-1", "p", proc, None, started_at=0.0, slot=0)

@@ -198,6 +198,41 @@ def test_a_failing_canary_is_rolled_back_and_the_baseline_is_untouched(hub_facto
     assert hub.status()["routes"]["canary"]["rolled_back"] == {}
 
 
+def test_a_canary_that_cannot_start_is_routed_around_rolled_back_and_sessions_follow(hub_factory) -> None:
+    """``v2`` never gets ready (its health decode at start fails, so it is degraded): no request or session of the
+    route reaches it, nothing fails, and with an ``analysis:`` block it is rolled back with the reason; a shadow
+    that cannot start gets no copy and, with analysis, is turned off."""
+    analysis = {"min_requests": 30}
+    hub = hub_factory(
+        {"v1": echo(), "v2": echo(fail="this model cannot start"), "v3": echo()},
+        routes={
+            "plain": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}],
+            "canary": {"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}], "analysis": analysis},
+            "shadowed": {"providers": [{"provider": "v3", "weight": 1}], "shadow": {"provider": "v2", "fraction": 1.0}, "analysis": analysis},
+        },
+        ready=False,
+    )
+    wait_for(lambda: hub.status()["providers"]["v2"]["degraded"], timeout=30, what="v2 to be degraded")
+    wait_for(lambda: hub.status()["providers"]["v1"]["workers"] and all(
+        w["state"] == "idle" for w in hub.status()["providers"]["v1"]["workers"]), timeout=30, what="v1 to be ready")
+    wait_for(lambda: any(w["state"] == "idle" for w in hub.status()["providers"]["v3"]["workers"]), timeout=30, what="v3")
+    assert providers_of(hub, "plain", 200) == Counter({"v1": 200})
+    assert providers_of(hub, "canary", 50) == Counter({"v1": 50})
+    assert providers_of(hub, "shadowed", 20) == Counter({"v3": 20})
+    with hub.client() as client:
+        for _ in range(10):
+            session = client.open_stream("plain")
+            session.send(TONE)
+            assert session.close().text and session.worker.startswith("v1-")
+    routes_now = hub.status()["routes"]
+    assert routes_now["plain"]["weights"] == {"v1": 90.0, "v2": 10.0} and routes_now["plain"]["rolled_back"] == {}
+    assert routes_now["canary"]["weights"] == {"v1": 90.0, "v2": 0.0}
+    assert "cannot serve: it is degraded" in routes_now["canary"]["rolled_back"]["v2"]
+    assert routes_now["shadowed"]["shadow"]["on"] is False and "as a shadow" in routes_now["shadowed"]["rolled_back"]["v2"]
+    assert "route canary: rolled back v2" in hub.log() and "route shadowed: rolled back v2" in hub.log()
+    hub.faults_expected = True  # v2's failed starts are logged as errors
+
+
 def test_prometheus_shows_the_routes(hub_factory) -> None:
     import urllib.request
 

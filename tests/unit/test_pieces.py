@@ -32,7 +32,7 @@ class Farm:
     def place(self, job: Job, now: float) -> None:
         self.jobs.place(job, queued=True)
 
-    def fail(self, job: Job, error: HubError) -> None:
+    def fail(self, job: Job, error: HubError, now: float) -> None:
         self.errors.append(error)
         self.jobs.finish(job)
 
@@ -138,7 +138,7 @@ def test_a_retried_piece_is_wanted_and_a_lost_one_fails_the_request() -> None:
     assert again is plan
     farm.pieces.on_segment(plan, piece_msg(0, 30), 2.0)  # the retried plan's first piece is known: not queued twice
     assert farm.jobs.queued("p") == 0
-    farm.pieces.failed(piece, WorkerCrashed("worker w2 died"))
+    farm.pieces.failed(piece, WorkerCrashed("worker w2 died"), 3.0)
     assert [e.code for e in farm.errors] == ["WORKER_CRASHED"] and not farm.pieces.wanted(plan)
 
 
@@ -186,5 +186,5 @@ def test_pieces_that_expire_together_fail_their_request_once() -> None:
     expired = farm.jobs.expired("p", 1000.0)  # the client's deadline: every queued piece at once
     assert len(expired) == 3
     for part in expired:
-        farm.pieces.failed(part, WorkerCrashed("gone"))
+        farm.pieces.failed(part, WorkerCrashed("gone"), 1000.0)
     assert len(farm.errors) == 1 and farm.jobs.queued("p") == 0 and farm.jobs.in_flight == 0

@@ -34,7 +34,7 @@ def _text(path: Path) -> str:
 
 
 def _yaml_blocks() -> list[tuple[str, str]]:
-    """Every YAML snippet of the docs but Kubernetes manifests (``apiVersion:``; tests/test_deploy.py checks those)."""
+    """Every YAML snippet of the docs but Kubernetes manifests (``apiVersion:``; tests/system/test_deploy.py checks those)."""
     return [
         (f"{path.relative_to(ROOT)}#{i}", block)
         for path in DOCS

@@ -239,7 +239,7 @@ def test_an_idle_session_is_closed_with_its_reason(hub_factory) -> None:
 
 
 def test_killing_a_sessions_worker_fails_it_and_the_pool_recovers(hub_factory) -> None:
-    """With pool.retry_on_crash 0 a session does not move to another worker (tests/test_resume.py: it does)."""
+    """With pool.retry_on_crash 0 a session does not move to another worker (tests/integration/test_resume.py: it does)."""
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=2, max_sessions=1, retry_on_crash=0)})
     prefix = shm.hub_prefix(hub.status()["hub"]["id"])
     with hub.client() as client:

@@ -13,7 +13,7 @@ import pytest
 
 from hub.supervisor.release import routes
 from tests.conftest import wait_for
-from tests.gateway.conftest import Gateway
+from tests.gateway_support import Gateway
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,8 +10,8 @@ import numpy as np
 import openai
 import pytest
 
-from tests.gateway.conftest import Gateway
-from tests.test_long_audio import SPLIT, pieces_sent, talk
+from tests.gateway_support import Gateway
+from tests.integration.test_long_audio import SPLIT, pieces_sent, talk
 from workers.echo import echo_text
 
 pytestmark = pytest.mark.timeout(120)
