@@ -196,9 +196,10 @@ class JobQueue:
     """Jobs waiting for a worker of one provider, bounded by ``max_queue`` requests.
 
     Oldest first, except that the pieces of a split request take turns with other requests: the next job
-    is the oldest of the requests with the fewest jobs on workers (``next``), so a short request that
-    arrives behind a long one's queued pieces waits only for the pieces already running. The bound counts
-    requests, not pieces: a split request's pieces never make another request's ``POOL_BUSY``.
+    is one of the requests with the fewest jobs on workers, of those the one whose last job started longest
+    ago (never: first), of those the oldest (``next``). So a short request that arrives behind a long one's
+    queued pieces waits only for the pieces already running, even on one worker, and two long requests take
+    turns. The bound counts requests, not pieces: a split request's pieces never make another's ``POOL_BUSY``.
     """
 
     def __init__(self, limit: int) -> None:
@@ -229,12 +230,13 @@ class JobQueue:
     def peek(self) -> Job | None:
         return self._jobs[0] if self._jobs else None
 
-    def next(self, running: Counter[str]) -> Job | None:
-        """The job to start next: the oldest of the requests with the fewest jobs on workers (``running``,
-        by ``Job.group``); plain FIFO while no split request waits."""
+    def next(self, running: Counter[str], turns: dict[str, int]) -> Job | None:
+        """The job to start next: by the fewest jobs of its request on workers (``running``, by ``Job.group``),
+        then the longest since its request's last turn (``turns``: when its last job started, a count), then
+        the oldest; plain FIFO while no split request waits."""
         if not any(j.owner for j in self._jobs):
             return self.peek()
-        return min(self._jobs, key=lambda j: running[j.group], default=None)  # min keeps the first of equals
+        return min(self._jobs, key=lambda j: (running[j.group], turns.get(j.group, -1)), default=None)  # the first of equals
 
     def remove(self, job: Job) -> None:
         self._jobs.remove(job)
@@ -257,6 +259,8 @@ class Jobs:
         self._by_id: dict[str, Job] = {}  # every job not done
         self._by_request: dict[tuple[bytes, str], Job] = {}  # a client's jobs it still waits for
         self._queues: dict[str, JobQueue] = {}
+        self._turns = itertools.count()
+        self._last_turn: dict[str, int] = {}  # when each request's (or session's) last job started, a count
 
     def new_id(self, kind: JobKind) -> str:
         return f"{_ID_LETTER[kind]}{next(self._ids)}"
@@ -288,7 +292,7 @@ class Jobs:
     def next_waiting(self, provider: str) -> Job | None:
         """The provider's job to start next (``JobQueue.next``)."""
         running = Counter(j.group for j in self._by_id.values() if j.worker is not None and j.provider == provider)
-        return self._queues[provider].next(running)
+        return self._queues[provider].next(running, self._last_turn)
 
     def expired(self, provider: str, now: float) -> list[Job]:
         return self._queues[provider].expired(now)
@@ -312,6 +316,7 @@ class Jobs:
         self.set_state(job, JobState.RUNNING)
         job.attempts += 1
         job.worker = worker_id
+        self._last_turn[job.group] = next(self._turns)
 
     def close(self, job: Job) -> None:
         """A session on a worker has been told to flush and answer."""
@@ -341,6 +346,7 @@ class Jobs:
             self._queues[job.provider].remove(job)
         self.set_state(job, JobState.DONE)
         self._by_id.pop(job.id, None)
+        self._last_turn.pop(job.id, None)  # a request (or any job of its own group) is over
         if job.kind.has_client and self._by_request.get((job.client, job.request_id)) is job:
             del self._by_request[(job.client, job.request_id)]
 

@@ -207,3 +207,20 @@ def test_two_long_requests_take_turns_and_the_bound_counts_requests() -> None:
     assert started == [a[0], b[0], a[1], b[1]]
     with pytest.raises(PoolBusy, match="2 requests waiting"):
         jobs.place(job(jobs, request_id="third"), queued=True)
+
+
+def test_on_one_worker_a_short_request_goes_between_two_pieces() -> None:
+    """One worker: a piece ends, and the long request has no job on a worker, like the short one; the short one
+    goes next, because the long request's turn was more recent."""
+    jobs = table(limit=4)
+    _, parts = split_request(jobs, "long", 3)
+    for part in parts:
+        jobs.place(part, queued=True)
+    jobs.start(parts[0], "p-1")
+    short = job(jobs, request_id="short")
+    jobs.place(short, queued=True)
+    jobs.finish(parts[0])
+    assert jobs.next_waiting("p") is short
+    jobs.start(short, "p-1")
+    jobs.finish(short)
+    assert jobs.next_waiting("p") is parts[1]
