@@ -32,4 +32,5 @@ fi
 start=$(date +%s)
 "$here/podman.sh" "$store" "${args[@]}" "$root"
 size=$("$here/podman.sh" "$store" image inspect --format '{{.Size}}' "$tag")
-echo "built $tag in $(( $(date +%s) - start )) s: $(( size / 1000000 )) MB (podman storage: $store)" >&2
+echo "built $tag in $(( $(date +%s) - start )) s: $(( size / 1000000 )) MB, in the podman storage under $store" >&2
+echo "run it: scripts/podman.sh $store run --rm -p 127.0.0.1:8000:8000 -v ./config.yaml:/etc/asr-hub/config.yaml:ro $tag" >&2
