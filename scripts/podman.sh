@@ -4,7 +4,8 @@
 # removes every image and container made through it) and containers.conf with the settings containers
 # need on hosts like the development machine: runc (crun fails on hybrid cgroups), cgroupfs, a file
 # events log, and explicit ulimits (a container may not raise its own limits there).
-# Every podman call of the project goes through here: `make image`, scripts/base-image.sh, tests/test_image.py.
+# Every podman call of the project goes through here: `make image`, scripts/base-image.sh and
+# tests/system/test_image.py.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 STORE [podman args...]" >&2; exit 2; }
 store=$(mkdir -p "$1" && cd "$1" && pwd)

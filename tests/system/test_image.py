@@ -30,30 +30,35 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import (
-    DATA,
-    ROOT,
-    free_port,
-    reference,
-    supervisor_faults,
-    wait_for,
-    word_error_rate,
-)
+from tests.conftest import DATA, ROOT, free_port, reference, supervisor_faults, wait_for, word_error_rate
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 
 STORE = Path(os.environ.get("ASR_HUB_IMAGE_STORE") or Path.home() / ".cache" / "asr-hub" / "image-test")
 BASE = "localhost/debian-py:bookworm"
+REPOSITORY = "localhost/asr-hub-test"
 DOCKERFILES = {"cpu": "deploy/Dockerfile", "cuda": "deploy/Dockerfile.cuda"}
 # what a build reads besides its Dockerfile: the build scripts and the context .dockerignore lets through
-INPUTS = (".dockerignore", "scripts/podman.sh", "scripts/base-image.sh", "scripts/build-image.sh",
-          "setup.cfg", "pyproject.toml", "README.md", "hub", "workers", "config")
+INPUTS = tuple(
+    ".dockerignore scripts/podman.sh scripts/base-image.sh scripts/build-image.sh "
+    "setup.cfg pyproject.toml README.md hub workers config".split()
+)
 API_KEY = "image-test-key"
+# the pod's securityContext (deploy/kubernetes): a read-only root, no capabilities; /dev/shm for the PCM segments
+AS_THE_POD_RUNS_IT = "--read-only --cap-drop ALL --security-opt no-new-privileges --shm-size 256m".split()
+
+
+def script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """One of the project's scripts/, its output captured."""
+    return subprocess.run(
+        [str(ROOT / "scripts" / name), *args], check=False, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(ROOT / "scripts/podman.sh"), str(STORE), *args], check=False, capture_output=True, text=True, timeout=timeout)
-    assert not check or done.returncode == 0, f"podman {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    done = script("podman.sh", str(STORE), *args, timeout=timeout)
+    output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert not check or done.returncode == 0, f"podman {' '.join(args)} exited {done.returncode}:\n{output}"
     return done
 
 
@@ -105,8 +110,8 @@ class Built:
 def containers() -> None:
     """Podman with a base image that runs, or a skip that says what is missing."""
     if shutil.which("podman") is None:
-        pytest.skip("podman is not installed: `make test` installs it with scripts/test-packages.txt where it runs as root with apt-get")
-    made = subprocess.run([str(ROOT / "scripts/base-image.sh"), str(STORE), BASE], check=False, capture_output=True, text=True, timeout=900)
+        pytest.skip("podman is not installed (scripts/test-packages.txt lists it; `make test-all` installs it as root)")
+    made = script("base-image.sh", str(STORE), BASE, timeout=900)
     if made.returncode != 0 and (shutil.which("debootstrap") is None or os.geteuid() != 0):
         pytest.skip(f"cannot make the base image {BASE} (debootstrap, as root): {made.stderr.strip()[-500:]}")
     assert made.returncode == 0, f"scripts/base-image.sh failed:\n{made.stderr[-3000:]}"
@@ -118,15 +123,15 @@ def containers() -> None:
 def build(flavour: str) -> Built:
     """The image of ``flavour`` for the inputs as they are now: built, or reused from an earlier run."""
     key = inputs_key(flavour)
-    tag = f"localhost/asr-hub-test:{flavour}-{key}"
+    tag = f"{REPOSITORY}:{flavour}-{key}"
     record = STORE / f"built-{flavour}-{key}.json"
     if podman("image", "exists", tag, check=False).returncode == 0 and record.exists():
         seconds, reused = float(json.loads(record.read_text())["build_seconds"]), True
     else:
         start = time.monotonic()
-        done = subprocess.run([str(ROOT / "scripts/build-image.sh"), flavour, str(STORE), tag], check=False, capture_output=True, text=True, timeout=3000)
+        done = script("build-image.sh", flavour, str(STORE), tag, timeout=3000)
         seconds, reused = round(time.monotonic() - start, 1), False
-        assert done.returncode == 0, f"scripts/build-image.sh {flavour} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        assert done.returncode == 0, f"building {flavour} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         record.write_text(json.dumps({"tag": tag, "build_seconds": seconds}))
         forget_stale(flavour, keep=tag)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout)
@@ -135,7 +140,9 @@ def build(flavour: str) -> Built:
 
 def forget_stale(flavour: str, keep: str) -> None:
     """Remove this flavour's images of other inputs, their records and the layers only they used."""
-    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=localhost/asr-hub-test").stdout.split()
+    listed = podman(
+        "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=" + REPOSITORY
+    ).stdout.split()
     stale = [tag for tag in listed if tag.split(":")[-1].startswith(f"{flavour}-") and tag != keep]
     if stale:
         podman("rmi", "--force", *stale)
@@ -180,25 +187,29 @@ def container(tmp_path: Path) -> Iterator[str]:
     podman("rm", "--force", "--time", "0", name, check=False)
 
 
-def test_cpu_image_serves_and_drains(containers: None, container: str, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str], record_property: Any) -> None:
+def inside(image: str, *command: str) -> str:
+    """What ``command`` prints in a throwaway container of ``image``, offline."""
+    return podman("run", "--rm", "--network", "none", "--entrypoint", command[0], image, *command[1:]).stdout
+
+
+def test_cpu_image_serves_and_drains(
+    containers: None, container: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], record_property: Any
+) -> None:
     built = build("cpu")
-
-    def inside(image: str, *command: str) -> str:
-        return podman("run", "--rm", "--network", "none", "--entrypoint", command[0], image, *command[1:]).stdout
-
-    assert inside(built.tag, "sh", "-c", "id -u; command -v gcc cc make || true").split() == ["10001"], "root, or build tools in the image"
+    user_and_compilers = inside(built.tag, "sh", "-c", "id -u; command -v gcc cc make || true")
+    assert user_and_compilers.split() == ["10001"], f"root, or compilers in the image: {user_and_compilers}"
     bundle = "/etc/ssl/certs/ca-certificates.crt"
-    assert inside(built.tag, "cat", bundle) == inside(BASE, "cat", bundle), "the build left a CA bundle other than the base image's"
-    assert inside(built.tag, "python", "-c", "import importlib.util as u; print(u.find_spec('torch'))").strip() == "None"
+    assert inside(built.tag, "cat", bundle) == inside(BASE, "cat", bundle), "the build changed the image's CA bundle"
+    assert inside(built.tag, "python", "-c", "import importlib.util as u; print(u.find_spec('torch'))") == "None\n"
 
     etc = serving_config(tmp_path)
     port = free_port()
+    publish = ["--publish", f"127.0.0.1:{port}:8000"]
+    volumes = [
+        arg for name in ("config.yaml", "api-keys") for arg in ("--volume", f"{etc / name}:/etc/asr-hub/{name}:ro")
+    ]
     started = time.monotonic()
-    podman("run", "--detach", "--name", container, "--publish", f"127.0.0.1:{port}:8000",
-           "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--shm-size", "256m",  # as the pod runs it
-           "--volume", f"{etc / 'config.yaml'}:/etc/asr-hub/config.yaml:ro", "--volume", f"{etc / 'api-keys'}:/etc/asr-hub/api-keys:ro",
-           built.tag)
+    podman("run", "--detach", "--name", container, *publish, *AS_THE_POD_RUNS_IT, *volumes, built.tag)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -219,9 +230,11 @@ def test_cpu_image_serves_and_drains(containers: None, container: str, tmp_path:
     ready_seconds = round(time.monotonic() - started, 1)
 
     assert shutil.which("curl"), "curl is missing (scripts/test-packages.txt lists it)"
-    done = subprocess.run(["curl", "--silent", "--show-error", "--fail-with-body", "--max-time", "120",
-                           "-H", f"Authorization: Bearer {API_KEY}", "-F", f"file=@{DATA / 'coffee.wav'}", "-F", "model=whisper",
-                           f"{url}/v1/audio/transcriptions"], check=False, capture_output=True, text=True, timeout=130)
+    curl = ["curl", "--silent", "--show-error", "--fail-with-body", "--max-time", "120"]
+    form = ["-H", f"Authorization: Bearer {API_KEY}", "-F", f"file=@{DATA / 'coffee.wav'}", "-F", "model=whisper"]
+    done = subprocess.run(
+        [*curl, *form, f"{url}/v1/audio/transcriptions"], check=False, capture_output=True, text=True, timeout=130
+    )
     assert done.returncode == 0, f"curl: {done.stdout} {done.stderr}\n{logs()[-3000:]}"
     assert word_error_rate(reference("coffee"), json.loads(done.stdout)["text"]) <= 0.10, done.stdout
 
