@@ -14,7 +14,8 @@ client behind one would stay pinned to one pod. The pool keeps one ``HubClient``
   within the caller's timeout, never once any part of the answer has reached the caller; a
   live session stays on the hub that opened it.
 
-The bookkeeping (``Balancer``) does no I/O; the two pools differ only in how they wait.
+The bookkeeping (``Balancer``: which hub) and one request's tries (``Attempts``: when to try another
+hub, when to give up) do no I/O; the two pools differ only in how they wait.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -225,9 +226,84 @@ class Balancer(Generic[Client]):
         return [m.client for m in done]
 
 
-def _no_hub(endpoints: Endpoints, waited: float) -> HubUnreachable:
-    where = ", ".join([*endpoints.fixed, *(f"{DNS_SCHEME}{n}:{p}" for n, p in endpoints.names)])
-    return HubUnreachable(f"no hub of the pool ({where}) took the request within {waited:.1f} s")
+@dataclass(eq=False)
+class Attempts(Generic[Client]):
+    """One request's tries over the hubs of a pool, without I/O: which hub to try next, how long to wait when
+    every hub has refused it once, whether a failed try is tried again elsewhere, what to raise when time is up.
+
+    ``Call`` is the model: the attempts say what to do, a transport (``HubPool`` sleeps, ``AsyncHubPool``
+    awaits) only waits and calls. Every request shape of both pools (a transcription, a stream of segments, a
+    live session) is driven the same way::
+
+        while True:
+            hub = attempts.next(now)                 # a Member to try, or seconds to wait; raises when time is up
+            ... call hub.client with attempts.left(now) seconds, pass its events on ...
+            attempts.answered()                      # after each event that reached the caller
+            # if the call raised: retry, done = attempts.failed(exc); close done; raise unless retry
+            # if it ended: close attempts.succeeded(); stop
+
+    ``POOL_BUSY``, ``SHUTTING_DOWN`` and ``HUB_UNREACHABLE`` are tried on another hub, never once part of the
+    answer has reached the caller. The methods that end a try return the clients the balancer found safe to
+    close. With ``keep`` (a live session), a try that succeeded stays counted on its hub until the session ends.
+    """
+
+    balancer: Balancer[Client]
+    provider: str | None
+    started: float
+    deadline: float
+    where: str  # the pool's endpoints, for the error when no hub took the request
+    keep: bool = False
+    member: Member[Client] | None = None  # the hub of the try in progress (or of the kept session)
+    tried: set[str] = field(default_factory=set)
+    last: HubError | None = None
+    has_answered: bool = False
+
+    def left(self, now: float) -> float:
+        return max(0.0, self.deadline - now)
+
+    def next(self, now: float) -> Member[Client] | float:
+        """The hub to try now (counted in flight on it), or the seconds to wait before asking again when every
+        usable hub has refused once (they are then all tried again). Raises the last refusal, or
+        ``HubUnreachable``, once the deadline has passed."""
+        left = self.deadline - now
+        if left <= 0:
+            raise self.last if self.last is not None else HubUnreachable(
+                f"no hub of the pool ({self.where}) took the request within {now - self.started:.1f} s"
+            )
+        self.member = self.balancer.choose(self.provider, self.tried)
+        if self.member is None:
+            self.tried.clear()
+            return min(RETRY_PAUSE, left)
+        return self.member
+
+    def answered(self) -> None:
+        """Part of the answer reached the caller: from now on a failure is final."""
+        self.has_answered = True
+
+    def failed(self, exc: BaseException) -> tuple[bool, list[Client]]:
+        """The try raised ``exc``: whether to try another hub (else re-raise it), and the clients to close."""
+        member = self._take()
+        retry = isinstance(exc, RETRYABLE) and not self.has_answered
+        closable = []
+        if retry:
+            assert isinstance(exc, HubError)
+            self.last = exc
+            self.tried.add(member.endpoint)
+            closable = self.balancer.failed(member, exc)
+        return retry, closable + self.balancer.release(member)
+
+    def succeeded(self) -> list[Client]:
+        """The try ended well; its hub is let go of, unless it keeps a live session."""
+        if self.keep:
+            return []
+        return self.balancer.release(self._take())
+
+    def _take(self) -> Member[Client]:
+        member, self.member = self.member, None
+        assert member is not None, "no try in progress"
+        return member
+
+
 
 
 class _Pool(Generic[Client]):
@@ -263,6 +339,12 @@ class _Pool(Generic[Client]):
     def _begin(self) -> None:
         """What each pool sets up once it is built (the blocking pool starts its watcher thread here)."""
         raise NotImplementedError
+
+    def _attempts(self, provider: str | None, timeout: float | None, keep: bool = False) -> Attempts[Client]:
+        """A request's tries, its deadline ``timeout`` (else the pool's) from now."""
+        now = time.monotonic()
+        where = ", ".join([*self.endpoints.fixed, *(f"{DNS_SCHEME}{n}:{p}" for n, p in self.endpoints.names)])
+        return Attempts(self.balancer, provider, now, now + (timeout or self.timeout), where, keep)
 
     def _due_endpoints(self, now: float) -> set[str] | None:
         """The endpoints to use, when a resolve is due (always the first time); None otherwise."""
@@ -300,20 +382,37 @@ class HubPool(_Pool[HubClient]):
     ) -> Transcript:
         """``HubClient.transcribe`` on the hub with the most room, retried elsewhere if refused or lost."""
         pcm = to_pcm(audio, sample_rate)
-        return self._attempts(provider, timeout, lambda c, left: c.transcribe(pcm, provider, timeout=left, **options))
+
+        def call(client: HubClient, left: float) -> list[Transcript]:
+            return [client.transcribe(pcm, provider, timeout=left, **options)]
+
+        (transcript,) = self._tries(self._attempts(provider, timeout), call)
+        return transcript  # type: ignore[no-any-return]
 
     def transcribe_stream(
         self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
     ) -> TranscriptStream:
         """Segments as they are decoded; retried on another hub only until the first one arrives."""
         pcm = to_pcm(audio, sample_rate)
-        return TranscriptStream(self._stream_events(pcm, provider, time.monotonic() + (timeout or self.timeout), options))
+
+        def call(client: HubClient, left: float) -> Iterator[Segment | Transcript]:
+            stream = client.transcribe_stream(pcm, provider, timeout=left, **options)
+            yield from stream
+            assert stream.transcript is not None
+            yield stream.transcript
+
+        return TranscriptStream(self._tries(self._attempts(provider, timeout), call))
 
     def open_stream(self, provider: str | None = None, *, timeout: float | None = None, **options: Any) -> Any:
         """A live session on the hub with the most room; it stays there until closed."""
-        member, session = self._attempts(
-            provider, timeout, lambda c, left: c.open_stream(provider, timeout=left, **options), keep=True
-        )
+        attempts = self._attempts(provider, timeout, keep=True)
+
+        def call(client: HubClient, left: float) -> list[Any]:
+            return [client.open_stream(provider, timeout=left, **options)]
+
+        (session,) = self._tries(attempts, call)
+        member = attempts.member
+        assert member is not None
         return _PooledSession(session, lambda: _close(self.balancer.release(member)))
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
@@ -332,61 +431,27 @@ class HubPool(_Pool[HubClient]):
                 raise _not_enough(status, hubs, timeout)
             time.sleep(0.1)
 
-    def _attempts(self, provider: str | None, timeout: float | None, call: Callable[[HubClient, float], Any], keep: bool = False) -> Any:
-        started = time.monotonic()
-        deadline = started + (timeout or self.timeout)
-        tried: set[str] = set()
-        last: HubError | None = None
-        while (left := deadline - time.monotonic()) > 0:
-            member = self.balancer.choose(provider, tried)
-            if member is None:
-                tried.clear()
-                time.sleep(min(RETRY_PAUSE, left))
+    def _tries(
+        self, attempts: Attempts[HubClient], call: Callable[[HubClient, float], Iterable[Any]]
+    ) -> Generator[Any, None, None]:
+        """What ``call`` on one hub yields, that hub chosen and changed as ``attempts`` say; sleeps between."""
+        while True:
+            hub = attempts.next(time.monotonic())
+            if not isinstance(hub, Member):
+                time.sleep(hub)
                 continue
             try:
-                result = call(member.client, left)
-            except RETRYABLE as exc:
-                last, closable = exc, self.balancer.failed(member, exc)
-                tried.add(member.endpoint)
+                for event in call(hub.client, attempts.left(time.monotonic())):
+                    attempts.answered()
+                    yield event
+            except BaseException as exc:
+                retry, closable = attempts.failed(exc)
                 _close(closable)
-            except BaseException:
-                _close(self.balancer.release(member))
-                raise
-            else:
-                if keep:
-                    return member, result
-                _close(self.balancer.release(member))
-                return result
-            _close(self.balancer.release(member))
-        raise last if last is not None else _no_hub(self.endpoints, time.monotonic() - started)
-
-    def _stream_events(self, pcm: Any, provider: str | None, deadline: float, options: dict[str, Any]) -> Iterator[Segment | Transcript]:
-        tried: set[str] = set()
-        last: HubError | None = None
-        while (left := deadline - time.monotonic()) > 0:
-            member = self.balancer.choose(provider, tried)
-            if member is None:
-                tried.clear()
-                time.sleep(min(RETRY_PAUSE, left))
-                continue
-            answered = False
-            try:
-                stream = member.client.transcribe_stream(pcm, provider, timeout=left, **options)
-                for segment in stream:
-                    answered = True
-                    yield segment
-                assert stream.transcript is not None
-                yield stream.transcript
-                return
-            except RETRYABLE as exc:
-                if answered:
+                if not retry:
                     raise
-                last = exc
-                tried.add(member.endpoint)
-                _close(self.balancer.failed(member, exc))
-            finally:
-                _close(self.balancer.release(member))
-        raise last if last is not None else _no_hub(self.endpoints, 0.0)
+            else:
+                _close(attempts.succeeded())
+                return
 
     def _refresh(self) -> None:
         endpoints = self._due_endpoints(time.monotonic())
@@ -439,74 +504,59 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
     async def transcribe(
         self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
     ) -> Transcript:
-        result: Transcript | None = None
-        async for event in self._events(to_pcm(audio, sample_rate), provider, timeout, options, stream=False):
-            if isinstance(event, Transcript):
-                result = event
-        assert result is not None
-        return result
+        pcm = to_pcm(audio, sample_rate)
+
+        def call(client: AsyncHubClient, left: float) -> AsyncIterator[Transcript]:
+            return _once(client.transcribe(pcm, provider, timeout=left, **options))
+
+        (transcript,) = [event async for event in self._tries(self._attempts(provider, timeout), call)]
+        return transcript  # type: ignore[no-any-return]
 
     async def transcribe_stream(
         self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
     ) -> AsyncIterator[Segment | Transcript]:
         """Yields each ``Segment``, then the ``Transcript``; retried on another hub only before the first one."""
-        async for event in self._events(to_pcm(audio, sample_rate), provider, timeout, options, stream=True):
-            yield event
+        pcm = to_pcm(audio, sample_rate)
 
-    async def _events(
-        self, pcm: Any, provider: str | None, timeout: float | None, options: dict[str, Any], stream: bool
-    ) -> AsyncIterator[Segment | Transcript]:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        tried: set[str] = set()
-        last: HubError | None = None
-        while (left := deadline - time.monotonic()) > 0:
-            member = await self._choose(provider, tried, left)
-            if member is None:
-                continue
-            answered = False
-            try:
-                client = member.client
-                events = (
-                    client.transcribe_stream(pcm, provider, timeout=left, **options)
-                    if stream
-                    else _once(client.transcribe(pcm, provider, timeout=left, **options))
-                )
-                async for event in events:
-                    answered = True
-                    yield event
-                return
-            except RETRYABLE as exc:
-                if answered:
-                    raise
-                last = exc
-                tried.add(member.endpoint)
-                self._close(self.balancer.failed(member, exc))
-            finally:
-                self._close(self.balancer.release(member))
-        raise last if last is not None else _no_hub(self.endpoints, 0.0)
+        def call(client: AsyncHubClient, left: float) -> AsyncIterator[Segment | Transcript]:
+            return client.transcribe_stream(pcm, provider, timeout=left, **options)
+
+        async for event in self._tries(self._attempts(provider, timeout), call):
+            yield event
 
     async def open_stream(self, provider: str | None = None, *, timeout: float | None = None, **options: Any) -> Any:
         """A live session on the hub with the most room; it stays there until closed."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        tried: set[str] = set()
-        last: HubError | None = None
-        while (left := deadline - time.monotonic()) > 0:
-            member = await self._choose(provider, tried, left)
-            if member is None:
+        attempts = self._attempts(provider, timeout, keep=True)
+
+        def call(client: AsyncHubClient, left: float) -> AsyncIterator[Any]:
+            return _once(client.open_stream(provider, timeout=left, **options))
+
+        (session,) = [s async for s in self._tries(attempts, call)]
+        assert attempts.member is not None
+        return _AsyncPooledSession(session, functools.partial(self._end_session, attempts.member))
+
+    async def _tries(
+        self, attempts: Attempts[AsyncHubClient], call: Callable[[AsyncHubClient, float], AsyncIterator[Any]]
+    ) -> AsyncIterator[Any]:
+        """What ``call`` on one hub yields, that hub chosen and changed as ``attempts`` say; awaits between."""
+        self._start()
+        while True:
+            hub = attempts.next(time.monotonic())
+            if not isinstance(hub, Member):
+                await asyncio.sleep(hub)
                 continue
             try:
-                session = await member.client.open_stream(provider, timeout=left, **options)
-            except RETRYABLE as exc:
-                last = exc
-                tried.add(member.endpoint)
-                self._close(self.balancer.failed(member, exc))
-                self._close(self.balancer.release(member))
-                continue
-            except BaseException:
-                self._close(self.balancer.release(member))
-                raise
-            return _AsyncPooledSession(session, functools.partial(self._end_session, member))
-        raise last if last is not None else _no_hub(self.endpoints, 0.0)
+                async for event in call(hub.client, attempts.left(time.monotonic())):
+                    attempts.answered()
+                    yield event
+            except BaseException as exc:
+                retry, closable = attempts.failed(exc)
+                self._close(closable)
+                if not retry:
+                    raise
+            else:
+                self._close(attempts.succeeded())
+                return
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         """``{"hubs": {endpoint: status}}``; a hub that did not answer has ``{"error": {code, message}}``."""
@@ -524,14 +574,6 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             if time.monotonic() >= deadline:
                 raise _not_enough(status, hubs, timeout)
             await asyncio.sleep(0.1)
-
-    async def _choose(self, provider: str | None, tried: set[str], left: float) -> Member[AsyncHubClient] | None:
-        self._start()
-        member = self.balancer.choose(provider, tried)
-        if member is None:
-            tried.clear()
-            await asyncio.sleep(min(RETRY_PAUSE, left))
-        return member
 
     def _start(self) -> None:
         """Resolve and start the watcher on first use (it needs the running loop)."""
@@ -575,7 +617,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             task.add_done_callback(self._closing.discard)
 
 
-async def _once(result: Any) -> AsyncIterator[Any]:
+async def _once(result: Awaitable[Any]) -> AsyncIterator[Any]:
     yield await result
 
 

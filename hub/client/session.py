@@ -47,6 +47,7 @@ class StreamEvent:
     text: str
     segment: Segment | None = None
     heard: float = 0.0
+    at: float = 0.0
 
 
 def _read(body: dict[str, Any]) -> float:

@@ -81,6 +81,7 @@ class Supervisor:
         self.hub_id = hub_id(config.hub.frontend)
         self.shm_prefix = shm.hub_prefix(self.hub_id)
         self.started = time.monotonic()
+        status.HubStatus().to_dict()  # builds the status codec now: the first STATUS is then answered as fast as any
         self.ctx = zmq.Context()
         self.auth: ThreadAuthenticator | None = None
         self.frontend = self._socket(zmq.ROUTER)

@@ -208,9 +208,13 @@ def test_cli_status_watch_redraws(hub_factory) -> None:
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "status", "--watch"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
-    time.sleep(2.5)
+    assert proc.stdout is not None
+    out, deadline = "", time.monotonic() + 30
+    while out.count("echo (echo, pool): size 1") < 2 and time.monotonic() < deadline and (line := proc.stdout.readline()):
+        out += line  # the CLI redraws every second: wait for two screens, however slow its start
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
+    rest, _ = proc.communicate(timeout=10)
+    out += rest
     assert proc.returncode == 0 and out.count("echo (echo, pool): size 1") >= 2 and "\x1b[2J" in out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,11 +13,14 @@ import pytest
 
 from hub.client.__main__ import format_status
 from hub.status import (
+    FLAT,
+    OMIT_NONE,
     GpuCard,
     HubStatus,
     PoolStatus,
     ProviderStatus,
     ReadyState,
+    Wire,
     WorkerStatus,
 )
 from tests.conftest import Hub, echo_provider
@@ -161,3 +165,27 @@ def test_the_cli_table_reads_the_typed_status() -> None:
     draining = copy.deepcopy(STATUS)
     draining["hub"]["shutting_down"] = True
     assert "  not ready  (shutting down)  " in format_status(HubStatus.from_dict(draining))
+
+
+@dataclass(frozen=True)
+class _Part(Wire):
+    a: int = 0
+    b: float | None = None
+
+
+@dataclass(frozen=True)
+class _Whole(Wire):
+    name: str = ""
+    part: _Part | None = field(default=None, metadata=FLAT)
+    items: tuple[_Part, ...] = ()
+    extra: _Part | None = field(default=None, metadata=OMIT_NONE)
+
+
+def test_a_new_part_needs_only_its_fields_and_markers() -> None:
+    """The codec reads the markers off any dataclass: a flat part's keys sit in its parent's dict (and it is
+    None when none of them is there); an OMIT_NONE field has no key while None; tuples travel as lists."""
+    whole = _Whole("w", _Part(1, None), (_Part(2, 0.5),), None)
+    assert whole.to_dict() == {"name": "w", "a": 1, "b": None, "items": [{"a": 2, "b": 0.5}]}
+    assert _Whole.from_dict(whole.to_dict()) == whole
+    assert _Whole.from_dict({"name": "x", "extra": {"a": 3}}) == _Whole("x", None, (), _Part(3))
+    assert _Whole("y").to_dict() == {"name": "y", "items": []}

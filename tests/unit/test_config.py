@@ -1,3 +1,4 @@
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,31 @@ def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
     assert rollback.providers["a"].pool.sessions_per_worker == 1 and rollback.providers["a"].pool.session_limit == 1
     capped = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "max_sessions": 1}}}})
     assert capped.providers["a"].pool.session_limit == 1
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"providers": {"echo": {"name": "x"}}}, "providers.echo.name: unknown key (known keys: allow_download, "),
+        ({"providers": {"echo": {"devices": 3}}}, "providers.echo.devices: expected a list, got int 3"),
+        ({"providers": {"echo": {"stream": 5}}}, "providers.echo.stream: expected a mapping, got int 5"),
+        ({"providers": {"echo": {"pool": {"max_sessions": 1.5}}}}, "providers.echo.pool.max_sessions: expected an integer, got float 1.5"),
+        ({"providers": {"echo": {}}, "routes": {"r": [{"provider": "echo", "wait": 1}]}},
+         "routes.r.providers[0].wait: unknown key (known keys: provider, weight)"),
+        ({"providers": {"echo": {}}, "routes": {"r": [{"weight": 1}]}}, "routes.r.providers[0].provider: required"),
+        ({"providers": {"echo": {}}, "gateway": {"model_aliases": {"big": 1}}}, "gateway.model_aliases.big: expected a string, got int 1"),
+        ({"providers": {"echo": {}}, "hub": {"frontend": date(2026, 1, 1)}}, "hub: date datetime.date(2026, 1, 1) is not a config value"),
+    ],
+)
+def test_errors_from_the_schema_name_the_key_path(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert message in str(caught.value)
+
+
+def test_an_integer_is_a_number() -> None:
+    pool = parse_config({"providers": {"echo": {"pool": {"idle_timeout": 10}}}}).providers["echo"].pool
+    assert pool.idle_timeout == 10.0 and isinstance(pool.idle_timeout, float)
 
 
 def test_split_keys_are_checked_and_single_instance_never_splits() -> None:
