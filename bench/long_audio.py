@@ -71,7 +71,9 @@ def recording(seconds: float, seed: int = 25) -> tuple[np.ndarray, str]:
     return np.concatenate(parts), " ".join(said)
 
 
-def _hub_run(workdir: Path, device: str, workers: int, split: bool, pcm: np.ndarray, said: str, plan: LongPlan) -> dict[str, Any]:
+def _hub_run(
+    workdir: Path, device: str, workers: int, split: bool, pcm: np.ndarray, said: str, plan: LongPlan
+) -> dict[str, Any]:
     provider = whisper_provider(workers, 1, device)
     provider["pool"].update(split_over_seconds=60.0, split_piece_seconds=plan.piece_seconds)
     label = f"long-{workers}w-{'split' if split else 'whole'}"
@@ -133,7 +135,9 @@ def _beside(endpoint: str, pcm: np.ndarray, short: np.ndarray, split: bool) -> d
     return waits
 
 
-def _batched_run(workdir: Path, device: str, threads: int, pcm: np.ndarray, said: str, plan: LongPlan) -> dict[str, Any]:
+def _batched_run(
+    workdir: Path, device: str, threads: int, pcm: np.ndarray, said: str, plan: LongPlan
+) -> dict[str, Any]:
     """``BatchedInferencePipeline`` in a fresh process with a worker's thread environment, timed inside it."""
     audio = workdir / "long.npy"
     np.save(audio, pcm)
@@ -180,7 +184,10 @@ def batched_child(path: Path, threads: int, device: str, batch_size: int, repeat
 def measure(workdir: Path, device: str, plan: LongPlan = LongPlan()) -> dict[str, Any]:
     pcm, said = recording(plan.seconds)
     load_before = os.getloadavg()[0]
-    say(f"long audio: {pcm.size / SAMPLE_RATE:.0f} s, split off and on, on {plan.workers} workers, and BatchedInferencePipeline")
+    say(
+        f"long audio: {pcm.size / SAMPLE_RATE:.0f} s, split off and on, on {plan.workers} workers, "
+        "and BatchedInferencePipeline"
+    )
     rows = [_hub_run(workdir, device, n, split, pcm, said, plan) for n in plan.workers for split in (False, True)]
     rows.append(_batched_run(workdir, device, max(plan.workers), pcm, said, plan))
     load = os.getloadavg()[0]
@@ -189,7 +196,9 @@ def measure(workdir: Path, device: str, plan: LongPlan = LongPlan()) -> dict[str
 
 
 def _row(result: dict[str, Any], workers: int, split: bool) -> dict[str, Any]:
-    return next(r for r in result["rows"] if r["workers"] == workers and r["split"] is split and r["setup"].startswith("hub"))
+    return next(
+        r for r in result["rows"] if r["workers"] == workers and r["split"] is split and r["setup"].startswith("hub")
+    )
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -204,19 +213,36 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         _target(
             f"long audio: split on vs off, {top} workers (speed-up of the CPU critical path)",
-            off["cpu_path_s"] / on["cpu_path_s"], 0.9 * top, True, "×", wall,
+            off["cpu_path_s"] / on["cpu_path_s"],
+            0.9 * top,
+            True,
+            "×",
+            wall,
         ),
         _target(
-            f"long audio: split on {top} workers vs BatchedInferencePipeline, same threads (speed-up of the CPU critical path)",
-            batched["cpu_path_s"] / on["cpu_path_s"], 1.0, True, "×",
-            f"wall clock {batched['latency_s']:.1f} / {on['latency_s']:.1f} s = {batched['latency_s'] / on['latency_s']:.2f}×",
+            f"long audio: split on {top} workers vs BatchedInferencePipeline, same threads "
+            "(speed-up of the CPU critical path)",
+            batched["cpu_path_s"] / on["cpu_path_s"],
+            1.0,
+            True,
+            "×",
+            f"wall clock {batched['latency_s']:.1f} / {on['latency_s']:.1f} s "
+            f"= {batched['latency_s'] / on['latency_s']:.2f}×",
         ),
         _target(
-            "long audio: WER split on, over split off", on["wer"] - off["wer"], 0.015, False, "", f"{on['wer']:.3f} vs {off['wer']:.3f}"
+            "long audio: WER split on, over split off",
+            on["wer"] - off["wer"],
+            0.015,
+            False,
+            "",
+            f"{on['wer']:.3f} vs {off['wer']:.3f}",
         ),
         _target(
             f"long audio: a short request's wait behind a split request, {top} workers",
-            on["short_wait_s"], round(2 * piece_s, 2), False, "s",
+            on["short_wait_s"],
+            round(2 * piece_s, 2),
+            False,
+            "s",
             f"target: two pieces' mean decode ({piece_s:.2f} s each), i.e. the pieces running, never the queued ones",
         ),
     ]
@@ -225,15 +251,18 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 def lines(result: dict[str, Any]) -> list[str]:
     out = [
         "",
-        f"one long recording ({result['audio_s']:.0f} s of speech with pauses, tiny.en, pieces of at most {result['piece_seconds']:g} s;"
+        f"one long recording ({result['audio_s']:.0f} s of speech with pauses, tiny.en, "
+        f"pieces of at most {result['piece_seconds']:g} s;"
         f" a short request sent 1 s in; fastest of {result['repeats']}; load average {result['load_before']} before,"
         f" {result['load_after']} after):",
-        "  setup                                                  latency s    RTF  CPU path s    WER  pieces  short wait s",
+        "  setup                                                  latency s    RTF  CPU path s    WER  pieces"
+        "  short wait s",
     ]
     for r in result["rows"]:
         wait = "-" if r["short_wait_s"] is None else f"{r['short_wait_s']:.2f}"
         out.append(
-            f"  {r['setup']:<55}{r['latency_s']:>9.2f}{r['rtf']:>7.3f}{r['cpu_path_s']:>12.2f}{r['wer']:>7.3f}{r['pieces']:>8}{wait:>14}"
+            f"  {r['setup']:<55}{r['latency_s']:>9.2f}{r['rtf']:>7.3f}{r['cpu_path_s']:>12.2f}"
+            f"{r['wer']:>7.3f}{r['pieces']:>8}{wait:>14}"
         )
     return out
 

@@ -375,11 +375,11 @@ def _request_families(providers: dict[str, dict[str, Any]]) -> Iterator[Any]:
         "pieces_per_request": ("pieces_per_request", "Pieces each split request was cut into"),
     }
     for family_name, (key, doc) in histograms.items():
-        family = HistogramMetricFamily(f"asr_hub_{family_name}", doc, labels=["provider"])
+        histogram = HistogramMetricFamily(f"asr_hub_{family_name}", doc, labels=["provider"])
         for name, m in providers.items():
             buckets, total = m[key]
-            family.add_metric([name], buckets, total)
-        yield family
+            histogram.add_metric([name], buckets, total)
+        yield histogram
 
 
 def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:

@@ -53,7 +53,9 @@ def wants_split(samples: int, pool: PoolConfig, asked: bool) -> bool:
 class Pieces:
     """The split requests of a farm, by the request's job id."""
 
-    def __init__(self, jobs: Jobs, metrics: Metrics, place: Place, fail: Fail, answer: Answer, segment: Segment) -> None:
+    def __init__(
+        self, jobs: Jobs, metrics: Metrics, place: Place, fail: Fail, answer: Answer, segment: Segment
+    ) -> None:
         self.jobs = jobs
         self.metrics = metrics
         self.place = place
@@ -97,13 +99,19 @@ class Pieces:
         try:
             index = split.plan_piece(int(body["start"]), int(body["end"]), bool(body["speech"]), str(body["cut"]))
         except (KeyError, TypeError, ValueError) as exc:
-            self._end(owner, InternalError(f"the plan of request {owner.request_id} is broken ({exc}); please report it"), now)
+            self._end(
+                owner, InternalError(f"the plan of request {owner.request_id} is broken ({exc}); please report it"), now
+            )
             return
         if index is None:
             return
         if split.planned:
             log.info(
-                "request %s (job %s): %.1f s split into %s", owner.request_id, owner.id, owner.audio.seconds, split.describe()
+                "request %s (job %s): %.1f s split into %s",
+                owner.request_id,
+                owner.id,
+                owner.audio.seconds,
+                split.describe(),
             )
             self.metrics.split(owner.provider, len(split.pieces))
         if split.pieces[index].speech:
@@ -122,7 +130,11 @@ class Pieces:
         elif part.kind is JobKind.PIECE:
             self._deliver(owner, split, split.done(part.index, msg.body, worker), now)
         elif not split.planned:
-            self._end(owner, InternalError(f"the plan of request {owner.request_id} ended before the audio did; please report it"), now)
+            self._end(
+                owner,
+                InternalError(f"the plan of request {owner.request_id} ended before the audio did; please report it"),
+                now,
+            )
 
     def failed(self, part: Job, error: HubError, now: float) -> None:
         """A part failed for good (its retries used up, its deadline passed, the hub stopping): so does its request.
@@ -192,12 +204,30 @@ class Pieces:
         return job
 
     def _part(
-        self, owner: Job, kind: JobKind, audio: AudioRef, payload: bytes | None, options: dict[str, Any], index: int, now: float
+        self,
+        owner: Job,
+        kind: JobKind,
+        audio: AudioRef,
+        payload: bytes | None,
+        options: dict[str, Any],
+        index: int,
+        now: float,
     ) -> Job:
         """A job ``owner`` owns; a piece may wait in the queue as long as the request's client waits."""
         deadline = owner.received_at + owner.client_timeout if owner.client_timeout else float("inf")
         return Job(
-            id=self.jobs.new_id(kind), kind=kind, client=b"", request_id="", provider=owner.provider, audio=audio,
-            payload=payload, options=options, stream=owner.stream and kind is JobKind.PIECE, received_at=now,
-            acquire_deadline=deadline, client_timeout=owner.client_timeout, owner=owner.id, index=index,
+            id=self.jobs.new_id(kind),
+            kind=kind,
+            client=b"",
+            request_id="",
+            provider=owner.provider,
+            audio=audio,
+            payload=payload,
+            options=options,
+            stream=owner.stream and kind is JobKind.PIECE,
+            received_at=now,
+            acquire_deadline=deadline,
+            client_timeout=owner.client_timeout,
+            owner=owner.id,
+            index=index,
         )

@@ -80,7 +80,9 @@ class Split:
         """The plan's next piece; it must start where the last one ended. Returns its index."""
         at = self.pieces[-1].end if self.pieces else 0
         if self.planned or start != at or not start < end <= self.samples:
-            raise ValueError(f"piece [{start}, {end}) does not follow the plan (next piece starts at {at} of {self.samples})")
+            raise ValueError(
+                f"piece [{start}, {end}) does not follow the plan (next piece starts at {at} of {self.samples})"
+            )
         self.pieces.append(PieceState(start, end, speech, cut))
         self.planned = end == self.samples
         return len(self.pieces) - 1
@@ -149,5 +151,8 @@ class Split:
 
     def describe(self) -> str:
         """How the audio was cut, for the log: ``4 pieces: 0.0-28.3 pause, 28.3-57.9 quiet, ...``."""
-        parts = [f"{p.start / SAMPLE_RATE:.1f}-{p.end / SAMPLE_RATE:.1f} {p.cut}{'' if p.speech else ' silent'}" for p in self.pieces]
+        parts = [
+            f"{p.start / SAMPLE_RATE:.1f}-{p.end / SAMPLE_RATE:.1f} {p.cut}{'' if p.speech else ' silent'}"
+            for p in self.pieces
+        ]
         return f"{len(self.pieces)} pieces: {', '.join(parts)}"

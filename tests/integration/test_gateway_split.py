@@ -36,9 +36,13 @@ def test_a_long_upload_is_split_and_split_false_keeps_it_whole(gateway_factory: 
     with path.open("rb") as audio:
         events = list(client.audio.transcriptions.create(model="echo", file=audio, stream=True))
     deltas = [e.delta.strip() for e in events[:-1]]  # type: ignore[union-attr]
-    assert len(deltas) == len(sent) and [d.split()[1] for d in deltas] == [t.split()[1] for *_, t in sent]  # in time order
+    assert len(deltas) == len(sent) and [d.split()[1] for d in deltas] == [
+        t.split()[1] for *_, t in sent
+    ]  # in time order
     with path.open("rb") as audio:
-        whole = client.audio.transcriptions.create(model="echo", file=audio, response_format="verbose_json", extra_body={"split": "false"})
+        whole = client.audio.transcriptions.create(
+            model="echo", file=audio, response_format="verbose_json", extra_body={"split": "false"}
+        )
     assert len(whole.segments) == 1 and whole.text.startswith(echo_text(talk()).split(" rms")[0])  # type: ignore[union-attr]
     with path.open("rb") as audio, pytest.raises(openai.BadRequestError, match="split must be true or false"):
         client.audio.transcriptions.create(model="echo", file=audio, extra_body={"split": "maybe"})

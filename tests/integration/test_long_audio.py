@@ -51,7 +51,9 @@ def pieces_sent(rounds: int = 3) -> list[tuple[float, float, str]]:
     """What each piece's echo says, where it lies in the audio."""
     pcm = talk(rounds)
     return [
-        (round(p.start / S, 3), round(p.end / S, 3), f"{echo_text(pcm[p.start : p.end])} #1") for p in expected(rounds) if p.speech
+        (round(p.start / S, 3), round(p.end / S, 3), f"{echo_text(pcm[p.start : p.end])} #1")
+        for p in expected(rounds)
+        if p.speech
     ]
 
 

@@ -25,14 +25,20 @@ PAUSES = (0.5, 0.9, 0.6, 0.8, 0.5, 0.7, 0.9, 0.6, 0.5)
 
 def recording() -> tuple[np.ndarray, str]:
     """~40 s: the committed clips with pauses between, and what they say."""
-    parts = [p for name, pause in zip(ORDER, PAUSES) for p in (read_wav(DATA / f"{name}.wav"), np.zeros(int(pause * S), np.float32))]
+    parts = [
+        p
+        for name, pause in zip(ORDER, PAUSES, strict=True)
+        for p in (read_wav(DATA / f"{name}.wav"), np.zeros(int(pause * S), np.float32))
+    ]
     return np.concatenate(parts), " ".join(reference(name) for name in ORDER)
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     pool = {"min_size": 2, "max_size": 2, "split_over_seconds": 20, "split_piece_seconds": 12}
-    started = start_hub(tmp_path_factory.mktemp("long"), {"whisper": {"model": "tiny.en", "cpu_threads": 1, "pool": pool}})
+    started = start_hub(
+        tmp_path_factory.mktemp("long"), {"whisper": {"model": "tiny.en", "cpu_threads": 1, "pool": pool}}
+    )
     yield started
     assert started.stop() == 0
 

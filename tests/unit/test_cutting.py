@@ -100,7 +100,9 @@ def test_silero_cuts_in_the_pause_before_a_sentence_that_straddles_the_naive_bou
     assert len(pieces) >= 3
     for p in pieces[:-1]:
         assert p.cut is Cut.PAUSE
-        assert any(a + MIN_GAP // 2 <= p.end <= b - MIN_GAP // 2 for a, b in pauses), f"cut at {p.end / S:.2f} s is not in a pause"
+        assert any(a + MIN_GAP // 2 <= p.end <= b - MIN_GAP // 2 for a, b in pauses), (
+            f"cut at {p.end / S:.2f} s is not in a pause"
+        )
     assert all(p.speech for p in pieces)
 
 

@@ -68,7 +68,9 @@ def piece_msg(start: int, end: int, speech: bool = True, cut: str = "pause") -> 
 
 
 def result(text: str) -> Message:
-    return Message(MsgType.RESULT, "x", {"text": text, "segments": [{"start": 0.5, "end": 1.0, "text": text}], "language": "en"})
+    return Message(
+        MsgType.RESULT, "x", {"text": text, "segments": [{"start": 0.5, "end": 1.0, "text": text}], "language": "en"}
+    )
 
 
 def test_only_long_requests_that_allow_it_split() -> None:

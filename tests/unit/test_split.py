@@ -19,7 +19,12 @@ def seg(start: float, end: float, text: str, words: bool = False) -> dict:
 
 
 def result(*segments: dict, language: str | None = "en", ms: float = 100.0) -> dict:
-    return {"text": " ".join(s["text"] for s in segments), "segments": list(segments), "language": language, "inference_ms": ms}
+    return {
+        "text": " ".join(s["text"] for s in segments),
+        "segments": list(segments),
+        "language": language,
+        "inference_ms": ms,
+    }
 
 
 def three(stream: bool) -> Split:
@@ -90,7 +95,14 @@ def test_segments_stream_in_time_order_as_soon_as_every_earlier_piece_is_done() 
     assert [s["text"] for s in split.segment(1, seg(3.0, 4.0, "two b"))] == ["two b"]  # 1 is the head now
     out = split.done(1, result(seg(1.0, 2.0, "two"), seg(3.0, 4.0, "two b"), seg(5.0, 6.0, "two c")))
     assert [(s["text"], s["start"]) for s in out] == [("two c", 35.0), ("three", 58.0)]
-    assert split.complete and [s["text"] for s in split.result()["segments"]] == ["one", "one b", "two", "two b", "two c", "three"]
+    assert split.complete and [s["text"] for s in split.result()["segments"]] == [
+        "one",
+        "one b",
+        "two",
+        "two b",
+        "two c",
+        "three",
+    ]
 
 
 def test_a_retried_piece_sends_nothing_twice() -> None:

@@ -3,6 +3,7 @@ its plan on one worker, its pieces on every worker, a piece retried after a cras
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from hub.protocol import SAMPLE_RATE, Message, MsgType
@@ -12,7 +13,10 @@ S = SAMPLE_RATE
 
 
 def echo(**pool: object) -> dict[str, object]:
-    return {"type": "echo", "pool": {"min_size": 2, "max_size": 2, "split_over_seconds": 60, "split_piece_seconds": 30, **pool}}
+    return {
+        "type": "echo",
+        "pool": {"min_size": 2, "max_size": 2, "split_over_seconds": 60, "split_piece_seconds": 30, **pool},
+    }
 
 
 def sent_jobs(rig: Rig) -> list[tuple[str, Message]]:
@@ -22,9 +26,11 @@ def sent_jobs(rig: Rig) -> list[tuple[str, Message]]:
 def plan(rig: Rig, worker: str, job_id: str, cuts: list[int], total: int) -> None:
     """The worker's VAD pass: one SEGMENT per piece (all with speech), then its RESULT."""
     edges = [0, *cuts, total]
-    for start, end in zip(edges, edges[1:]):
+    for start, end in itertools.pairwise(edges):
         cut = "end" if end == total else "pause"
-        rig.from_worker(worker, MsgType.SEGMENT, job_id, {"start": start * S, "end": end * S, "speech": True, "cut": cut})
+        rig.from_worker(
+            worker, MsgType.SEGMENT, job_id, {"start": start * S, "end": end * S, "speech": True, "cut": cut}
+        )
     rig.from_worker(worker, MsgType.RESULT, job_id, {"pieces": len(edges) - 1})
 
 
@@ -44,7 +50,7 @@ def test_the_plan_runs_first_then_each_piece_on_any_worker_and_the_answer_is_sti
     assert [w for w, _ in pieces] == ["echo-2", "echo-1"]  # the idle worker at once, then the plan's own
     assert [m.body["audio"]["samples"] for _, m in pieces] == [28 * S, 22 * S]
     assert [len(m.payload or b"") for _, m in pieces] == [28 * S * 4, 22 * S * 4]  # inline: its slice of the payload
-    for (w, m), text in zip(pieces, ("one", "two")):
+    for (w, m), text in zip(pieces, ("one", "two"), strict=True):
         answer(rig, w, m.id, text)
     assert rig.answers(request) == []  # the third piece waits in the queue
     ((w, third),) = sent_jobs(rig)[3:]
@@ -66,7 +72,7 @@ def test_a_piece_whose_worker_dies_is_retried_and_counted_once() -> None:
     rig.die(w1)
     rig.tick()
     answer(rig, w2, piece2.id, "two")
-    (w3, again), = sent_jobs(rig)[3:]
+    ((w3, again),) = sent_jobs(rig)[3:]
     assert again.id == piece1.id and again.body["audio"] == piece1.body["audio"] and w3 != w1
     answer(rig, w3, again.id, "one")
     ((kind, body),) = rig.answers(request)
@@ -78,7 +84,10 @@ def test_short_requests_are_not_split_and_split_false_keeps_a_long_one_whole() -
     rig.start()
     rig.transcribe(seconds=60)
     rig.transcribe(seconds=90, split=False)
-    assert [("plan" in m.body, m.body["audio"]["samples"]) for _, m in sent_jobs(rig)] == [(False, 60 * S), (False, 90 * S)]
+    assert [("plan" in m.body, m.body["audio"]["samples"]) for _, m in sent_jobs(rig)] == [
+        (False, 60 * S),
+        (False, 90 * S),
+    ]
     rig.transcribe(seconds=90, split="no")
     assert rig.error_of("r3") == "BAD_REQUEST"
 
