@@ -111,6 +111,21 @@ def plan(pcm: np.ndarray, piece: int, vad: Vad) -> Iterator[Piece]:
     yield Piece(start, total, bool(vad(pcm[start:total])), Cut.END)
 
 
+def all_speech(pcm: np.ndarray) -> list[Span]:
+    """The VAD of a worker without faster-whisper (a FunASR-only install): everything is speech, so every cut
+    falls at the quietest 100 ms and every piece is decoded."""
+    return [(0, int(pcm.size))]
+
+
+def the_vad() -> Vad:
+    """Silero where faster-whisper is installed, else ``all_speech``."""
+    try:
+        import faster_whisper.vad  # noqa: F401
+    except ImportError:
+        return all_speech
+    return silero_vad
+
+
 def silero_vad(pcm: np.ndarray) -> list[Span]:
     """The speech the Silero VAD bundled with faster-whisper hears in ``pcm`` (no padding around it: the
     cut keeps its own distance, ``MIN_GAP``)."""

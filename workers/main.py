@@ -83,6 +83,9 @@ class Worker:
         self.sessions: dict[str, Session] = {}
         self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs waiting, with their arrival
         self.session_busy = 0.0  # seconds spent decoding sessions: the heartbeat reports it as the session load
+        self.vad = cutting.the_vad()  # where a long request's plan cuts (Silero, or none without faster-whisper)
+        if self.vad is cutting.all_speech:
+            log.warning("no faster-whisper here: long requests are cut at their quietest points, without a VAD")
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
@@ -195,7 +198,7 @@ class Worker:
         if not isinstance(piece, int) or isinstance(piece, bool) or piece < 2 * cutting.MIN_GAP:
             raise BadRequest(f"field 'plan.piece' must be a piece length of at least {2 * cutting.MIN_GAP} samples")
         count = 0
-        for part in cutting.plan(self._pcm(msg), piece, cutting.silero_vad):
+        for part in cutting.plan(self._pcm(msg), piece, self.vad):
             self.send(MsgType.SEGMENT, msg.id, part.to_dict())
             count += 1
         return {"pieces": count}

@@ -10,7 +10,7 @@ import pytest
 
 from bench.clips import DATA, read_wav
 from hub.protocol import SAMPLE_RATE
-from workers.cutting import MIN_GAP, Cut, Piece, find_cut, overlaps, plan, quietest, silero_vad
+from workers.cutting import MIN_GAP, Cut, Piece, all_speech, find_cut, overlaps, plan, quietest, silero_vad, the_vad
 
 S = SAMPLE_RATE
 
@@ -112,3 +112,12 @@ def test_silero_hears_no_speech_in_silence_or_a_tone() -> None:
     tone = 0.3 * np.sin(np.arange(20 * S) * 2 * np.pi * 440 / S).astype(np.float32)
     pieces = list(plan(tone, 8 * S, silero_vad))
     _partition(pieces, tone.size)
+
+
+def test_without_faster_whisper_the_plan_cuts_at_the_quietest_and_decodes_every_piece() -> None:
+    pcm = np.random.default_rng(3).normal(0, 0.1, 70 * S).astype(np.float32)
+    pcm[int(20 * S) : int(20.1 * S)] = 0.0
+    pieces = list(plan(pcm, 30 * S, all_speech))
+    _partition(pieces, pcm.size)
+    assert pieces[0].cut is Cut.QUIET and abs(pieces[0].end - int(20.05 * S)) <= S // 100
+    assert all(p.speech for p in pieces) and the_vad() is silero_vad  # faster-whisper is installed here
