@@ -39,6 +39,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from hub import __version__, http, logs, protocol, shm, status
 from hub.children import GatewayChild
 from hub.config import ConfigError, CurveConfig, HubConfig, check_exposure, hub_id, load_config, pid_file
+from hub.connections import ConnectionLimits
 from hub.errors import BadRequest, HubError, InternalError
 from hub.farm import Farm
 from hub.metrics import Metrics
@@ -86,7 +87,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.rollout = Rollout(config.routes, self.metrics)
         self.farm = Farm(config, self.backend, self.backend_path, self.shm_prefix, self.reply, self.metrics, self.rollout)
-        self.http: Any = None
+        self.http: http.ProbeServer | None = None
         self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
         self.sig_queue: deque[int] = deque()  # filled by the signal handler, emptied by the loop
@@ -147,7 +148,8 @@ class Supervisor:
         log.info("supervisor %s (pid %d) listening on %s", self.hub_id, os.getpid(), self.config.hub.frontend)
         hub = self.config.hub
         if hub.metrics_port:
-            self.http = http.serve(self.metrics, hub.metrics_host, hub.metrics_port)
+            limits = ConnectionLimits(hub.metrics_header_timeout, hub.metrics_max_connections)
+            self.http = http.serve(self.metrics, hub.metrics_host, hub.metrics_port, limits)
             log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", hub.metrics_host, hub.metrics_port)
         try:
             self.tick(time.monotonic())
