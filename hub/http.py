@@ -28,6 +28,7 @@ from hub.metrics import Metrics, PrometheusCollector
 
 STALL_SECONDS = 5.0  # the loop passes every 50 ms; this long without one means it is stuck
 MAX_HEADER_BYTES = 16 * 1024
+BACKLOG = 1024
 DEFAULT_LIMITS = ConnectionLimits(header_timeout=10.0, max_connections=128)
 
 Reply = tuple[str, str, bytes]  # status line, content type, body
@@ -58,7 +59,7 @@ class ProbeServer:
         self._sock.close()
 
     async def _run(self) -> None:
-        server = await asyncio.start_server(self._connection, sock=self._sock, limit=MAX_HEADER_BYTES)
+        server = await asyncio.start_server(self._connection, sock=self._sock, limit=MAX_HEADER_BYTES, backlog=BACKLOG)
         sweep = asyncio.ensure_future(self._sweep())
         try:
             await self._stopped.wait()
@@ -144,7 +145,7 @@ def _close(writer: asyncio.StreamWriter, reply: bytes) -> None:
 
 def serve(metrics: Metrics, host: str, port: int, limits: ConnectionLimits = DEFAULT_LIMITS) -> ProbeServer:
     """Bind now (an address in use fails here, in the caller) and serve on a daemon thread until ``shutdown()``."""
-    sock = socket.create_server((host, port), backlog=1024)
+    sock = socket.create_server((host, port), backlog=BACKLOG)
     server = ProbeServer(metrics, sock, limits)
     server.start()
     return server
