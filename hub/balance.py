@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from hub import shm
 from hub.audio import AudioInput, to_pcm
 from hub.client import AsyncHubClient, CurveKeys, HubClient, TranscriptStream
 from hub.errors import HubError, HubUnreachable, PoolBusy, ProviderUnavailable, ShuttingDown
@@ -428,21 +429,38 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         await asyncio.gather(*self._closing, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.balancer.close_all()))
 
+    async def pcm_buffer(self, capacity: int, timeout: float | None = None) -> shm.PcmBuffer:
+        """Like ``AsyncHubClient.pcm_buffer``, in process memory: which hub (whose shared memory) serves the
+        request is chosen when it is sent, so its samples are copied then."""
+        return shm.PcmBuffer(capacity, None)
+
     async def transcribe(
-        self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
+        self,
+        audio: AudioInput | shm.PcmBuffer,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
     ) -> Transcript:
         result: Transcript | None = None
-        async for event in self._events(to_pcm(audio, sample_rate), provider, timeout, options, stream=False):
+        async for event in self._events(_pcm(audio, sample_rate), provider, timeout, options, stream=False):
             if isinstance(event, Transcript):
                 result = event
         assert result is not None
         return result
 
     async def transcribe_stream(
-        self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
+        self,
+        audio: AudioInput | shm.PcmBuffer,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
     ) -> AsyncIterator[Segment | Transcript]:
         """Yields each ``Segment``, then the ``Transcript``; retried on another hub only before the first one."""
-        async for event in self._events(to_pcm(audio, sample_rate), provider, timeout, options, stream=True):
+        async for event in self._events(_pcm(audio, sample_rate), provider, timeout, options, stream=True):
             yield event
 
     async def _events(
@@ -565,6 +583,11 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             task = asyncio.get_running_loop().create_task(client.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+
+def _pcm(audio: AudioInput | shm.PcmBuffer, sample_rate: int | None) -> Any:
+    """The samples once, for every hub the request may try."""
+    return to_pcm(audio.samples() if isinstance(audio, shm.PcmBuffer) else audio, sample_rate)
 
 
 async def _once(result: Any) -> AsyncIterator[Any]:

@@ -201,7 +201,7 @@ class _ClientCore:
         return hello
 
     def _transcribe_call(
-        self, audio: AudioInput, provider: str | None, options: dict[str, Any], deadline: float, sample_rate: int | None, stream: bool
+        self, audio: AudioInput | shm.PcmBuffer, provider: str | None, options: dict[str, Any], deadline: float, sample_rate: int | None, stream: bool
     ) -> Call:
         lease = audio_lease(audio, sample_rate, self._segments)  # bad audio fails here, before anything is sent
         return self._call(MsgType.TRANSCRIBE, transcribe_body(provider, options, stream, deadline), deadline, lease)
@@ -557,7 +557,7 @@ class AsyncHubClient(_ClientCore):
 
     async def transcribe(
         self,
-        audio: AudioInput,
+        audio: AudioInput | shm.PcmBuffer,
         provider: str | None = None,
         *,
         language: str | None = None,
@@ -571,7 +571,7 @@ class AsyncHubClient(_ClientCore):
 
     def transcribe_stream(
         self,
-        audio: AudioInput,
+        audio: AudioInput | shm.PcmBuffer,
         provider: str | None = None,
         *,
         language: str | None = None,
@@ -583,8 +583,14 @@ class AsyncHubClient(_ClientCore):
         """Yields each ``Segment`` as it is decoded, then the final ``Transcript``."""
         return self._stream(audio, provider, _options(language, beam_size, options), timeout, sample_rate, True)
 
+    async def pcm_buffer(self, capacity: int, timeout: float | None = None) -> shm.PcmBuffer:
+        """Room for ``capacity`` float32 samples to fill in place and pass to ``transcribe``: in shared memory
+        when the hub shares it, so the samples are not copied on their way (``shm.PcmBuffer``)."""
+        await self._ensure_hello(self._deadline(timeout))
+        return shm.PcmBuffer(capacity, self._segments)
+
     def _stream(
-        self, audio: AudioInput, provider: str | None, options: dict[str, Any], timeout: float | None, sample_rate: int | None, stream: bool
+        self, audio: AudioInput | shm.PcmBuffer, provider: str | None, options: dict[str, Any], timeout: float | None, sample_rate: int | None, stream: bool
     ) -> AsyncTranscriptStream:
         async def events() -> AsyncGenerator[Reply, None]:
             deadline = self._deadline(timeout)

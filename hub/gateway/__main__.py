@@ -14,7 +14,15 @@ import sys
 
 from hub import logs
 from hub.balance import DNS_SCHEME, parse_endpoints
-from hub.config import ConfigError, GatewaySection, HubSection, check_gateway_exposure, load_config, loopback_endpoint
+from hub.config import (
+    ConfigError,
+    GatewaySection,
+    HubSection,
+    check_gateway_budget,
+    check_gateway_exposure,
+    load_config,
+    loopback_endpoint,
+)
 from hub.gateway.server import serve
 from hub.gateway.state import Settings
 
@@ -39,6 +47,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, HubSection]:
     if bool(section.client_secret_key) != bool(section.server_public_key):
         raise ConfigError("--client-key and --server-key go together")
     check_gateway_exposure(section)
+    check_gateway_budget(section, hub)
     endpoints = tuple(args.hub or [loopback_endpoint(hub.frontend)])
     try:
         parse_endpoints(endpoints)
