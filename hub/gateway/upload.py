@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from hub.gateway.errors import ApiError
 
@@ -125,6 +126,8 @@ async def read_form(
         parser.finalize()
     except MultipartParseError as exc:
         raise ApiError("BAD_REQUEST", f"malformed multipart body: {exc}") from None
+    except ClientDisconnect:
+        raise ApiError("CLIENT_CLOSED", "the client closed the connection before its upload ended") from None
     if not parts or parser.state.name not in ("END", "END_BOUNDARY"):
         raise ApiError("BAD_REQUEST", "malformed multipart body: it ends before its closing boundary")
     fields: dict[str, tuple[str, ...]] = {}
