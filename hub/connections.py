@@ -11,8 +11,9 @@ busy with a request is a new one refused.
 from __future__ import annotations
 
 import resource
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 

@@ -96,7 +96,7 @@ class ProbeServer:
             await asyncio.wait_for(writer.drain(), self.guard.limits.header_timeout)
         except asyncio.LimitOverrunError:
             writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # closed by the client, by the deadline, or displaced
         finally:
             self.guard.closed(writer)

@@ -41,7 +41,7 @@ class MemoryBudget:
         self._waiters.append(entry)
         try:
             await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(
                 "TOO_MANY_REQUESTS",
                 f"the gateway holds {self.reserved / 2**20:.0f} MB of audio in flight, its limit (gateway.max_buffered_mb); "

@@ -73,21 +73,20 @@ def _model(name: str) -> dict[str, Any]:
 async def _serve(request: Request, task: str) -> Response:
     gateway = gateway_of(request)
     gateway.keys.check(request.headers.get("authorization"))
-    slot: Slot | None = gateway.admit()
-    held: Held | None = Held(slot, gateway.budget.reservation())
+    held = Held(gateway.admit(), gateway.budget.reservation())
+    handed_over = False
     try:
-        call = await _read(request, gateway, task, held)
+        call, audio = await _read(request, gateway, task, held)
         if (key := request.headers.get("x-route-key")) and "route_key" not in call.options:
             call.options["route_key"] = key  # a sticky route keeps this user on one model version
         provider = gateway.provider_for(call.model)
-        assert held.audio is not None
         if call.stream:
-            response = await _stream(gateway, provider, call, held)
-            held = None  # held until the last event is sent
+            response = await _stream(gateway, provider, call, audio, held)
+            handed_over = True  # held until the last event is sent
             return response
-        transcript = await _until_disconnect(gateway.client.transcribe(held.audio, provider, **call.options), request.receive)
+        transcript = await _until_disconnect(gateway.client.transcribe(audio, provider, **call.options), request.receive)
     finally:
-        if held is not None:
+        if not handed_over:
             held.release()
     body = render(transcript, call.response_format, task, call.words)
     if isinstance(body, dict):
@@ -111,7 +110,7 @@ class Held:
         self.slot.release()
 
 
-async def _read(request: Request, gateway: Gateway, task: str, held: Held) -> _Call:
+async def _read(request: Request, gateway: Gateway, task: str, held: Held) -> tuple[_Call, PcmBuffer]:
     """The form, checked, and its audio decoded off the event loop straight into ``held.audio``, within the
     memory budget: an upload with a Content-Length reserves its room before its body is read."""
     settings = gateway.settings
@@ -131,10 +130,10 @@ async def _read(request: Request, gateway: Gateway, task: str, held: Held) -> _C
     name = f"the uploaded file {call.filename!r}"
     limit = int(settings.max_audio_seconds * SAMPLE_RATE)
     room = decoded_room(call.audio)
-    held.audio = await gateway.client.pcm_buffer(min(room or limit + 1, limit + 1))
-    held.audio.size = await asyncio.to_thread(_fill, held.audio, call.audio, name)
+    audio = held.audio = await gateway.client.pcm_buffer(min(room or limit + 1, limit + 1))
+    audio.size = await asyncio.to_thread(_fill, audio, call.audio, name)
     call.audio = bytearray()  # the upload's memory goes back now; only its PCM is held from here on
-    if held.audio.size > limit:
+    if audio.size > limit:
         seconds = f"{room / SAMPLE_RATE:.0f} s" if room else f"more than {settings.max_audio_seconds:.0f} s"
         raise ApiError(
             "UPLOAD_TOO_LARGE",
@@ -142,9 +141,9 @@ async def _read(request: Request, gateway: Gateway, task: str, held: Held) -> _C
             f"({settings.max_audio_seconds:.0f} s, hub.max_audio_seconds); split it",
             param="file",
         )
-    inline = held.audio.segment is None  # the request then copies the samples into its message
-    held.reservation.settle(held.audio.size * 4 * (2 if inline else 1))
-    return call
+    inline = audio.segment is None  # the request then copies the samples into its message
+    held.reservation.settle(audio.size * 4 * (2 if inline else 1))
+    return call, audio
 
 
 def _fill(buffer: PcmBuffer, data: bytearray, name: str) -> int:
@@ -230,12 +229,12 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _stream(gateway: Gateway, provider: str | None, call: _Call, held: Held) -> Response:
+async def _stream(gateway: Gateway, provider: str | None, call: _Call, audio: PcmBuffer, held: Held) -> Response:
     """Server-sent events in OpenAI's shape: a ``transcript.text.delta`` per segment, then ``transcript.text.done``.
 
     The first event is awaited before the response starts, so a request the hub refuses still gets
     its HTTP status; an error after that arrives as an ``error`` event."""
-    events = gateway.client.transcribe_stream(held.audio, provider, **call.options)
+    events = gateway.client.transcribe_stream(audio, provider, **call.options)
     first = await anext(events)
 
     async def body() -> AsyncIterator[bytes]:
