@@ -194,3 +194,27 @@ def test_half_open_connections_to_the_gateway_http_port(gateway: tuple[int, int,
 def test_half_open_connections_to_the_gateway_wyoming_port(gateway: tuple[int, int, int]) -> None:
     pid, port, wyoming_port = gateway
     check_flood(pid, wyoming_port, b'{"type": "describe", "da', DEADLINE, b'{"type": "error"', _sdk_and_probe(port))
+
+
+def test_at_the_gateway_cap_the_oldest_half_open_connection_makes_room(tmp_path: Path) -> None:
+    """A cap of 20 and a long deadline: 50 half-open connections hold no more than 20 descriptors, each new one
+    displaces the one waiting longest (told 408), and a probe and a transcription still get in."""
+    with serving(tmp_path, {"whisper": WHISPER}, header_timeout=60, max_connections=20) as gw:
+        pid = gw.hub.status()["gateway"]["pid"]
+        one = _sdk_and_probe(gw.port)
+        one()
+        baseline = usage(pid)
+        sockets = []
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            sockets.append(sock)
+        try:
+            displaced = [sock.recv(64) for sock in sockets[:30]]  # the 20 newer ones each displaced one of these
+            assert all(reply.startswith(b"HTTP/1.1 408 ") for reply in displaced), displaced
+            held = usage(pid)
+            assert held.fds <= baseline.fds + 20 and held.threads == baseline.threads, (baseline, held)
+            one()
+        finally:
+            for sock in sockets:
+                sock.close()
