@@ -175,6 +175,26 @@ def test_a_chunked_upload_counts_as_it_is_read(tmp_path: Path) -> None:
         holder.close()
 
 
+def test_an_upload_that_stalls_gives_its_room_back(tmp_path: Path) -> None:
+    """A body that stops coming for gateway.header_timeout seconds is answered 408 and its reservation freed."""
+    clip = wav_file(tmp_path / "ten-seconds.wav", 10)
+    with serving(tmp_path, ECHO, header_timeout=1) as gw:
+        head, tail, content_type = multipart(clip)
+        stalled = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        stalled.putrequest("POST", "/v1/audio/transcriptions")
+        stalled.putheader("Content-Type", content_type)
+        stalled.putheader("Content-Length", str(len(head) + clip.stat().st_size + len(tail)))
+        stalled.endheaders()
+        stalled.send(head)  # and then nothing
+        started = time.monotonic()
+        reply = stalled.getresponse()
+        assert reply.status == 408 and "gateway.header_timeout" in json.loads(reply.read())["error"]["message"]
+        assert time.monotonic() - started < 5
+        stalled.close()
+        wait_for(lambda: _buffered(gw) == 0, 10, "the budget empty again")
+        assert upload(gw.port, clip)[0] == 200
+
+
 def _buffered(gw: Gateway) -> float:
     """The gateway's asr_hub_gateway_buffered_bytes."""
     _, page = gw.get("/metrics")

@@ -124,6 +124,7 @@ async def _read(request: Request, gateway: Gateway, task: str, held: Held) -> tu
         request.stream(),
         settings.max_upload_bytes,
         on_read=lambda received: held.reservation.grow_to(peak(received)),
+        pause=settings.section.header_timeout,
     )
     call = _Call(form, gateway, task)
     del form

@@ -9,6 +9,7 @@ caller can hold it to a memory budget as it grows.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -68,8 +69,10 @@ async def read_form(
     body: AsyncIterator[bytes],
     limit: int,
     on_read: Callable[[int], Awaitable[None]] | None = None,
+    pause: float | None = None,
 ) -> Form:
-    """Parse the body; raise ``ApiError`` (BAD_REQUEST, UPLOAD_TOO_LARGE) for anything wrong with it.
+    """Parse the body; raise ``ApiError`` (BAD_REQUEST, UPLOAD_TOO_LARGE) for anything wrong with it, and
+    IDLE_TIMEOUT when no piece of it arrives for ``pause`` seconds (a stalled upload holds its memory budget).
     ``on_read(bytes so far)`` is awaited after each piece of a body that has no Content-Length."""
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
@@ -115,8 +118,9 @@ async def read_form(
         },
     )
     received = 0
+    pieces = aiter(body)
     try:
-        async for chunk in body:
+        while (chunk := await _next(pieces, pause)) is not None:
             received += len(chunk)
             if received > limit:
                 raise too_large(limit)
@@ -138,3 +142,13 @@ async def read_form(
         else:
             fields[part.name] = (*fields.get(part.name, ()), part.data.decode("utf-8", "replace"))
     return Form(fields, files)
+
+
+async def _next(pieces: AsyncIterator[bytes], pause: float | None) -> bytes | None:
+    """The body's next piece, None at its end."""
+    try:
+        return await asyncio.wait_for(anext(pieces), pause)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise ApiError("IDLE_TIMEOUT", f"no part of the upload arrived for {pause:g} s (gateway.header_timeout)") from None
