@@ -14,4 +14,4 @@ shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$root/.venv/bin/python}"
 cd "$root"
-exec "$python" -m hub.rollback "$config" "$@" --signal
+exec "$python" -m hub.client.rollback "$config" "$@" --signal

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 
 from hub import logs
-from hub.balance import DNS_SCHEME, parse_endpoints
+from hub.client.balance import DNS_SCHEME, parse_endpoints
 from hub.config import (
     ConfigError,
     GatewaySection,

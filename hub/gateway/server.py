@@ -65,7 +65,7 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     watch = loop.create_task(_watch_parent(parent_pid, server)) if parent_pid else None
     overdue = loop.create_task(guard.sweep(connections))
     log.info(
-        "gateway on http://%s:%d (OpenAI API, /v1/stream, page at /)%s, hub %s",
+        "gateway on http://%s:%d (OpenAI API, /v1/stream, /v1/realtime, page at /)%s, hub %s",
         section.host,
         section.port,
         f", Wyoming on tcp://{section.host}:{section.wyoming_port}" if wyoming else "",

@@ -1,0 +1,102 @@
+"""Child processes the supervisor keeps running beside its workers: today, the gateway.
+
+The gateway (``python -m hub.gateway``) is started once the frontend is bound, restarted with
+backoff if it dies, told to reload on SIGHUP and stopped last, after the workers, so that the
+requests it carries get their answers during a drain. It runs in its own session, so a Ctrl-C in
+the supervisor's terminal reaches the supervisor only, and it watches the supervisor's pid, so it
+stops even if the supervisor is killed outright.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hub.config import GatewaySection, loopback_endpoint
+from hub.status import GatewayStatus
+from hub.supervisor.process import backoff, describe_exit
+
+log = logging.getLogger("hub.supervisor")
+
+STABLE_SECONDS = 60.0  # a gateway that ran this long before dying starts again without delay
+STOP_TIMEOUT = 10.0
+
+
+class GatewayChild:
+    """One supervised gateway process."""
+
+    def __init__(self, section: GatewaySection, config_path: Path, frontend: str, log_level: str, log_format: str) -> None:
+        self.section = section
+        self.command = [
+            sys.executable,
+            "-m",
+            "hub.gateway",
+            "--config",
+            str(config_path),
+            "--hub",
+            loopback_endpoint(frontend),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            log_level,
+            "--log-format",
+            log_format,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.next_start = 0.0
+        self.failures = 0
+        self.restarts = 0
+        self.last_exit = ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tick(self, now: float) -> None:
+        """Start the gateway when it is due; notice when it has died and schedule its restart."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self.last_exit = describe_exit(self.proc.returncode)
+            self.failures = 1 if now - self.started_at >= STABLE_SECONDS else self.failures + 1
+            self.next_start = now + (0.0 if self.failures == 1 else backoff(self.failures - 1))
+            log.error("gateway (pid %d) %s; starting it again in %.0f s", self.proc.pid, self.last_exit, self.next_start - now)
+            self.proc = None
+            self.restarts += 1
+        if self.proc is None and now >= self.next_start:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.started_at = now
+            log.info("gateway started (pid %d) for http://%s:%d", self.proc.pid, self.section.host, self.section.port)
+
+    def reload(self) -> None:
+        """SIGHUP: the gateway reads its API keys file again."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        """SIGTERM (the gateway finishes what it carries), then SIGKILL after ``STOP_TIMEOUT``."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("gateway (pid %d) did not stop within %.0f s: killing it", self.proc.pid, STOP_TIMEOUT)
+                self.proc.kill()
+                self.proc.wait()
+        log.info("gateway stopped (%s)", describe_exit(self.proc.returncode))
+
+    def status(self) -> GatewayStatus:
+        return GatewayStatus(
+            pid=self.proc.pid if self.running and self.proc is not None else None,
+            running=self.running,
+            url=f"http://{self.section.host}:{self.section.port}",
+            wyoming_port=self.section.wyoming_port or None,
+            restarts=self.restarts,
+            last_exit=self.last_exit,
+        )
