@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 TEST_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TEST_EXTRAS))
 extras_of = $(subst -,$(comma),$(patsubst $(VENV)/.installed-%,%,$(1)))
 
-.PHONY: install run test test-all lint clean clips
+.PHONY: install run test test-all lint clean clips image image-cuda
 
 install: $(STAMP)
 
@@ -60,6 +60,20 @@ clips: install
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache
+
+# `make image` builds the CPU image asr-hub:cpu, `make image-cuda` the GPU image asr-hub:cuda (deploy/), into
+# the podman storage under IMAGE_STORE; `scripts/podman.sh $(IMAGE_STORE) ...` runs podman on it (run, save,
+# push). No registry is needed: the base image is made from Debian's packages (scripts/base-image.sh) unless
+# BASE names one, e.g. `make image BASE=docker.io/library/python:3.11-slim-bookworm`. Needs podman and, for
+# the Debian base, debootstrap and root (scripts/test-packages.txt lists them).
+IMAGE_STORE ?= .podman
+BASE ?=
+
+image:
+	$(if $(BASE),BASE='$(BASE)') scripts/build-image.sh cpu $(IMAGE_STORE)
+
+image-cuda:
+	$(if $(BASE),BASE='$(BASE)') scripts/build-image.sh cuda $(IMAGE_STORE)
 
 # `make bench` measures the pool against a single instance, direct faster-whisper and the machine's
 # ceiling (several minutes); `make bench-quick` is the reduced run (under 3 minutes on 2 cores).

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import batching, chart, chunks, crash, gateway, hubpool, report, scheduler, streaming
+from bench import batching, chart, chunks, crash, gateway, hubpool, long_audio, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
         result["crash"] = crash.measure(workdir, crash_plan(args), args.device)
         result["batching"] = batching.measure_hub(workdir, batching_plan(args))
+        long_plan = long_audio.LongPlan(seconds=120.0 if args.quick else 300.0, workers=tuple(sorted({1, min(2, args.max_workers)})))
+        result["long_audio"] = long_audio.measure(workdir, args.device, long_plan)
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {
         "timestamp": stamp,

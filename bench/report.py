@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import long_audio
 from bench.procstats import FOREIGN_LIMIT_PCT, disturbed
 
 Result = dict[str, Any]
@@ -83,6 +84,7 @@ def targets(result: Result) -> list[Result]:
         *hubpool_targets(result["hubpool"]),
         *(scheduler_targets(result["scheduler"]) if "scheduler" in result else []),
         *(crash_targets(result["crash"]) if "crash" in result else []),
+        *(long_audio.targets(result["long_audio"]) if "long_audio" in result else []),
     ]
 
 
@@ -357,6 +359,8 @@ def format_table(result: Result) -> str:
         lines += scheduler_lines(result["scheduler"])
     if "crash" in result:
         lines += crash_lines(result["crash"])
+    if "long_audio" in result:
+        lines += long_audio.lines(result["long_audio"])
     r = result["ratios"]
     lines += [
         "",

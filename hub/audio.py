@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-import wave
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -80,50 +82,126 @@ def decode_file(path: Path) -> np.ndarray:
     return _decode(str(path), repr(str(path)))
 
 
-def decode_bytes(data: bytes, name: str = "the upload") -> np.ndarray:
+def decode_bytes(data: bytes | bytearray | memoryview, name: str = "the upload") -> np.ndarray:
     """Decode a whole file held in memory (an HTTP upload) without writing it anywhere."""
     if not data:
         raise InvalidAudio(f"{name} is empty (0 bytes)")
-    pcm = _mono_wav(data)
-    return validate_pcm(_decode(io.BytesIO(data), name) if pcm is None else pcm)
+    chunks = list(_chunks(data, name))
+    if not chunks:
+        raise InvalidAudio(f"{name} decodes to no audio samples")
+    return validate_pcm(np.concatenate(chunks))
 
 
-def _mono_wav(data: bytes) -> np.ndarray | None:
-    """Mono 16-bit PCM WAV, the most common upload, read without FFmpeg (about ten times cheaper for a short
-    clip); None for anything else, which FFmpeg then decodes."""
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+def decoded_room(data: bytes | bytearray | memoryview) -> int | None:
+    """How many samples ``decode_into`` may write for ``data``: exact for a mono 16-bit WAV at 16 kHz, an upper
+    bound for one at another rate, None when only decoding tells (compressed formats)."""
+    layout = wav_layout(data)
+    if layout is None:
         return None
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            if w.getsampwidth() != 2 or w.getnchannels() != 1:
+    if layout.rate == SAMPLE_RATE:
+        return layout.frames
+    return -(-layout.frames * SAMPLE_RATE // layout.rate) + RESAMPLER_SLACK
+
+
+def decode_into(data: bytes | bytearray | memoryview, name: str, out: np.ndarray) -> int:
+    """Decode a file held in memory straight into ``out`` (float32: a shared-memory segment, say), a block at a
+    time, so that no second copy of the whole audio is ever made; return the samples written. A file that
+    decodes to more than ``out`` holds is decoded no further: the answer is then ``out.size + 1``."""
+    if not data:
+        raise InvalidAudio(f"{name} is empty (0 bytes)")
+    written = 0
+    for chunk in _chunks(data, name):
+        if written + chunk.size > out.size:
+            return out.size + 1
+        if not np.isfinite(chunk).all():
+            raise InvalidAudio(f"{name} decodes to NaN or infinite samples")
+        out[written : written + chunk.size] = chunk
+        written += chunk.size
+    if not written:
+        raise InvalidAudio(f"{name} decodes to no audio samples")
+    return written
+
+
+PCM_PER_WAV_BYTE = 2  # a 16-bit WAV at 16 kHz, the common upload: 2 bytes in, 4 bytes of float32 out
+
+
+def upload_peak_bytes(upload: int, max_audio_seconds: float) -> int:
+    """What decoding an upload of ``upload`` bytes is expected to hold at its peak (``decode_into``): the upload
+    and its float32 PCM, twice the upload's size for a 16-bit WAV at 16 kHz, and no more than ``max_audio_seconds``."""
+    return upload + min(PCM_PER_WAV_BYTE * upload, int(max_audio_seconds * SAMPLE_RATE * 4))
+
+
+RESAMPLER_SLACK = 1024  # samples a resampled WAV may come to beyond its length times the rate ratio
+WAV_BLOCK = 1 << 16  # samples converted at a time: the only temporary copies are this small
+
+
+@dataclass(frozen=True)
+class WavLayout:
+    rate: int
+    offset: int  # where the first sample starts
+    frames: int
+
+
+def wav_layout(data: bytes | bytearray | memoryview) -> WavLayout | None:
+    """Where the samples of a mono 16-bit PCM WAV are (the most common upload, read without FFmpeg, about ten
+    times cheaper for a short clip); None for anything else, which FFmpeg then decodes."""
+    view = memoryview(data)
+    if bytes(view[:4]) != b"RIFF" or bytes(view[8:12]) != b"WAVE":
+        return None
+    pos, fmt = 12, None
+    while pos + 8 <= len(view):
+        kind, size = bytes(view[pos : pos + 4]), int.from_bytes(view[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if kind == b"fmt " and size >= 16:
+            fmt = struct.unpack("<HHIIHH", view[body : body + 16])
+        elif kind == b"data":
+            if fmt is None:
                 return None
-            rate, raw = w.getframerate(), w.readframes(w.getnframes())
-    except (wave.Error, EOFError):
-        return None
-    if not raw or not 1000 <= rate <= 384000:
-        return None
-    pcm = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
-    return pcm if rate == SAMPLE_RATE else resample(pcm, rate)
+            audio_format, channels, rate, _, _, bits = fmt
+            frames = min(size, len(view) - body) // 2
+            if audio_format != 1 or channels != 1 or bits != 16 or not frames or not 1000 <= rate <= 384000:
+                return None
+            return WavLayout(rate, body, frames)
+        pos = body + size + (size & 1)
+    return None
+
+
+def _chunks(data: bytes | bytearray | memoryview, name: str) -> Iterator[np.ndarray]:
+    """The file's audio as float32 mono 16 kHz, a block at a time."""
+    layout = wav_layout(data)
+    if layout is None:
+        yield from _ffmpeg_chunks(io.BytesIO(data), name)
+        return
+    samples = np.frombuffer(data, dtype="<i2", count=layout.frames, offset=layout.offset)
+    resampler = StreamResampler(layout.rate) if layout.rate != SAMPLE_RATE else None
+    for start in range(0, samples.size, WAV_BLOCK):
+        block = samples[start : start + WAV_BLOCK].astype(np.float32) * np.float32(1 / 32768)
+        yield block if resampler is None else resampler.feed(block)
+    if resampler is not None:
+        yield resampler.flush()
 
 
 def _decode(source: str | BinaryIO, name: str) -> np.ndarray:
+    chunks = list(_ffmpeg_chunks(source, name))
+    if not chunks:
+        raise InvalidAudio(f"{name} decodes to no audio samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _ffmpeg_chunks(source: str | BinaryIO, name: str) -> Iterator[np.ndarray]:
     import av
 
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    chunks: list[np.ndarray] = []
     try:
         with av.open(source, metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise InvalidAudio(f"{name} has no audio stream")
             for frame in container.decode(audio=0):
                 frame.pts = None
-                chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+                yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+            yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
         raise InvalidAudio(f"cannot decode {name}: {exc}") from None
-    if not chunks:
-        raise InvalidAudio(f"{name} decodes to no audio samples")
-    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 def resample(pcm: np.ndarray, rate: int) -> np.ndarray:

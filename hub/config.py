@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from hub.audio import upload_peak_bytes
 from hub.provider_types import PROVIDER_TYPES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -65,6 +66,10 @@ class PoolConfig:
     # confirmed on a quiet host (bench/README.md, batched decoding); raise it on a GPU
     max_batch: int = 1
     batch_wait_ms: float = 5.0  # a worker holding fewer than max_batch jobs waits this long for more before it decodes
+    # a one-shot request longer than this is cut at pauses into pieces of at most split_piece_seconds,
+    # decoded on every worker of the pool and stitched in order (docs/guides/provider_pooling.md §1.6); 0: never
+    split_over_seconds: float = 60.0
+    split_piece_seconds: float = 30.0
 
     @property
     def session_limit(self) -> int:
@@ -85,7 +90,7 @@ class StreamConfig:
 
 MAX_BATCH = 256  # pool.max_batch at most: far beyond what one card decodes at once
 MAX_BATCH_WAIT_MS = 1000.0  # pool.batch_wait_ms at most: a longer wait is latency no batch repays
-SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1)
+SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1, split_over_seconds=0.0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ class HubSection:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     metrics_log_interval: float = 60.0
+    metrics_header_timeout: float = 10.0  # seconds a connection to metrics_port may take to send a request's headers
+    metrics_max_connections: int = 128  # open connections to metrics_port at most (each costs a descriptor, no thread)
     curve: CurveConfig = CurveConfig()
     allow_insecure: bool = False
 
@@ -152,6 +159,12 @@ class GatewaySection:
     max_concurrent_requests: int = 64
     request_timeout: float = 600.0
     wyoming_idle_timeout: float = 30.0  # a Wyoming connection silent this long with nothing in flight is closed
+    header_timeout: float = 10.0  # seconds an HTTP connection may take to send a request's headers (then 408)
+    max_connections: int = 1000  # open connections at most, on the HTTP port and on the Wyoming port each
+    # audio in flight (uploads as read, plus their decoded PCM) at most: sized for deploy/kubernetes's 1 GiB gateway
+    # container (docs/operations/kubernetes.md); beyond it an upload waits up to max_buffer_wait s, then gets 429
+    max_buffered_mb: float = 512.0
+    max_buffer_wait: float = 10.0
     model_aliases: dict[str, str] = field(default_factory=dict)
     client_secret_key: str = ""  # CURVE, for a hub that requires it: the gateway's own .key_secret file ...
     server_public_key: str = ""  # ... and the hub's public .key file
@@ -262,6 +275,11 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
         raise ConfigError(f"hub.log_format: must be one of {', '.join(LOG_FORMATS)}, got {hub.log_format!r}")
     if not 0 <= hub.metrics_port <= 65535:
         raise ConfigError(f"hub.metrics_port: must be a TCP port (0 turns the HTTP endpoint off), got {hub.metrics_port}")
+    if hub.metrics_header_timeout <= 0 or hub.metrics_max_connections < 1:
+        raise ConfigError(
+            "hub: metrics_header_timeout must be a positive number of seconds and metrics_max_connections at least 1, "
+            f"got {hub.metrics_header_timeout:g} and {hub.metrics_max_connections}"
+        )
     if check_paths:
         hub = dataclasses.replace(hub, curve=_check_curve(hub.curve, base_dir))
     check_exposure(hub)
@@ -282,6 +300,7 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
             "gateway.client_secret_key (a key pair from python -m hub.keys, its public key in hub.curve.allowed_clients) "
             "and gateway.server_public_key (the hub's public .key file)"
         )
+    check_gateway_budget(config.gateway, hub)
     for alias, target in config.gateway.model_aliases.items():
         if target not in config.providers and target not in config.routes:
             raise ConfigError(f"gateway.model_aliases.{alias}: no provider or route named {target!r}")
@@ -341,10 +360,14 @@ def _gateway(data: Any, base_dir: Path | None, check_paths: bool) -> GatewaySect
     for key in ("port", "wyoming_port"):
         if not 0 <= getattr(gateway, key) <= 65535:
             raise ConfigError(f"gateway.{key}: must be a TCP port (0 turns it off), got {getattr(gateway, key)}")
-    if min(gateway.max_upload_mb, gateway.max_concurrent_requests, gateway.request_timeout, gateway.wyoming_idle_timeout) <= 0:
-        raise ConfigError(
-            "gateway: max_upload_mb, max_concurrent_requests, request_timeout and wyoming_idle_timeout must be positive"
-        )
+    positive = (
+        "max_upload_mb", "max_concurrent_requests", "request_timeout", "wyoming_idle_timeout", "header_timeout",
+        "max_connections", "max_buffered_mb",
+    )  # fmt: skip
+    if min(getattr(gateway, key) for key in positive) <= 0:
+        raise ConfigError(f"gateway: {', '.join(positive)} must be positive")
+    if gateway.max_buffer_wait < 0:
+        raise ConfigError(f"gateway.max_buffer_wait: must be >= 0 seconds (0: refuse at once), got {gateway.max_buffer_wait:g}")
     if bool(gateway.client_secret_key) != bool(gateway.server_public_key):
         raise ConfigError("gateway: give both client_secret_key and server_public_key (CURVE keys), or neither")
     for key in ("api_keys_file", "client_secret_key", "server_public_key"):
@@ -355,6 +378,16 @@ def _gateway(data: Any, base_dir: Path | None, check_paths: bool) -> GatewaySect
             gateway = dataclasses.replace(gateway, **{key: str(path)})
     check_gateway_exposure(gateway)
     return gateway
+
+
+def check_gateway_budget(gateway: GatewaySection, hub: HubSection) -> None:
+    """The largest upload the gateway accepts must fit its memory budget, or it would wait for ever."""
+    largest = upload_peak_bytes(int(gateway.max_upload_mb * 2**20), hub.max_audio_seconds) / 2**20
+    if gateway.max_buffered_mb < largest:
+        raise ConfigError(
+            f"gateway.max_buffered_mb: {gateway.max_buffered_mb:g} MB cannot hold one upload of max_upload_mb "
+            f"({gateway.max_upload_mb:g} MB) and its decoded audio ({largest:.0f} MB in all): raise it or lower max_upload_mb"
+        )
 
 
 def check_gateway_exposure(gateway: GatewaySection) -> None:
@@ -485,7 +518,7 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     if not pool.enabled:
         sessions = 1 if pool.max_sessions is None else min(pool.max_sessions, 1)
         return dataclasses.replace(
-            pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1, max_batch=1
+            pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1, max_batch=1, split_over_seconds=0.0
         )
     if pool.min_size < 1:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
@@ -514,6 +547,13 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     for key in ("acquire_timeout", "job_timeout", "idle_timeout", "health_check_interval"):
         if getattr(pool, key) <= 0:
             raise ConfigError(f"{path}.{key}: must be a positive number of seconds")
+    if pool.split_over_seconds < 0:
+        raise ConfigError(f"{path}.split_over_seconds: must be 0 (never split) or a number of seconds, got {pool.split_over_seconds:g}")
+    if pool.split_piece_seconds < 1.0 or 0 < pool.split_over_seconds < pool.split_piece_seconds:
+        raise ConfigError(
+            f"{path}.split_piece_seconds: must be at least 1 and at most split_over_seconds "
+            f"({pool.split_over_seconds:g}), so that a request it cuts has two pieces or more; got {pool.split_piece_seconds:g}"
+        )
     return pool
 
 

@@ -145,18 +145,20 @@ def split_identity(frames: list[bytes]) -> tuple[bytes, list[bytes]]:
 class AudioRef:
     """Where a job's PCM lives: a shared-memory segment by name, or the inline payload.
 
-    ``samples`` counts float32 mono samples at 16 kHz.
+    ``samples`` counts float32 mono samples at 16 kHz; ``offset`` is the first of them in the segment
+    (a piece of a split request reads its part of the request's one segment).
     """
 
     samples: int
     shm: str | None = None
+    offset: int = 0
 
     @property
     def seconds(self) -> float:
         return self.samples / SAMPLE_RATE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "shm": self.shm}
+        return {"samples": self.samples, "shm": self.shm, **({"offset": self.offset} if self.offset else {})}
 
 
 def parse_audio_ref(body: dict[str, Any], payload: bytes | None, max_samples: int) -> AudioRef:
@@ -173,8 +175,12 @@ def parse_audio_ref(body: dict[str, Any], payload: bytes | None, max_samples: in
         raise InvalidAudio(
             f"the audio is {samples / SAMPLE_RATE:.0f} s long, over the limit of {max_samples / SAMPLE_RATE:.0f} s"
         )
-    shm = audio.get("shm")
+    shm, offset = audio.get("shm"), audio.get("offset", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise BadRequest("field 'audio.offset' must be a sample position (an integer >= 0)")
     if shm is None:
+        if offset:
+            raise BadRequest("field 'audio.offset' names a place in a shared-memory segment; inline PCM has none")
         if payload is None:
             raise InvalidAudio("no shared-memory segment named and no inline PCM frame sent")
         if len(payload) != samples * 4:
@@ -184,7 +190,7 @@ def parse_audio_ref(body: dict[str, Any], payload: bytes | None, max_samples: in
         raise BadRequest("field 'audio.shm' must be a segment name")
     if payload is not None:
         raise BadRequest("send either a shared-memory segment or an inline PCM frame, not both")
-    return AudioRef(samples=samples, shm=shm)
+    return AudioRef(samples=samples, shm=shm, offset=offset)
 
 
 @dataclass(frozen=True)
@@ -282,6 +288,14 @@ def parse_weights(body: dict[str, Any]) -> tuple[str, dict[str, float]]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise BadRequest(f"the weight of {provider!r} must be a number >= 0, got {weight!r}")
     return route, {str(p): float(w) for p, w in weights.items()}
+
+
+def parse_split(body: dict[str, Any]) -> bool:
+    """A TRANSCRIBE's ``split``: False keeps a long request whole (one worker decodes it all)."""
+    split = body.get("split", True)
+    if not isinstance(split, bool):
+        raise BadRequest("field 'split' must be true or false")
+    return split
 
 
 def parse_timeout(body: dict[str, Any]) -> float | None:

@@ -56,7 +56,7 @@ class PcmSegment:
     """A segment the caller owns: unlinked by ``release`` (or by the owner's tracker, or the hub's sweep)."""
 
     def __init__(self, prefix: str, data: bytes | np.ndarray, size: int = 0) -> None:
-        raw = data.tobytes() if isinstance(data, np.ndarray) else data
+        raw = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")  # no copy
         self.name = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
         self.size = max(len(raw), size, 1)
         self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=self.size)
@@ -116,7 +116,13 @@ class SegmentPool:
 
     def lease(self, pcm: np.ndarray) -> PcmSegment:
         pcm = np.ascontiguousarray(pcm, dtype=np.float32)
-        need = max(pcm.nbytes, 1)
+        segment = self.lease_room(pcm.nbytes)
+        segment.write(pcm)
+        return segment
+
+    def lease_room(self, nbytes: int) -> PcmSegment:
+        """A segment of at least ``nbytes``, its content undefined (a new one holds no memory until written)."""
+        need = max(nbytes, 1)
         with self._lock:
             fits = [seg for seg in self._free if seg.size >= need]
             segment = min(fits, key=lambda seg: seg.size) if fits else None
@@ -126,8 +132,7 @@ class SegmentPool:
             segment.release()
             segment = None
         if segment is None:
-            return PcmSegment(self.prefix, pcm, size=max(MIN_SEGMENT, 1 << (need - 1).bit_length()))
-        segment.write(pcm)
+            return PcmSegment(self.prefix, b"", size=max(MIN_SEGMENT, 1 << (need - 1).bit_length()))
         return segment
 
     def give_back(self, segment: PcmSegment, reusable: bool) -> None:
@@ -145,6 +150,46 @@ class SegmentPool:
             free, self._free = self._free, []
         for segment in free:
             segment.release()
+
+
+class PcmBuffer:
+    """Room for up to ``capacity`` float32 samples that the caller fills in place and then hands to ``transcribe``.
+
+    Made by a client (``AsyncHubClient.pcm_buffer``): in a segment of that client's pool when its hub shares
+    ``/dev/shm``, so the request then sends the samples without copying them again, else in process memory.
+    Untouched room costs no memory, so the capacity may be an upper bound. ``view()`` is the writable room
+    (drop it before the call: a segment with a live view cannot be closed); set ``size`` to the samples
+    written. A request takes the segment over; ``release`` gives back one that no request took.
+    """
+
+    def __init__(self, capacity: int, pool: SegmentPool | None) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self.pool = pool
+        self.segment: PcmSegment | None = pool.lease_room(capacity * 4) if pool is not None else None
+        self._memory: np.ndarray | None = np.empty(capacity, dtype=np.float32) if pool is None else None
+
+    def view(self) -> np.ndarray:
+        if self.segment is not None:
+            return np.frombuffer(self.segment.buf, dtype=np.float32, count=self.capacity)
+        assert self._memory is not None, "released"
+        return self._memory
+
+    def samples(self) -> np.ndarray:
+        """The samples written, as an array of their own (a copy only when they are in a segment)."""
+        return self.view()[: self.size].copy() if self.segment is not None else self.view()[: self.size]
+
+    def take(self, pool: SegmentPool | None) -> PcmSegment | None:
+        """The segment, for a request of ``pool``'s client, which then gives it back; None if it is another pool's."""
+        if self.segment is None or pool is not self.pool:
+            return None
+        segment, self.segment = self.segment, None
+        return segment
+
+    def release(self) -> None:
+        if self.segment is not None and self.pool is not None:
+            self.pool.give_back(self.segment, reusable=True)
+        self.segment = self._memory = None
 
 
 def create_pcm(prefix: str, pcm: np.ndarray) -> PcmSegment:
@@ -200,20 +245,21 @@ class SegmentReader:
         self.prefix = prefix
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
-    def read(self, name: str, samples: int) -> np.ndarray:
-        """Copy ``samples`` float32 samples out of a client's segment, refusing names outside the prefix."""
+    def read(self, name: str, samples: int, offset: int = 0) -> np.ndarray:
+        """Copy ``samples`` float32 samples from sample ``offset`` on out of a client's segment, refusing
+        names outside the prefix."""
         if not name.startswith(self.prefix) or owner_pid(name) is None:
             raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {self.prefix!r})")
-        size = samples * 4
+        first, size = offset * 4, (offset + samples) * 4
         view = self._maps.get(name)
         if view is None or len(view) < size:
             view = _map_segment(name, size)
             if len(view) > self.MAX_MAPPED_BYTES:
                 with view:
-                    return np.frombuffer(view[:size], dtype=np.float32)
+                    return np.frombuffer(view[first:size], dtype=np.float32)
             self._keep(name, view)
         self._maps.move_to_end(name)
-        return np.frombuffer(view[:size], dtype=np.float32)
+        return np.frombuffer(view[first:size], dtype=np.float32)
 
     def _keep(self, name: str, view: mmap.mmap) -> None:
         old = self._maps.pop(name, None)

@@ -190,6 +190,7 @@ class RequestFigures(Wire):
     rejected: int = 0
     timed_out: int = 0
     session_resumes: int = 0
+    pieces: int = 0
     errors: Mapping[str, int] = field(default_factory=dict)
     success_rate: float | None = None
     wait_ms: Percentiles = Percentiles()
@@ -248,6 +249,7 @@ class PoolStatus(Wire):
     workers_by_state: Mapping[str, int] = field(default_factory=dict)
     target_size: int = 0
     sessions: int = 0
+    pieces_in_flight: int = 0
     degraded: bool = False
     last_error: str = ""
     restart_backoff: float = 0.0

@@ -29,9 +29,10 @@ import zmq
 
 from hub import logs, protocol, shm
 from hub.audio import to_pcm, validate_pcm
-from hub.errors import HubError, InferenceFailed, JobTimeout
+from hub.errors import BadRequest, HubError, InferenceFailed, JobTimeout
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
+from workers import cutting
 from workers.cuda import visible_pci_bus_ids
 from workers.batch import batch_ready
 from workers.engine import DecodeItem, Engine, Outcome, check_options, load_engine, no_segments
@@ -88,6 +89,9 @@ class Worker:
         self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs held, not started, with their arrival
         self.session_busy = 0.0  # seconds spent decoding sessions: the heartbeat reports it as the session load
         self.batch_wait = spec.batch_wait_ms / 1000.0
+        self.vad = cutting.the_vad()  # where a long request's plan cuts (Silero, or none without faster-whisper)
+        if self.vad is cutting.all_speech:
+            log.warning("no faster-whisper here: long requests are cut at their quietest points, without a VAD")
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
@@ -193,6 +197,9 @@ class Worker:
         started = time.perf_counter()
         items, held = [], []
         for msg in msgs:
+            if "plan" in msg.body:  # where to cut a long request: no decode, never batched
+                self._run_plan(msg)
+                continue
             try:
                 items.append(self._item(msg))
                 held.append(msg)
@@ -219,6 +226,15 @@ class Worker:
             }
             self.send(MsgType.RESULT, msg.id, body)
 
+    def _run_plan(self, msg: Message) -> None:
+        started = time.perf_counter()
+        try:
+            body = self._plan(msg)
+        except Exception as exc:
+            self.send(MsgType.ERROR, msg.id, self._error(exc, f"plan {msg.id}").to_dict())
+            return
+        self.send(MsgType.RESULT, msg.id, {**body, "inference_ms": (time.perf_counter() - started) * 1000.0})
+
     def _item(self, msg: Message) -> DecodeItem:
         """A held job as a decode item: its audio and checked options, its segments streamed where it asked."""
         pcm = self._pcm(msg)
@@ -229,6 +245,18 @@ class Worker:
             self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
 
         return DecodeItem(pcm, options, on_segment if msg.body.get("stream") else no_segments)
+
+    def _plan(self, msg: Message) -> dict[str, Any]:
+        """Where to cut a long request (``workers.cutting``): each piece goes to the supervisor as a SEGMENT
+        as soon as its end is known, so its decoding starts while the rest is planned."""
+        piece = msg.body["plan"].get("piece") if isinstance(msg.body["plan"], dict) else None
+        if not isinstance(piece, int) or isinstance(piece, bool) or piece < 2 * cutting.MIN_GAP:
+            raise BadRequest(f"field 'plan.piece' must be a piece length of at least {2 * cutting.MIN_GAP} samples")
+        count = 0
+        for part in cutting.plan(self._pcm(msg), piece, self.vad):
+            self.send(MsgType.SEGMENT, msg.id, part.to_dict())
+            count += 1
+        return {"pieces": count}
 
     def open_session(self, msg: Message) -> None:
         try:
@@ -245,7 +273,7 @@ class Worker:
             return _health_clip()
         ref = protocol.parse_audio_ref(msg.body, msg.payload, max_samples=2**31)
         if ref.shm is not None:
-            pcm = self.segments.read(ref.shm, ref.samples)
+            pcm = self.segments.read(ref.shm, ref.samples, ref.offset)
         else:
             pcm = np.frombuffer(msg.payload or b"", dtype=np.float32)
         return validate_pcm(pcm)

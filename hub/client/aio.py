@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from hub import protocol
+from hub import protocol, shm
 from hub.audio import AudioInput
 from hub.client.call import (
     LINK_EVENTS,
@@ -99,7 +99,7 @@ class AsyncHubClient(ClientCore):
 
     async def transcribe(
         self,
-        audio: AudioInput,
+        audio: AudioInput | shm.PcmBuffer,
         provider: str | None = None,
         *,
         language: str | None = None,
@@ -113,7 +113,7 @@ class AsyncHubClient(ClientCore):
 
     def transcribe_stream(
         self,
-        audio: AudioInput,
+        audio: AudioInput | shm.PcmBuffer,
         provider: str | None = None,
         *,
         language: str | None = None,
@@ -125,8 +125,14 @@ class AsyncHubClient(ClientCore):
         """Yields each ``Segment`` as it is decoded, then the final ``Transcript``."""
         return self._stream(audio, provider, _options(language, beam_size, options), timeout, sample_rate, True)
 
+    async def pcm_buffer(self, capacity: int, timeout: float | None = None) -> shm.PcmBuffer:
+        """Room for ``capacity`` float32 samples to fill in place and pass to ``transcribe``: in shared memory
+        when the hub shares it, so the samples are not copied on their way (``shm.PcmBuffer``)."""
+        await self._ensure_hello(self._deadline(timeout))
+        return shm.PcmBuffer(capacity, self._segments)
+
     def _stream(
-        self, audio: AudioInput, provider: str | None, options: dict[str, Any], timeout: float | None, sample_rate: int | None, stream: bool
+        self, audio: AudioInput | shm.PcmBuffer, provider: str | None, options: dict[str, Any], timeout: float | None, sample_rate: int | None, stream: bool
     ) -> AsyncTranscriptStream:
         async def events() -> AsyncGenerator[Reply, None]:
             deadline = self._deadline(timeout)

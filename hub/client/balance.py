@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from hub import shm
 from hub.audio import AudioInput, to_pcm
 from hub.client.aio import AsyncHubClient
 from hub.client.call import CurveKeys
@@ -501,10 +502,21 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         await asyncio.gather(*self._closing, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.balancer.close_all()))
 
+    async def pcm_buffer(self, capacity: int, timeout: float | None = None) -> shm.PcmBuffer:
+        """Like ``AsyncHubClient.pcm_buffer``, in process memory: which hub (whose shared memory) serves the
+        request is chosen when it is sent, so its samples are copied then."""
+        return shm.PcmBuffer(capacity, None)
+
     async def transcribe(
-        self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
+        self,
+        audio: AudioInput | shm.PcmBuffer,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
     ) -> Transcript:
-        pcm = to_pcm(audio, sample_rate)
+        pcm = _pcm(audio, sample_rate)
 
         def call(client: AsyncHubClient, left: float) -> AsyncIterator[Transcript]:
             return _once(client.transcribe(pcm, provider, timeout=left, **options))
@@ -513,10 +525,16 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         return transcript  # type: ignore[no-any-return]
 
     async def transcribe_stream(
-        self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
+        self,
+        audio: AudioInput | shm.PcmBuffer,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
     ) -> AsyncIterator[Segment | Transcript]:
         """Yields each ``Segment``, then the ``Transcript``; retried on another hub only before the first one."""
-        pcm = to_pcm(audio, sample_rate)
+        pcm = _pcm(audio, sample_rate)
 
         def call(client: AsyncHubClient, left: float) -> AsyncIterator[Segment | Transcript]:
             return client.transcribe_stream(pcm, provider, timeout=left, **options)
@@ -615,6 +633,11 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             task = asyncio.get_running_loop().create_task(client.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+
+def _pcm(audio: AudioInput | shm.PcmBuffer, sample_rate: int | None) -> Any:
+    """The samples once, for every hub the request may try."""
+    return to_pcm(audio.samples() if isinstance(audio, shm.PcmBuffer) else audio, sample_rate)
 
 
 async def _once(result: Awaitable[Any]) -> AsyncIterator[Any]:

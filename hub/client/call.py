@@ -27,7 +27,7 @@ import zmq.auth
 
 from hub import protocol, shm
 from hub.audio import AudioInput, to_pcm
-from hub.errors import AuthFailed, HubError, HubUnreachable, JobTimeout
+from hub.errors import AuthFailed, BadRequest, HubError, HubUnreachable, InvalidAudio, JobTimeout
 from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript
 
@@ -166,16 +166,22 @@ class AudioLease:
     """A TRANSCRIBE's audio: converted at the call (so bad input fails there), put in a segment leased from
     the client's pool only when the request is sent, and given back (for reuse only if answered) at the end."""
 
-    pcm: np.ndarray
+    pcm: np.ndarray | None  # None: the samples are already in ``segment`` (a filled ``shm.PcmBuffer``)
     segments: shm.SegmentPool | None  # None: the PCM travels inline
     segment: shm.PcmSegment | None = None
+    samples: int = 0
 
     def open(self, body: dict[str, Any]) -> bytes | None:
+        if self.pcm is not None:
+            self.samples = int(self.pcm.size)
         if self.segments is None:
-            body["audio"] = {"samples": int(self.pcm.size)}
+            assert self.pcm is not None
+            body["audio"] = {"samples": self.samples}
             return self.pcm.tobytes()
-        self.segment = self.segments.lease(self.pcm)
-        body["audio"] = {"samples": int(self.pcm.size), "shm": self.segment.name}
+        if self.segment is None:
+            assert self.pcm is not None
+            self.segment = self.segments.lease(self.pcm)
+        body["audio"] = {"samples": self.samples, "shm": self.segment.name}
         return None
 
     def release(self, answered: bool) -> None:
@@ -308,12 +314,30 @@ def route_fields(options: dict[str, Any]) -> dict[str, Any]:
     return {} if key is None else {"route_key": key}
 
 
+def split_field(options: dict[str, Any]) -> dict[str, Any]:
+    """Take ``split`` (False: never cut this request into pieces, however long) out of a call's keyword
+    options into the request's own fields."""
+    split = options.pop("split", None)
+    if split is None:
+        return {}
+    if not isinstance(split, bool):
+        raise BadRequest(f"split must be True or False, got {split!r}")
+    return {"split": split}
+
+
 def transcribe_body(
     provider: str | None, options: dict[str, Any], stream: bool, deadline: float
 ) -> dict[str, Any]:
     timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
-    return {"provider": provider, "options": options, "stream": stream, "timeout": timeout, **route_fields(options)}
+    fields = {**route_fields(options), **split_field(options)}
+    return {"provider": provider, "options": options, "stream": stream, "timeout": timeout, **fields}
 
 
-def audio_lease(audio: AudioInput, sample_rate: int | None, segments: shm.SegmentPool | None) -> AudioLease:
+def audio_lease(audio: AudioInput | shm.PcmBuffer, sample_rate: int | None, segments: shm.SegmentPool | None) -> AudioLease:
+    if isinstance(audio, shm.PcmBuffer):
+        if audio.size == 0:
+            raise InvalidAudio("the audio is empty (0 samples)")
+        if (segment := audio.take(segments)) is not None:
+            return AudioLease(None, segments, segment, audio.size)  # sent as it is: no copy
+        audio = audio.samples()
     return AudioLease(to_pcm(audio, sample_rate), segments)

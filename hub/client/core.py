@@ -173,7 +173,7 @@ class ClientCore:
         return hello
 
     def _transcribe_call(
-        self, audio: AudioInput, provider: str | None, options: dict[str, Any], deadline: float, sample_rate: int | None, stream: bool
+        self, audio: AudioInput | shm.PcmBuffer, provider: str | None, options: dict[str, Any], deadline: float, sample_rate: int | None, stream: bool
     ) -> Call:
         lease = audio_lease(audio, sample_rate, self._segments)  # bad audio fails here, before anything is sent
         return self._call(MsgType.TRANSCRIBE, transcribe_body(provider, options, stream, deadline), deadline, lease)

@@ -253,7 +253,7 @@ class HubClient(ClientCore):
             with self._lock:
                 self._sockets.insert(0, link.monitor)  # closed before its socket
             pair = self._local.pair = (sock, link)
-        return pair  # type: ignore[no-any-return]
+        return pair
 
     def _new_socket(self) -> zmq.Socket:
         with self._lock:

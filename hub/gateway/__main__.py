@@ -18,6 +18,7 @@ from hub.config import (
     ConfigError,
     GatewaySection,
     HubSection,
+    check_gateway_budget,
     check_gateway_exposure,
     load_config,
     loopback_endpoint,
@@ -46,6 +47,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, HubSection]:
     if bool(section.client_secret_key) != bool(section.server_public_key):
         raise ConfigError("--client-key and --server-key go together")
     check_gateway_exposure(section)
+    check_gateway_budget(section, hub)
     endpoints = tuple(args.hub or [loopback_endpoint(hub.frontend)])
     try:
         parse_endpoints(endpoints)

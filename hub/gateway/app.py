@@ -22,7 +22,7 @@ from hub.gateway.state import Gateway
 log = logging.getLogger("hub.gateway")
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway) -> Measured:
     app = FastAPI(title="ASR Hub gateway", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
     app.include_router(openai_api.router)

@@ -39,6 +39,11 @@ class GatewayMetrics:
             "1 while a hub answers and is ready (with many hubs: at least one), 0 otherwise",
             registry=self.registry,
         )
+        self.buffered = Gauge(
+            "asr_hub_gateway_buffered_bytes",
+            "Memory reserved for uploads in flight and their decoded audio (bounded by gateway.max_buffered_mb)",
+            registry=self.registry,
+        )
         self.hubs_ready = Gauge(
             "asr_hub_gateway_hubs_ready", "How many of the gateway's hubs answer and are ready", registry=self.registry
         )

@@ -11,21 +11,24 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive
 
-from hub.audio import decode_bytes
-from hub.errors import HubError
+from hub.audio import decode_into, decoded_room, upload_peak_bytes
+from hub.errors import HubError, InvalidAudio
+from hub.gateway.budget import Reservation
 from hub.gateway.errors import ApiError, describe
 from hub.gateway.formats import FORMATS, MEDIA_TYPES, render
 from hub.gateway.state import Gateway, Slot
-from hub.gateway.upload import Form, read_form
+from hub.gateway.upload import Form, declared_length, read_form
 from hub.protocol import SAMPLE_RATE
 from hub.results import Segment, Transcript
+from hub.shm import PcmBuffer
 
 router = APIRouter()
 
@@ -70,45 +73,87 @@ def _model(name: str) -> dict[str, Any]:
 async def _serve(request: Request, task: str) -> Response:
     gateway = gateway_of(request)
     gateway.keys.check(request.headers.get("authorization"))
-    slot: Slot | None = gateway.admit()
+    held = Held(gateway.admit(), gateway.budget.reservation())
+    handed_over = False
     try:
-        call, pcm = await _read(request, gateway, task)
+        call, audio = await _read(request, gateway, task, held)
         if (key := request.headers.get("x-route-key")) and "route_key" not in call.options:
             call.options["route_key"] = key  # a sticky route keeps this user on one model version
         provider = gateway.provider_for(call.model)
         if call.stream:
-            response = await _stream(gateway, pcm, provider, call, slot)
-            slot = None  # held until the last event is sent
+            response = await _stream(gateway, provider, call, audio, held)
+            handed_over = True  # held until the last event is sent
             return response
-        transcript = await _until_disconnect(gateway.client.transcribe(pcm, provider, **call.options), request.receive)
+        transcript = await _until_disconnect(gateway.client.transcribe(audio, provider, **call.options), request.receive)
     finally:
-        if slot is not None:
-            slot.release()
+        if not handed_over:
+            held.release()
     body = render(transcript, call.response_format, task, call.words)
     if isinstance(body, dict):
         return JSONResponse(body)
     return PlainTextResponse(body, media_type=MEDIA_TYPES[call.response_format])
 
 
-async def _read(request: Request, gateway: Gateway, task: str) -> tuple[_Call, np.ndarray]:
-    """The form, checked, and its audio decoded in memory off the event loop."""
+@dataclass
+class Held:
+    """What one request holds until its answer is sent: its concurrency slot, its share of the memory budget
+    and its decoded audio (a segment the hub reads, given back here unless the hub request took it over)."""
+
+    slot: Slot
+    reservation: Reservation
+    audio: PcmBuffer | None = None
+
+    def release(self) -> None:
+        if self.audio is not None:
+            self.audio.release()
+        self.reservation.release()
+        self.slot.release()
+
+
+async def _read(request: Request, gateway: Gateway, task: str, held: Held) -> tuple[_Call, PcmBuffer]:
+    """The form, checked, and its audio decoded off the event loop straight into ``held.audio``, within the
+    memory budget: an upload with a Content-Length reserves its room before its body is read."""
+    settings = gateway.settings
+    peak = partial(upload_peak_bytes, max_audio_seconds=settings.max_audio_seconds)
+    length = declared_length(request.headers.get("content-length"), settings.max_upload_bytes)
+    if length is not None:
+        await held.reservation.grow_to(peak(length))
     form = await read_form(
         request.headers.get("content-type", ""),
         request.headers.get("content-length"),
         request.stream(),
-        gateway.settings.max_upload_bytes,
+        settings.max_upload_bytes,
+        on_read=lambda received: held.reservation.grow_to(peak(received)),
+        pause=settings.section.header_timeout,
     )
     call = _Call(form, gateway, task)
-    pcm = await asyncio.to_thread(decode_bytes, call.audio, f"the uploaded file {call.filename!r}")
-    seconds = pcm.size / SAMPLE_RATE
-    if seconds > gateway.settings.max_audio_seconds:
+    del form
+    name = f"the uploaded file {call.filename!r}"
+    limit = int(settings.max_audio_seconds * SAMPLE_RATE)
+    room = decoded_room(call.audio)
+    audio = held.audio = await gateway.client.pcm_buffer(min(room or limit + 1, limit + 1))
+    audio.size = await asyncio.to_thread(_fill, audio, call.audio, name)
+    call.audio = bytearray()  # the upload's memory goes back now; only its PCM is held from here on
+    if audio.size > limit:
+        seconds = f"{room / SAMPLE_RATE:.0f} s" if room else f"more than {settings.max_audio_seconds:.0f} s"
         raise ApiError(
             "UPLOAD_TOO_LARGE",
-            f"the audio is {seconds:.0f} s long, longer than this hub accepts "
-            f"({gateway.settings.max_audio_seconds:.0f} s, hub.max_audio_seconds); split it",
+            f"the audio is {seconds} long, longer than this hub accepts "
+            f"({settings.max_audio_seconds:.0f} s, hub.max_audio_seconds); split it",
             param="file",
         )
-    return call, pcm
+    inline = audio.segment is None  # the request then copies the samples into its message
+    held.reservation.settle(audio.size * 4 * (2 if inline else 1))
+    return call, audio
+
+
+def _fill(buffer: PcmBuffer, data: bytearray, name: str) -> int:
+    """Decode into the buffer. No view of a shared-memory segment may outlive this call (the segment could not
+    be closed), so an error leaves with its own frame only, not those that held the view."""
+    try:
+        return decode_into(data, name, buffer.view())
+    except InvalidAudio as exc:
+        raise exc.with_traceback(None) from None
 
 
 class _Call:
@@ -118,7 +163,7 @@ class _Call:
         upload = form.files.get("file")
         if upload is None:
             raise ApiError("BAD_REQUEST", "the form has no 'file' part: send the audio as a file named 'file'", "file")
-        self.filename, self.audio = upload
+        self.filename, self.audio = upload  # the audio is dropped once decoded
         self.model = form.get("model")
         self.response_format = form.get("response_format") or "json"
         if self.response_format not in FORMATS:
@@ -147,6 +192,8 @@ class _Call:
             self.options["word_timestamps"] = True
         if route_key := form.get("route_key"):
             self.options["route_key"] = route_key
+        if form.get("split") not in (None, ""):
+            self.options["split"] = _flag(form.get("split"), "split")
         self.options["timeout"] = gateway.settings.section.request_timeout
 
 
@@ -185,12 +232,12 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _stream(gateway: Gateway, pcm: np.ndarray, provider: str | None, call: _Call, slot: Slot) -> Response:
+async def _stream(gateway: Gateway, provider: str | None, call: _Call, audio: PcmBuffer, held: Held) -> Response:
     """Server-sent events in OpenAI's shape: a ``transcript.text.delta`` per segment, then ``transcript.text.done``.
 
     The first event is awaited before the response starts, so a request the hub refuses still gets
     its HTTP status; an error after that arrives as an ``error`` event."""
-    events = gateway.client.transcribe_stream(pcm, provider, **call.options)
+    events = gateway.client.transcribe_stream(audio, provider, **call.options)
     first = await anext(events)
 
     async def body() -> AsyncIterator[bytes]:
@@ -206,7 +253,7 @@ async def _stream(gateway: Gateway, pcm: np.ndarray, provider: str | None, call:
             yield _sse(describe(exc)[1])
         finally:
             await events.aclose()
-            slot.release()
+            held.release()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

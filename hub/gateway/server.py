@@ -13,7 +13,8 @@ import signal
 
 import uvicorn
 
-from hub.gateway import wyoming_asr
+from hub.connections import ConnectionLimits, fd_room
+from hub.gateway import guard, wyoming_asr
 from hub.gateway.app import create_app
 from hub.gateway.state import Gateway, Settings
 
@@ -26,6 +27,10 @@ MAX_WS_MESSAGE_BYTES = 4 * 1024 * 1024  # one binary audio frame; a second of 48
 async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     section = settings.section
     gateway = Gateway(settings)
+    limits = ConnectionLimits(section.header_timeout, section.max_connections)
+    connections, http_protocol, ws_protocol = guard.protocols(limits)
+    if warning := fd_room(2 * section.max_connections):  # HTTP and Wyoming each hold up to max_connections
+        log.warning("%s", warning)
     config = uvicorn.Config(
         create_app(gateway),
         host=section.host,
@@ -33,7 +38,8 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
         log_config=None,
         access_log=False,
         lifespan="off",
-        ws="websockets-sansio",
+        http=http_protocol,
+        ws=ws_protocol,
         ws_max_size=MAX_WS_MESSAGE_BYTES,
         ws_per_message_deflate=False,  # compressed audio frames would unpack unbounded: one read, many messages
         timeout_graceful_shutdown=max(1, int(section.request_timeout)),
@@ -46,7 +52,9 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     await gateway.start()
     try:
         wyoming = (
-            await wyoming_asr.start(gateway, section.host, section.wyoming_port, idle_timeout=section.wyoming_idle_timeout)
+            await wyoming_asr.start(
+                gateway, section.host, section.wyoming_port, idle_timeout=section.wyoming_idle_timeout, max_connections=section.max_connections
+            )
             if section.wyoming_port
             else None
         )
@@ -55,6 +63,7 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
         await gateway.stop()
         return 1
     watch = loop.create_task(_watch_parent(parent_pid, server)) if parent_pid else None
+    overdue = loop.create_task(guard.sweep(connections))
     log.info(
         "gateway on http://%s:%d (OpenAI API, /v1/stream, /v1/realtime, page at /)%s, hub %s",
         section.host,
@@ -67,6 +76,7 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     finally:
         if watch is not None:
             watch.cancel()
+        overdue.cancel()
         if wyoming is not None:
             await wyoming.stop()
         await gateway.stop()

@@ -1,5 +1,5 @@
 """What every route of the gateway shares: its settings, its client of the hub (or of many hubs), keys,
-metrics, the concurrency bound and the hubs' readiness as last seen."""
+metrics, the concurrency bound, the memory budget for uploads and the hubs' readiness as last seen."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hub.client.balance import AsyncHubPool, needs_pool
 from hub.config import GatewaySection
 from hub.errors import HubError
 from hub.gateway.auth import ApiKeys
+from hub.gateway.budget import MemoryBudget
 from hub.gateway.errors import ApiError
 from hub.gateway.hubs import HubStatuses, Readiness, answered, providers, readiness
 from hub.gateway.metrics import GatewayMetrics
@@ -57,7 +58,9 @@ class Gateway:
             else AsyncHubClient(settings.hubs[0], timeout=section.request_timeout, curve=curve)
         )
         self.keys = ApiKeys(settings.section.api_keys_file)
+        self.budget = MemoryBudget(int(section.max_buffered_mb * 2**20), section.max_buffer_wait)
         self.metrics = GatewayMetrics()
+        self.metrics.buffered.set_function(lambda: self.budget.reserved)
         self.in_flight = 0
         self.hub_ready = False
         self.hubs_ready = 0

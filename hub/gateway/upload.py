@@ -1,17 +1,21 @@
 """Read a multipart/form-data body into memory as it streams in, within a byte limit.
 
 Starlette's own form parser spools large files to a temporary file; an upload here is held in
-memory only, and a body over the limit is refused while it streams (or at once, from its
-Content-Length), before it is all read.
+memory only, once (the file part's bytes are kept as they were collected, not copied), and a body
+over the limit is refused while it streams (or at once, from its Content-Length), before it is all read.
+A body without a Content-Length (chunked) reports its size as it is read (``on_read``), so that the
+caller can hold it to a memory budget as it grows.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from hub.gateway.errors import ApiError
 
@@ -22,7 +26,7 @@ MAX_FIELD_BYTES = 64 * 1024
 @dataclass(frozen=True)
 class Form:
     fields: dict[str, tuple[str, ...]]
-    files: dict[str, tuple[str, bytes]]  # name -> (filename, content)
+    files: dict[str, tuple[str, bytearray]]  # name -> (filename, content)
 
     def get(self, name: str) -> str | None:
         values = self.fields.get(name)
@@ -50,13 +54,30 @@ def too_large(limit: int) -> ApiError:
     )
 
 
-async def read_form(content_type: str, content_length: str | None, body: AsyncIterator[bytes], limit: int) -> Form:
-    """Parse the body; raise ``ApiError`` (BAD_REQUEST, UPLOAD_TOO_LARGE) for anything wrong with it."""
+def declared_length(content_length: str | None, limit: int) -> int | None:
+    """The body's size from its Content-Length (None for a chunked body); 413 at once for one over ``limit``."""
+    if content_length is None or not content_length.isdigit():
+        return None
+    if int(content_length) > limit:
+        raise too_large(limit)
+    return int(content_length)
+
+
+async def read_form(
+    content_type: str,
+    content_length: str | None,
+    body: AsyncIterator[bytes],
+    limit: int,
+    on_read: Callable[[int], Awaitable[None]] | None = None,
+    pause: float | None = None,
+) -> Form:
+    """Parse the body; raise ``ApiError`` (BAD_REQUEST, UPLOAD_TOO_LARGE) for anything wrong with it, and
+    IDLE_TIMEOUT when no piece of it arrives for ``pause`` seconds (a stalled upload holds its memory budget).
+    ``on_read(bytes so far)`` is awaited after each piece of a body that has no Content-Length."""
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
         raise ApiError("BAD_REQUEST", "the body must be multipart/form-data (e.g. curl -F file=@clip.wav ...)")
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        raise too_large(limit)
+    chunked = declared_length(content_length, limit) is None
     parts: list[_Part] = []
 
     def begin() -> None:
@@ -97,22 +118,37 @@ async def read_form(content_type: str, content_length: str | None, body: AsyncIt
         },
     )
     received = 0
+    pieces = aiter(body)
     try:
-        async for chunk in body:
+        while (chunk := await _next(pieces, pause)) is not None:
             received += len(chunk)
             if received > limit:
                 raise too_large(limit)
+            if chunked and on_read is not None:
+                await on_read(received)
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
         raise ApiError("BAD_REQUEST", f"malformed multipart body: {exc}") from None
+    except ClientDisconnect:
+        raise ApiError("CLIENT_CLOSED", "the client closed the connection before its upload ended") from None
     if not parts or parser.state.name not in ("END", "END_BOUNDARY"):
         raise ApiError("BAD_REQUEST", "malformed multipart body: it ends before its closing boundary")
     fields: dict[str, tuple[str, ...]] = {}
-    files: dict[str, tuple[str, bytes]] = {}
+    files: dict[str, tuple[str, bytearray]] = {}
     for part in parts:
         if part.filename is not None:
-            files[part.name] = (part.filename, bytes(part.data))
+            files[part.name] = (part.filename, part.data)
         else:
             fields[part.name] = (*fields.get(part.name, ()), part.data.decode("utf-8", "replace"))
     return Form(fields, files)
+
+
+async def _next(pieces: AsyncIterator[bytes], pause: float | None) -> bytes | None:
+    """The body's next piece, None at its end."""
+    try:
+        return await asyncio.wait_for(anext(pieces), pause)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise ApiError("IDLE_TIMEOUT", f"no part of the upload arrived for {pause:g} s (gateway.header_timeout)") from None

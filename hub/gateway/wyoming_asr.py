@@ -14,7 +14,9 @@ events as the worker decodes them; the chunks join to exactly the ``transcript``
 Bad input ends the connection with an ``error`` event that carries the hub's code (``BAD_REQUEST`` for
 framing and ordering mistakes): after garbage the byte stream cannot be trusted, and a client that skips
 ``audio-start`` is out of step with every event that follows. Unknown event types are dropped, as the
-protocol asks. A connection silent for ``idle_timeout`` seconds while it has nothing in flight is closed.
+protocol asks. A connection silent for ``idle_timeout`` seconds while it has nothing in flight is closed (half
+an event line then nothing included); beyond ``max_connections`` open ones, a new connection gets a
+``TOO_MANY_REQUESTS`` error and is closed.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from hub.results import Segment, join_text
 log = logging.getLogger("hub.gateway.wyoming")
 
 IDLE_TIMEOUT_S = 30.0  # a connection with nothing in flight that sends nothing this long is closed
+MAX_CONNECTIONS = 1000
 MAX_DATA_BYTES = 64 * 1024  # an event's extra JSON data (the header line itself is bounded by the reader: 64 KiB)
 MAX_PAYLOAD_BYTES = 1024 * 1024  # one audio chunk: 32 s of 16 kHz 16-bit mono; Home Assistant sends ~2 KiB
 INFO_WAIT_S = 3.0  # how long ``describe`` waits for the gateway's first look at the hub
@@ -277,11 +280,13 @@ class WyomingHandler(AsyncEventHandler):
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_finished: Callable[[WyomingHandler], None] = lambda _: None,
+        refusal: ApiError | None = None,
     ) -> None:
         super().__init__(reader, writer)
         self.gateway = gateway
         self.idle_timeout = idle_timeout
         self._on_finished = on_finished
+        self.refusal = refusal  # said and the connection closed, before anything is read
         self.request = _Request()
         self.finished = asyncio.Event()
         self.task: asyncio.Task[Any] | None = None
@@ -309,6 +314,9 @@ class WyomingHandler(AsyncEventHandler):
             self._on_finished(self)
 
     async def _serve(self) -> None:
+        if self.refusal is not None:
+            await self._send_error(self.refusal)
+            return
         while True:
             pending = self._next or asyncio.ensure_future(read_event(self.reader))
             self._next = None
@@ -473,8 +481,8 @@ def _audio_event(kind: type[AudioStart] | type[AudioChunk], event: Event) -> Any
 class WyomingServer:
     """The listening socket and its connections; ``stop`` closes both (hub jobs in flight are cancelled)."""
 
-    def __init__(self, gateway: Gateway, host: str, port: int, idle_timeout: float) -> None:
-        self.gateway, self.idle_timeout = gateway, idle_timeout
+    def __init__(self, gateway: Gateway, host: str, port: int, idle_timeout: float, max_connections: int) -> None:
+        self.gateway, self.idle_timeout, self.max_connections = gateway, idle_timeout, max_connections
         self._server = AsyncTcpServer(host, port)
         self._handlers: set[WyomingHandler] = set()
 
@@ -482,6 +490,11 @@ class WyomingServer:
         await self._server.start(self._handler)
 
     def _handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> WyomingHandler:
+        if len(self._handlers) >= self.max_connections:
+            refusal = ApiError(
+                "TOO_MANY_REQUESTS", f"{len(self._handlers)} Wyoming connections are open (gateway.max_connections); retry shortly"
+            )
+            return WyomingHandler(self.gateway, self.idle_timeout, reader, writer, refusal=refusal)
         handler = WyomingHandler(self.gateway, self.idle_timeout, reader, writer, self._handlers.discard)
         self._handlers.add(handler)
         return handler
@@ -501,8 +514,10 @@ class WyomingServer:
                 handler.task.cancel()
 
 
-async def start(gateway: Gateway, host: str, port: int, *, idle_timeout: float = IDLE_TIMEOUT_S) -> WyomingServer:
+async def start(
+    gateway: Gateway, host: str, port: int, *, idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS
+) -> WyomingServer:
     """Serve Wyoming on ``host:port`` until ``stop``."""
-    server = WyomingServer(gateway, host, port, idle_timeout)
+    server = WyomingServer(gateway, host, port, idle_timeout, max_connections)
     await server.start()
     return server

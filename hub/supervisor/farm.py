@@ -34,6 +34,7 @@ from hub.supervisor import admission
 from hub.supervisor.assignment import WorkerLoad, one_shot_home
 from hub.supervisor.jobs import Job, JobKind, Jobs, JobState, health_job, run_deadline
 from hub.supervisor.metrics import Metrics
+from hub.supervisor.pieces import Pieces, wants_split
 from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
 from hub.supervisor.release.rollout import Rollout
 from hub.supervisor.release.routes import Unavailable
@@ -72,6 +73,8 @@ class Farm:
         self.stopping = False  # the hub is shutting down: no new job, no health check, no scaling
         self.rollout = rollout  # routes: which provider a routed request goes to, shadows, the end of every routed job
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
+        # long requests split into pieces across the pool (``hub.supervisor.pieces``)
+        self.pieces = Pieces(self.jobs, metrics, self.place, self.fail, self._split_answered, self._split_segment)
 
     @property
     def pools(self) -> dict[str, ProviderPool]:
@@ -88,7 +91,11 @@ class Farm:
                 log.info("session %s: opened by request %s for %s", job.id, msg.id, job.provider)
             else:
                 log.debug("job %s: request %s for %s, %.2f s of audio", job.id, msg.id, job.provider, job.audio.seconds)
-            self.place(job, job.received_at)
+            pool = self.pools[job.provider].config.pool
+            if job.kind is JobKind.REQUEST and wants_split(job.audio.samples, pool, protocol.parse_split(msg.body)):
+                self.pieces.start(job, pool, job.received_at)
+            else:
+                self.place(job, job.received_at)
         except HubError as exc:
             name = msg.body.get("provider") or self.config.enabled_providers[0].name
             known = isinstance(name, str) and name in self.config.providers
@@ -111,6 +118,9 @@ class Farm:
             job.id, job.request_id, now - job.received_at, where, job.state.value, job.attempts,
         )
         self._record(job, "JOB_TIMEOUT", now)
+        if job.state is JobState.SPLIT:
+            self.pieces.cancel(job)
+            return
         if job.state is JobState.QUEUED:
             self.jobs.finish(job)
             return
@@ -129,7 +139,9 @@ class Farm:
             self.workforce.on_message(worker, msg, now)
         elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
             job = self.jobs.get(msg.id)
-            if job is not None and job.worker == worker.id:
+            if job is not None and job.worker == worker.id and job.owner:
+                self.pieces.on_segment(job, msg.body, now)
+            elif job is not None and job.worker == worker.id:
                 if job.kind is JobKind.SESSION:
                     self.sessions.heard(job, msg)
                 self._reply(job, msg.type, msg.body)
@@ -259,6 +271,18 @@ class Farm:
         chosen = one_shot_home(loads, pool.config.pool)
         return pool.workers[chosen] if chosen is not None else None
 
+    def _split_answered(self, job: Job, body: dict[str, Any], now: float) -> None:
+        """A split request's stitched answer (``hub.supervisor.pieces``): accounted for once, to its client."""
+        self._record(job, None, now, float(body["inference_ms"]) / 1000.0, str(body["text"]))
+        body.update(provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0)
+        if job.route:
+            body["route"] = job.route
+        self._reply(job, MsgType.RESULT, body)
+        self.jobs.finish(job)
+
+    def _split_segment(self, job: Job, body: dict[str, Any]) -> None:
+        self._reply(job, MsgType.SEGMENT, body)
+
     # --- jobs on workers -----------------------------------------------------------
 
     def start_job(self, job: Job, worker: WorkerHandle, now: float) -> None:
@@ -268,6 +292,8 @@ class Farm:
         resumed = session and job.attempts > 1
         if not resumed:  # a resumed session keeps its start: max_session_seconds counts from the open
             job.started_at = now
+        if job.owner:
+            self.pieces.started(job, now)
         job.run_deadline = run_deadline(pool.config.pool, job, now)
         resume = self.sessions.resume(job) if resumed else None  # before the open: its body carries the resume
         self.workforce.assign(worker, job.id, session, now)
@@ -290,17 +316,24 @@ class Farm:
             self.jobs.finish(job)
             return
         limits = self.pools[job.provider].config.pool
-        if job.client_waits and job.attempts <= limits.retry_on_crash and not self.stopping:
+        waits = job.client_waits or (bool(job.owner) and self.pieces.wanted(job))
+        if waits and job.attempts <= limits.retry_on_crash and not self.stopping:
             if job.kind is JobKind.SESSION:  # it moves to another worker, which resumes from the last final word
                 self.sessions.moving(job, error, now)
             else:
                 log.info("job %s: retrying on another worker (%s)", job.id, error.message)
+            if job.owner:
+                self.pieces.retrying(job)
             self.jobs.requeue(job)
             return
         self.fail(job, error, now)
 
     def fail(self, job: Job, error: HubError, now: float) -> None:
-        """The job ends with ``error``: accounted for, told to its client if one waits, out of the table."""
+        """The job ends with ``error``: accounted for, told to its client if one waits, out of the table
+        (a part of a split request fails its request)."""
+        if job.owner:
+            self.pieces.failed(job, error, now)
+            return
         error.request_id = job.request_id
         self._record(job, error.code, now)
         self._reply(job, MsgType.ERROR, error.to_dict())
@@ -337,6 +370,9 @@ class Farm:
             self.jobs.finish(job)
             if not self.workforce.checked(worker, msg, now):
                 return
+        elif job is not None and job.owner:
+            worker.jobs_done += 1
+            self.pieces.on_answer(job, msg, worker.id, now)
         elif job is not None:
             code = msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None
             decoding = float(msg.body.get("inference_ms", 0.0)) / 1000.0 if job.kind is JobKind.SESSION else None
@@ -383,6 +419,7 @@ class Farm:
             pool=pool,
             queue_depth=self.jobs.queued(pool.name),
             sessions=self.jobs.sessions(pool.name),
+            pieces=self.jobs.pieces(pool.name),
             held_back=self.workforce.held_back.get(pool.name, ""),
             target_size=self.workforce.target_size(pool),
             figures=self.metrics.summary(pool.name, now, max(1, pool.size)),

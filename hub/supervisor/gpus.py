@@ -19,6 +19,7 @@ entry the hub inherited, and always with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,7 +252,7 @@ def place(
                 return Placement(None, f"GPU memory cap: waiting for the first {provider} worker to load, to measure its need")
         else:
             room = {c.ordinal: headroom_mb(readings.get(c.ordinal, CardReading()), fraction, c.ordinal, occupants, needs) for c in cards}
-            candidates = [c for c in cards if room[c.ordinal] is None or room[c.ordinal] >= need]
+            candidates = [c for c in cards if (free := room[c.ordinal]) is None or free >= need]
             if not candidates:
                 detail = ", ".join(f"GPU {c.ordinal} {max(0.0, room[c.ordinal] or 0.0):.0f} MiB" for c in cards)
                 return Placement(
@@ -283,7 +284,7 @@ class Nvml:
         self.error = ""
         try:
             if module is None:
-                import pynvml as module
+                module = importlib.import_module("pynvml")
             module.nvmlInit()
             self._nvml = module
         except ImportError:

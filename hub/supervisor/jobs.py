@@ -1,10 +1,13 @@
 """Jobs: their kinds, their one lifecycle, the table that owns them, the bounded queue, their deadlines.
 
-A job is one piece of work on a worker: a client's request or live session, a health check, or
-a shadow copy of a routed request. It moves through ``JobState`` only by ``Jobs.set_state``, which
+A job is one piece of work on a worker: a client's request or live session, a health check, a
+shadow copy of a routed request, or a part of a long request split across the pool (its plan, then
+its pieces: jobs the request owns, with no client of their own). It moves through ``JobState`` only by ``Jobs.set_state``, which
 checks the move against ``TRANSITIONS`` (pure, unit-tested):
 
 - NEW → QUEUED or RUNNING: placed in its provider's queue, or straight on a worker;
+- NEW → SPLIT: a long request whose plan and pieces run as jobs of their own (it is on no worker);
+- SPLIT → DONE: every piece answered, one failed for good, or its client gave up;
 - QUEUED → RUNNING: a worker took it;
 - RUNNING → CLOSING: a session told to flush and answer;
 - RUNNING or CLOSING → QUEUED: its worker died and it is retried (a closing session is told again on its new worker);
@@ -13,7 +16,7 @@ checks the move against ``TRANSITIONS`` (pure, unit-tested):
 
 A job's ``request_id`` is the client's name for it (every reply carries it); its ``id`` is the hub's
 name on the backend (every message to and from a worker carries it). A full queue rejects at once
-(``POOL_BUSY``): explicit backpressure instead of an unbounded backlog. Queued jobs expire at their
+(``POOL_BUSY``; a split request counts once, however many of its pieces wait): explicit backpressure instead of an unbounded backlog. Queued jobs expire at their
 acquire deadline (``ACQUIRE_TIMEOUT``); running jobs at a deadline scaled to the audio length
 (``JOB_TIMEOUT``).
 """
@@ -21,7 +24,7 @@ acquire deadline (``ACQUIRE_TIMEOUT``); running jobs at a deadline scaled to the
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -42,6 +45,8 @@ class JobKind(str, Enum):
     SESSION = "session"  # a client's live stream: chunks in, segments out, one answer at its close
     HEALTH = "health"  # the hub's check of an idle worker on the bundled clip: no client
     SHADOW = "shadow"  # a copy of a routed request for the route's shadow provider: no client, its answer is compared
+    PLAN = "plan"  # where to cut a long request: a worker's VAD pass over its audio, answering each piece as found
+    PIECE = "piece"  # one piece of a long request's audio (an offset into its segment), decoded alone
 
     @property
     def has_client(self) -> bool:
@@ -49,7 +54,7 @@ class JobKind(str, Enum):
 
 
 # a job's id starts with its kind's letter, for a person reading the logs (nothing reads it back)
-_ID_LETTER = {JobKind.REQUEST: "j", JobKind.SESSION: "s", JobKind.HEALTH: "h", JobKind.SHADOW: "w"}
+_ID_LETTER = {JobKind.REQUEST: "j", JobKind.SESSION: "s", JobKind.HEALTH: "h", JobKind.SHADOW: "w", JobKind.PLAN: "c", JobKind.PIECE: "p"}
 
 
 class JobState(str, Enum):
@@ -58,15 +63,17 @@ class JobState(str, Enum):
     RUNNING = "running"  # on a worker
     CLOSING = "closing"  # a session on a worker, told to flush and answer
     ABANDONED = "abandoned"  # on a worker, but its client gave up: it ends there and its answer is dropped
+    SPLIT = "split"  # a long request cut into pieces: its plan and pieces are the jobs on workers
     DONE = "done"  # answered or failed: out of the table
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.NEW: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    JobState.NEW: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.SPLIT}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.DONE}),
     JobState.RUNNING: frozenset({JobState.CLOSING, JobState.ABANDONED, JobState.QUEUED, JobState.DONE}),
     JobState.CLOSING: frozenset({JobState.ABANDONED, JobState.QUEUED, JobState.DONE}),
     JobState.ABANDONED: frozenset({JobState.DONE}),
+    JobState.SPLIT: frozenset({JobState.DONE}),
     JobState.DONE: frozenset(),
 }
 
@@ -114,6 +121,13 @@ class Job:
     tail: AudioTail | None = None  # an inline session's recent audio
     carried: int = 0  # finals confirmed before the last resume: the current worker does not know them all
     resume: Resume | None = None  # set while the session waits to move to another worker
+    owner: str = ""  # a plan's or a piece's request (its job id)
+    index: int = -1  # a piece's place in its request's plan
+
+    @property
+    def group(self) -> str:
+        """Whose work this is, for the queue's fairness and bound: a plan's or piece's request, else itself."""
+        return self.owner or self.id
 
     @property
     def client_waits(self) -> bool:
@@ -131,6 +145,8 @@ class Job:
         if self.kind is JobKind.SESSION:
             body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options}
             return {**body, "resume": self.resume.to_dict()} if self.resume else body
+        if self.kind is JobKind.PLAN:
+            return {"audio": self.audio.to_dict(), "plan": self.options}
         return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
 
 
@@ -177,7 +193,14 @@ def session_overdue(pool: PoolConfig, job: Job, now: float) -> str:
 
 
 class JobQueue:
-    """FIFO of jobs waiting for a worker of one provider, bounded by ``max_queue``."""
+    """Jobs waiting for a worker of one provider, bounded by ``max_queue`` requests.
+
+    Oldest first, except that the pieces of a split request take turns with other requests: the next job
+    is one of the requests with the fewest jobs on workers, of those the one whose last job started longest
+    ago (never: first), of those the oldest (``next``). So a short request that arrives behind a long one's
+    queued pieces waits only for the pieces already running, even on one worker, and two long requests take
+    turns. The bound counts requests, not pieces: a split request's pieces never make another's ``POOL_BUSY``.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -190,9 +213,11 @@ class JobQueue:
         return iter(self._jobs)
 
     def push(self, job: Job) -> None:
-        if len(self._jobs) >= self.limit:
+        """At the back; a piece always (its request was admitted), any other job only within the bound."""
+        waiting = len({j.group for j in self._jobs})
+        if job.kind is not JobKind.PIECE and waiting >= self.limit:
             raise PoolBusy(
-                f"provider {job.provider!r} has {len(self._jobs)} jobs waiting (pool.max_queue={self.limit}); "
+                f"provider {job.provider!r} has {waiting} requests waiting (pool.max_queue={self.limit}); "
                 "retry shortly or raise pool.max_size / pool.max_queue",
                 request_id=job.request_id,
             )
@@ -204,6 +229,14 @@ class JobQueue:
 
     def peek(self) -> Job | None:
         return self._jobs[0] if self._jobs else None
+
+    def next(self, running: Counter[str], turns: dict[str, int]) -> Job | None:
+        """The job to start next: by the fewest jobs of its request on workers (``running``, by ``Job.group``),
+        then the longest since its request's last turn (``turns``: when its last job started, a count), then
+        the oldest; plain FIFO while no split request waits."""
+        if not any(j.owner for j in self._jobs):
+            return self.peek()
+        return min(self._jobs, key=lambda j: (running[j.group], turns.get(j.group, -1)), default=None)  # the first of equals
 
     def remove(self, job: Job) -> None:
         self._jobs.remove(job)
@@ -226,6 +259,8 @@ class Jobs:
         self._by_id: dict[str, Job] = {}  # every job not done
         self._by_request: dict[tuple[bytes, str], Job] = {}  # a client's jobs it still waits for
         self._queues: dict[str, JobQueue] = {}
+        self._turns = itertools.count()
+        self._last_turn: dict[str, int] = {}  # when each request's (or session's) last job started, a count
 
     def new_id(self, kind: JobKind) -> str:
         return f"{_ID_LETTER[kind]}{next(self._ids)}"
@@ -255,7 +290,9 @@ class Jobs:
         return len(self._queues[provider])
 
     def next_waiting(self, provider: str) -> Job | None:
-        return self._queues[provider].peek()
+        """The provider's job to start next (``JobQueue.next``)."""
+        running = Counter(j.group for j in self._by_id.values() if j.worker is not None and j.provider == provider)
+        return self._queues[provider].next(running, self._last_turn)
 
     def expired(self, provider: str, now: float) -> list[Job]:
         return self._queues[provider].expired(now)
@@ -279,6 +316,7 @@ class Jobs:
         self.set_state(job, JobState.RUNNING)
         job.attempts += 1
         job.worker = worker_id
+        self._last_turn[job.group] = next(self._turns)
 
     def close(self, job: Job) -> None:
         """A session on a worker has been told to flush and answer."""
@@ -293,7 +331,14 @@ class Jobs:
     def abandon(self, job: Job) -> None:
         """The client gave up on a job a worker has: it ends there, and its answer goes nowhere."""
         self.set_state(job, JobState.ABANDONED)
-        del self._by_request[(job.client, job.request_id)]
+        if job.kind.has_client:
+            del self._by_request[(job.client, job.request_id)]
+
+    def split(self, job: Job) -> None:
+        """Take in a long request whose plan and pieces run as jobs of their own (``JobKind.PLAN``, ``PIECE``)."""
+        self.set_state(job, JobState.SPLIT)
+        self._by_id[job.id] = job
+        self._by_request[(job.client, job.request_id)] = job
 
     def finish(self, job: Job) -> None:
         """Answered or failed: out of the table (and of its queue)."""
@@ -301,6 +346,7 @@ class Jobs:
             self._queues[job.provider].remove(job)
         self.set_state(job, JobState.DONE)
         self._by_id.pop(job.id, None)
+        self._last_turn.pop(job.id, None)  # a request (or any job of its own group) is over
         if job.kind.has_client and self._by_request.get((job.client, job.request_id)) is job:
             del self._by_request[(job.client, job.request_id)]
 
@@ -316,6 +362,14 @@ class Jobs:
     def on_workers(self) -> list[Job]:
         """Every job a worker has (running, closing or abandoned)."""
         return [j for j in self._by_id.values() if j.worker is not None]
+
+    def owned(self, owner: str) -> list[Job]:
+        """The plan and pieces of the split request ``owner`` still in flight."""
+        return [j for j in self._by_id.values() if j.owner == owner]
+
+    def pieces(self, provider: str) -> int:
+        """Pieces of split requests on the provider's workers (abandoned ones too: they hold their worker)."""
+        return sum(1 for j in self._by_id.values() if j.kind is JobKind.PIECE and j.provider == provider and j.worker is not None)
 
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider`` their clients still wait for, open or waiting for a worker."""

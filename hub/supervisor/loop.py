@@ -46,6 +46,7 @@ from hub.config import (
     load_config,
     pid_file,
 )
+from hub.connections import ConnectionLimits
 from hub.errors import BadRequest, HubError, InternalError
 from hub.protocol import Message, MsgType
 from hub.supervisor import probes, views
@@ -105,7 +106,7 @@ class Supervisor:
         jobs = Jobs()
         self.sessions = Sessions(jobs, self.workforce, self.reply, self.metrics)
         self.farm = Farm(config, jobs, self.workforce, self.sessions, self.reply, self.metrics, self.rollout)
-        self.probes: Any = None
+        self.probes: probes.ProbeServer | None = None
         self.gateway = self._gateway_child(config, config_path)
         self.next_summary = time.monotonic() + config.hub.metrics_log_interval
         self.sig_queue: deque[int] = deque()  # filled by the signal handler, emptied by the loop
@@ -166,7 +167,8 @@ class Supervisor:
         log.info("supervisor %s (pid %d) listening on %s", self.hub_id, os.getpid(), self.config.hub.frontend)
         hub = self.config.hub
         if hub.metrics_port:
-            self.probes = probes.serve(self.metrics, hub.metrics_host, hub.metrics_port)
+            limits = ConnectionLimits(hub.metrics_header_timeout, hub.metrics_max_connections)
+            self.probes = probes.serve(self.metrics, hub.metrics_host, hub.metrics_port, limits)
             log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", hub.metrics_host, hub.metrics_port)
         try:
             self.tick(time.monotonic())

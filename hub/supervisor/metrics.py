@@ -39,6 +39,8 @@ RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 
 SHADOW_OUTCOMES = ("compared", "dropped", "failed")
 # jobs a worker decoded together in one forward pass (pool.max_batch is at most 256)
 BATCH_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0, 256.0)
+# pieces a long request was cut into
+PIECE_BUCKETS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0)
 
 REJECTED = frozenset({"POOL_BUSY", "PROVIDER_UNAVAILABLE", "SHUTTING_DOWN", "UNKNOWN_PROVIDER", "BAD_REQUEST"})
 TIMED_OUT = frozenset({"ACQUIRE_TIMEOUT", "JOB_TIMEOUT"})
@@ -106,6 +108,8 @@ class ProviderMetrics:
     rejected: int = 0
     timed_out: int = 0
     session_resumes: int = 0  # live sessions moved to another worker after theirs died
+    pieces: int = 0  # pieces long requests were cut into
+    pieces_per_request: Histogram = field(default_factory=lambda: Histogram(PIECE_BUCKETS))
     errors: Counter[str] = field(default_factory=Counter)
     audio_seconds: float = 0.0
     wait: Histogram = field(default_factory=Histogram)
@@ -126,6 +130,7 @@ class ProviderMetrics:
             rejected=self.rejected,
             timed_out=self.timed_out,
             session_resumes=self.session_resumes,
+            pieces=self.pieces,
             errors=dict(self.errors),
             success_rate=round(self.succeeded / finished, 4) if finished else None,
             wait_ms=self.wait.summary(),
@@ -206,6 +211,13 @@ class Metrics:
         """A live session whose worker died moves to another worker."""
         with self.lock:
             self._of(provider).session_resumes += 1
+
+    def split(self, provider: str, pieces: int) -> None:
+        """A long request was cut into ``pieces`` (counted once its plan is complete)."""
+        with self.lock:
+            m = self._of(provider)
+            m.pieces += pieces
+            m.pieces_per_request.observe(pieces)
 
     def finished(self, provider: str, now: float, wait: float, run: float, audio: float, code: str | None) -> None:
         """A request answered after it was accepted: ``code`` None for success, else the error's code."""
@@ -344,9 +356,10 @@ def _copy(m: ProviderMetrics) -> dict[str, Any]:
     return {
         "requests": m.requests, "succeeded": m.succeeded, "failed": m.failed, "rejected": m.rejected,
         "timed_out": m.timed_out, "errors": dict(m.errors), "audio_seconds": m.audio_seconds,
-        "session_resumes": m.session_resumes,
+        "session_resumes": m.session_resumes, "pieces": m.pieces,
         "wait": (m.wait.cumulative(), m.wait.sum), "inference": (m.inference.cumulative(), m.inference.sum),
         "batch_size": (m.batch_size.cumulative(), m.batch_size.sum),
+        "pieces_per_request": (m.pieces_per_request.cumulative(), m.pieces_per_request.sum),
     }
 
 
@@ -359,6 +372,7 @@ def _request_families(providers: dict[str, dict[str, Any]]) -> Iterator[Any]:
         "timed_out": "Requests that timed out waiting for a worker or running",
         "audio_seconds": "Seconds of audio transcribed",
         "session_resumes": "Live sessions moved to another worker after theirs died",
+        "pieces": "Pieces long requests were cut into (pool.split_over_seconds)",
     }
     for key, doc in counters.items():
         family = CounterMetricFamily(f"asr_hub_{key}", doc, labels=["provider"])
@@ -370,17 +384,18 @@ def _request_families(providers: dict[str, dict[str, Any]]) -> Iterator[Any]:
         for code, n in m["errors"].items():
             errors.add_metric([name, code], n)
     yield errors
-    for key, doc in (("wait", "Seconds a job waited for a worker"), ("inference", "Seconds a worker ran a job")):
-        family = HistogramMetricFamily(f"asr_hub_{key}_seconds", doc, labels=["provider"])
+    histograms = {
+        "wait_seconds": ("wait", "Seconds a job waited for a worker"),
+        "inference_seconds": ("inference", "Seconds a worker ran a job"),
+        "pieces_per_request": ("pieces_per_request", "Pieces each split request was cut into"),
+        "batch_size": ("batch_size", "Jobs a worker decoded together in one forward pass"),
+    }
+    for family_name, (key, doc) in histograms.items():
+        histogram = HistogramMetricFamily(f"asr_hub_{family_name}", doc, labels=["provider"])
         for name, m in providers.items():
             buckets, total = m[key]
-            family.add_metric([name], buckets, total)
-        yield family
-    batch = HistogramMetricFamily("asr_hub_batch_size", "Jobs a worker decoded together in one forward pass", labels=["provider"])
-    for name, m in providers.items():
-        buckets, total = m["batch_size"]
-        batch.add_metric([name], buckets, total)
-    yield batch
+            histogram.add_metric([name], buckets, total)
+        yield histogram
 
 
 def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
@@ -397,6 +412,7 @@ def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
         "degraded": "1 while the provider's model fails to load",
         "max_queue": "Configured max_queue",
         "sessions": "Live sessions, open or waiting for a worker",
+        "pieces_in_flight": "Pieces of split requests on workers now",
         "held_back": "1 while the pool wants to grow but max_size, memory or GPU memory holds it back",
     }
     providers = gauges.get("providers", {})

@@ -17,6 +17,7 @@ class PoolView:
     pool: ProviderPool
     queue_depth: int
     sessions: int
+    pieces: int  # pieces of split requests on workers
     held_back: str
     target_size: int
     figures: RequestFigures  # from hub.metrics: counters, percentiles, utilisation, throughput
@@ -46,6 +47,7 @@ def provider_status(provider: ProviderConfig, view: PoolView | None, now: float)
             workers_by_state=pool.by_state(),
             target_size=view.target_size,
             sessions=view.sessions,
+            pieces_in_flight=view.pieces,
             degraded=bool(pool.load_failures),
             last_error=pool.last_error,
             restart_backoff=max(0.0, pool.next_spawn_at - now),
@@ -105,6 +107,7 @@ def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
                 "degraded": int(bool(view.pool.load_failures)),
                 "max_queue": view.pool.config.pool.max_queue,
                 "sessions": view.sessions,
+                "pieces_in_flight": view.pieces,
                 "held_back": int(bool(view.held_back)),
                 "states": view.pool.by_state(),
                 "workers": [

@@ -26,7 +26,7 @@ from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SDK = {name: getattr(hub.client, name) for name in hub.client.__all__}
-CLI_MODULES = {"hub.client", "hub.supervisor", "hub.gateway", "hub.keys", "hub.client.rollback", "bench", "bench.soak", "bench.streaming", "bench.funasr_batch", "workers"}
+CLI_MODULES = {"hub.client", "hub.supervisor", "hub.gateway", "hub.keys", "hub.client.rollback", "bench", "bench.soak", "bench.streaming", "bench.funasr_batch", "bench.long_audio", "workers"}
 
 
 def _text(path: Path) -> str:

@@ -232,7 +232,6 @@ def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:
         assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 503
     finally:
         server.shutdown()
-        server.server_close()
 
 
 def test_supervisor_log_flags_override_the_config(hub_factory) -> None:

@@ -62,3 +62,30 @@ def test_readyz_turns_503_as_soon_as_the_drain_starts(hub_factory: Callable[...,
         job.join(20)
     assert answers == [echo_text(TONE)]
     assert hub.proc.wait(20) == 0
+
+
+def test_the_probe_server_at_its_cap_displaces_the_oldest_half_open_connection() -> None:
+    """50 half-open connections against a cap of 10 and a long deadline: a probe still gets in (each new
+    connection displaces the one waiting longest, which is told 408), and no more than 10 stay open."""
+    from hub.connections import ConnectionLimits
+    from hub.supervisor import probes
+    from hub.supervisor.metrics import Metrics
+
+    port = free_port()
+    server = probes.serve(Metrics(), "127.0.0.1", port, ConnectionLimits(header_timeout=60, max_connections=10))
+    stalled = []
+    try:
+        threads = threading.active_count()
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            stalled.append(sock)
+        wait_for(lambda: server.guard.open_count == 10 and server.guard.waiting_count == 10, 10, "the newest 10 held")
+        assert threading.active_count() == threads  # no thread per connection
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert answer.read() == b"ok\n"
+        assert stalled[0].recv(64).startswith(b"HTTP/1.1 408 ")  # the oldest was displaced, and told why
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.shutdown()

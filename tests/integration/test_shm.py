@@ -131,6 +131,8 @@ def test_segment_reader_keeps_small_segments_mapped_and_sees_them_rewritten() ->
     pool.give_back(seg, reusable=True)
     again = pool.lease(np.full(200, -0.5, np.float32))  # the same segment, the next request's audio
     assert again is seg and np.array_equal(reader.read(seg.name, 200), np.full(200, -0.5))
+    seg.write(np.arange(200, dtype=np.float32))
+    assert np.array_equal(reader.read(seg.name, 50, offset=120), np.arange(120, 170))  # a piece of a split request
     with pytest.raises(InvalidAudio, match="fewer than"):
         reader.read(seg.name, shm.MIN_SEGMENT)  # more than the segment holds
     with pytest.raises(InvalidAudio, match="not one of this hub"):
@@ -147,3 +149,44 @@ def test_segment_reader_keeps_small_segments_mapped_and_sees_them_rewritten() ->
     assert shm.list_segments(PREFIX) == []
     with pytest.raises(InvalidAudio, match="does not exist"):
         reader.read(seg.name, 10)
+
+
+def test_a_filled_buffer_is_sent_from_its_own_segment_without_a_copy() -> None:
+    from hub.client.call import audio_lease
+
+    pool, other = shm.SegmentPool(PREFIX), shm.SegmentPool(PREFIX)
+    try:
+        pcm = np.linspace(-1, 1, 5000, dtype=np.float32)
+        buffer = shm.PcmBuffer(8000, pool)
+        buffer.view()[: pcm.size] = pcm
+        buffer.size = pcm.size
+        name = buffer.segment.name  # type: ignore[union-attr]
+        lease = audio_lease(buffer, None, pool)
+        body: dict[str, object] = {}
+        assert lease.open(body) is None and body["audio"] == {"samples": 5000, "shm": name}
+        assert np.array_equal(shm.read_pcm(name, 5000, PREFIX), pcm)
+        buffer.release()  # the request owns the segment now: nothing to give back here
+        assert name in shm.list_segments(PREFIX)
+        lease.release(answered=True)
+
+        foreign = shm.PcmBuffer(8000, other)  # another client's segment: its samples are copied into ours
+        foreign.view()[: pcm.size] = pcm
+        foreign.size = pcm.size
+        copied = audio_lease(foreign, None, pool)
+        body = {}
+        copied.open(body)
+        assert body["audio"]["shm"] != foreign.segment.name  # type: ignore[index,union-attr]
+        assert np.array_equal(shm.read_pcm(body["audio"]["shm"], 5000, PREFIX), pcm)  # type: ignore[index]
+        copied.release(answered=True)
+        foreign.release()
+
+        inline = shm.PcmBuffer(100, None)  # no shared memory: process memory, sent inline
+        inline.view()[:10] = 0.5
+        inline.size = 10
+        assert audio_lease(inline, None, None).open({}) == np.full(10, 0.5, dtype=np.float32).tobytes()
+        with pytest.raises(InvalidAudio, match="empty"):
+            audio_lease(shm.PcmBuffer(100, None), None, None)
+    finally:
+        pool.close()
+        other.close()
+    assert not shm.list_segments(PREFIX)

@@ -38,12 +38,12 @@ WORKER = {
 PERCENTILES = {"mean": 12.5, "p50": 10.0, "p95": 30.0, "p99": 40.0}
 PROVIDER = {
     "type": "whisper", "enabled": True, "pool_enabled": True, "model": "tiny.en", "min_size": 1, "max_size": 2, "max_queue": 64,
-    "requests": 9, "succeeded": 7, "failed": 1, "rejected": 1, "timed_out": 0, "session_resumes": 0,
+    "requests": 9, "succeeded": 7, "failed": 1, "rejected": 1, "timed_out": 0, "session_resumes": 0, "pieces": 11,
     "errors": {"INFERENCE_FAILED": 1, "POOL_BUSY": 1}, "success_rate": 0.875,
     "wait_ms": PERCENTILES, "inference_ms": {"mean": None, "p50": None, "p95": None, "p99": None},
     "utilization": 0.1, "throughput": 0.5, "mean_batch": 1.75,
     "workers_by_state": {"starting": 0, "idle": 1, "busy": 0, "draining": 0, "unhealthy": 0},
-    "size": 1, "target_size": 1, "queue_depth": 0, "sessions": 1, "degraded": False, "last_error": "",
+    "size": 1, "target_size": 1, "queue_depth": 0, "sessions": 1, "pieces_in_flight": 2, "degraded": False, "last_error": "",
     "restart_backoff": 0.0, "held_back": "", "workers": [WORKER],
 }
 DISABLED = {"type": "echo", "enabled": False, "pool_enabled": False, "model": "", "min_size": 1, "max_size": 1, "max_queue": 64,
@@ -92,13 +92,14 @@ def test_keys_from_a_newer_hub_are_ignored() -> None:
 def test_keys_an_older_hub_lacks_take_their_defaults() -> None:
     older = copy.deepcopy(STATUS)
     del older["routes"], older["gateway"], older["hub"]["inline_bytes"]
-    for key in ("sessions", "held_back", "session_resumes"):
+    for key in ("sessions", "held_back", "session_resumes", "pieces", "pieces_in_flight"):
         del older["providers"]["whisper"][key]
     del older["providers"]["whisper"]["workers"][0]["gpu"]
     typed = HubStatus.from_dict(older)
     assert typed.routes == {} and typed.gateway is None and typed.hub.inline_bytes == 0
     whisper = typed.providers["whisper"]
     assert whisper.pool is not None and (whisper.pool.sessions, whisper.pool.held_back, whisper.pool.figures.session_resumes) == (0, "", 0)
+    assert (whisper.pool.pieces_in_flight, whisper.pool.figures.pieces) == (0, 0)
     assert whisper.pool.figures.requests == 9 and whisper.workers[0].gpu is None
 
 

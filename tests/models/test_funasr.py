@@ -457,3 +457,20 @@ def test_words_take_the_models_timestamps_where_it_gives_one_a_word_else_are_spr
     spread = to_words({"text": "<|zh|><|NEUTRAL|>欢迎 hello", "timestamp": [[0, 500]]}, 1.5)
     assert [(w.start, w.end, w.word) for w in spread] == [(0.0, 0.5, "欢"), (0.5, 1.0, "迎"), (1.0, 1.5, " hello")]
     assert "".join(w.word for w in spread) == "欢迎 hello" and to_words({"text": ""}, 1.0) == []
+
+
+def test_a_long_recording_is_split_across_the_funasr_pool_and_stitched_in_order(hub: Hub, models: dict[str, Path]) -> None:
+    """75 s of speech with pauses (the default pool.split_over_seconds is 60): each piece of the plan is what
+    FunASR itself answers for that stretch, at that place in the audio."""
+    from workers.cutting import plan, silero_vad
+
+    clips = [to_pcm(DATA / f"{name}.wav") for name in ("coffee", "stella", "weather")]
+    gap = np.zeros(int(0.7 * 16000), np.float32)
+    pcm = np.concatenate([part for _ in range(6) for clip in clips for part in (clip, gap)])[: 75 * 16000]
+    pieces = [p for p in plan(pcm, 30 * 16000, silero_vad) if p.speech]
+    with hub.client(timeout=120) as client:
+        result = client.transcribe(pcm, "funasr")
+    assert result.extra["pieces"] >= 3 and set(result.worker.split(",")) == {"funasr-1", "funasr-2"}
+    assert [(s.start, s.end, s.text) for s in result.segments] == [
+        (round(p.start / 16000, 3), round(p.end / 16000, 3), direct_text(models["paraformer"], pcm[p.start : p.end])) for p in pieces
+    ]

@@ -342,10 +342,11 @@ def test_a_busy_pool_answers_with_the_hubs_code(gateway_factory: Callable[..., G
 @asynccontextmanager
 async def local_server(endpoint: str, **settings: Any) -> AsyncIterator[tuple[Gateway, wyoming_asr.WyomingServer, int]]:
     idle_timeout = settings.pop("idle_timeout", wyoming_asr.IDLE_TIMEOUT_S)
+    max_connections = settings.pop("max_connections", wyoming_asr.MAX_CONNECTIONS)
     gateway = Gateway(Settings(hubs=(endpoint,), section=GatewaySection(), **settings))
     await gateway.start()
     port = free_port()
-    server = await wyoming_asr.start(gateway, "127.0.0.1", port, idle_timeout=idle_timeout)
+    server = await wyoming_asr.start(gateway, "127.0.0.1", port, idle_timeout=idle_timeout, max_connections=max_connections)
     try:
         yield gateway, server, port
     finally:
@@ -369,6 +370,20 @@ def test_a_silent_client_is_timed_out_and_counted(whisper_gateway: GatewayProces
                 assert 0.4 <= time.monotonic() - started < 5
             await wait_for_value(lambda: open_connections(gateway), 0)
             await still_serves(port)
+
+    run(main())
+
+
+def test_beyond_max_connections_a_new_connection_is_told_and_closed(whisper_gateway: GatewayProcess) -> None:
+    async def main() -> None:
+        async with local_server(whisper_gateway.hub.endpoint, max_connections=2) as (gateway, _, port):
+            async with connect(port), connect(port):
+                await wait_for_value(lambda: open_connections(gateway), 2)
+                async with connect(port) as third:
+                    error = await expect_error_then_close(third, "TOO_MANY_REQUESTS")
+                    assert "gateway.max_connections" in error.text
+            await wait_for_value(lambda: open_connections(gateway), 0)
+            await still_serves(port)  # room again once the two have gone
 
     run(main())
 

@@ -42,7 +42,6 @@ def _exported_series() -> set[str]:
             page = response.read().decode()
     finally:
         server.shutdown()
-        server.server_close()
     names: set[str] = set()
     for family in text_string_to_metric_families(page):
         if family.type == "counter":

@@ -39,6 +39,10 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     resumed = result["crash"]["crash"]["ring"]["sessions"]
     assert [r["resumes"] for r in resumed] == [1, 1, 1] and all(r["gap_s"] > 0 for r in resumed)
     assert result["crash"]["shm_left"] == [] and "crash under sessions" in out.stdout and "lost or doubled" in names
+    long_rows = {r["setup"]: r for r in result["long_audio"]["rows"]}
+    assert {"hub, 1 worker, split off", "hub, 1 worker, split on"} <= set(long_rows) and "one long recording" in out.stdout
+    assert long_rows["hub, 1 worker, split on"]["pieces"] >= 4 and all(r["wer"] < 0.3 for r in long_rows.values())
+    assert "long audio: split on vs off" in names and "BatchedInferencePipeline" in names
 
 
 def _side(audio_per_s: float, p50_ms: float, rates: dict[str, float], rss_mb: float, processes: int, first_s: float) -> dict:

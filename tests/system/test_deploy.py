@@ -123,6 +123,18 @@ def test_shared_memory_is_sized_from_max_audio_seconds(overlay: str) -> None:
         assert {"name": "shm", "mountPath": "/dev/shm"} in container(deployment, name)["volumeMounts"]
 
 
+GATEWAY_HEADROOM = 384 * 2**20  # the gateway idles at ~80 MiB; the rest is for sessions, answers and the heap's slack
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_memory_budget_fits_its_container(overlay: str) -> None:
+    """Uploads in flight and their PCM (in /dev/shm, charged to the gateway that writes it) stay under the limit."""
+    docs = rendered(overlay)
+    config = shipped_config(docs)
+    limit = quantity_bytes(container(one(docs, "Deployment"), "gateway")["resources"]["limits"]["memory"])
+    assert config.gateway.max_buffered_mb * 2**20 + GATEWAY_HEADROOM <= limit
+
+
 def test_gpu_overlay_asks_for_the_gpus_its_config_uses() -> None:
     docs = rendered("gpu")
     config = shipped_config(docs)

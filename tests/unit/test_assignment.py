@@ -19,21 +19,21 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def test_a_session_goes_to_the_least_loaded_worker_with_room() -> None:
-    workers = [WorkerLoad("a", 2, False, 0.4), WorkerLoad("b", 1, True, 0.1), WorkerLoad("c", 1, False, 0.3)]
+    workers = [WorkerLoad("a", 2, 0, 0.4), WorkerLoad("b", 1, 1, 0.1), WorkerLoad("c", 1, 0, 0.3)]
     assert session_home(workers, 4) == "c"  # fewest sessions, then the one without a job
-    assert session_home([WorkerLoad("a", 1, False, 0.9), WorkerLoad("b", 1, False, 0.2)], 4) == "b"
-    assert session_home([WorkerLoad("a", 4, False, 0.0), WorkerLoad("b", 3, False, 0.9)], 4) == "b"
-    assert session_home([WorkerLoad("a", 4, False, 0.0)], 4) is None and session_home([], 4) is None
+    assert session_home([WorkerLoad("a", 1, 0, 0.9), WorkerLoad("b", 1, 0, 0.2)], 4) == "b"
+    assert session_home([WorkerLoad("a", 4, 0, 0.0), WorkerLoad("b", 3, 0, 0.9)], 4) == "b"
+    assert session_home([WorkerLoad("a", 4, 0, 0.0)], 4) is None and session_home([], 4) is None
 
 
 def test_a_one_shot_job_takes_a_session_worker_only_when_it_has_time() -> None:
     pool = PoolConfig()
-    busy = WorkerLoad("a", 3, False, ONE_SHOT_DUTY + 0.1)
-    calm = WorkerLoad("b", 1, False, 0.2)
-    calmer_but_busy = WorkerLoad("c", 1, True, 0.0)
+    busy = WorkerLoad("a", 3, 0, ONE_SHOT_DUTY + 0.1)
+    calm = WorkerLoad("b", 1, 0, 0.2)
+    calmer_but_busy = WorkerLoad("c", 1, 1, 0.0)
     assert one_shot_home([busy, calm, calmer_but_busy], pool) == "b"
     assert one_shot_home([busy, calmer_but_busy], pool) is None
-    assert one_shot_home([WorkerLoad("d", 0, False, 0.0)], pool) is None  # free workers come from the idle queue
+    assert one_shot_home([WorkerLoad("d", 0, 0, 0.0)], pool) is None  # free workers come from the idle queue
     assert one_shot_home([calm], SINGLE_INSTANCE) is None  # rollback: one worker, one job at a time
 
 

@@ -4,7 +4,18 @@ import pytest
 import io
 import wave
 
-from hub.audio import StreamResampler, _decode, decode_bytes, resample, to_pcm, validate_pcm
+from hub.audio import (
+    StreamResampler,
+    WavLayout,
+    _decode,
+    decode_bytes,
+    decode_into,
+    decoded_room,
+    resample,
+    to_pcm,
+    validate_pcm,
+    wav_layout,
+)
 from hub.errors import InvalidAudio
 from tests.conftest import DATA
 
@@ -124,3 +135,42 @@ def test_a_few_samples_at_another_rate_are_refused_not_a_crash() -> None:
     with pytest.raises(InvalidAudio):
         to_pcm(np.full(2, 0.1, dtype=np.float32), sample_rate=48000)
 
+
+
+@pytest.mark.parametrize("rate", [16000, 44100, 8000])
+def test_decode_into_writes_what_decode_bytes_returns_within_its_room(rate: int) -> None:
+    pcm = (0.4 * np.sin(np.linspace(0, 900, 3 * rate))).astype(np.float32)
+    data = bytearray(wav_of(pcm, rate))  # as the gateway holds an upload: not copied to bytes
+    room = decoded_room(data)
+    assert room is not None and (room == 3 * 16000 if rate == 16000 else room >= 3 * 16000)
+    out = np.full(room, np.nan, dtype=np.float32)
+    written = decode_into(data, "x", out)
+    assert np.array_equal(out[:written], decode_bytes(data))
+    assert np.isnan(out[written:]).all()  # nothing written past the audio
+
+
+def test_decode_into_stops_when_its_room_is_full() -> None:
+    data = wav_of(np.zeros(16000, dtype=np.float32), 16000)
+    assert decode_into(data, "x", np.empty(15999, dtype=np.float32)) == 16000  # room + 1: longer than the room
+    mp3 = (DATA / "coffee.mp3").read_bytes()
+    assert decoded_room(mp3) is None  # only decoding tells
+    assert decode_into(mp3, "x", np.empty(16000, dtype=np.float32)) == 16001
+    out = np.empty(5 * 16000, dtype=np.float32)
+    assert abs(decode_into(mp3, "x", out) / 16000 - 3.58) < 0.05
+    with pytest.raises(InvalidAudio, match="empty"):
+        decode_into(b"", "x", out)
+
+
+@pytest.mark.parametrize(
+    "channels, width, rate",
+    [(2, 2, 16000), (1, 1, 16000), (1, 2, 500)],  # stereo, 8-bit, a rate no one records at: FFmpeg decides
+)
+def test_only_mono_16_bit_wav_takes_the_shortcut(channels: int, width: int, rate: int) -> None:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(b"\x00" * 1000 * channels * width)
+    assert wav_layout(out.getvalue()) is None
+    assert wav_layout(wav_of(np.zeros(100, dtype=np.float32), 16000)) == WavLayout(16000, 44, 100)

@@ -137,3 +137,43 @@ def test_batching_keys_default_to_one_job_at_a_time_and_are_checked() -> None:
                           ({"batch_wait_ms": -1}, "batch_wait_ms: must be from 0 to 1000")):
         with pytest.raises(ConfigError, match=message):
             parse_config({"providers": {"a": {"type": "echo", "pool": pool}}})
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"hub": {"metrics_header_timeout": 0}}, "metrics_header_timeout must be a positive"),
+        ({"hub": {"metrics_max_connections": 0}}, "metrics_max_connections at least 1"),
+        ({"gateway": {"header_timeout": 0}}, "header_timeout"),
+        ({"gateway": {"max_connections": 0}}, "max_connections"),
+        ({"gateway": {"max_buffer_wait": -1}}, "max_buffer_wait: must be >= 0"),
+        # 100 MiB of upload decodes to up to 110 MiB of PCM (hub.max_audio_seconds 1800): 210 MiB in all
+        ({"gateway": {"max_buffered_mb": 200}}, r"cannot hold one upload of max_upload_mb \(100 MB\).*210 MB"),
+        ({"hub": {"max_audio_seconds": 60}, "gateway": {"max_upload_mb": 100, "max_buffered_mb": 100}}, "104 MB"),
+    ],
+)
+def test_connection_and_memory_limits_are_checked(section: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"providers": {"echo": {"type": "echo"}}, **section})
+
+
+def test_a_budget_that_holds_the_largest_upload_is_accepted() -> None:
+    config = parse_config({"providers": {"echo": {"type": "echo"}}, "gateway": {"max_upload_mb": 10, "max_buffered_mb": 30}})
+    assert config.gateway.max_buffered_mb == 30 and config.gateway.max_buffer_wait == 10
+
+
+def test_split_keys_are_checked_and_single_instance_never_splits() -> None:
+    pool = parse_config({"providers": {"a": {"type": "echo", "pool": {"max_size": 2}}}}).providers["a"].pool
+    assert (pool.split_over_seconds, pool.split_piece_seconds) == (60.0, 30.0)
+    off = parse_config({"providers": {"a": {"type": "echo", "pool": {"split_over_seconds": 0}}}}).providers["a"].pool
+    assert off.split_over_seconds == 0
+    single = parse_config({"providers": {"a": {"type": "echo"}}}).providers["a"].pool
+    rollback = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False}}}}).providers["a"].pool
+    assert single.split_over_seconds == 0 and rollback.split_over_seconds == 0
+    for bad, match in (
+        ({"split_over_seconds": -1}, "split_over_seconds: must be 0"),
+        ({"split_piece_seconds": 0.5}, "split_piece_seconds: must be at least 1"),
+        ({"split_over_seconds": 20, "split_piece_seconds": 30}, "at most split_over_seconds"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_config({"providers": {"a": {"type": "echo", "pool": bad}}})

@@ -29,6 +29,7 @@ ALLOWED = {
     (S.RUNNING, S.CLOSING), (S.RUNNING, S.ABANDONED), (S.RUNNING, S.QUEUED), (S.RUNNING, S.DONE),
     (S.CLOSING, S.ABANDONED), (S.CLOSING, S.QUEUED), (S.CLOSING, S.DONE),
     (S.ABANDONED, S.DONE),
+    (S.NEW, S.SPLIT), (S.SPLIT, S.DONE),
 }  # fmt: skip
 
 
@@ -65,7 +66,7 @@ def table(limit: int = 2) -> Jobs:
 def test_ids_name_the_kind_for_a_reader_and_never_repeat() -> None:
     jobs = table()
     ids = [jobs.new_id(kind) for kind in JobKind]
-    assert [i[0] for i in ids] == ["j", "s", "h", "w"] and len(set(ids)) == 4
+    assert [i[0] for i in ids] == ["j", "s", "h", "w", "c", "p"] and len(set(ids)) == 6
 
 
 def test_a_queued_job_runs_then_is_done_and_leaves_the_table() -> None:
@@ -160,3 +161,66 @@ def test_a_session_is_overdue_when_idle_or_open_too_long_and_says_which_limit() 
     assert "no audio for 31 s (pool.session_idle_timeout=30)" in session_overdue(limits, session, 681.0)
     session.last_activity = 699.0
     assert session_overdue(limits, session, 700.5) == "open longer than pool.max_session_seconds=600"
+
+
+def split_request(jobs: Jobs, request_id: str, pieces: int) -> tuple[Job, list[Job]]:
+    """A request taken in as split, and ``pieces`` PIECE jobs of it."""
+    owner = job(jobs, request_id=request_id)
+    jobs.split(owner)
+    parts = []
+    for index in range(pieces):
+        part = job(jobs, JobKind.PIECE)
+        part.owner, part.index = owner.id, index
+        parts.append(part)
+    return owner, parts
+
+
+def test_a_short_request_goes_before_the_queued_pieces_of_a_long_one() -> None:
+    jobs = table(limit=2)
+    owner, parts = split_request(jobs, "long", 5)
+    assert owner.state is S.SPLIT and jobs.of_request(b"c", "long") is owner and jobs.in_flight == 1
+    for part in parts:
+        jobs.place(part, queued=True)
+    jobs.start(parts[0], "p-1")
+    jobs.start(parts[1], "p-2")
+    assert jobs.pieces("p") == 2 and jobs.next_waiting("p") is parts[2]  # nobody else waits: the pieces, in order
+    short = job(jobs, request_id="short")
+    jobs.place(short, queued=True)  # three pieces wait, yet the queue (limit 2) counts one request
+    assert jobs.next_waiting("p") is short  # it has no job on a worker, the long request two
+    jobs.start(short, "p-3")
+    assert jobs.next_waiting("p") is parts[2]
+    assert jobs.owned(owner.id) == parts
+
+
+def test_two_long_requests_take_turns_and_the_bound_counts_requests() -> None:
+    jobs = table(limit=2)
+    _, a = split_request(jobs, "a", 3)
+    _, b = split_request(jobs, "b", 3)
+    for part in a + b:
+        jobs.place(part, queued=True)
+    started = []
+    for worker in ("p-1", "p-2", "p-3", "p-4"):
+        nxt = jobs.next_waiting("p")
+        assert nxt is not None
+        jobs.start(nxt, worker)
+        started.append(nxt)
+    assert started == [a[0], b[0], a[1], b[1]]
+    with pytest.raises(PoolBusy, match="2 requests waiting"):
+        jobs.place(job(jobs, request_id="third"), queued=True)
+
+
+def test_on_one_worker_a_short_request_goes_between_two_pieces() -> None:
+    """One worker: a piece ends, and the long request has no job on a worker, like the short one; the short one
+    goes next, because the long request's turn was more recent."""
+    jobs = table(limit=4)
+    _, parts = split_request(jobs, "long", 3)
+    for part in parts:
+        jobs.place(part, queued=True)
+    jobs.start(parts[0], "p-1")
+    short = job(jobs, request_id="short")
+    jobs.place(short, queued=True)
+    jobs.finish(parts[0])
+    assert jobs.next_waiting("p") is short
+    jobs.start(short, "p-1")
+    jobs.finish(short)
+    assert jobs.next_waiting("p") is parts[1]

@@ -41,6 +41,9 @@ def test_audio_ref_inline_and_shm() -> None:
     assert protocol.parse_audio_ref({"audio": {"samples": 2}}, b"\x00" * 8, 100) == AudioRef(samples=2)
     ref = protocol.parse_audio_ref({"audio": {"samples": 16000, "shm": "asrhub_x_1_ab"}}, None, 10**6)
     assert ref.shm == "asrhub_x_1_ab" and ref.seconds == 1.0
+    piece = protocol.parse_audio_ref({"audio": {"samples": 10, "shm": "asrhub_x_1_ab", "offset": 30}}, None, 100)
+    assert piece == AudioRef(samples=10, shm="asrhub_x_1_ab", offset=30) and piece.to_dict()["offset"] == 30
+    assert "offset" not in ref.to_dict()  # a whole request's descriptor is as before
 
 
 @pytest.mark.parametrize(
@@ -54,6 +57,8 @@ def test_audio_ref_inline_and_shm() -> None:
         ({"samples": 2}, b"\x00" * 7, InvalidAudio, "need 8"),
         ({"samples": 2, "shm": 5}, None, BadRequest, "segment name"),
         ({"samples": 2, "shm": "asrhub_x_1_ab"}, b"\x00" * 8, BadRequest, "not both"),
+        ({"samples": 2, "shm": "asrhub_x_1_ab", "offset": -1}, None, BadRequest, "offset"),
+        ({"samples": 2, "offset": 4}, b"\x00" * 8, BadRequest, "inline PCM has none"),
     ],
 )
 def test_audio_ref_errors(audio: object, payload: bytes | None, error: type, fragment: str) -> None:

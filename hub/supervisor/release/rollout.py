@@ -111,7 +111,7 @@ class Rollout:
         turned off and rolled back."""
         state = self.routes.get(name)
         shadow = state.config.shadow if state is not None else None
-        if shadow is None or not state.shadow_on:
+        if state is None or shadow is None or not state.shadow_on:
             return None
         why = unavailable.get(shadow.provider)
         if why is not None and why.failed and state.config.analysis is not None:
