@@ -39,7 +39,14 @@ class FunasrBatchPlan:
 
 
 def provider(model_dir: Path, batch: int, plan: FunasrBatchPlan) -> dict[str, Any]:
-    pool = {"min_size": 1, "max_size": 1, "max_queue": 1024, "max_batch": batch, "batch_wait_ms": plan.batch_wait_ms, **PATIENT}
+    pool = {
+        "min_size": 1,
+        "max_size": 1,
+        "max_queue": 1024,
+        "max_batch": batch,
+        "batch_wait_ms": plan.batch_wait_ms,
+        **PATIENT,
+    }
     return {"type": "funasr", "model": str(model_dir), "device": plan.device, "cpu_threads": 1, "pool": pool}
 
 
@@ -55,14 +62,23 @@ def measure(workdir: Path, model_dir: Path, plan: FunasrBatchPlan) -> dict[str, 
             figures = hub.status().providers["funasr"]
         worker = figures.workers[0]
         latency = percentiles([s.latency_s for s in run.samples])
-        rows.append({
-            "max_batch": batch, "callers": callers, "requests": len(run.samples),
-            "audio_per_s": run.audio_per_s, "requests_per_s": run.requests_per_s,
-            "p50_s": latency["p50"], "p95_s": latency["p95"], "mean_batch": (figures.pool.figures.mean_batch if figures.pool else None),
-            "device": worker.device, "gpu": None if worker.gpu is None else worker.gpu.pci_bus_id,
-            "cuda_pci_bus_id": worker.cuda_pci_bus_id, "gpu_memory_used_mb": worker.gpu_memory_used_mb,
-            "gpu_error": worker.gpu_error,
-        })
+        rows.append(
+            {
+                "max_batch": batch,
+                "callers": callers,
+                "requests": len(run.samples),
+                "audio_per_s": run.audio_per_s,
+                "requests_per_s": run.requests_per_s,
+                "p50_s": latency["p50"],
+                "p95_s": latency["p95"],
+                "mean_batch": (figures.pool.figures.mean_batch if figures.pool else None),
+                "device": worker.device,
+                "gpu": None if worker.gpu is None else worker.gpu.pci_bus_id,
+                "cuda_pci_bus_id": worker.cuda_pci_bus_id,
+                "gpu_memory_used_mb": worker.gpu_memory_used_mb,
+                "gpu_error": worker.gpu_error,
+            }
+        )
     base = rows[0]["audio_per_s"]
     for row in rows:
         row["vs_batch_1"] = row["audio_per_s"] / base
@@ -72,14 +88,15 @@ def measure(workdir: Path, model_dir: Path, plan: FunasrBatchPlan) -> dict[str, 
 def summary(f: dict[str, Any], model: str) -> str:
     lines = [
         f"\nFunASR batched ({model}, {f['plan']['device']}, one worker, 2 x B callers, the committed clips):",
-        f"  {'max_batch':>9}{'audio s/s':>11}{'vs B=1':>8}{'p50 s':>8}{'p95 s':>8}{'mean batch':>12}{'GPU MiB':>9}  device",
+        f"  {'max_batch':>9}{'audio s/s':>11}{'vs B=1':>8}{'p50 s':>8}{'p95 s':>8}"
+        f"{'mean batch':>12}{'GPU MiB':>9}  device",
     ]
     for r in f["rows"]:
         mean = "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"
         gpu = "-" if r["gpu_memory_used_mb"] is None else f"{r['gpu_memory_used_mb']:.0f}"
         lines.append(
-            f"  {r['max_batch']:>9}{r['audio_per_s']:>11.2f}{r['vs_batch_1']:>7.2f}x{r['p50_s']:>8.3f}{r['p95_s']:>8.3f}"
-            f"{mean:>12}{gpu:>9}  {r['device']}"
+            f"  {r['max_batch']:>9}{r['audio_per_s']:>11.2f}{r['vs_batch_1']:>7.2f}x"
+            f"{r['p50_s']:>8.3f}{r['p95_s']:>8.3f}{mean:>12}{gpu:>9}  {r['device']}"
         )
     best = max(f["rows"], key=lambda r: r["max_batch"])
     lines.append(f"  largest batch against batch 1: {best['vs_batch_1']:.2f}x (target on a GPU: >= {f['target']:g}x)")
@@ -87,8 +104,9 @@ def summary(f: dict[str, Any], model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.funasr_batch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.funasr_batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--size", choices=sorted(paraformer.SIZES), default="large")
     parser.add_argument("--batches", default="1,4,8,16", help="max_batch values, comma-separated (default 1,4,8,16)")

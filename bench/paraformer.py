@@ -37,27 +37,50 @@ SIZES = {size.name: size for size in (LARGE, TINY)}
 
 def config(size: Size) -> dict[str, Any]:
     """``config.yaml`` of a Paraformer of ``size`` (paraformer-zh's classes and options)."""
-    attention = {"attention_heads": size.heads, "linear_units": size.units, "dropout_rate": 0.0, "positional_dropout_rate": 0.0}
+    attention = {
+        "attention_heads": size.heads,
+        "linear_units": size.units,
+        "dropout_rate": 0.0,
+        "positional_dropout_rate": 0.0,
+    }
     return {
         "model": "Paraformer",
         "model_conf": {"ctc_weight": 0.0, "predictor_weight": 1.0, "predictor_bias": 1, "sampling_ratio": 0.75},
         "encoder": "SANMEncoder",
         "encoder_conf": {
-            **attention, "num_blocks": size.encoder_blocks, "output_size": size.width, "attention_dropout_rate": 0.0,
-            "input_layer": "pe", "pos_enc_class": "SinusoidalPositionEncoder", "normalize_before": True,
-            "kernel_size": 11, "sanm_shfit": 0, "selfattention_layer_type": "sanm",
+            **attention,
+            "num_blocks": size.encoder_blocks,
+            "output_size": size.width,
+            "attention_dropout_rate": 0.0,
+            "input_layer": "pe",
+            "pos_enc_class": "SinusoidalPositionEncoder",
+            "normalize_before": True,
+            "kernel_size": 11,
+            "sanm_shfit": 0,
+            "selfattention_layer_type": "sanm",
         },
         "decoder": "ParaformerSANMDecoder",
         "decoder_conf": {
-            **attention, "num_blocks": size.decoder_blocks, "self_attention_dropout_rate": 0.0,
-            "src_attention_dropout_rate": 0.0, "att_layer_num": size.decoder_blocks, "kernel_size": 11, "sanm_shfit": 0,
+            **attention,
+            "num_blocks": size.decoder_blocks,
+            "self_attention_dropout_rate": 0.0,
+            "src_attention_dropout_rate": 0.0,
+            "att_layer_num": size.decoder_blocks,
+            "kernel_size": 11,
+            "sanm_shfit": 0,
         },
         "predictor": "CifPredictorV2",
         "predictor_conf": {"idim": size.width, "threshold": 1.0, "l_order": 1, "r_order": 1, "tail_threshold": 0.45},
         "frontend": "WavFrontend",
         "frontend_conf": {
-            "fs": 16000, "window": "hamming", "n_mels": N_MELS, "frame_length": 25, "frame_shift": 10,
-            "lfr_m": LFR_M, "lfr_n": 6, "dither": 0.0,
+            "fs": 16000,
+            "window": "hamming",
+            "n_mels": N_MELS,
+            "frame_length": 25,
+            "frame_shift": 10,
+            "lfr_m": LFR_M,
+            "lfr_n": 6,
+            "dither": 0.0,
         },
         "tokenizer": "CharTokenizer",
         "tokenizer_conf": {"unk_symbol": "<unk>"},
@@ -82,7 +105,11 @@ def build(out: Path, size: Size = LARGE, seed: int = 0) -> Path:
     tokens = ["<blank>", "<s>", "</s>", *(f"t{i}" for i in range(size.tokens - 4)), "<unk>"]
     torch.manual_seed(seed)
     model_class = tables.model_classes[layout["model"]]
-    args = {k: v for k, v in layout.items() if k not in ("model", "model_conf", "frontend", "frontend_conf", "tokenizer", "tokenizer_conf")}
+    args = {
+        k: v
+        for k, v in layout.items()
+        if k not in ("model", "model_conf", "frontend", "frontend_conf", "tokenizer", "tokenizer_conf")
+    }
     model = model_class(**args, **layout["model_conf"], input_size=N_MELS * LFR_M, vocab_size=len(tokens))
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt")

@@ -32,7 +32,9 @@ from workers.engine import DecodeItem, EngineResult
 def settings(model: Any, options: dict[str, Any]) -> dict[str, Any]:
     """``transcribe``'s arguments for ``options``: its own defaults, overridden by the options."""
     defaults = {
-        name: p.default for name, p in inspect.signature(model.transcribe).parameters.items() if p.default is not p.empty
+        name: p.default
+        for name, p in inspect.signature(model.transcribe).parameters.items()
+        if p.default is not p.empty
     }
     merged = {**defaults, **options}
     temperature = merged["temperature"]
@@ -71,7 +73,11 @@ def window_batch(model: Any, items: Sequence[DecodeItem], options: dict[str, Any
     tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task=run["task"], language=language)
     previous = tokenizer.encode(" " + run["initial_prompt"].strip()) if run["initial_prompt"] else []
     prompt = model.get_prompt(
-        tokenizer, previous, without_timestamps=run["without_timestamps"], prefix=run["prefix"], hotwords=run["hotwords"]
+        tokenizer,
+        previous,
+        without_timestamps=run["without_timestamps"],
+        prefix=run["prefix"],
+        hotwords=run["hotwords"],
     )
     suppress = run["suppress_tokens"]
     encoded = model.encode(np.stack([pad_or_trim(features[i][:, : frames[i]]) for i in fits]))
@@ -92,15 +98,21 @@ def window_batch(model: Any, items: Sequence[DecodeItem], options: dict[str, Any
     )
     decoded = []  # (index, the window's segments, nothing heard, seek, single timestamp ending) per item kept
     tokens_of = {}
-    for index, output in zip(fits, outputs):
+    for index, output in zip(fits, outputs, strict=True):
         tokens = tokens_of[index] = output.sequences_ids[0]
         avg_logprob = output.scores[0] * (len(tokens) ** run["length_penalty"]) / (len(tokens) + 1)
-        if _falls_back(run, tokenizer.decode(tokens).strip(), avg_logprob, output.no_speech_prob, get_compression_ratio):
+        if _falls_back(
+            run, tokenizer.decode(tokens).strip(), avg_logprob, output.no_speech_prob, get_compression_ratio
+        ):
             continue
         size = frames[index]
         segments, seek, single_ending = model._split_segments_by_timestamps(
-            tokenizer=tokenizer, tokens=tokens, time_offset=0.0, segment_size=size,
-            segment_duration=size * extractor.time_per_frame, seek=0,
+            tokenizer=tokenizer,
+            tokens=tokens,
+            time_offset=0.0,
+            segment_size=size,
+            segment_duration=size * extractor.time_per_frame,
+            seek=0,
         )
         silent = _no_speech(run, avg_logprob, output.no_speech_prob)
         decoded.append((index, segments, silent, seek, single_ending))
@@ -135,8 +147,14 @@ def _no_speech(run: dict[str, Any], avg_logprob: float, no_speech: float) -> boo
 
 
 def _word_timings(
-    model: Any, whisper_model: type, tokenizer: Any, encoded: Any, fits: list[int], frames: list[int],
-    decoded: list[tuple[int, list[dict[str, Any]], bool, int, bool]], tokens_of: dict[int, list[int]],
+    model: Any,
+    whisper_model: Any,
+    tokenizer: Any,
+    encoded: Any,
+    fits: list[int],
+    frames: list[int],
+    decoded: list[tuple[int, list[dict[str, Any]], bool, int, bool]],
+    tokens_of: dict[int, list[int]],
     run: dict[str, Any],
 ) -> None:
     """One ``align`` over the whole pass, then faster-whisper's own word placement for each item alone.
@@ -152,14 +170,24 @@ def _word_timings(
     for row, index in enumerate(fits):
         if index not in by_index:
             continue
-        one = SimpleNamespace(find_alignment=lambda *args, row=row: [alignments[row]], frames_per_second=model.frames_per_second)
+        one = SimpleNamespace(
+            find_alignment=lambda *args, row=row: [alignments[row]], frames_per_second=model.frames_per_second
+        )
         whisper_model.add_word_timestamps(
-            one, [by_index[index]], tokenizer, None, frames[index],
-            run["prepend_punctuations"], run["append_punctuations"], last_speech_timestamp=0.0,
+            one,
+            [by_index[index]],
+            tokenizer,
+            None,
+            frames[index],
+            run["prepend_punctuations"],
+            run["append_punctuations"],
+            last_speech_timestamp=0.0,
         )
 
 
-def _result(item: DecodeItem, segments: list[dict[str, Any]], tokenizer: Any, run: dict[str, Any], language: str) -> EngineResult:
+def _result(
+    item: DecodeItem, segments: list[dict[str, Any]], tokenizer: Any, run: dict[str, Any], language: str
+) -> EngineResult:
     """The item's answer as ``WhisperEngine.transcribe`` gives it, its segments streamed as they would be."""
     kept = []
     for raw in segments:
@@ -171,4 +199,6 @@ def _result(item: DecodeItem, segments: list[dict[str, Any]], tokenizer: Any, ru
         kept.append(segment)
         item.on_segment(segment)
     duration = item.pcm.shape[0] / SAMPLE_RATE
-    return EngineResult(text=join_text(s.text for s in kept), segments=tuple(kept), language=language, duration=duration)
+    return EngineResult(
+        text=join_text(s.text for s in kept), segments=tuple(kept), language=language, duration=duration
+    )

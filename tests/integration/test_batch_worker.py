@@ -75,9 +75,19 @@ def worker_factory(tmp_path: Path) -> Iterator[Any]:
         endpoint = f"ipc://{tmp_path}/backend-{len(started)}"
         sock.bind(endpoint)
         spec = WorkerSpec(
-            id="echo-1", provider="echo", type="echo", model="", device="cpu", compute_type="auto", cpu_threads=1,
-            backend=endpoint, shm_prefix="asrhubtest", heartbeat_interval=1.0, options={},
-            max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+            id="echo-1",
+            provider="echo",
+            type="echo",
+            model="",
+            device="cpu",
+            compute_type="auto",
+            cpu_threads=1,
+            backend=endpoint,
+            shm_prefix="asrhubtest",
+            heartbeat_interval=1.0,
+            options={},
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
         )
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen([sys.executable, "-m", "workers", "--spec", spec.to_json()], env=env, cwd=ROOT)
@@ -145,7 +155,9 @@ def test_a_cancelled_job_not_started_leaves_and_a_started_one_still_answers(work
     worker.cancel("held")
     worker.cancel("running")  # already decoding: it finishes (the supervisor drops its answer)
     answers = worker.answers(2)
-    assert answers["held"].body["code"] == "JOB_TIMEOUT" and "before its batch started" in answers["held"].body["message"]
+    assert (
+        answers["held"].body["code"] == "JOB_TIMEOUT" and "before its batch started" in answers["held"].body["message"]
+    )
     assert answers["running"].type is MsgType.RESULT
     assert worker.batches == []  # "held" was never part of a batch
 

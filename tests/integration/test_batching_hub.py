@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -52,10 +51,16 @@ def test_batches_form_under_load_and_status_and_metrics_show_them(hub_factory) -
         wait_for(lambda: hub.status()["providers"]["echo"]["workers"][0]["jobs_held"] == 1, what="the first job held")
         levels = [0.1, 0.2, 0.3]
         outcomes = []
-        threads = [threading.Thread(target=lambda lv=lv: outcomes.append((lv, client.transcribe(_pcm(lv)).text))) for lv in levels]
+        threads = [
+            threading.Thread(target=lambda lv=lv: outcomes.append((lv, client.transcribe(_pcm(lv)).text)))
+            for lv in levels
+        ]
         for thread in threads:
             thread.start()
-        wait_for(lambda: hub.status()["providers"]["echo"]["workers"][0]["jobs_held"] == 4, what="four jobs held by one worker")
+        wait_for(
+            lambda: hub.status()["providers"]["echo"]["workers"][0]["jobs_held"] == 4,
+            what="four jobs held by one worker",
+        )
         for thread in [blocker, *threads]:
             thread.join(30)
         status = hub.status()["providers"]["echo"]
@@ -68,7 +73,9 @@ def test_one_jobs_failure_fails_it_alone_in_its_batch(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, max_batch=3, batch_wait_ms=300)})
     outcomes = _concurrently(hub, [{"audio": _pcm(0.1)}, {"audio": _pcm(0.2), "fail": "only me"}, {"audio": _pcm(0.3)}])
     assert outcomes[0].text == echo_text(_pcm(0.1)) and outcomes[2].text == echo_text(_pcm(0.3))
-    assert isinstance(outcomes[1], HubError) and outcomes[1].code == "INFERENCE_FAILED" and "only me" in str(outcomes[1])
+    assert (
+        isinstance(outcomes[1], HubError) and outcomes[1].code == "INFERENCE_FAILED" and "only me" in str(outcomes[1])
+    )
     assert hub.status()["providers"]["echo"]["mean_batch"] == pytest.approx(3.0)
 
 
@@ -90,7 +97,9 @@ def test_a_worker_killed_mid_batch_has_every_job_of_its_batch_retried(hub_factor
 def test_a_cancelled_held_job_leaves_its_workers_batch(hub_factory) -> None:
     """The worker reads the CANCEL once its running batch ends, before it starts the next: the job given up on
     is never decoded (the DEBUG line per batch names every job a batch decodes)."""
-    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, max_batch=2, batch_wait_ms=0)}, {"log_level": "DEBUG"})
+    hub = hub_factory(
+        {"echo": echo_provider(min_size=1, max_size=1, max_batch=2, batch_wait_ms=0)}, {"log_level": "DEBUG"}
+    )
     with hub.client() as client:
         blocker = threading.Thread(target=client.transcribe, args=(_pcm(0.05),), kwargs={"sleep": 1.5})
         blocker.start()

@@ -23,8 +23,18 @@ CLIPS = ("coffee", "hello", "stella", "weather")
 
 def _spec(kind: str, model: str = "", **extra: Any) -> WorkerSpec:
     return WorkerSpec(
-        id=f"{kind}-1", provider=kind, type=kind, model=model, device="cpu", compute_type="auto", cpu_threads=1,
-        backend="", shm_prefix="", heartbeat_interval=1.0, options={}, **extra,
+        id=f"{kind}-1",
+        provider=kind,
+        type=kind,
+        model=model,
+        device="cpu",
+        compute_type="auto",
+        cpu_threads=1,
+        backend="",
+        shm_prefix="",
+        heartbeat_interval=1.0,
+        options={},
+        **extra,
     )
 
 
@@ -48,14 +58,16 @@ def whisper() -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("options", [{"beam_size": 1}, {"beam_size": 5}, {"beam_size": 5, "word_timestamps": True}])
-def test_whisper_batched_gives_the_words_and_timings_of_one_by_one_in_one_encode(whisper: Any, options: dict[str, Any]) -> None:
+def test_whisper_batched_gives_the_words_and_timings_of_one_by_one_in_one_encode(
+    whisper: Any, options: dict[str, Any]
+) -> None:
     clips = [to_pcm(DATA / f"{name}.wav") for name in CLIPS]
     alone = [whisper.transcribe(pcm, dict(options), lambda s: None) for pcm in clips]
     whisper.encodes.clear()
     batched = whisper.transcribe_batch([_item(pcm, **options) for pcm in clips])
     assert whisper.encodes[0] == (len(CLIPS), 80, 3000)  # one encode over the four 30 s windows
     assert len(whisper.encodes) == 1, f"{len(whisper.encodes) - 1} clip(s) left the batch"
-    for one, many in zip(alone, batched):
+    for one, many in zip(alone, batched, strict=True):
         assert isinstance(many, EngineResult)
         assert many.text == one.text and many.segments == one.segments  # words and their timings included
 
@@ -93,8 +105,10 @@ def test_funasr_decodes_a_batch_in_one_generate_and_only_padding_can_change_a_sh
     engine = FunASREngine(_spec("funasr", str(build_tiny_model("paraformer", tmp_path / "paraformer"))))
     calls: list[int] = []
     generate = engine._model.generate
-    engine._model.generate = lambda **kw: (calls.append(len(kw["input"]) if isinstance(kw["input"], list) else 1),
-                                           generate(**kw))[1]
+    engine._model.generate = lambda **kw: (
+        calls.append(len(kw["input"]) if isinstance(kw["input"], list) else 1),
+        generate(**kw),
+    )[1]
     clips = [to_pcm(DATA / f"{name}.wav") for name in CLIPS]
     alone = [engine.transcribe(pcm, {}, lambda s: None) for pcm in clips]
     calls.clear()
@@ -103,8 +117,10 @@ def test_funasr_decodes_a_batch_in_one_generate_and_only_padding_can_change_a_sh
     texts = [b.text for b in batched if isinstance(b, EngineResult)]
     longest = max(range(len(clips)), key=lambda i: clips[i].size)
     assert texts[longest] == alone[longest].text
-    for text, one in zip(texts, alone):
-        same = next((i for i, (x, y) in enumerate(zip(text, one.text)) if x != y), min(len(text), len(one.text)))
+    for text, one in zip(texts, alone, strict=True):
+        same = next(
+            (i for i, (x, y) in enumerate(zip(text, one.text, strict=False)) if x != y), min(len(text), len(one.text))
+        )
         assert same >= 0.75 * len(one.text), f"batched {text!r} and alone {one.text!r} part before their tails"
     twice = engine.transcribe_batch([_item(clips[0]), _item(clips[0])])
     assert [t.text for t in twice if isinstance(t, EngineResult)] == [alone[0].text] * 2

@@ -60,7 +60,9 @@ def test_a_cancelled_held_job_is_called_back_from_its_worker_and_its_answer_drop
     worker, job_id = rig.job_of(held)
     rig.farm.cancel(b"client-1", held, rig.t)
     assert (worker, job_id) in [(w, m.id) for w, m in rig.io.sent if m.type is MsgType.CANCEL]
-    rig.from_worker(worker, MsgType.ERROR, job_id, {"code": "JOB_TIMEOUT", "message": "cancelled before its batch started"})
+    rig.from_worker(
+        worker, MsgType.ERROR, job_id, {"code": "JOB_TIMEOUT", "message": "cancelled before its batch started"}
+    )
     assert rig.answers(held) == []  # the client gave up: nothing more goes to it
     handle = rig.workforce.worker(worker)
     assert handle is not None and len(handle.jobs) == 1 and handle.consecutive_failures == 0

@@ -16,8 +16,17 @@ from workers.engine import DecodeItem, EngineResult, Outcome
 
 def _spec(kind: str) -> WorkerSpec:
     return WorkerSpec(
-        id=f"{kind}-1", provider=kind, type=kind, model="", device="cpu", compute_type="auto", cpu_threads=1,
-        backend="", shm_prefix="", heartbeat_interval=1.0, options={},
+        id=f"{kind}-1",
+        provider=kind,
+        type=kind,
+        model="",
+        device="cpu",
+        compute_type="auto",
+        cpu_threads=1,
+        backend="",
+        shm_prefix="",
+        heartbeat_interval=1.0,
+        options={},
     )
 
 
@@ -37,8 +46,13 @@ def test_a_batch_starts_when_full_or_once_its_oldest_job_waited_long_enough() ->
 
 def test_items_group_by_their_option_set_in_arrival_order() -> None:
     pcm = np.zeros(160, dtype=np.float32)
-    items = [_item(pcm, language="en"), _item(pcm, language="de"), _item(pcm, language="en", beam_size=1),
-             _item(pcm, language="en"), _item(pcm, language="de")]
+    items = [
+        _item(pcm, language="en"),
+        _item(pcm, language="de"),
+        _item(pcm, language="en", beam_size=1),
+        _item(pcm, language="en"),
+        _item(pcm, language="de"),
+    ]
     assert groups(items) == [[0, 3], [1, 4], [2]]
 
 
@@ -79,8 +93,8 @@ def test_echo_decodes_a_batch_in_one_pass_and_one_jobs_fault_fails_it_alone() ->
     a, b = np.ones(8000, dtype=np.float32) * 0.1, np.ones(16000, dtype=np.float32) * 0.2
     outcomes = engine.transcribe_batch([_item(a), _item(b, fail="this one"), _item(b, language="de")])
     assert [o.text if isinstance(o, EngineResult) else f"error: {o}" for o in outcomes] == [
-        echo_text(a), "error: this one", echo_text(b)
+        echo_text(a),
+        "error: this one",
+        echo_text(b),
     ]
     assert engine.decodes == 4  # every job counts as a decode, for fail_from and fail_every
-
-
