@@ -81,7 +81,10 @@ def test_whisper_splits_a_batch_by_options_and_decodes_a_long_recording_alone(wh
     assert all(isinstance(o, EngineResult) for o in outcomes)
     assert whisper.encodes[0] == (2, 80, 3000)  # the two short default-option jobs together
     assert outcomes[0].text == outcomes[3].text == whisper.transcribe(short, {}, lambda s: None).text
-    assert "coffee" in outcomes[1].text and outcomes[1].duration == pytest.approx(long.size / 16000)
+    # the long recording went through transcribe alone: its windows one encode each (temperature fallback may
+    # sample there, so its text is not compared; its length and the single-window encodes are)
+    assert outcomes[1].text and outcomes[1].duration == pytest.approx(long.size / 16000)
+    assert len(whisper.encodes) >= 3 and all(shape[0] == 80 or shape[0] == 1 for shape in whisper.encodes[1:])
 
 
 def test_whisper_fails_a_job_with_bad_audio_alone(whisper: Any) -> None:
