@@ -95,12 +95,18 @@ def _mono_wav(data: bytes) -> np.ndarray | None:
         return None
     try:
         with wave.open(io.BytesIO(data)) as w:
+            rate = w.getframerate()
+            if not 1000 <= rate <= 384000:
+                raise InvalidAudio(
+                    f"the WAV header says the audio is sampled at {rate} Hz; a sample rate must be between "
+                    "1000 and 384000 Hz: the file is damaged or its header was written wrong"
+                )
             if w.getsampwidth() != 2 or w.getnchannels() != 1:
                 return None
-            rate, raw = w.getframerate(), w.readframes(w.getnframes())
+            raw = w.readframes(w.getnframes())
     except (wave.Error, EOFError):
         return None
-    if not raw or not 1000 <= rate <= 384000:
+    if not raw:
         return None
     pcm = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
     return pcm if rate == SAMPLE_RATE else resample(pcm, rate)
@@ -120,10 +126,21 @@ def _decode(source: str | BinaryIO, name: str) -> np.ndarray:
                 chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
-        raise InvalidAudio(f"cannot decode {name}: {exc}") from None
+        raise InvalidAudio(f"cannot decode {name}: {ffmpeg_reason(exc)}") from None
     if not chunks:
         raise InvalidAudio(f"{name} decodes to no audio samples")
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's own words for a failure, without the errno and the '<none>' file name PyAV adds for an
+    in-memory source, and what to do about the commonest one."""
+    import av
+
+    reason = getattr(exc, "strerror", None) or str(exc)
+    if isinstance(exc, av.error.InvalidDataError):
+        return f"{reason.lower()}: it is not an audio file FFmpeg knows (send WAV, FLAC, MP3, OGG, M4A, WebM ...)"
+    return reason
 
 
 def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
