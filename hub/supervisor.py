@@ -347,7 +347,9 @@ class Supervisor:
         self.farm.reconfigure(new, time.monotonic())
         self.rollout.reconfigure(new.routes)
         if self.gateway is not None:
-            self.gateway.reload()
+            self.gateway.reload(new.gateway)
+        elif new.gateway.enabled:
+            self.gateway = self._gateway_child(new, self.config_path)
         log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.farm.sizes()))
 
     def status(self) -> status.HubStatus:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,69 +235,75 @@ def no_leaked_segments() -> Iterator[None]:
 
 @contextmanager
 def steady_load(hub: Hub, clients: int = 3, vary: bool = False, timeout: float = 30.0) -> Iterator[Counter[str]]:
-    """Echo requests from ``clients`` threads until the block ends; yields every outcome, counted: "ok" for the
-    right text, the code of a ``HubError``, "wrong text: ..." or the type and message of any other exception.
-    With ``vary``, each request takes a random part of the tone and a random sleep (seeded per thread).
-    On leaving the block every thread must have finished: one still running is a hung request."""
+    """Echo requests from ``clients`` threads, each with its own client, until the block ends; yields every
+    outcome, counted (``load_threads``): "ok" for the right text, the code of a ``HubError``, "wrong text: ..."
+    or the type and message of any other exception. With ``vary``, each request takes a random part of the
+    tone and a random sleep (seeded per thread)."""
     from workers.echo import echo_text
 
     tone = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
-    stop = threading.Event()
-    outcomes: Counter[str] = Counter()
 
-    def one(client: HubClient, rng: random.Random) -> str:
-        audio, sleep = (tone[: rng.randint(1600, 16000)], rng.uniform(0, 0.1)) if vary else (tone, 0.05)
-        try:
-            text = client.transcribe(audio, sleep=sleep, timeout=timeout).text
-        except HubError as exc:
-            return exc.code
-        return "ok" if text == echo_text(audio) else f"wrong text: {text!r}"
-
-    def load(seed: int) -> None:
+    @contextmanager
+    def session(seed: int) -> Iterator[Callable[[], str]]:
         rng = random.Random(seed)
-        try:
-            with hub.client() as client:
-                while not stop.is_set():
-                    outcomes[one(client, rng)] += 1
-        except Exception as exc:  # counted, so that a thread that died says so
-            outcomes[f"{type(exc).__name__}: {exc}"] += 1
 
-    threads = [threading.Thread(target=load, args=(seed,), name=f"load-{seed}") for seed in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
+        def one() -> str:
+            audio, sleep = (tone[: rng.randint(1600, 16000)], rng.uniform(0, 0.1)) if vary else (tone, 0.05)
+            try:
+                text = client.transcribe(audio, sleep=sleep, timeout=timeout).text
+            except HubError as exc:
+                return exc.code
+            return "ok" if text == echo_text(audio) else f"wrong text: {text!r}"
+
+        with hub.client() as client:
+            yield one
+
+    with load_threads(session, clients, timeout + 10) as outcomes:
         yield outcomes
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout + 10)
-    hung = [thread.name for thread in threads if thread.is_alive()]
-    assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
 
 
 @contextmanager
 def repeating(one: Callable[[], str], threads: int, join_timeout: float = 40.0) -> Iterator[Counter[str]]:
-    """Call ``one`` over and over from ``threads`` threads until the block ends; yields what it returned, counted.
-    On leaving the block every thread must have finished: one still running is a hung request."""
+    """Call ``one`` over and over from ``threads`` threads until the block ends; yields what it returned, counted
+    (``load_threads``)."""
+    with load_threads(lambda index: nullcontext(one), threads, join_timeout) as outcomes:
+        yield outcomes
+
+
+@contextmanager
+def load_threads(
+    session: Callable[[int], AbstractContextManager[Callable[[], str]]], threads: int, join_timeout: float
+) -> Iterator[Counter[str]]:
+    """Thread ``i`` enters ``session(i)`` and calls what it yields over and over until the block ends; every
+    outcome is counted (under a lock). An exception ends its thread and is counted as "Type: message", so a
+    thread that died says so in the outcomes a test compares. On leaving the block every thread must have
+    finished: one still running is a hung request, and fails the test."""
     stop = threading.Event()
     lock = threading.Lock()
     outcomes: Counter[str] = Counter()
 
-    def run() -> None:
-        while not stop.is_set():
-            outcome = one()
-            with lock:
-                outcomes[outcome] += 1
+    def count(outcome: str) -> None:
+        with lock:
+            outcomes[outcome] += 1
 
-    workers = [threading.Thread(target=run, name=f"repeating-{i}") for i in range(threads)]
+    def run(index: int) -> None:
+        try:
+            with session(index) as one:
+                while not stop.is_set():
+                    count(one())
+        except Exception as exc:
+            count(f"{type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=run, args=(i,), name=f"load-{i}") for i in range(threads)]
     for worker in workers:
         worker.start()
     try:
         yield outcomes
     finally:
         stop.set()
+        deadline = time.monotonic() + join_timeout
         for worker in workers:
-            worker.join(join_timeout)
+            worker.join(max(0.0, deadline - time.monotonic()))
     hung = [worker.name for worker in workers if worker.is_alive()]
     assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
 
