@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from hub.audio import AudioInput, to_pcm
-from hub.client import AsyncHubClient, CurveKeys, HubClient, TranscriptStream
+from hub.client import AsyncHubClient, AsyncTranscriptStream, CurveKeys, HubClient, TranscriptStream
 from hub.errors import HubError, HubUnreachable, PoolBusy, ProviderUnavailable, ShuttingDown
 from hub.results import Segment, Transcript
 from hub.status import HubStatus, PoolStatus, ReadyState
@@ -438,12 +438,12 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         assert result is not None
         return result
 
-    async def transcribe_stream(
+    def transcribe_stream(
         self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
-    ) -> AsyncIterator[Segment | Transcript]:
-        """Yields each ``Segment``, then the ``Transcript``; retried on another hub only before the first one."""
-        async for event in self._events(to_pcm(audio, sample_rate), provider, timeout, options, stream=True):
-            yield event
+    ) -> AsyncTranscriptStream:
+        """Yields each ``Segment``, then the ``Transcript`` (kept as ``transcript`` too, as on one hub's stream);
+        retried on another hub only before the first one."""
+        return AsyncTranscriptStream(self._events(to_pcm(audio, sample_rate), provider, timeout, options, stream=True))
 
     async def _events(
         self, pcm: Any, provider: str | None, timeout: float | None, options: dict[str, Any], stream: bool

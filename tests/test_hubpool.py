@@ -200,8 +200,11 @@ def test_async_pool_streams_holds_sessions_and_fails_over(hub_factory: Callable[
     async def main() -> Counter[str]:
         async with AsyncHubPool([a.endpoint, b.endpoint], timeout=15, probe_interval=0.3) as pool:
             await pool.wait_ready(timeout=30, hubs=2)
-            events = [e async for e in pool.transcribe_stream(TONE, segments=3)]
+            stream = pool.transcribe_stream(TONE, segments=3)
+            assert stream.transcript is None
+            events = [e async for e in stream]
             assert [type(e) for e in events] == [Segment] * 3 + [Transcript]
+            assert stream.transcript is events[-1]
             async with await pool.open_stream() as session:
                 for start in range(0, TONE.size, 4000):
                     await session.send(TONE[start : start + 4000])
