@@ -451,7 +451,7 @@ class HubClient(_ClientCore):
                 if link.monitor in ready and link.update():
                     raise call.lost(link.state)
                 if sock in ready:
-                    if (reply := call.receive(protocol.parse(sock.recv_multipart()))) is not None:
+                    if (reply := call.receive(protocol.parse(sock.recv_multipart(), protocol.MAX_ANSWER_BODY_BYTES))) is not None:
                         yield reply
                 elif call.left() <= 0:
                     raise call.expire()
@@ -729,7 +729,7 @@ class AsyncHubClient(_ClientCore):
             except zmq.Again:
                 return
             try:
-                msg = protocol.parse(frames)
+                msg = protocol.parse(frames, protocol.MAX_ANSWER_BODY_BYTES)
             except HubError:
                 continue
             inbox = self._pending.get(msg.id)

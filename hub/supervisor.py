@@ -276,7 +276,7 @@ class Supervisor:
     def on_backend(self, frames: list[bytes]) -> None:
         try:
             identity, rest = protocol.split_identity(frames)
-            msg = protocol.parse(rest)
+            msg = protocol.parse(rest, protocol.MAX_ANSWER_BODY_BYTES)
         except HubError as exc:
             self.malformed += 1
             log.warning("dropped a malformed message from a worker: %s", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from hub import shm
+from hub import protocol, shm
 from hub.audio import to_pcm
 from hub.client import AsyncHubClient, StreamSession
 from hub.errors import JobTimeout, PoolBusy, WorkerCrashed
@@ -397,3 +398,21 @@ def test_48k_chunks_of_127_samples_reach_the_worker_as_a_whole_file_resample(hub
                 session.send(pcm48[start : start + 127], sample_rate=48000)
     assert round(session.transcript.duration * 16000) == whole.size
     assert session.transcript.text == reference_session.transcript.text and session.transcript.text
+
+
+def test_a_final_transcript_larger_than_a_request_may_be_arrives_whole(hub_factory) -> None:
+    """A long session's answer (every final, with its words) passes the 256 KB a client's request may hold:
+    the worker's answer to the supervisor and the supervisor's to the client carry it whole."""
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1)})
+    minutes = np.tile(STEPS, 375)  # 37.5 minutes of "speech", a word every half second
+    with hub.client(timeout=120) as client:
+        with client.open_stream() as session:
+            for start in range(0, minutes.size, 16000 * 30):
+                session.send(minutes[start : start + 16000 * 30])
+            transcript = session.close()
+        finals = [event.segment for event in session.results() if event.kind == "final"]
+    body = len(json.dumps(transcript.to_dict()))
+    assert body > protocol.MAX_BODY_BYTES, f"the transcript is only {body} bytes: the test proves nothing"
+    assert transcript.duration == pytest.approx(minutes.size / 16000, abs=0.01)
+    assert list(transcript.segments) == finals and len(transcript.text.split()) == minutes.size // 8000
+    assert hub.status()["hub"]["malformed_messages"] == 0
