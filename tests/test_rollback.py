@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +105,29 @@ def test_rollback_module_keeps_the_old_text_and_refuses_a_file_it_cannot_make_va
     assert rollback([str(config)]) == 2
     assert config.read_text() == broken and not (tmp_path / "hub.yaml.bak").exists()
     assert rollback([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_rollback_script_finds_the_python_that_has_the_hub(tmp_path) -> None:
+    """Without a repo-root .venv the script takes the first Python on PATH that imports the hub, and says how
+    to point it at one when there is none."""
+    checkout = tmp_path / "checkout"  # a checkout whose packages live in a virtualenv elsewhere
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "rollback.sh", checkout / "scripts" / "rollback.sh")
+    (checkout / "hub").symlink_to(ROOT / "hub")
+    config = tmp_path / "hub.yaml"
+    config.write_text(yaml.safe_dump({"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    venv = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    found = subprocess.run(
+        [str(checkout / "scripts" / "rollback.sh"), str(config)], capture_output=True, text=True, timeout=60, env={**env, "PATH": venv}
+    )
+    assert found.returncode == 1 and "no running supervisor" in found.stderr, found.stderr
+    tools = tmp_path / "bin"  # what the script needs, and no Python at all
+    tools.mkdir()
+    for tool in ("bash", "realpath", "dirname"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    bare = subprocess.run(
+        [str(checkout / "scripts" / "rollback.sh"), str(config)], capture_output=True, text=True, timeout=60,
+        env={**env, "PATH": str(tools)},
+    )
+    assert bare.returncode == 2 and "PYTHON=/path/to/venv/bin/python" in bare.stderr, bare.stderr
