@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,24 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def extras_required() -> bool:
+    """Under CI or ``make test`` (ASR_HUB_REQUIRE_EXTRAS=1) what a test needs must be there: a missing piece
+    fails the run instead of skipping silently."""
+    return bool(os.environ.get("CI") or os.environ.get("ASR_HUB_REQUIRE_EXTRAS"))
+
+
+def required_tool(name: str, install: str) -> str:
+    """The path of the program ``name``; without it the test skips (a developer's machine) or, where extras
+    are required, fails, saying how to install it."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed ({install})"
+        if extras_required():
+            pytest.fail(f"{reason}; CI and `make test` (ASR_HUB_REQUIRE_EXTRAS=1) need it", pytrace=False)
+        pytest.skip(reason)
+    return path
 
 
 def free_port() -> int:

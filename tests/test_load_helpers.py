@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import repeating
+from tests.conftest import repeating, required_tool
 
 
 def test_every_exception_is_counted() -> None:
@@ -40,3 +40,14 @@ def test_a_thread_still_running_fails_the_test() -> None:
                 assert started.wait(10)
     finally:
         release.set()
+
+
+def test_a_missing_tool_skips_on_a_developers_run_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("ASR_HUB_REQUIRE_EXTRAS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="promtool is not installed"):
+        required_tool("promtool", "apt-get install prometheus")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI and `make test`"):
+        required_tool("promtool", "apt-get install prometheus")
