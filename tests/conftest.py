@@ -108,6 +108,23 @@ class Hub:
         assert not faults, "the supervisor hit a bug:\n" + "\n".join(faults) + "\n--- log ---\n" + self.log()[-5000:]
         return int(self.proc.returncode)
 
+    def finish(self) -> None:
+        """Stop it and check it as every test's hub is checked: the exit it was expected to make, a log without
+        a bug, and no process of its group left behind (those are killed, and fail the test)."""
+        problems = []
+        try:
+            code = self.stop()
+            if code != self.expected_exit:
+                problems.append(f"the supervisor exited with {code}:\n{self.log()[-5000:]}")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        left = live_in_group(self.proc.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        if left:
+            problems.append(f"processes left behind by the supervisor: {left}")
+        assert not problems, "\n\n".join(problems)
+
 
 # a text log line: "2026-01-01 12:00:00,123 LEVEL logger[ worker-id]: message"
 _TEXT_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<logger>[\w.]+)[ \w.-]*: ")
@@ -203,15 +220,9 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     failures: list[str] = []
     for started in hubs:  # every one is stopped, whatever the one before it showed
         try:
-            code = started.stop()
-            assert code == started.expected_exit, f"the supervisor exited with {code}:\n{started.log()[-5000:]}"
+            started.finish()
         except AssertionError as exc:
             failures.append(str(exc))
-        pids = live_in_group(started.proc.pid)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        if pids:
-            failures.append(f"processes left behind by the supervisor: {pids}")
     assert not failures, "\n\n".join(failures)
 
 

@@ -38,7 +38,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     provider = {"model": "tiny.en", "devices": [0, 1], "cpu_threads": 1, "pool": {"min_size": 2, "max_size": 2}}
     started = start_hub(tmp_path_factory.mktemp("whisper"), {"whisper": provider})
     yield started
-    assert started.stop() == 0
+    started.finish()
 
 
 @pytest.fixture(scope="module")
