@@ -208,10 +208,15 @@ def test_cli_status_watch_redraws(hub_factory) -> None:
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "status", "--watch"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
-    time.sleep(2.5)
+    assert proc.stdout is not None
+    seen = ""
+    while seen.count("echo (echo, pool): size 1") < 2:  # two tables drawn: it redraws
+        line = proc.stdout.readline()
+        assert line, f"the watch ended before its second table:\n{seen}"
+        seen += line
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0 and out.count("echo (echo, pool): size 1") >= 2 and "\x1b[2J" in out
+    assert proc.returncode == 0 and "\x1b[2J" in seen + out
 
 
 def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:

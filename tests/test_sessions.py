@@ -143,7 +143,7 @@ def test_sessions_past_max_sessions_are_refused_while_jobs_run(hub_factory) -> N
             started = time.monotonic()
             with pytest.raises(PoolBusy, match="max_sessions=1"):
                 client.open_stream()
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 10, "not refused at once: it waited towards the 30 s timeout"
             assert client.transcribe(TONE).text == echo_text(TONE)  # one-shot jobs keep their worker
             assert hub.status()["providers"]["echo"]["sessions"] == 1
         assert first.transcript.text  # closed cleanly on leaving the block
@@ -192,7 +192,7 @@ def test_sessions_beyond_the_worker_count_share_workers_by_load(hub_factory) -> 
         started = time.monotonic()
         with pytest.raises(PoolBusy, match="max_sessions=6"):
             client.open_stream()
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10, "not refused at once: it waited towards the 30 s timeout"
         for start in range(0, STEPS.size, CHUNK):  # interleaved, as live streams are
             for session, clip in zip(sessions, clips):
                 session.send(clip[start : start + CHUNK])
@@ -219,8 +219,8 @@ def test_a_single_instance_still_serves_one_thing_at_a_time(hub_factory) -> None
         done: list = []
         job = threading.Thread(target=lambda: done.append(client.transcribe(TONE, timeout=20)))
         job.start()
-        time.sleep(1.0)
-        assert not done and hub.status()["providers"]["echo"]["queue_depth"] == 1
+        wait_for(lambda: hub.status()["providers"]["echo"]["queue_depth"] == 1, what="the job queued behind the session")
+        assert not done
         session.close()
         job.join(20)
         assert done and done[0].text == echo_text(TONE)
