@@ -128,16 +128,21 @@ class _Readiness:
         return _not_ready(self.endpoint, self.timeout, self.status)
 
 
-def _socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> zmq.Socket:
-    """A DEALER to the hub: no linger (a dead hub never holds up a close), ZMTP heartbeats, CURVE if given."""
+def _socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None, monitored: bool = False) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A DEALER to the hub: no linger (a dead hub never holds up a close), ZMTP heartbeats, CURVE if given;
+    and, if ``monitored``, its monitor socket. The monitor is attached before the socket connects: the I/O
+    thread may make (and fail) the first handshake before this thread runs again, and a refusal it reports
+    to no monitor is lost for good when it ends the socket's only connection (a request then waits for its
+    timeout and says HUB_UNREACHABLE instead of AUTH_FAILED)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     if curve is not None:
         curve.apply(sock)
+    monitor = sock.get_monitor_socket(LINK_EVENTS) if monitored else None
     sock.connect(endpoint)
-    return sock
+    return sock, monitor
 
 
 class _ClientCore:
@@ -279,8 +284,8 @@ class AsyncTranscriptStream:
 class _Link:
     """A sync socket's monitor and the ``LinkState`` it feeds, read between polls."""
 
-    def __init__(self, sock: zmq.Socket) -> None:
-        self.monitor = sock.get_monitor_socket(LINK_EVENTS)
+    def __init__(self, monitor: zmq.Socket) -> None:
+        self.monitor = monitor
         self.state = LinkState()
 
     def update(self, timeout_ms: int = 0) -> bool:
@@ -376,7 +381,7 @@ class HubClient(_ClientCore):
         final transcript. It shares a worker with other sessions; ``POOL_BUSY`` past ``pool.max_sessions``."""
         timeout = timeout or self.timeout
         ring = self._session_ring(self._ensure_hello(self._deadline(timeout)))
-        session = StreamSession(self._new_socket(), self._new_id(), ring, timeout, self._forget_stream)
+        session = StreamSession(self._new_socket()[0], self._new_id(), ring, timeout, self._forget_stream)
         with self._lock:
             self._streams.add(session)
         return session._start(open_body(provider, _options(language, None, options), ring, timeout))
@@ -463,19 +468,20 @@ class HubClient(_ClientCore):
         self._check_open()
         pair = getattr(self._local, "pair", None)
         if pair is None:
-            sock = self._new_socket()
-            link = _Link(sock)
+            sock, monitor = self._new_socket(monitored=True)
+            assert monitor is not None
+            link = _Link(monitor)
             with self._lock:
                 self._sockets.insert(0, link.monitor)  # closed before its socket
             pair = self._local.pair = (sock, link)
         return pair  # type: ignore[no-any-return]
 
-    def _new_socket(self) -> zmq.Socket:
+    def _new_socket(self, monitored: bool = False) -> tuple[zmq.Socket, zmq.Socket | None]:
         with self._lock:
             self._check_open()
-            sock = _socket(self._ctx, self.endpoint, self.curve)
+            sock, monitor = _socket(self._ctx, self.endpoint, self.curve, monitored)
             self._sockets.append(sock)
-        return sock
+        return sock, monitor
 
     def _forget_stream(self, session: StreamSession) -> None:
         with self._lock:
@@ -522,8 +528,9 @@ class AsyncHubClient(_ClientCore):
 
     def _open_transport(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._sock = _socket(self._ctx, self.endpoint, self.curve)
-        self._monitor = self._sock.get_monitor_socket(LINK_EVENTS)
+        self._sock, monitor = _socket(self._ctx, self.endpoint, self.curve, monitored=True)
+        assert monitor is not None
+        self._monitor = monitor
         self._link = LinkState()
         self._pending: dict[str, asyncio.Queue[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
