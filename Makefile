@@ -1,6 +1,7 @@
-# ASR Hub: `make run` starts the hub on the sample config, `make test` runs the suite.
-# Both create .venv and install what they need on first use. `make install EXTRAS=funasr`
-# adds FunASR; `make test` always installs it, so its tests run everywhere.
+# ASR Hub: `make run` starts the hub on the sample config, `make test` runs the fast tiers of the suite
+# (unit, integration, models), `make test-all` every tier (system too: bench, soak, partition, deploy,
+# image, browser, alert rules), `make lint` ruff and mypy. Each creates .venv and installs what it needs
+# on first use. `make install EXTRAS=funasr` adds FunASR; the test targets always install it.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 TEST_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(TEST_EXTRAS))
 extras_of = $(subst -,$(comma),$(patsubst $(VENV)/.installed-%,%,$(1)))
 
-.PHONY: install run test clean clips
+.PHONY: install run test test-all lint clean clips image image-cuda
 
 install: $(STAMP)
 
@@ -35,15 +36,44 @@ $(sort $(STAMP) $(TEST_STAMP)): setup.cfg pyproject.toml
 run: install
 	$(BIN)/python -m hub.supervisor --config $(CONFIG)
 
+# The tiers (tests/README.md): unit (no process, no socket), integration (echo hubs), models (faster-whisper,
+# FunASR), system (what needs minutes or outside tools). PYTEST_JOBS runs test files in parallel processes.
+FAST_TIERS := tests/unit tests/integration tests/models
+PYTEST_JOBS ?= 3
+PYTEST := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile)
+
 test: $(TEST_STAMP)
 	scripts/install-test-packages.sh
-	ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(FAST_TIERS) $(PYTEST_ARGS)
+
+test-all: $(TEST_STAMP)
+	scripts/install-test-packages.sh
+	$(PYTEST) tests $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clips: install
 	PYTHON=$(abspath $(BIN)/python) tests/data/make_clips.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache
+
+# `make image` builds the CPU image asr-hub:cpu, `make image-cuda` the GPU image asr-hub:cuda (deploy/), into
+# the podman storage under IMAGE_STORE; `scripts/podman.sh $(IMAGE_STORE) ...` runs podman on it (run, save,
+# push). No registry is needed: the base image is made from Debian's packages (scripts/base-image.sh) unless
+# BASE names one, e.g. `make image BASE=docker.io/library/python:3.11-slim-bookworm`. Needs podman and, for
+# the Debian base, debootstrap and root (scripts/test-packages.txt lists them).
+IMAGE_STORE ?= .podman
+BASE ?=
+
+image:
+	$(if $(BASE),BASE='$(BASE)') scripts/build-image.sh cpu $(IMAGE_STORE)
+
+image-cuda:
+	$(if $(BASE),BASE='$(BASE)') scripts/build-image.sh cuda $(IMAGE_STORE)
 
 # `make bench` measures the pool against a single instance, direct faster-whisper and the machine's
 # ceiling (several minutes); `make bench-quick` is the reduced run (under 3 minutes on 2 cores).

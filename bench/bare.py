@@ -27,8 +27,8 @@ import numpy as np
 from bench.clips import duration
 from bench.procstats import Meter, peak_rss_mb
 from bench.settings import MODEL, ROOT, compute_type, nvml_indices, pin, process_env
-from hub.gpus import Card
 from bench.stats import Cell, Run, Sample
+from hub.supervisor.gpus import Card
 
 
 def save_clips(clips: list[np.ndarray], path: Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from bench.clips import build_clips
 from bench.settings import MODEL, compute_type
-from hub.process import THREAD_VARS
+from hub.supervisor.process import THREAD_VARS
 
 OFFSET_S = 7.3  # where window i starts in the clips (i × this), so the K windows hold different speech
 STAGES = ("features", "encode", "generate", "align")

@@ -36,8 +36,8 @@ from bench.clips import build_clips, clip_texts
 from bench.hubproc import RunningHub, running_hub, whisper_provider
 from bench.progress import say
 from hub.client import HubClient
+from hub.client.session import StreamEvent, StreamSession
 from hub.shm import ROOT as SHM_ROOT
-from hub.stream import StreamEvent, StreamSession
 from hub.wer import word_error_rate, words
 
 CHUNK = 1600  # 100 ms at 16 kHz

@@ -33,8 +33,8 @@ from bench.progress import say
 from bench.settings import ROOT
 from bench.stats import percentiles
 from hub.client import HubClient
-from hub.metrics import BUCKETS, Histogram
-from hub.sketch import QuantileSketch
+from hub.supervisor.metrics import BUCKETS, Histogram
+from hub.supervisor.sketch import QuantileSketch
 
 NOOP_SAMPLES = 160  # 10 ms of audio: the smallest sensible request
 IN_FLIGHT = 32

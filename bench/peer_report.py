@@ -1,7 +1,7 @@
 """The side-by-side of ``make bench-peers``: hub against Ray Serve, as hub/Ray ratios from one run.
 
 Pure functions of the result dict that ``bench.peers`` saves as JSON, so a saved run can be reported again
-and the arithmetic is tested without Ray (tests/test_bench.py).
+and the arithmetic is tested without Ray (tests/system/test_bench.py).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import os
 from functools import cache
 from pathlib import Path
 
-from hub import gpus
 from hub.config import ProviderConfig
-from hub.process import worker_env
+from hub.supervisor import gpus
+from hub.supervisor.process import worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny.en"
@@ -21,13 +21,13 @@ def compute_type(device: str) -> str:
 
 
 def process_env(threads: int, card: gpus.Card | None) -> dict[str, str]:
-    """The environment the hub gives a worker with ``cpu_threads: threads`` on ``card`` (hub/process.py itself)."""
+    """The environment the hub gives a worker with ``cpu_threads: threads`` on ``card`` (hub/supervisor/process.py itself)."""
     return worker_env(ProviderConfig(name="bench", type="whisper", cpu_threads=threads), card)
 
 
 @cache
 def hub_cards() -> tuple[gpus.Card, ...]:
-    """The GPUs a hub started from here would use (hub/gpus.py's rule): none without NVML or a mask."""
+    """The GPUs a hub started from here would use (hub/supervisor/gpus.py's rule): none without NVML or a mask."""
     return gpus.discover(os.environ, gpus.Nvml().devices()).cards
 
 

@@ -1,24 +1,29 @@
 """The YAML config as frozen dataclasses, loaded and checked once, before any worker starts.
 
-The schema *is* the dataclasses below: a generic builder walks their fields, so a key
+The schema *is* the dataclasses below: pydantic checks each section against them, so a key
 that is not a field, or a value of the wrong type, is an error naming its key path
-(``providers.whisper.pool.min_size: expected an integer, got 'two'``). An IDE completes
+(``providers.whisper.pool.min_size: expected an integer, got str 'two'``); a field added to a
+dataclass is a key of the config with nothing else to change. An IDE completes
 ``config.providers["whisper"].pool.max_queue`` like any other typed object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from hub.provider_types import PROVIDER_TYPES
 
@@ -172,6 +177,11 @@ class AnalysisConfig:
     max_error_rate_increase: float = 0.01
     max_latency_ratio: float = 1.5
     max_wer: float = 0.15
+
+
+def baseline_of(weights: dict[str, float], order: tuple[str, ...]) -> str:
+    """The provider canaries are compared with: the heaviest weight, the first listed on a tie."""
+    return max(order, key=lambda p: (weights.get(p, 0.0), -order.index(p)))
 
 
 @dataclass(frozen=True)
@@ -493,7 +503,7 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     return pool
 
 
-# --- the generic builder -----------------------------------------------------------
+# --- sections checked against the dataclasses (pydantic) -------------------------
 
 
 def _mapping(value: Any, path: str) -> dict[str, Any]:
@@ -512,45 +522,74 @@ def _reject_unknown(data: dict[str, Any], known: set[str], path: str) -> None:
 def _build(cls: type, data: dict[str, Any], path: str, fixed: dict[str, Any] | None = None) -> Any:
     """Make ``cls`` from ``data``, checking each key against the field's type; ``fixed`` fields are not keys."""
     fixed = fixed or {}
-    hints = typing.get_type_hints(cls)
-    _reject_unknown(data, {f.name for f in dataclasses.fields(cls)} - set(fixed), path)
-    values = {key: _coerce(value, hints[key], f"{path}.{key}") for key, value in data.items()}
-    return cls(**values, **fixed)
+    if clash := sorted(data.keys() & fixed.keys()):
+        known = sorted(_known(cls, ()) - fixed.keys())
+        raise ConfigError(f"{path}.{clash[0]}: unknown key (known keys: {', '.join(known)})")
+    try:
+        return _schema(cls).validate_json(json.dumps({path: {**data, **fixed}}, default=_not_json(path)))[path]
+    except ValidationError as exc:
+        raise ConfigError(_message(cls, exc.errors()[0])) from None
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(value, inner, path)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
-        inner = typing.get_args(hint)[0]
-        return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        return dict(_mapping(value, path))
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, _mapping(value, path), path)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
-        return value
-    raise ConfigError(f"{path}: unsupported schema type {hint!r}")
+def _not_json(path: str) -> Callable[[Any], Any]:
+    def refuse(value: Any) -> Any:
+        raise ConfigError(
+            f"{path}: {_describe(value)} is not a config value (a string, number, true/false, list or mapping); "
+            "quote it to make it a string"
+        )
+
+    return refuse
+
+
+@functools.cache
+def _schema(cls: type) -> TypeAdapter[dict[str, Any]]:
+    """``cls`` as pydantic checks a config's values: JSON's types only (no "2" for 2, no "yes" for true; an
+    integer is a number), no unknown keys. Checking JSON is what makes pydantic's strict mode take a mapping
+    for a dataclass and a list for a tuple; a dataclass takes its config from what holds it, hence the mapping
+    of one (keyed by its path, which then starts every error's location)."""
+    return TypeAdapter(dict[str, cls], config=ConfigDict(strict=True, extra="forbid"))  # type: ignore[valid-type]
+
+
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "dataclass_type": "expected a mapping",
+    "dict_type": "expected a mapping",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+}
+
+
+def _message(cls: type, error: Any) -> str:
+    """A pydantic error as the config's: its key path, then what was wrong in words a person acts on."""
+    path, *loc = error["loc"]
+    where = path + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc)
+    kind = error["type"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{where}: unknown key (known keys: {', '.join(sorted(_known(cls, tuple(loc[:-1]))))})"
+    if kind == "missing":
+        return f"{where}: required"
+    if kind in _EXPECTED:
+        return f"{where}: {_EXPECTED[kind]}, got {_describe(error['input'])}"
+    return f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}, got {_describe(error['input'])}"
+
+
+def _known(cls: type, loc: tuple[Any, ...]) -> set[str]:
+    """The field names of the dataclass at ``loc`` (field names, list indexes, mapping keys) inside ``cls``."""
+    kind: Any = cls
+    for key in loc:
+        if dataclasses.is_dataclass(kind):
+            kind = typing.get_type_hints(kind)[key]
+        else:  # a list's item, a mapping's value
+            kind = typing.get_args(kind)[-1 if typing.get_origin(kind) is dict else 0]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if _optional(kind) else kind
+    return {f.name for f in dataclasses.fields(kind)}
+
+
+def _optional(kind: Any) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
 
 
 def _describe(value: Any) -> str:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:
-    from hub.config import ProviderConfig
-    from hub.gpus import Card
-    from hub.pool import ProviderPool, WorkerHandle
+if TYPE_CHECKING:  # pydantic is imported on the first encode or decode: a client that reads no status skips it
+    from pydantic import GetCoreSchemaHandler, TypeAdapter
+    from pydantic_core import CoreSchema
 
 FLAT = {"flat": True}  # a part whose keys sit in its parent's dict, not under its own name
 OMIT_NONE = {"omit_none": True}  # a part whose key is left out while it is None
@@ -34,69 +33,78 @@ W = TypeVar("W", bound="Wire")
 
 
 class Wire:
-    """``to_dict``/``from_dict`` read off the dataclass's fields, so each part of the status is declared
-    once: field order is key order, a field's default is what a key missing from an older hub means."""
+    """``to_dict``/``from_dict`` by pydantic, read off the dataclass's fields, so each part of the status is
+    declared once: field order is key order, a field's default is what a key missing from an older hub means,
+    and a key a newer hub adds is ignored. Two field markers shape the dict: ``FLAT`` (the part's keys sit in
+    its parent's dict) and ``OMIT_NONE`` (no key while the value is None)."""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for slot in _plan(type(self)):
-            value = getattr(self, slot.name)
-            if slot.part is not None:
-                if value is not None:
-                    out.update(value.to_dict())
-            elif value is not None or not slot.omit_none:
-                out[slot.name] = slot.encode(value)
-        return out
+        return _adapter(type(self)).dump_python(self, mode="json")  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls: type[W], d: Mapping[str, Any]) -> W:
-        given: dict[str, Any] = {}
-        for slot in _plan(cls):
-            if slot.part is not None:
-                if slot.keys is None or not slot.keys.isdisjoint(d):
-                    given[slot.name] = slot.part.from_dict(d)
-            elif slot.name in d:
-                given[slot.name] = slot.decode(d[slot.name])
-        return cls(**given)
+        return _adapter(cls).validate_python(d)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        """The dataclass's own schema; where a field is marked, its dict is laid out by ``_layout`` both ways:
+        flat parts read from and written into the parent's dict, and None left out where marked."""
+        from pydantic_core import core_schema
+
+        schema = handler(source)
+        if not any(f.metadata for f in fields(source)):
+            return schema
+        keys = _layout(source)
+        wire = core_schema.typed_dict_schema(
+            {k.name: core_schema.typed_dict_field(handler.generate_schema(k.kind), required=False) for k in keys}
+        )
+        hints = typing.get_type_hints(source)
+        flat = tuple((f.name, _layout(_strip_none(hints[f.name]))) for f in fields(source) if f.metadata.get("flat"))
+        return core_schema.no_info_before_validator_function(
+            functools.partial(_nest, flat),
+            {k: v for k, v in schema.items() if k != "ref"},  # type: ignore[arg-type]
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                functools.partial(_spread, keys), return_schema=wire
+            ),
+            ref=schema.get("ref"),  # where the class is met again, it is this schema
+        )
 
 
-Codec = Callable[[Any], Any]
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
 
 
-def _same(value: Any) -> Any:
-    return value
+def _adapter(cls: type) -> TypeAdapter[Any]:
+    """The class's pydantic codec, built on its first use (a client that never reads a status builds none)."""
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        from pydantic import TypeAdapter
+
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
 
 
 @dataclass(frozen=True)
-class _Slot:
-    """How one field crosses the wire, worked out once per class from its type hint."""
+class _Key:
+    """One key of a dict on the wire: where its value is in the dataclass (a chain of attributes through flat
+    parts) and the value's type."""
 
     name: str
+    kind: Any
+    path: tuple[str, ...]  # attributes from the dataclass to the value; a None on the way means no key
     omit_none: bool = False
-    encode: Codec = _same
-    decode: Codec = _same
-    part: type[Wire] | None = None  # a flat part: read with its ``from_dict`` from the parent's dict
-    keys: frozenset[str] | None = None  # a flat part that may be absent: present when any of its keys is
 
 
 @functools.cache
-def _plan(cls: type) -> tuple[_Slot, ...]:
+def _layout(cls: type) -> tuple[_Key, ...]:
+    """Every key a dataclass puts in its dict, in field order, its flat parts' keys in their place."""
     hints = typing.get_type_hints(cls)
-    slots = []
+    keys: list[_Key] = []
     for f in fields(cls):
-        kind = hints[f.name]
         if f.metadata.get("flat"):
-            part = _strip_none(kind)
-            slots.append(_Slot(f.name, part=part, keys=None if part is kind else _keys(part)))
+            keys += [replace(k, path=(f.name, *k.path)) for k in _layout(_strip_none(hints[f.name]))]
         else:
-            slots.append(_Slot(f.name, bool(f.metadata.get("omit_none")), _codec(kind, out=True), _codec(kind, out=False)))
-    return tuple(slots)
-
-
-@functools.cache
-def _keys(cls: type) -> frozenset[str]:
-    """Every key a part puts in its dict, its flat parts' included."""
-    return frozenset().union(*(_keys(s.part) if s.part is not None else {s.name} for s in _plan(cls)))
+            keys.append(_Key(f.name, hints[f.name], (f.name,), bool(f.metadata.get("omit_none"))))
+    return tuple(keys)
 
 
 def _strip_none(kind: Any) -> Any:
@@ -107,23 +115,32 @@ def _strip_none(kind: Any) -> Any:
     return kind
 
 
-def _codec(kind: Any, out: bool) -> Codec:
-    """One way of a field's crossing: ``out`` (typed to JSON: parts to dicts, tuples to lists) or in (JSON to
-    typed: dicts to parts, lists to tuples); mappings are copied, plain values stay as they are."""
-    inner = _strip_none(kind)
-    origin = typing.get_origin(inner)
-    each: Codec
-    if isinstance(inner, type) and issubclass(inner, Wire):
-        each = inner.to_dict if out else inner.from_dict
-    elif origin is tuple:
-        item, sequence = _codec(typing.get_args(inner)[0], out), list if out else tuple
-        each = lambda v: sequence(item(x) for x in v)  # noqa: E731
-    elif origin in (Mapping, dict):
-        value = _codec(typing.get_args(inner)[1], out)
-        each = lambda v: {k: value(x) for k, x in v.items()}  # noqa: E731
-    else:
-        return _same
-    return each if inner is kind else lambda v: None if v is None else each(v)
+def _spread(keys: tuple[_Key, ...], value: Any) -> dict[str, Any]:
+    """The dict of a dataclass with flat parts (its values still typed: pydantic serializes them)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        item = value
+        for name in key.path[:-1]:
+            item = getattr(item, name)
+            if item is None:  # an absent part: none of its keys
+                break
+        else:
+            item = getattr(item, key.path[-1])
+            if item is not None or not key.omit_none:
+                out[key.name] = item
+    return out
+
+
+def _nest(flat: tuple[tuple[str, tuple[_Key, ...]], ...], d: Any) -> Any:
+    """A wire dict as the dataclass's fields take it: each flat part reads the same dict when any of its keys
+    is there (else it takes its field's default)."""
+    if not isinstance(d, Mapping):
+        return d  # a typed value already, or what pydantic will refuse
+    nested = dict(d)
+    for name, keys in flat:
+        if any(k.name in d for k in keys):
+            nested[name] = d
+    return nested
 
 
 # --- the shape on the wire -------------------------------------------------------------------
@@ -361,131 +378,3 @@ class HubStatus(Wire):
     def short(self) -> dict[str, ProviderStatus]:
         """The enabled providers below their ``min_size``, by name: why a hub is not ready."""
         return {name: p for name, p in self.providers.items() if p.short}
-
-
-# --- building it, on the supervisor's side -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PoolView:
-    pool: ProviderPool
-    queue_depth: int
-    sessions: int
-    held_back: str
-    target_size: int
-    figures: RequestFigures  # from hub.metrics: counters, percentiles, utilisation, throughput
-    gpu_error: str  # why GPU readings are missing ("" when NVML works)
-
-
-def provider_status(provider: ProviderConfig, view: PoolView | None, now: float) -> ProviderStatus:
-    """One provider's entry of ``status()["providers"]`` (a disabled provider has no pool, hence no view)."""
-    head = ProviderStatus(
-        type=provider.type,
-        enabled=provider.enabled,
-        pool_enabled=provider.pool.enabled,
-        model=provider.model,
-        min_size=provider.pool.min_size,
-        max_size=provider.pool.max_size,
-        max_queue=provider.pool.max_queue,
-    )
-    if view is None:
-        return head
-    pool = view.pool
-    return replace(
-        head,
-        size=pool.size,
-        queue_depth=view.queue_depth,
-        pool=PoolStatus(
-            figures=view.figures,
-            workers_by_state=pool.by_state(),
-            target_size=view.target_size,
-            sessions=view.sessions,
-            degraded=bool(pool.load_failures),
-            last_error=pool.last_error,
-            restart_backoff=max(0.0, pool.next_spawn_at - now),
-            held_back=view.held_back,
-        ),
-        workers=tuple(worker_status(w, now, view.gpu_error) for w in pool.workers.values()),
-    )
-
-
-def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> WorkerStatus:
-    return WorkerStatus(
-        id=w.id,
-        pid=w.pid,
-        state=w.state.value,
-        device=w.device,
-        gpu=None if w.card is None else gpu_card(w.card),  # where it was placed: hub ordinal, NVML index, PCI id
-        cuda_pci_bus_id=w.cuda_pci_bus_id,  # the card its own CUDA runtime reports (READY)
-        jobs_done=w.jobs_done,
-        sessions=len(w.sessions),
-        session_duty=round(w.duty, 3),
-        consecutive_failures=w.consecutive_failures,
-        rss_mb=round(w.rss_mb, 1),
-        since_health_check=round(now - w.last_check, 3) if w.last_check else None,
-        slot=w.slot,
-        restarts=w.restarts,
-        gpu_memory_used_mb=_mb(w.gpu_used_mb),  # this process's own, so summing over workers is right
-        gpu_card_used_mb=_mb(w.gpu_card_used_mb),  # the whole card's, every tenant's
-        gpu_card_total_mb=_mb(w.gpu_card_total_mb),
-        gpu_utilization=w.gpu_utilization,
-        gpu_error=w.gpu_error or (gpu_error if w.card is not None else ""),
-        uptime=round(now - w.started_at, 3),
-        last_error=w.last_error,
-    )
-
-
-def gpu_card(card: Card) -> GpuCard:
-    return GpuCard(ordinal=card.ordinal, nvml_index=card.nvml_index, pci_bus_id=card.pci_bus_id, uuid=card.uuid)
-
-
-def _mb(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
-def gauges(views: dict[str, PoolView], ready: bool) -> dict[str, Any]:
-    """The snapshot the Prometheus page exports besides the request figures: plain data, safe for its thread."""
-    return {
-        "ready": ready,
-        "providers": {
-            name: {
-                "size": view.pool.size,
-                "min_size": view.pool.config.pool.min_size,
-                "max_size": view.pool.config.pool.max_size,
-                "queue_depth": view.queue_depth,
-                "utilization": view.figures.utilization,
-                "throughput": view.figures.throughput,
-                "degraded": int(bool(view.pool.load_failures)),
-                "max_queue": view.pool.config.pool.max_queue,
-                "sessions": view.sessions,
-                "held_back": int(bool(view.held_back)),
-                "states": view.pool.by_state(),
-                "workers": [
-                    {
-                        "id": w.id,
-                        "rss_bytes": w.rss_mb * 2**20,
-                        "jobs_done": w.jobs_done,
-                        "sessions": len(w.sessions),
-                        "session_duty": w.duty,
-                        "restarts": w.restarts,
-                        "gpu_memory_used_bytes": None if w.gpu_used_mb is None else w.gpu_used_mb * 2**20,
-                        "gpu_utilization": w.gpu_utilization,
-                    }
-                    for w in view.pool.workers.values()
-                ],
-            }
-            for name, view in views.items()
-        },
-    }
-
-
-def summary_line(name: str, view: PoolView) -> str:
-    """The one-line pool summary logged every ``hub.metrics_log_interval`` seconds."""
-    f = view.figures
-    by_state = ", ".join(f"{n} {state}" for state, n in view.pool.by_state().items() if n)
-    rate = "-" if f.success_rate is None else f"{f.success_rate:.1%}"
-    return (
-        f"pool {name}: size {view.pool.size} ({by_state or 'no workers'}), queue {view.queue_depth}, "
-        f"{f.requests} requests, {rate} ok, wait p95 {f.wait_ms.p95} ms, "
-        f"inference p95 {f.inference_ms.p95} ms, utilisation {100 * f.utilization:.0f}%"
-    )

@@ -29,8 +29,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub import gpus  # noqa: E402
 from hub.client import HubClient  # noqa: E402
+from hub.supervisor import gpus  # noqa: E402
 
 HEALTH_CLIP = ROOT / "workers" / "data" / "health.wav"
 PROBE = "import json; from workers.cuda import visible_pci_bus_ids; print(json.dumps(visible_pci_bus_ids()))"

@@ -14,11 +14,11 @@ shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 # the Python that has the hub's packages: $PYTHON if set, else the repo's .venv, the active virtualenv,
-# or python3/python on PATH, the first that imports hub.rollback
+# or python3/python on PATH, the first that imports hub.client.rollback
 python="${PYTHON:-}"
 if [ -z "$python" ]; then
   for candidate in "$root/.venv/bin/python" "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" python3 python; do
-    if [ -n "$candidate" ] && "$candidate" -c "import hub.rollback" >/dev/null 2>&1; then
+    if [ -n "$candidate" ] && "$candidate" -c "import hub.client.rollback" >/dev/null 2>&1; then
       python="$candidate"
       break
     fi
@@ -29,4 +29,4 @@ if [ -z "$python" ]; then
     exit 2
   fi
 fi
-exec "$python" -m hub.rollback "$config" "$@" --signal
+exec "$python" -m hub.client.rollback "$config" "$@" --signal

@@ -344,3 +344,8 @@ def echo_provider(**pool: Any) -> dict[str, Any]:
 
 def reference(name: str) -> str:
     return (DATA / f"{name}.txt").read_text().strip()
+
+
+# the gateway's fixtures, for the gateway tests of every tier (tests/gateway_support.py); imported last, as it
+# imports this module's helpers
+from tests.gateway_support import gateway_factory, whisper_gateway  # noqa: E402,F401

@@ -13,8 +13,15 @@ import dataclasses
 import sys
 
 from hub import logs
-from hub.balance import DNS_SCHEME, parse_endpoints
-from hub.config import ConfigError, GatewaySection, HubSection, check_gateway_exposure, load_config, loopback_endpoint
+from hub.client.balance import DNS_SCHEME, parse_endpoints
+from hub.config import (
+    ConfigError,
+    GatewaySection,
+    HubSection,
+    check_gateway_exposure,
+    load_config,
+    loopback_endpoint,
+)
 from hub.gateway.server import serve
 from hub.gateway.state import Settings
 

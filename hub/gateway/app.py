@@ -15,18 +15,19 @@ from starlette.types import Message, Receive, Scope, Send
 
 from hub import __version__
 from hub.errors import HubError
-from hub.gateway import live, openai_api
+from hub.gateway import live, openai_api, realtime
 from hub.gateway.errors import ApiError, describe
 from hub.gateway.state import Gateway
 
 log = logging.getLogger("hub.gateway")
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway) -> Measured:
     app = FastAPI(title="ASR Hub gateway", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
     app.include_router(openai_api.router)
     app.include_router(live.router)
+    app.include_router(realtime.router)
     app.add_exception_handler(ApiError, _error)
     app.add_exception_handler(HubError, _error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect
 
 from hub.audio import StreamResampler, check_sample_rate
 from hub.client import AsyncStreamSession
 from hub.errors import HubError, InvalidAudio
 from hub.gateway.errors import ApiError, mapping, ws_event
+from hub.gateway.sockets import ClientGone, authorization, close, end_session, send_json
 from hub.gateway.state import Gateway
 from hub.protocol import SAMPLE_RATE
 from hub.results import Segment, Transcript
@@ -39,12 +39,6 @@ CONFIG_TIMEOUT_S = 10.0  # a connection that sends no config by then is closed
 PIECE_BYTES = 64 * 1024  # frames are cut into pieces of at most this many bytes before they are queued
 QUEUE_PIECES = 16  # so a connection holds at most about one frame plus 16 pieces of audio
 GRACE_S = 2.0  # how long the tasks that watch a session get to see that it ended
-CLOSE_TIMEOUT_S = 30.0  # how long a connection waits for its hub session to flush and close
-MAX_REASON_BYTES = 123  # the most a WebSocket close reason may hold
-
-
-class ClientGone(Exception):
-    """The client disconnected: nobody is left to tell anything."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +125,7 @@ async def stream(websocket: WebSocket) -> None:
     slot = None
     session: AsyncStreamSession | None = None
     try:
-        gateway.keys.check(_authorization(websocket))
+        gateway.keys.check(authorization(websocket))
         slot = gateway.admit()
         config = await _read_config(websocket)
         session = await gateway.client.open_stream(
@@ -142,15 +136,15 @@ async def stream(websocket: WebSocket) -> None:
         )
         transcript = await _Live(websocket, session, config).run()
         reason = str(transcript.extra.get("closed_reason", ""))
-        await _send(websocket, _transcript_event(transcript))
-        await _close(websocket, 1000, reason)
+        await send_json(websocket, _transcript_event(transcript))
+        await close(websocket, 1000, reason)
     except (ApiError, HubError) as exc:
         await _refuse(websocket, exc)
     except ClientGone:
         log.debug("a live-stream client went away")
     finally:
         if session is not None:
-            await _end(session)
+            await end_session(session)
         if slot is not None:
             slot.release()
         gateway.metrics.websockets.dec()
@@ -174,7 +168,7 @@ class _Live:
             # close the session before stopping the tasks that wait on it, so that they end by themselves
             # rather than being cancelled in the middle of the session's own waiting
             receiver.cancel()
-            await _end(self.session)
+            await end_session(self.session)
             if not self.queue.full():
                 self.queue.put_nowait(None)  # a feeder waiting for audio stops too
             await asyncio.wait({feeder, forwarder}, timeout=GRACE_S)
@@ -213,10 +207,10 @@ class _Live:
         async for event in self.session.results():
             if event.segment is not None:
                 settled = event.segment.end
-                await _send(self.websocket, {"type": "final", **_segment(event.segment)})
+                await send_json(self.websocket, {"type": "final", **_segment(event.segment)})
             else:
                 end = self.fed / SAMPLE_RATE
-                await _send(self.websocket, {"type": "partial", "text": event.text, "start": settled, "end": end})
+                await send_json(self.websocket, {"type": "partial", "text": event.text, "start": settled, "end": end})
 
 
 async def _ending(receiver: asyncio.Task[None], feeder: asyncio.Task[None], forwarder: asyncio.Task[None]) -> None:
@@ -250,11 +244,6 @@ async def _read_config(websocket: WebSocket) -> LiveConfig:
     return parse_config(message.get("text") or "")
 
 
-def _authorization(websocket: WebSocket) -> str | None:
-    """The Authorization header, or (browsers cannot set headers on a WebSocket) the ``api_key`` query parameter."""
-    key = websocket.query_params.get("api_key")
-    return f"Bearer {key}" if key else websocket.headers.get("authorization")
-
 
 def _segment(segment: Segment) -> dict[str, Any]:
     body = {"text": segment.text, "start": segment.start, "end": segment.end}
@@ -276,35 +265,13 @@ def _transcript_event(transcript: Transcript) -> dict[str, Any]:
     return body
 
 
-async def _send(websocket: WebSocket, body: dict[str, Any]) -> None:
-    try:
-        await websocket.send_text(json.dumps(body))
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        raise ClientGone from None
-
-
 async def _refuse(websocket: WebSocket, exc: ApiError | HubError) -> None:
     """The error event, then the close code the errors table gives, with the message as the reason."""
     if mapping(exc.code).close == 1011:
         log.warning("live stream failed: %s %s", exc.code, exc.message)
     try:
-        await _send(websocket, ws_event(exc))
+        await send_json(websocket, ws_event(exc))
     except ClientGone:
         return
-    await _close(websocket, mapping(exc.code).close, exc.message)
+    await close(websocket, mapping(exc.code).close, exc.message)
 
-
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    """Close with ``reason`` cut to what a close frame can carry (123 bytes of UTF-8, never inside a character)."""
-    try:
-        await websocket.close(code, reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore"))
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        pass  # the client is gone already
-
-
-async def _end(session: AsyncStreamSession) -> None:
-    """Close the hub session whatever happened, so that its worker is free again at once."""
-    try:
-        await asyncio.wait_for(session.close(), CLOSE_TIMEOUT_S)
-    except (HubError, asyncio.TimeoutError):
-        pass

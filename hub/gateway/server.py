@@ -56,7 +56,7 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
         return 1
     watch = loop.create_task(_watch_parent(parent_pid, server)) if parent_pid else None
     log.info(
-        "gateway on http://%s:%d (OpenAI API, /v1/stream, page at /)%s, hub %s",
+        "gateway on http://%s:%d (OpenAI API, /v1/stream, /v1/realtime, page at /)%s, hub %s",
         section.host,
         section.port,
         f", Wyoming on tcp://{section.host}:{section.wyoming_port}" if wyoming else "",

@@ -8,8 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from hub.balance import AsyncHubPool, needs_pool
 from hub.client import AsyncHubClient, CurveKeys
+from hub.client.balance import AsyncHubPool, needs_pool
 from hub.config import GatewaySection
 from hub.errors import HubError
 from hub.gateway.auth import ApiKeys

@@ -1,0 +1,33 @@
+from bench.trend import DAY_S, Trend, day_verdicts, fit
+
+
+def test_a_flat_series_has_no_slope_and_passes() -> None:
+    trend = fit([(float(t), 50.0) for t in range(0, 1800, 10)])
+    assert trend is not None and trend.per_hour == 0.0 and trend.start == 50.0
+    assert all(v.ok for v in day_verdicts("supervisor", trend, trend, None))
+
+
+def test_a_steady_leak_is_measured_and_projected() -> None:
+    points = [(float(t), 100.0 + t / 3600.0) for t in range(0, 1800, 10)]  # 1 MiB an hour
+    trend = fit(points)
+    assert trend is not None and abs(trend.per_hour - 1.0) < 1e-9 and abs(trend.start - 100.0) < 1e-9
+    assert abs(trend.projected() - 24.0) < 1e-6 and abs(trend.growth_fraction() - 0.24) < 1e-9
+    (rss,) = day_verdicts("supervisor", trend, None, None)
+    assert not rss.ok and "+24.0%" in rss.figure
+
+
+def test_the_settling_minutes_are_left_out() -> None:
+    warm = [(float(t), 40.0 + t / 30.0) for t in range(0, 300, 10)]  # fills for five minutes, then flat
+    flat = [(float(t), 50.0) for t in range(300, 1800, 10)]
+    assert fit(warm + flat).per_hour > 1.0  # type: ignore[union-attr]
+    settled = fit(warm + flat, settle_s=300)
+    assert settled is not None and settled.per_hour == 0.0
+
+
+def test_one_descriptor_a_day_fails_and_too_few_samples_is_no_verdict() -> None:
+    per_hour = 2.0 / 24.0
+    fds = fit([(t, 30 + per_hour * t / 3600.0) for t in (0.0, 600.0, 1200.0, 1800.0)])
+    assert fds is not None and abs(fds.projected() - 2.0) < 1e-9
+    assert [v.ok for v in day_verdicts("gateway", None, fds, None)] == [False]
+    assert fit([(0.0, 1.0), (1.0, 2.0)]) is None and fit([]) is None
+    assert Trend(start=0.0, per_hour=1.0, samples=3).growth_fraction() == 0.0 and DAY_S == 86400.0
