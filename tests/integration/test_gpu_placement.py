@@ -135,7 +135,7 @@ def test_the_gpu_check_runs_and_fails_plainly_without_a_gpu() -> None:
 def test_the_gpu_metric_families_carry_each_workers_readings(hub_factory, tmp_path) -> None:
     """With an NVML (the double), the page has every documented family, the two GPU ones included, and they
     carry each worker's own memory and its card's utilisation, labelled by worker."""
-    from tests.test_monitoring import DOCUMENTED, _families, _sample
+    from tests.integration.test_monitoring import DOCUMENTED, _families, _sample
 
     cards = [_card(n) for n in range(2)]
     _, env = _node(tmp_path, cards)
