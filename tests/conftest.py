@@ -61,6 +61,12 @@ def required_tool(name: str, install: str) -> str:
     return path
 
 
+def script_env() -> dict[str, str]:
+    """The environment the project's shell scripts run in from a test: the Python running the tests first on
+    PATH, as an activated virtualenv puts it (a worktree has no .venv of its own for them to find)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import yaml
 
 from hub.client.rollback import set_pool_enabled
 from hub.config import parse_config
-from tests.conftest import ROOT, echo_provider, steady_load
+from tests.conftest import ROOT, echo_provider, steady_load, script_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,7 +61,7 @@ def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
     old = {w["pid"] for w in hub.status()["providers"]["echo"]["workers"]}
     with steady_load(hub) as outcomes:
         time.sleep(0.5)
-        out = subprocess.run(["scripts/rollback.sh", str(hub.config_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["scripts/rollback.sh", str(hub.config_path)], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60)
         assert out.returncode == 0, out.stderr
         assert "sent SIGHUP" in out.stdout and hub.config_path.with_name(hub.config_path.name + ".bak").exists()
         deadline = time.monotonic() + 30
@@ -74,7 +74,7 @@ def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
             time.sleep(0.1)
         time.sleep(0.5)
     assert outcomes["ok"] > 10 and set(outcomes) == {"ok"}, outcomes
-    undo = subprocess.run(["scripts/rollback.sh", str(hub.config_path), "--undo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    undo = subprocess.run(["scripts/rollback.sh", str(hub.config_path), "--undo"], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60)
     assert undo.returncode == 0, undo.stderr
     deadline = time.monotonic() + 30
     while not (echo := hub.status()["providers"]["echo"])["pool_enabled"] or echo["size"] != 2:
@@ -85,7 +85,7 @@ def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
 def test_rollback_without_a_running_hub_says_so(tmp_path) -> None:
     config = tmp_path / "hub.yaml"
     config.write_text(yaml.safe_dump({"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}))
-    out = subprocess.run(["scripts/rollback.sh", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["scripts/rollback.sh", str(config)], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60)
     assert out.returncode == 1 and "no running supervisor" in out.stderr
     assert parse_config(yaml.safe_load(config.read_text())).providers["echo"].pool.enabled is False
 
