@@ -80,6 +80,9 @@ class EchoEngine:
             on_segment(seg)
         return EngineResult(text=text, segments=tuple(segments), language=options.get("language"), duration=duration)
 
+    def stream_language(self, options: dict[str, Any]) -> str | None:
+        return options.get("language")
+
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
         """The same window and agreement rule as whisper, over ``echo_words``; ``sleep`` slows each decode."""
         delay = float(options.get("sleep", 0.0))
