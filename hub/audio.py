@@ -158,8 +158,13 @@ def wav_layout(data: bytes | bytearray | memoryview) -> WavLayout | None:
             if fmt is None:
                 return None
             audio_format, channels, rate, _, _, bits = fmt
+            if not 1000 <= rate <= 384000:
+                raise InvalidAudio(
+                    f"the WAV header says the audio is sampled at {rate} Hz; a sample rate must be between "
+                    "1000 and 384000 Hz: the file is damaged or its header was written wrong"
+                )
             frames = min(size, len(view) - body) // 2
-            if audio_format != 1 or channels != 1 or bits != 16 or not frames or not 1000 <= rate <= 384000:
+            if audio_format != 1 or channels != 1 or bits != 16 or not frames:
                 return None
             return WavLayout(rate, body, frames)
         pos = body + size + (size & 1)
@@ -201,7 +206,18 @@ def _ffmpeg_chunks(source: str | BinaryIO, name: str) -> Iterator[np.ndarray]:
                 yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(None))
     except av.error.FFmpegError as exc:
-        raise InvalidAudio(f"cannot decode {name}: {exc}") from None
+        raise InvalidAudio(f"cannot decode {name}: {ffmpeg_reason(exc)}") from None
+
+
+def ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's own words for a failure, without the errno and the '<none>' file name PyAV adds for an
+    in-memory source, and what to do about the commonest one."""
+    import av
+
+    reason = getattr(exc, "strerror", None) or str(exc)
+    if isinstance(exc, av.error.InvalidDataError):
+        return f"{reason.lower()}: it is not an audio file FFmpeg knows (send WAV, FLAC, MP3, OGG, M4A, WebM ...)"
+    return reason
 
 
 def resample(pcm: np.ndarray, rate: int) -> np.ndarray:

@@ -26,7 +26,10 @@ from hub.errors import BadRequest, InvalidAudio
 VERSION = 1
 _VERSION_FRAME = bytes([VERSION])
 MAX_ID_BYTES = 64
-MAX_BODY_BYTES = 256 * 1024
+MAX_BODY_BYTES = 256 * 1024  # a client's request, as the supervisor reads it
+# a message from the hub's own side (a worker's answer to the supervisor, the hub's to a client): the transcript
+# of a long session or recording, words and all, runs to megabytes, and must arrive whole
+MAX_ANSWER_BODY_BYTES = 64 * 2**20
 SAMPLE_RATE = 16000
 MAX_RING_SAMPLES = 600 * SAMPLE_RATE  # the largest ring a live session may offer: ten minutes of audio
 _ID_RE = re.compile(rb"^[\x21-\x7e]{1,64}$")
@@ -95,8 +98,9 @@ def build(msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None, pa
     return frames
 
 
-def parse(frames: list[bytes]) -> Message:
-    """Check and decode a message; raise ``BadRequest`` saying what is wrong."""
+def parse(frames: list[bytes], max_body: int = MAX_BODY_BYTES) -> Message:
+    """Check and decode a message; raise ``BadRequest`` saying what is wrong. ``max_body`` is
+    ``MAX_ANSWER_BODY_BYTES`` where the message comes from the hub's side."""
     if len(frames) not in (4, 5):
         raise BadRequest(f"expected 4 or 5 frames, got {len(frames)}")
     version, raw_type, raw_id, raw_body = frames[:4]
@@ -108,8 +112,8 @@ def parse(frames: list[bytes]) -> Message:
         raise BadRequest(f"unknown message type {bytes(raw_type)[:32]!r}")
     if not _ID_RE.match(bytes(raw_id)):
         raise BadRequest(f"message id must be 1-{MAX_ID_BYTES} printable ASCII characters")
-    if len(raw_body) > MAX_BODY_BYTES:
-        raise BadRequest(f"message body of {len(raw_body)} bytes exceeds {MAX_BODY_BYTES}")
+    if len(raw_body) > max_body:
+        raise BadRequest(f"message body of {len(raw_body)} bytes exceeds {max_body}")
     try:
         body = json.loads(raw_body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:

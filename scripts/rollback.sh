@@ -12,6 +12,21 @@ fi
 config="$(realpath "$1")"  # before the cd below: a path relative to where the script was called from
 shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
-python="${PYTHON:-$root/.venv/bin/python}"
 cd "$root"
+# the Python that has the hub's packages: $PYTHON if set, else the repo's .venv, the active virtualenv,
+# or python3/python on PATH, the first that imports hub.client.rollback
+python="${PYTHON:-}"
+if [ -z "$python" ]; then
+  for candidate in "$root/.venv/bin/python" "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" python3 python; do
+    if [ -n "$candidate" ] && "$candidate" -c "import hub.client.rollback" >/dev/null 2>&1; then
+      python="$candidate"
+      break
+    fi
+  done
+  if [ -z "$python" ]; then
+    echo "$0: no Python here can import the hub's packages (tried $root/.venv/bin/python, \$VIRTUAL_ENV, python3 and python on PATH);" \
+      "run it as PYTHON=/path/to/venv/bin/python $0 ..." >&2
+    exit 2
+  fi
+fi
 exec "$python" -m hub.client.rollback "$config" "$@" --signal

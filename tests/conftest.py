@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,30 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def extras_required() -> bool:
+    """Under CI or ``make test`` (ASR_HUB_REQUIRE_EXTRAS=1) what a test needs must be there: a missing piece
+    fails the run instead of skipping silently."""
+    return bool(os.environ.get("CI") or os.environ.get("ASR_HUB_REQUIRE_EXTRAS"))
+
+
+def required_tool(name: str, install: str) -> str:
+    """The path of the program ``name``; without it the test skips (a developer's machine) or, where extras
+    are required, fails, saying how to install it."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed ({install})"
+        if extras_required():
+            pytest.fail(f"{reason}; CI and `make test` (ASR_HUB_REQUIRE_EXTRAS=1) need it", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def script_env() -> dict[str, str]:
+    """The environment the project's shell scripts run in from a test: the Python running the tests first on
+    PATH, as an activated virtualenv puts it (a worktree has no .venv of its own for them to find)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def free_port() -> int:
@@ -88,6 +113,23 @@ class Hub:
         faults = [] if self.faults_expected else supervisor_faults(self.log())
         assert not faults, "the supervisor hit a bug:\n" + "\n".join(faults) + "\n--- log ---\n" + self.log()[-5000:]
         return int(self.proc.returncode)
+
+    def finish(self) -> None:
+        """Stop it and check it as every test's hub is checked: the exit it was expected to make, a log without
+        a bug, and no process of its group left behind (those are killed, and fail the test)."""
+        problems = []
+        try:
+            code = self.stop()
+            if code != self.expected_exit:
+                problems.append(f"the supervisor exited with {code}:\n{self.log()[-5000:]}")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        left = live_in_group(self.proc.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        if left:
+            problems.append(f"processes left behind by the supervisor: {left}")
+        assert not problems, "\n\n".join(problems)
 
 
 # a text log line: "2026-01-01 12:00:00,123 LEVEL logger[ worker-id]: message"
@@ -184,15 +226,9 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
     failures: list[str] = []
     for started in hubs:  # every one is stopped, whatever the one before it showed
         try:
-            code = started.stop()
-            assert code == started.expected_exit, f"the supervisor exited with {code}:\n{started.log()[-5000:]}"
+            started.finish()
         except AssertionError as exc:
             failures.append(str(exc))
-        pids = live_in_group(started.proc.pid)
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        if pids:
-            failures.append(f"processes left behind by the supervisor: {pids}")
     assert not failures, "\n\n".join(failures)
 
 
@@ -235,69 +271,75 @@ def no_leaked_segments() -> Iterator[None]:
 
 @contextmanager
 def steady_load(hub: Hub, clients: int = 3, vary: bool = False, timeout: float = 30.0) -> Iterator[Counter[str]]:
-    """Echo requests from ``clients`` threads until the block ends; yields every outcome, counted: "ok" for the
-    right text, the code of a ``HubError``, "wrong text: ..." or the type and message of any other exception.
-    With ``vary``, each request takes a random part of the tone and a random sleep (seeded per thread).
-    On leaving the block every thread must have finished: one still running is a hung request."""
+    """Echo requests from ``clients`` threads, each with its own client, until the block ends; yields every
+    outcome, counted (``load_threads``): "ok" for the right text, the code of a ``HubError``, "wrong text: ..."
+    or the type and message of any other exception. With ``vary``, each request takes a random part of the
+    tone and a random sleep (seeded per thread)."""
     from workers.echo import echo_text
 
     tone = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
-    stop = threading.Event()
-    outcomes: Counter[str] = Counter()
 
-    def one(client: HubClient, rng: random.Random) -> str:
-        audio, sleep = (tone[: rng.randint(1600, 16000)], rng.uniform(0, 0.1)) if vary else (tone, 0.05)
-        try:
-            text = client.transcribe(audio, sleep=sleep, timeout=timeout).text
-        except HubError as exc:
-            return exc.code
-        return "ok" if text == echo_text(audio) else f"wrong text: {text!r}"
-
-    def load(seed: int) -> None:
+    @contextmanager
+    def session(seed: int) -> Iterator[Callable[[], str]]:
         rng = random.Random(seed)
-        try:
-            with hub.client() as client:
-                while not stop.is_set():
-                    outcomes[one(client, rng)] += 1
-        except Exception as exc:  # counted, so that a thread that died says so
-            outcomes[f"{type(exc).__name__}: {exc}"] += 1
 
-    threads = [threading.Thread(target=load, args=(seed,), name=f"load-{seed}") for seed in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
+        def one() -> str:
+            audio, sleep = (tone[: rng.randint(1600, 16000)], rng.uniform(0, 0.1)) if vary else (tone, 0.05)
+            try:
+                text = client.transcribe(audio, sleep=sleep, timeout=timeout).text
+            except HubError as exc:
+                return exc.code
+            return "ok" if text == echo_text(audio) else f"wrong text: {text!r}"
+
+        with hub.client() as client:
+            yield one
+
+    with load_threads(session, clients, timeout + 10) as outcomes:
         yield outcomes
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout + 10)
-    hung = [thread.name for thread in threads if thread.is_alive()]
-    assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
 
 
 @contextmanager
 def repeating(one: Callable[[], str], threads: int, join_timeout: float = 40.0) -> Iterator[Counter[str]]:
-    """Call ``one`` over and over from ``threads`` threads until the block ends; yields what it returned, counted.
-    On leaving the block every thread must have finished: one still running is a hung request."""
+    """Call ``one`` over and over from ``threads`` threads until the block ends; yields what it returned, counted
+    (``load_threads``)."""
+    with load_threads(lambda index: nullcontext(one), threads, join_timeout) as outcomes:
+        yield outcomes
+
+
+@contextmanager
+def load_threads(
+    session: Callable[[int], AbstractContextManager[Callable[[], str]]], threads: int, join_timeout: float
+) -> Iterator[Counter[str]]:
+    """Thread ``i`` enters ``session(i)`` and calls what it yields over and over until the block ends; every
+    outcome is counted (under a lock). An exception ends its thread and is counted as "Type: message", so a
+    thread that died says so in the outcomes a test compares. On leaving the block every thread must have
+    finished: one still running is a hung request, and fails the test."""
     stop = threading.Event()
     lock = threading.Lock()
     outcomes: Counter[str] = Counter()
 
-    def run() -> None:
-        while not stop.is_set():
-            outcome = one()
-            with lock:
-                outcomes[outcome] += 1
+    def count(outcome: str) -> None:
+        with lock:
+            outcomes[outcome] += 1
 
-    workers = [threading.Thread(target=run, name=f"repeating-{i}") for i in range(threads)]
+    def run(index: int) -> None:
+        try:
+            with session(index) as one:
+                while not stop.is_set():
+                    count(one())
+        except Exception as exc:
+            count(f"{type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=run, args=(i,), name=f"load-{i}") for i in range(threads)]
     for worker in workers:
         worker.start()
     try:
         yield outcomes
     finally:
         stop.set()
+        deadline = time.monotonic() + join_timeout
         for worker in workers:
-            worker.join(join_timeout)
+            worker.join(max(0.0, deadline - time.monotonic()))
     hung = [worker.name for worker in workers if worker.is_alive()]
     assert not hung, f"requests still hanging after the load stopped: {hung} ({outcomes})"
 

@@ -105,6 +105,9 @@ class EchoEngine:
                 outcomes.append(exc)
         return outcomes
 
+    def stream_language(self, options: dict[str, Any]) -> str | None:
+        return options.get("language")
+
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
         """The same window and agreement rule as whisper, over ``echo_words``; ``sleep`` slows each decode."""
         delay = float(options.get("sleep", 0.0))

@@ -95,6 +95,10 @@ class Engine(Protocol):
         """A decoder for one live session."""
         ...
 
+    def stream_language(self, options: dict[str, Any]) -> str | None:
+        """The language a live session with these options is in, where it is known without decoding."""
+        ...
+
 
 @dataclass(frozen=True)
 class StreamSettings:

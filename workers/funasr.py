@@ -292,13 +292,17 @@ class FunASREngine:
             segment = to_segment(result, text, duration)
             segments.append(segment)
             item.on_segment(segment)
-        asked = item.options.get("language")
         return EngineResult(
             text=join_text(s.text for s in segments),
             segments=tuple(segments),
-            language=detected or (asked if asked != "auto" else None),
+            language=detected or self.stream_language(item.options),
             duration=duration,
         )
+
+    def stream_language(self, options: dict[str, Any]) -> str | None:
+        """A live session's language: the one asked for (``auto`` is detected per decode, not reported)."""
+        asked = options.get("language")
+        return asked if asked != "auto" else None
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> Streamer:
         """The model's own chunked decoding where it is a streaming model, else the window rule.

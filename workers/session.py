@@ -32,7 +32,7 @@ class Session:
         self.spec, self.sock, self.id = spec, sock, msg.id
         options = {**spec.options, **protocol.parse_options(msg.body)}
         check_options(engine, spec.type, options)
-        self.language = options.get("language")
+        self.language = engine.stream_language(options)
         ring = protocol.parse_ring(msg.body)
         self.ring = shm.RingReader(ring.shm, ring.capacity, spec.shm_prefix) if ring else None
         settings = StreamSettings(**spec.stream)

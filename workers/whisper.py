@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.provider_types import WHISPER
 from hub.results import Segment, Word, join_text
@@ -52,6 +53,21 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
     return "float16" if device == "cuda" else "int8"
 
 
+def language_problem(options: dict[str, Any], model: str, languages: list[str], multilingual: bool) -> str | None:
+    """What is wrong with a request's ``language`` and ``task`` for this model, or None. faster-whisper itself
+    would decode an English-only model's ``fr`` as English and ``translate`` as a transcription, and fail a
+    ``klingon`` only deep inside the decode: a request is told instead, with what the model supports."""
+    language = options.get("language")
+    if language is not None and language not in languages:
+        known = ", ".join(languages)
+        if not multilingual:
+            return f"language {language!r} is not supported by {model!r}, an English-only model (supported: {known})"
+        return f"language {language!r} is not supported by {model!r} (supported: {known})"
+    if options.get("task") == "translate" and not multilingual:
+        return f"task 'translate' needs a multilingual model; {model!r} is English-only (it can only transcribe English)"
+    return None
+
+
 class WhisperEngine:
     options = frozenset(WHISPER.options)
 
@@ -71,8 +87,20 @@ class WhisperEngine:
         except Exception as exc:
             raise RuntimeError(f"cannot load whisper model {spec.model!r} (from {path}): {exc}") from exc
         self.device = kind  # which card: the supervisor's status, from the PCI bus id this worker reports
+        self._name = spec.model
+        self._languages = list(self._model.supported_languages)
+        self._multilingual = bool(self._model.model.is_multilingual)
+
+    def _check(self, options: dict[str, Any]) -> None:
+        if (problem := language_problem(options, self._name, self._languages, self._multilingual)) is not None:
+            raise BadRequest(problem)
+
+    def stream_language(self, options: dict[str, Any]) -> str | None:
+        """A live session's language: the one asked for, or an English-only model's; None when it is detected."""
+        return options.get("language") or (None if self._multilingual else "en")
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
+        self._check(options)
         generator, info = self._model.transcribe(pcm, **self._arguments(options))
         segments = []
         for seg in generator:  # decoding happens as the generator is consumed
@@ -94,10 +122,11 @@ class WhisperEngine:
 
     def _decode_group(self, items: Sequence[DecodeItem]) -> list[Outcome]:
         options = items[0].options
+        self._check(options)  # a language the model lacks fails the group's jobs, each with the reason
         batched: list[EngineResult | None] = [None] * len(items)
         if len(items) > 1 and batchable(self._model, settings(self._model, self._arguments(options))):
             batched = window_batch(self._model, items, self._arguments(options))
-        alone = [item for item, result in zip(items, batched) if result is None]
+        alone = [item for item, result in zip(items, batched, strict=True) if result is None]
         rest = iter(one_by_one(self.transcribe, alone))
         return [result if result is not None else next(rest) for result in batched]
 
@@ -110,6 +139,7 @@ class WhisperEngine:
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
         """Local agreement over a growing window; the confirmed text is the next decode's prompt."""
+        self._check(options)
         options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt")}
 
         def decode(pcm: np.ndarray, prompt: str) -> list[Word]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -84,6 +85,11 @@ def format_status(status: HubStatus) -> str:
         f"{'ready' if status.ready else 'not ready'}{'  (shutting down)' if hub.shutting_down else ''}  "
         f"up {hub.uptime:.0f} s"
     ]
+    if (gateway := status.gateway) is not None:
+        wyoming = f", Wyoming on port {gateway.wyoming_port}" if gateway.wyoming_port else ""
+        state = f"running, pid {gateway.pid}" if gateway.running else "NOT RUNNING"
+        exit_ = f", last exit: {gateway.last_exit}" if gateway.last_exit else ""
+        lines.append(f"gateway {gateway.url}{wyoming}  {state}  restarts {gateway.restarts}{exit_}")
     for name, p in status.providers.items():
         if not p.enabled or p.pool is None:
             lines.append(f"\n{name} ({p.type}): disabled")
@@ -183,6 +189,21 @@ def _print_events(session: StreamSession, tty: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Ctrl-C says it interrupted the command; a reader that stops reading (``status | head``)
+    ends it quietly, as it ends other Unix tools."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if bool(args.client_key) != bool(args.server_key):

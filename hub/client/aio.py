@@ -15,13 +15,12 @@ from zmq.utils.monitor import parse_monitor_message
 from hub import protocol, shm
 from hub.audio import AudioInput
 from hub.client.call import (
-    LINK_EVENTS,
     Call,
     LinkState,
     Reply,
 )
 from hub.client.call import options as _options
-from hub.client.core import ClientCore, Hello, Readiness, client_socket, send_quietly
+from hub.client.core import ClientCore, Hello, Readiness, monitored_socket, send_quietly
 from hub.client.session import AsyncStreamSession, open_body
 from hub.errors import HubError, HubUnreachable
 from hub.protocol import Message, MsgType
@@ -64,8 +63,7 @@ class AsyncHubClient(ClientCore):
 
     def _open_transport(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._sock = client_socket(self._ctx, self.endpoint, self.curve)
-        self._monitor = self._sock.get_monitor_socket(LINK_EVENTS)
+        self._sock, self._monitor = monitored_socket(self._ctx, self.endpoint, self.curve)
         self._link = LinkState()
         self._pending: dict[str, asyncio.Queue[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -277,7 +275,7 @@ class AsyncHubClient(ClientCore):
             except zmq.Again:
                 return
             try:
-                msg = protocol.parse(frames)
+                msg = protocol.parse(frames, protocol.MAX_ANSWER_BODY_BYTES)
             except HubError:
                 continue
             inbox = self._pending.get(msg.id)

@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 
 from hub import shm
 from hub.audio import AudioInput, to_pcm
-from hub.client.aio import AsyncHubClient
+from hub.client.aio import AsyncHubClient, AsyncTranscriptStream
 from hub.client.call import CurveKeys
 from hub.client.sync import HubClient, TranscriptStream
 from hub.errors import (
@@ -524,7 +524,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         (transcript,) = [event async for event in self._tries(self._attempts(provider, timeout), call)]
         return transcript  # type: ignore[no-any-return]
 
-    async def transcribe_stream(
+    def transcribe_stream(
         self,
         audio: AudioInput | shm.PcmBuffer,
         provider: str | None = None,
@@ -532,15 +532,15 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         timeout: float | None = None,
         sample_rate: int | None = None,
         **options: Any,
-    ) -> AsyncIterator[Segment | Transcript]:
-        """Yields each ``Segment``, then the ``Transcript``; retried on another hub only before the first one."""
+    ) -> AsyncTranscriptStream:
+        """Yields each ``Segment``, then the ``Transcript`` (kept as ``transcript`` too, as on one hub's stream);
+        retried on another hub only before the first one."""
         pcm = _pcm(audio, sample_rate)
 
         def call(client: AsyncHubClient, left: float) -> AsyncIterator[Segment | Transcript]:
             return client.transcribe_stream(pcm, provider, timeout=left, **options)
 
-        async for event in self._tries(self._attempts(provider, timeout), call):
-            yield event
+        return AsyncTranscriptStream(self._tries(self._attempts(provider, timeout), call))
 
     async def open_stream(self, provider: str | None = None, *, timeout: float | None = None, **options: Any) -> Any:
         """A live session on the hub with the most room; it stays there until closed."""

@@ -26,6 +26,7 @@ from hub import shm
 from hub.audio import AudioInput
 from hub.client.call import (
     HELLO_TIMEOUT,
+    LINK_EVENTS,
     Call,
     CurveKeys,
     Lease,
@@ -100,16 +101,34 @@ class Readiness:
         return _not_ready(self.endpoint, self.timeout, self.status)
 
 
-def client_socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> zmq.Socket:
-    """A DEALER to the hub: no linger (a dead hub never holds up a close), ZMTP heartbeats, CURVE if given."""
+def _dealer(ctx: zmq.Context, curve: CurveKeys | None) -> zmq.Socket:
+    """A DEALER to the hub, not yet connected: no linger (a dead hub never holds up a close), ZMTP heartbeats,
+    CURVE if given."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     if curve is not None:
         curve.apply(sock)
+    return sock
+
+
+def client_socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> zmq.Socket:
+    """A DEALER connected to the hub."""
+    sock = _dealer(ctx, curve)
     sock.connect(endpoint)
     return sock
+
+
+def monitored_socket(ctx: zmq.Context, endpoint: str, curve: CurveKeys | None) -> tuple[zmq.Socket, zmq.Socket]:
+    """A DEALER connected to the hub, and its monitor socket (``LINK_EVENTS``). The monitor is attached before
+    the socket connects: the I/O thread may make (and fail) the first handshake before this thread runs again,
+    and a refusal it reports to no monitor is lost for good when it ends the socket's only connection (a request
+    then waited for the HELLO's timeout and said HUB_UNREACHABLE instead of AUTH_FAILED)."""
+    sock = _dealer(ctx, curve)
+    monitor = sock.get_monitor_socket(LINK_EVENTS)
+    sock.connect(endpoint)
+    return sock, monitor
 
 
 class ClientCore:

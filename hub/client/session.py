@@ -357,12 +357,12 @@ class StreamSession(_SessionView):
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
             raise self._core.silent()
-        return protocol.parse(self.sock.recv_multipart())
+        return protocol.parse(self.sock.recv_multipart(), protocol.MAX_ANSWER_BODY_BYTES)
 
     def _pump(self, timeout_ms: int) -> None:
         """Take whatever has arrived (waiting up to ``timeout_ms`` for the first message)."""
         while self.sock.poll(timeout_ms):
-            self._core.handle(protocol.parse(self.sock.recv_multipart()))
+            self._core.handle(protocol.parse(self.sock.recv_multipart(), protocol.MAX_ANSWER_BODY_BYTES))
             timeout_ms = 0
 
 

@@ -16,13 +16,12 @@ from zmq.utils.monitor import recv_monitor_message
 from hub import protocol
 from hub.audio import AudioInput
 from hub.client.call import (
-    LINK_EVENTS,
     Call,
     LinkState,
     Reply,
 )
 from hub.client.call import options as _options
-from hub.client.core import ClientCore, Hello, Readiness, client_socket, send_quietly
+from hub.client.core import ClientCore, Hello, Readiness, client_socket, monitored_socket, send_quietly
 from hub.client.session import StreamSession, open_body
 from hub.errors import HubUnreachable
 from hub.protocol import MsgType
@@ -64,8 +63,8 @@ class TranscriptStream:
 class _Link:
     """A sync socket's monitor and the ``LinkState`` it feeds, read between polls."""
 
-    def __init__(self, sock: zmq.Socket) -> None:
-        self.monitor = sock.get_monitor_socket(LINK_EVENTS)
+    def __init__(self, monitor: zmq.Socket) -> None:
+        self.monitor = monitor
         self.state = LinkState()
 
     def update(self, timeout_ms: int = 0) -> bool:
@@ -236,7 +235,7 @@ class HubClient(ClientCore):
                 if link.monitor in ready and link.update():
                     raise call.lost(link.state)
                 if sock in ready:
-                    if (reply := call.receive(protocol.parse(sock.recv_multipart()))) is not None:
+                    if (reply := call.receive(protocol.parse(sock.recv_multipart(), protocol.MAX_ANSWER_BODY_BYTES))) is not None:
                         yield reply
                 elif call.left() <= 0:
                     raise call.expire()
@@ -248,10 +247,12 @@ class HubClient(ClientCore):
         self._check_open()
         pair = getattr(self._local, "pair", None)
         if pair is None:
-            sock = self._new_socket()
-            link = _Link(sock)
             with self._lock:
-                self._sockets.insert(0, link.monitor)  # closed before its socket
+                self._check_open()
+                sock, monitor = monitored_socket(self._ctx, self.endpoint, self.curve)
+                self._sockets.append(sock)
+                self._sockets.insert(0, monitor)  # closed before its socket
+            link = _Link(monitor)
             pair = self._local.pair = (sock, link)
         return pair
 

@@ -297,7 +297,7 @@ class Supervisor:
     def on_backend(self, frames: list[bytes]) -> None:
         try:
             identity, rest = protocol.split_identity(frames)
-            msg = protocol.parse(rest)
+            msg = protocol.parse(rest, protocol.MAX_ANSWER_BODY_BYTES)
         except HubError as exc:
             self.malformed += 1
             log.warning("dropped a malformed message from a worker: %s", exc)
@@ -368,7 +368,9 @@ class Supervisor:
         self.farm.reconfigure(new, time.monotonic())
         self.rollout.reconfigure(new.routes)
         if self.gateway is not None:
-            self.gateway.reload()
+            self.gateway.reload(new.gateway)
+        elif new.gateway.enabled:
+            self.gateway = self._gateway_child(new, self.config_path)
         log.info("config reloaded from %s: rolling restart of %s", self.config_path, ", ".join(self.workforce.sizes))
 
     def status(self) -> status.HubStatus:

@@ -278,7 +278,7 @@ def hellos(monkeypatch: pytest.MonkeyPatch) -> Hellos:
 def echo_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     started = start_hub(tmp_path_factory.mktemp("clients"), {"echo": echo_provider(min_size=2, max_size=2)})
     yield started
-    assert started.stop() == 0
+    started.finish()
 
 
 @pytest.mark.parametrize("kind", DRIVERS)

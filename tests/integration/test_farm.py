@@ -321,7 +321,7 @@ def test_segments_of_a_client_killed_mid_request_are_removed(hub_factory, whole_
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1)}, hub={"drain_timeout": 1})
     proc, name = _client_in_subprocess(hub.endpoint, whole_group)
     assert name in shm.list_segments()
-    time.sleep(0.5)  # the job is running now
+    wait_for(lambda: _states(hub) == ["busy"], what="the job running")
     if whole_group:
         os.killpg(proc.pid, signal.SIGKILL)  # the client's resource tracker dies with it
     else:

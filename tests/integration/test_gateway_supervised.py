@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,28 @@ def test_gateway_reaches_a_curve_protected_hub_with_its_own_keys(gateway_factory
     gw: Gateway = gateway_factory(ECHO, hub=curve, client_secret_key=secret, server_public_key=public)
     http = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=30)
     assert http.audio.transcriptions.create(model="echo", file=(DATA / "hello.wav").open("rb")).text.startswith("echo")
+
+
+def test_a_reload_that_moves_the_gateway_restarts_it_there(gateway_factory: Any) -> None:
+    """The gateway reads its section when it starts: a SIGHUP whose config gives it another port restarts it
+    (after its drain) on the new port, and says so in the log; the plain-text status shows where it is."""
+    gw: Gateway = gateway_factory(ECHO)
+    before = gw.hub.status()["gateway"]
+    table = subprocess.run(
+        [sys.executable, "-m", "hub.client", "--endpoint", gw.hub.endpoint, "status"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    assert f"gateway {gw.url}, Wyoming on port {gw.wyoming_port}  running, pid {before['pid']}  restarts 0" in table.stdout, table.stdout
+    config = yaml.safe_load(gw.hub.config_path.read_text())
+    moved = free_port()
+    config["gateway"]["port"] = moved
+    gw.hub.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    gw.hub.proc.send_signal(signal.SIGHUP)
+    after = until(lambda: (s := gw.hub.status()["gateway"])["running"] and s["pid"] != before["pid"] and s)
+    assert after["url"] == f"http://127.0.0.1:{moved}" and after["restarts"] == 0 and after["last_exit"] == "", after
+    wait_ready(after["url"])
+    with pytest.raises(OSError):  # nothing listens on the old port any more
+        urllib.request.urlopen(gw.url + "/healthz", timeout=5)
+    log = gw.hub.log()
+    assert "gateway.port changed: restarting the gateway" in log and "to apply the new gateway section" in log, log[-3000:]

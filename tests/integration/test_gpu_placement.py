@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, echo_provider, wait_for
+from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,3 +130,26 @@ def test_the_gpu_check_runs_and_fails_plainly_without_a_gpu() -> None:
     run = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--no-bench"], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "FAIL  GPUs found" in run.stdout and "NVML" in run.stdout and "0 PASS, 1 FAIL" in run.stdout
+
+
+def test_the_gpu_metric_families_carry_each_workers_readings(hub_factory, tmp_path) -> None:
+    """With an NVML (the double), the page has every documented family, the two GPU ones included, and they
+    carry each worker's own memory and its card's utilisation, labelled by worker."""
+    from tests.integration.test_monitoring import DOCUMENTED, _families, _sample
+
+    cards = [_card(n) for n in range(2)]
+    _, env = _node(tmp_path, cards)
+    port = free_port()
+    hub = hub_factory({"echo": _gpu_echo(min_size=2, max_size=2)}, hub={"metrics_port": port}, env=env)
+    gpu = {"asr_hub_worker_gpu_memory_used_bytes", "asr_hub_worker_gpu_utilization"}
+    wait_for(lambda: all(w["gpu_memory_used_mb"] is not None for w in hub.status()["providers"]["echo"]["workers"]), what="GPU readings")
+    workers = hub.status()["providers"]["echo"]["workers"]
+    families = _families(port, lambda f: gpu <= set(f) and all(
+        any(s.labels.get("worker") == w["id"] for s in f["asr_hub_worker_gpu_memory_used_bytes"].samples) for w in workers
+    ))
+    assert gpu <= DOCUMENTED and DOCUMENTED <= {name for name in families if name.startswith("asr_hub_")}
+    assert {w["gpu"]["nvml_index"] for w in workers} == {0, 1}  # one worker on each card
+    for w in workers:
+        labels = {"provider": "echo", "worker": w["id"]}
+        assert _sample(families, "asr_hub_worker_gpu_memory_used_bytes", **labels) == WORKER_MB * 2**20
+        assert _sample(families, "asr_hub_worker_gpu_utilization", **labels) == 10 * w["gpu"]["nvml_index"]

@@ -300,3 +300,37 @@ def test_keys_against_a_plain_hub_are_refused_with_advice(hub_factory, tmp_path:
     assert time.monotonic() - started < 10, "a refusal waited for the client's timeout"
     with HubClient(hub.endpoint, timeout=20) as client:
         assert client.transcribe(TONE).text == echo_text(TONE)  # the hub carries on
+
+
+def test_a_refusal_before_the_monitor_would_have_been_attached_is_still_seen(hub_factory, tmp_path: Path, monkeypatch) -> None:
+    """Under load the client's thread may run again only after its first connection's handshake has failed.
+    The monitor is attached before the socket connects, so that refusal is seen: AUTH_FAILED at once, not
+    HUB_UNREACHABLE after the HELLO's wait. A slow ``get_monitor_socket`` stands in for the late thread."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("server", "alice"):
+        assert make_keys([str(keys), name]) == 0
+    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    curve = {"server_secret_key": str(keys / "server.key_secret"), "allowed_clients": str(allowed)}
+    hub = hub_factory({"echo": echo_provider()}, hub={"curve": curve}, ready=False)
+    with HubClient(hub.endpoint, curve=CurveKeys.load(str(keys / "alice.key_secret"), str(keys / "server.key"))) as alice:
+        alice.wait_ready(30)
+    attach = zmq.Socket.get_monitor_socket
+
+    def late(sock: zmq.Socket, *args: object, **kwargs: object) -> zmq.Socket:
+        time.sleep(1.0)  # the handshake (and its failure) completes on the I/O thread meanwhile, if connected
+        return attach(sock, *args, **kwargs)
+
+    monkeypatch.setattr(zmq.Socket, "get_monitor_socket", late)
+    with HubClient(hub.endpoint, timeout=30) as client:  # no keys: a mechanism mismatch ends its only connection
+        started = time.monotonic()
+        with pytest.raises(AuthFailed, match="requires CURVE keys"):
+            client.transcribe(TONE)
+        assert time.monotonic() - started < 8, "the refusal was missed: the client waited for the HELLO's timeout"
+
+    async def refused_async() -> None:
+        async with AsyncHubClient(hub.endpoint, timeout=30) as client:
+            with pytest.raises(AuthFailed, match="requires CURVE keys"):
+                await client.status()
+
+    asyncio.run(asyncio.wait_for(refused_async(), 8))

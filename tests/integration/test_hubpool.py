@@ -102,12 +102,11 @@ def test_kill_drain_and_a_new_hub_lose_no_request(hub_factory: Callable[..., Hub
             a.expected_exit = -signal.SIGKILL
             os.killpg(a.proc.pid, signal.SIGKILL)  # a pod lost with its node
             names.set("127.0.0.2", "127.0.0.3")
-            time.sleep(1.0)
+            wait_for(lambda: set(pool.status(timeout=2)["hubs"]) == {b.endpoint, c.endpoint}, 20, "the pool to drop the lost hub")
             b.proc.send_signal(signal.SIGTERM)  # a pod drained for a rolling update
             names.set("127.0.0.3")
             before = served(c)
-            time.sleep(1.0)
-            assert served(c) > before, "the load did not move to the hub left"
+            wait_for(lambda: served(c) >= before + 10, 20, "the load to move to the hub left")
             assert b.proc.wait(20) == 0
             d = start_at(hub_factory, "127.0.0.4", port)
             names.set("127.0.0.3", "127.0.0.4")
@@ -208,8 +207,11 @@ def test_async_pool_streams_holds_sessions_and_fails_over(hub_factory: Callable[
     async def main() -> Counter[str]:
         async with AsyncHubPool([a.endpoint, b.endpoint], timeout=15, probe_interval=0.3) as pool:
             await pool.wait_ready(timeout=30, hubs=2)
-            events = [e async for e in pool.transcribe_stream(TONE, segments=3)]
+            stream = pool.transcribe_stream(TONE, segments=3)
+            assert stream.transcript is None
+            events = [e async for e in stream]
             assert [type(e) for e in events] == [Segment] * 3 + [Transcript]
+            assert stream.transcript is events[-1]
             async with await pool.open_stream() as session:
                 for start in range(0, TONE.size, 4000):
                     await session.send(TONE[start : start + 4000])

@@ -51,7 +51,7 @@ def test_readyz_turns_503_as_soon_as_the_drain_starts(hub_factory: Callable[...,
     with hub.client() as client:
         job = threading.Thread(target=lambda: answers.append(client.transcribe(TONE, sleep=3, timeout=20).text))
         job.start()
-        time.sleep(0.5)
+        wait_for(lambda: hub.status()["providers"]["echo"]["workers_by_state"].get("busy"), 20, "the job running")
         hub.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 1.0
         while get(f"http://127.0.0.1:{port}/readyz")[0] != 503:

@@ -98,9 +98,19 @@ def test_stream_sends_deltas_then_done(whisper_gateway: Gateway) -> None:
     assert " ".join(e.delta.strip() for e in events[:-1]) == done  # type: ignore[union-attr]
 
 
-def test_translation_route(whisper_gateway: Gateway) -> None:
-    with open(DATA / "hello.wav", "rb") as audio:
-        result = sdk(whisper_gateway).audio.translations.create(model="whisper-1", file=audio)
+def test_what_the_model_cannot_do_is_a_400_naming_what_it_can(whisper_gateway: Gateway) -> None:
+    """tiny.en is English-only: a translation, or a language it lacks, is refused with the languages it has,
+    rather than decoded as English."""
+    client = sdk(whisper_gateway)
+    with pytest.raises(openai.BadRequestError) as translation:
+        client.audio.translations.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"))
+    assert translation.value.body["code"] == "bad_request" and "English-only" in translation.value.message  # type: ignore[index]
+    for language in ("klingon", "fr"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"), language=language)
+        assert refused.value.status_code == 400 and refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+        assert f"language '{language}' is not supported" in refused.value.message and "(supported: en)" in refused.value.message
+    result = client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"), language="en")
     assert word_error_rate(reference("hello"), result.text) <= 0.10, result.text
 
 

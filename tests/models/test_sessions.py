@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from hub import shm
+from hub import protocol, shm
 from hub.audio import to_pcm
 from hub.client import AsyncHubClient, StreamSession
 from hub.errors import JobTimeout, PoolBusy, WorkerCrashed
@@ -48,7 +49,7 @@ def whisper_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     provider = {"model": "tiny.en", "device": "cpu", "pool": {"min_size": 2, "max_size": 2, "sessions_per_worker": 3}}
     started = start_hub(tmp_path_factory.mktemp("sessions"), {"whisper": provider})
     yield started
-    assert started.stop() == 0
+    started.finish()
 
 
 @pytest.mark.parametrize("use_shm, clips", [(True, CLIPS), (False, CLIPS[:2])])
@@ -142,7 +143,7 @@ def test_sessions_past_max_sessions_are_refused_while_jobs_run(hub_factory) -> N
             started = time.monotonic()
             with pytest.raises(PoolBusy, match="max_sessions=1"):
                 client.open_stream()
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 10, "not refused at once: it waited towards the 30 s timeout"
             assert client.transcribe(TONE).text == echo_text(TONE)  # one-shot jobs keep their worker
             assert hub.status()["providers"]["echo"]["sessions"] == 1
         assert first.transcript.text  # closed cleanly on leaving the block
@@ -191,7 +192,7 @@ def test_sessions_beyond_the_worker_count_share_workers_by_load(hub_factory) -> 
         started = time.monotonic()
         with pytest.raises(PoolBusy, match="max_sessions=6"):
             client.open_stream()
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 10, "not refused at once: it waited towards the 30 s timeout"
         for start in range(0, STEPS.size, CHUNK):  # interleaved, as live streams are
             for session, clip in zip(sessions, clips):
                 session.send(clip[start : start + CHUNK])
@@ -218,8 +219,8 @@ def test_a_single_instance_still_serves_one_thing_at_a_time(hub_factory) -> None
         done: list = []
         job = threading.Thread(target=lambda: done.append(client.transcribe(TONE, timeout=20)))
         job.start()
-        time.sleep(1.0)
-        assert not done and hub.status()["providers"]["echo"]["queue_depth"] == 1
+        wait_for(lambda: hub.status()["providers"]["echo"]["queue_depth"] == 1, what="the job queued behind the session")
+        assert not done
         session.close()
         job.join(20)
         assert done and done[0].text == echo_text(TONE)
@@ -397,3 +398,21 @@ def test_48k_chunks_of_127_samples_reach_the_worker_as_a_whole_file_resample(hub
                 session.send(pcm48[start : start + 127], sample_rate=48000)
     assert round(session.transcript.duration * 16000) == whole.size
     assert session.transcript.text == reference_session.transcript.text and session.transcript.text
+
+
+def test_a_final_transcript_larger_than_a_request_may_be_arrives_whole(hub_factory) -> None:
+    """A long session's answer (every final, with its words) passes the 256 KB a client's request may hold:
+    the worker's answer to the supervisor and the supervisor's to the client carry it whole."""
+    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1)})
+    minutes = np.tile(STEPS, 375)  # 37.5 minutes of "speech", a word every half second
+    with hub.client(timeout=120) as client:
+        with client.open_stream() as session:
+            for start in range(0, minutes.size, 16000 * 30):
+                session.send(minutes[start : start + 16000 * 30])
+            transcript = session.close()
+        finals = [event.segment for event in session.results() if event.kind == "final"]
+    body = len(json.dumps(transcript.to_dict()))
+    assert body > protocol.MAX_BODY_BYTES, f"the transcript is only {body} bytes: the test proves nothing"
+    assert transcript.duration == pytest.approx(minutes.size / 16000, abs=0.01)
+    assert list(transcript.segments) == finals and len(transcript.text.split()) == minutes.size // 8000
+    assert hub.status()["hub"]["malformed_messages"] == 0

@@ -17,6 +17,7 @@ import pytest
 from faster_whisper import WhisperModel
 
 from hub.audio import to_pcm
+from hub.errors import BadRequest
 from tests.conftest import (
     CLIPS,
     DATA,
@@ -27,7 +28,7 @@ from tests.conftest import (
     wait_for,
     word_error_rate,
 )
-from workers.whisper import resolve_model
+from workers.whisper import language_problem, resolve_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,7 +38,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     provider = {"model": "tiny.en", "devices": [0, 1], "cpu_threads": 1, "pool": {"min_size": 2, "max_size": 2}}
     started = start_hub(tmp_path_factory.mktemp("whisper"), {"whisper": provider})
     yield started
-    assert started.stop() == 0
+    started.finish()
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +144,41 @@ def test_cli_transcribe_and_status(hub: Hub) -> None:
     assert bad.returncode == 1 and "INVALID_AUDIO" in bad.stderr
 
 
-def test_vad_filter_initial_prompt_and_task_reach_the_model(hub: Hub, direct: WhisperModel) -> None:
-    """Each option gives what faster-whisper gives with it, and (where the model can show it) not what it
-    gives without it. tiny.en is English-only, so task=translate cannot change its text: that option is
-    shown to reach the model only as being accepted and matching the direct call."""
+def test_vad_filter_and_initial_prompt_reach_the_model(hub: Hub, direct: WhisperModel) -> None:
+    """Each option gives what faster-whisper gives with it, and not what it gives without it."""
     hello = to_pcm(DATA / "hello.wav")
     noise = np.random.default_rng(0).normal(0, 0.02, 16000 * 5).astype(np.float32)
     padded = np.concatenate([np.zeros(16000 * 3, np.float32), hello, noise])
     prompt = "HELLO WORLD. I LIKE COFFEE. THE WEATHER"
-    cases = [(padded, {"vad_filter": True}), (hello, {"initial_prompt": prompt}), (hello, {"task": "translate"})]
+    cases = [(padded, {"vad_filter": True}), (hello, {"initial_prompt": prompt})]
     with hub.client() as client:
         for pcm, options in cases:
             with_it, without = direct_text(direct, pcm, **options), direct_text(direct, pcm)
             assert client.transcribe(pcm, **options).text == with_it, options
-            if "task" not in options:
-                assert with_it != without, f"{options} made no difference to faster-whisper's own text"
+            assert with_it != without, f"{options} made no difference to faster-whisper's own text"
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"language": "klingon"}, "language 'klingon' is not supported by 'tiny.en', an English-only model (supported: en)"),
+        ({"language": "fr"}, "language 'fr' is not supported by 'tiny.en', an English-only model (supported: en)"),
+        ({"task": "translate"}, "task 'translate' needs a multilingual model; 'tiny.en' is English-only"),
+    ],
+)
+def test_what_the_model_cannot_do_is_refused_not_ignored(hub: Hub, options: dict[str, str], says: str) -> None:
+    """faster-whisper alone decodes tiny.en's ``fr`` as English and ``translate`` as a transcription; the
+    worker refuses such a request (and only it: the worker serves on) with what the model supports."""
+    with hub.client() as client:
+        with pytest.raises(BadRequest) as refused:
+            client.transcribe(DATA / "hello.wav", **options)
+        assert says in refused.value.message
+        with pytest.raises(BadRequest) as refused_live:
+            with client.open_stream(**options) as session:
+                session.send(to_pcm(DATA / "hello.wav"))
+        assert says in refused_live.value.message
+        assert word_error_rate(reference("hello"), client.transcribe(DATA / "hello.wav", language="en").text) <= 0.10
+    assert all(w["restarts"] == 0 for w in hub.status()["providers"]["whisper"]["workers"]), hub.status()
 
 
 def test_active_health_checks_pass_on_the_real_model(hub_factory) -> None:
@@ -185,3 +206,14 @@ def test_cli_transcribe_stream_prints_each_segment_with_its_times(hub: Hub) -> N
         segments = client.transcribe(DATA / "weather.wav").segments
     assert out.stdout.splitlines() == [f"[{s.start:7.2f} -> {s.end:7.2f}] {s.text}" for s in segments]
     assert word_error_rate(reference("weather"), " ".join(s.text for s in segments)) <= 0.10
+
+
+def test_language_problems_for_multilingual_and_english_only_models() -> None:
+    many = ["en", "fr", "de"]
+    assert language_problem({"language": "fr", "task": "translate"}, "small", many, True) is None
+    assert language_problem({}, "tiny.en", ["en"], False) is None
+    assert language_problem({"language": "en", "task": "transcribe"}, "tiny.en", ["en"], False) is None
+    assert language_problem({"language": "tlh"}, "small", many, True) == (
+        "language 'tlh' is not supported by 'small' (supported: en, fr, de)"
+    )
+    assert "English-only" in str(language_problem({"task": "translate"}, "tiny.en", ["en"], False))

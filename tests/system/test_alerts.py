@@ -4,7 +4,6 @@ name is one the hub exports."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import urllib.request
 
@@ -13,21 +12,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hub.supervisor import probes as http
 from hub.supervisor.metrics import Metrics
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, required_tool
 
 pytestmark = pytest.mark.timeout(60)
 
 OPERATIONS = ROOT / "docs" / "operations"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus; scripts/test-packages.txt)"
-)
 
 
-@needs_promtool
 @pytest.mark.parametrize("command", [["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]])
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass(command: list[str]) -> None:
-    out = subprocess.run([str(PROMTOOL), *command], cwd=OPERATIONS, capture_output=True, text=True, timeout=30)
+    promtool = required_tool("promtool", "Debian: apt-get install prometheus; scripts/install-test-packages.sh")
+    out = subprocess.run([promtool, *command], cwd=OPERATIONS, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout + out.stderr
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, live_in_group, supervisor_faults
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -76,7 +76,9 @@ def start_in(ns: str, argv: list[str], log: Path, **kwargs: Any) -> subprocess.P
         )
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
+def stop(proc: subprocess.Popen[str], log: Path) -> list[str]:
+    """SIGTERM the process's group and wait; what went wrong, as ``hub_factory`` checks it: an exit other than 0,
+    a supervisor's log showing a bug, a process of its group left behind."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -84,39 +86,47 @@ def stop(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+    text = log.read_text(errors="replace")
+    problems = [f"{log.name}: {fault}" for fault in supervisor_faults(text)]
+    if proc.returncode != 0:
+        problems.append(f"{log.name}: exit status {proc.returncode}\n{text[-3000:]}")
+    if left := live_in_group(proc.pid):
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        problems.append(f"{log.name}: processes left behind: {left}")
+    return problems
 
 
 def drive(endpoints: list[str], stop_path: str) -> None:
-    """Run in the client's namespace: load the pool from three threads, report each half second on stdout."""
+    """Run in the client's namespace: load the pool from three threads, report each half second on stdout.
+    The load is ``repeating``'s: every exception counted, a request still hanging at the end reported."""
     from hub.client.balance import HubPool
     from hub.errors import HubError
+    from tests.conftest import repeating
     from workers.echo import echo_text
 
     tone = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
-    outcomes: Counter[str] = Counter()
-    done = threading.Event()
-
-    def load(pool: HubPool) -> None:
-        while not done.is_set():
-            try:
-                assert pool.transcribe(tone, sleep=0.2, timeout=REQUEST_TIMEOUT).text == echo_text(tone)
-                outcomes["ok"] += 1
-            except HubError as exc:
-                outcomes[exc.code] += 1
 
     with HubPool(endpoints, timeout=REQUEST_TIMEOUT, probe_interval=0.3) as pool:
+
+        def one() -> str:
+            try:
+                text = pool.transcribe(tone, sleep=0.2, timeout=REQUEST_TIMEOUT).text
+            except HubError as exc:
+                return exc.code
+            return "ok" if text == echo_text(tone) else f"wrong text: {text!r}"
+
         pool.wait_ready(timeout=60, hubs=2)
-        threads = [threading.Thread(target=load, args=(pool,)) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        while not os.path.exists(stop_path):
-            hubs = pool.status(timeout=0.5)["hubs"]
-            served = {e: s["providers"]["echo"]["requests"] if "hub" in s else None for e, s in hubs.items()}
-            print(json.dumps({"outcomes": outcomes, "served": served}), flush=True)
-            time.sleep(0.5)
-        done.set()
-        for thread in threads:
-            thread.join(30)
+        outcomes: Counter[str] = Counter()
+        try:
+            with repeating(one, 3, join_timeout=30) as outcomes:
+                while not os.path.exists(stop_path):
+                    hubs = pool.status(timeout=0.5)["hubs"]
+                    served = {e: s["providers"]["echo"]["requests"] if "hub" in s else None for e, s in hubs.items()}
+                    print(json.dumps({"outcomes": outcomes, "served": served}), flush=True)
+                    time.sleep(0.5)
+        except AssertionError as exc:  # a load thread still running
+            outcomes[str(exc)] += 1
     print(json.dumps({"final": outcomes}), flush=True)
 
 
@@ -145,7 +155,7 @@ class Reports:
 def test_cut_link_fails_over_and_recovers(hosts: None, tmp_path: Path) -> None:
     port = free_port()
     endpoints = {ns: f"tcp://{far}:{port}" for ns, (_, far) in LINKS.items()}
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[tuple[subprocess.Popen[str], Path]] = []
     try:
         for ns, endpoint in endpoints.items():
             config = {
@@ -154,11 +164,11 @@ def test_cut_link_fails_over_and_recovers(hosts: None, tmp_path: Path) -> None:
             }
             (tmp_path / f"{ns}.yaml").write_text(yaml.safe_dump(config))
             argv = [sys.executable, "-m", "hub.supervisor", "--config", str(tmp_path / f"{ns}.yaml")]
-            procs.append(start_in(ns, argv, tmp_path / f"{ns}.log"))
+            procs.append((start_in(ns, argv, tmp_path / f"{ns}.log"), tmp_path / f"{ns}.log"))
         stop_path = tmp_path / "stop"
         code = f"from tests.system.test_partition import drive; drive({list(endpoints.values())!r}, {str(stop_path)!r})"
         driver = start_in(CLIENT, [sys.executable, "-c", code], tmp_path / "driver.log", stdout=subprocess.PIPE)
-        procs.append(driver)
+        procs.append((driver, tmp_path / "driver.log"))
         reports = Reports(driver)
         a, b = endpoints[HUB_A], endpoints[HUB_B]
         reports.until(lambda r: all((n or 0) >= 5 for n in r["served"].values()), 60, "both hubs to serve")
@@ -179,5 +189,5 @@ def test_cut_link_fails_over_and_recovers(hosts: None, tmp_path: Path) -> None:
         assert final == {"ok": final["ok"]}, f"requests failed across the partition: {final}\n{(tmp_path / 'driver.log').read_text()}"
         assert driver.wait(10) == 0
     finally:
-        for proc in procs:
-            stop(proc)
+        problems = [problem for proc, log in procs for problem in stop(proc, log)]
+    assert not problems, "\n\n".join(problems)

@@ -163,7 +163,7 @@ def test_decode_into_stops_when_its_room_is_full() -> None:
 
 @pytest.mark.parametrize(
     "channels, width, rate",
-    [(2, 2, 16000), (1, 1, 16000), (1, 2, 500)],  # stereo, 8-bit, a rate no one records at: FFmpeg decides
+    [(2, 2, 16000), (1, 1, 16000)],  # stereo, 8-bit: FFmpeg decides
 )
 def test_only_mono_16_bit_wav_takes_the_shortcut(channels: int, width: int, rate: int) -> None:
     out = io.BytesIO()
@@ -174,3 +174,29 @@ def test_only_mono_16_bit_wav_takes_the_shortcut(channels: int, width: int, rate
         w.writeframes(b"\x00" * 1000 * channels * width)
     assert wav_layout(out.getvalue()) is None
     assert wav_layout(wav_of(np.zeros(100, dtype=np.float32), 16000)) == WavLayout(16000, 44, 100)
+
+
+@pytest.mark.parametrize("channels, width", [(1, 2), (2, 2), (1, 1)])
+def test_a_wav_header_claiming_a_2_ghz_rate_says_so(channels: int, width: int) -> None:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(16000)
+        w.writeframes(b"\x01" * width * channels * 16000)
+    data = bytearray(out.getvalue())
+    data[24:28] = (2_000_000_000).to_bytes(4, "little")  # the fmt chunk's sample rate
+    with pytest.raises(InvalidAudio, match="WAV header says the audio is sampled at 2000000000 Hz"):
+        decode_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"this is a text file, not audio" * 50, bytes(1000), (DATA / "coffee.mp3").read_bytes()[:200]],
+)
+def test_an_undecodable_upload_says_what_is_wrong_without_errno_or_none(data: bytes) -> None:
+    with pytest.raises(InvalidAudio) as refused:
+        decode_bytes(data)
+    message = refused.value.message
+    assert message.startswith("cannot decode the upload: ") and "not an audio file FFmpeg knows" in message, message
+    assert "Errno" not in message and "<none>" not in message, message
