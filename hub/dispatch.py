@@ -114,6 +114,7 @@ class Job:
     tail: AudioTail | None = None  # an inline session's recent audio
     carried: int = 0  # finals confirmed before the last resume: the current worker does not know them all
     resume: Resume | None = None  # set while the session waits to move to another worker
+    turns: dict[str, Any] = field(default_factory=dict)  # a session's own stream.vad settings (turn_detection)
 
     @property
     def client_waits(self) -> bool:
@@ -129,7 +130,7 @@ class Job:
         if self.kind is JobKind.HEALTH:
             return {"health": True}
         if self.kind is JobKind.SESSION:
-            body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options}
+            body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options, "turn_detection": self.turns}
             return {**body, "resume": self.resume.to_dict()} if self.resume else body
         return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
 

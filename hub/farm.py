@@ -134,7 +134,7 @@ class Farm:
             return
         if msg.type in (MsgType.HEARTBEAT, MsgType.READY, MsgType.LOAD_FAILED):
             self.workforce.on_message(worker, msg, now)
-        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
+        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL, MsgType.EVENT, MsgType.HEARD):
             job = self.jobs.get(msg.id)
             if job is not None and job.worker == worker.id:
                 if job.kind is JobKind.SESSION:
@@ -273,7 +273,7 @@ class Farm:
             if idle is not None:
                 return idle
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), w.job is not None, w.duty) for w in ready]
+        loads = [WorkerLoad(w.id, len(w.sessions), w.job is not None, w.duty, len(w.sessions - w.turns.keys())) for w in ready]
         if job.kind is JobKind.SESSION:
             chosen = session_home(loads, pool.config.pool.sessions_per_worker)
         else:
@@ -310,7 +310,7 @@ class Farm:
             self._to_worker(job, MsgType.STREAM_DATA, body, payload)
 
     def _heard(self, job: Job, msg: Message) -> None:
-        """A session's PARTIAL or SEGMENT on its way to the client: what a resume needs of it."""
+        """A session's PARTIAL, SEGMENT, EVENT or HEARD on its way to the client: what a resume needs of it."""
         job.keep = int(msg.body.get("keep", job.keep))
         if msg.type is MsgType.SEGMENT:
             job.finals.append({k: v for k, v in msg.body.items() if k not in ("read", "keep")})

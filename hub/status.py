@@ -192,6 +192,16 @@ class GpuCard(Wire):
 
 
 @dataclass(frozen=True)
+class SessionTurnStatus(Wire):
+    """One live session on a worker: its step interval now (``stream.step_ms``, stretched when the worker's
+    sessions need more decoding than it can do) and the fraction of the worker's time its decodes take."""
+
+    id: str = ""
+    step_s: float = 0.0
+    duty: float = 0.0
+
+
+@dataclass(frozen=True)
 class WorkerStatus(Wire):
     id: str = ""
     pid: int = 0
@@ -202,6 +212,7 @@ class WorkerStatus(Wire):
     jobs_done: int = 0
     sessions: int = 0
     session_duty: float = 0.0
+    session_turns: tuple[SessionTurnStatus, ...] = ()
     consecutive_failures: int = 0
     rss_mb: float = 0.0
     since_health_check: float | None = None
@@ -420,6 +431,10 @@ def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> WorkerStatus:
         jobs_done=w.jobs_done,
         sessions=len(w.sessions),
         session_duty=round(w.duty, 3),
+        session_turns=tuple(
+            SessionTurnStatus(id=sid, step_s=round(t.step_s, 3), duty=round(t.duty, 3))
+            for sid, t in sorted(w.turns.items()) if sid in w.sessions
+        ),
         consecutive_failures=w.consecutive_failures,
         rss_mb=round(w.rss_mb, 1),
         since_health_check=round(now - w.last_check, 3) if w.last_check else None,

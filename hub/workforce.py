@@ -22,7 +22,7 @@ from hub.cards import Cards
 from hub.config import HubConfig
 from hub.errors import BadRequest, HubError, UnknownProvider, WorkerCrashed
 from hub.policy import PoolSnapshot, decide, floor_size
-from hub.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.pool import ProviderPool, WorkerHandle, WorkerState, session_turns
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.resources import rss_mb
 
@@ -87,6 +87,7 @@ class Workforce:
             if isinstance(busy, (int, float)) and now > worker.last_heartbeat:
                 worker.duty = max(0.0, float(busy) - worker.busy) / (now - worker.last_heartbeat)
                 worker.busy = float(busy)
+                worker.turns = session_turns(worker.turns, msg.body.get("turns"), now - worker.last_heartbeat)
             worker.last_heartbeat = now
         elif msg.type is MsgType.READY:
             self.on_ready(worker, msg.body, now)

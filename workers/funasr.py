@@ -28,8 +28,8 @@ from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.provider_types import FUNASR
 from hub.results import Segment, Word, join_text
 from workers.cuda import warn_cpu_fallback
-from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings
-from workers.streaming import StreamUpdate, WindowStreamer
+from workers.engine import EngineResult, OnSegment, Streamer, StreamSettings, window_streamer
+from workers.streaming import SpeechEvent, StreamUpdate
 
 CONFIG_FILES = ("config.yaml", "configuration.json")  # what FunASR reads to know the model's class
 _TAG_RE = re.compile(r"<\|([^|]*)\|>")  # SenseVoice's rich tags: <|en|><|NEUTRAL|><|Speech|><|woitn|>
@@ -205,9 +205,24 @@ class OnlineStreamer:
         return self._pending.size >= self.chunk
 
     @property
+    def active(self) -> bool:
+        return True
+
+    @property
+    def urgent(self) -> bool:
+        return False
+
+    @property
     def needs_from(self) -> int:
         """Every decoded chunk is final at once: a decoder taking over needs the audio not decoded yet."""
         return self._decoded
+
+    def pace(self, step_seconds: float) -> None:
+        """The chunk is the model's step: its cache is built for that size, so a step is never stretched."""
+
+    def events(self) -> list[SpeechEvent]:
+        """No VAD on a streaming model: it decodes every chunk through its cache, silence included."""
+        return []
 
     def resume(self, start: int, finals: Sequence[Segment]) -> None:
         """Take over at sample ``start`` with a fresh cache (the dead worker's went with it)."""
@@ -297,4 +312,4 @@ class FunASREngine:
             duration = pcm.size / SAMPLE_RATE
             return [w for result in self._model.generate(input=pcm, **run) for w in to_words(result, duration)]
 
-        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)
+        return window_streamer(decode, settings)

@@ -32,9 +32,9 @@ from hub.errors import HubError, InferenceFailed
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
 from workers.cuda import visible_pci_bus_ids
-from workers.engine import Engine, check_options, load_engine
+from workers.engine import Engine, StreamSettings, check_options, load_engine
 from workers.session import Session
-from workers.turns import JOB, next_turn
+from workers.turns import JOB, next_turn, stretched_step
 
 log = logging.getLogger("workers")
 _PR_SET_PDEATHSIG = 1
@@ -82,20 +82,24 @@ class Worker:
         self.sessions: dict[str, Session] = {}
         self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs waiting, with their arrival
         self.session_busy = 0.0  # seconds spent decoding sessions: the heartbeat reports it as the session load
+        self.spec_step = StreamSettings(**spec.stream).step_ms / 1000  # the provider's step, before stretching
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
 
     def load(self) -> dict[str, Any]:
         """What the heartbeat tells the supervisor (read from the heartbeat thread; plain numbers)."""
-        return {"busy": self.session_busy, "sessions": len(self.sessions)}
+        turns = {sid: {"busy": s.busy, "step_s": s.interval} for sid, s in list(self.sessions.items())}
+        return {"busy": self.session_busy, "sessions": len(turns), "turns": turns}
 
     def serve(self) -> None:
         """Take the supervisor's messages and serve them (jobs in order, sessions in turns) until STOP."""
         try:
             while self._take_messages():
+                self._pace()
                 due = {sid: s.due_since for sid, s in self.sessions.items() if s.due_since is not None}
-                turn = next_turn(due, self.jobs[0][1] if self.jobs else None)
+                urgent = [sid for sid in due if self.sessions[sid].urgent]
+                turn = next_turn(due, self.jobs[0][1] if self.jobs else None, urgent)
                 if turn == JOB:
                     self.run_job(self.jobs.popleft()[0])
                 elif turn is not None:
@@ -103,6 +107,14 @@ class Worker:
         finally:
             for session in self.sessions.values():
                 session.close()
+
+    def _pace(self) -> None:
+        """Stretch every session's step evenly when one decode of each speaking session outlasts a step."""
+        if not self.sessions:
+            return
+        step = stretched_step(self.spec_step, (s.cost for s in self.sessions.values() if s.active))
+        for session in self.sessions.values():
+            session.pace(step)
 
     def _take_messages(self) -> bool:
         """Every message already waiting (waiting for one when there is nothing to do); False on STOP."""
