@@ -71,7 +71,7 @@ class PoolConfig:
 class StreamConfig:
     """Live-session decoding: a decode every ``step_ms`` of new audio over a window of at most ``window_seconds``;
     with ``vad``, only while Silero VAD hears speech (at or above ``vad_threshold``), and an utterance's final
-    at once after ``endpoint_ms`` of silence (docs/guides/live_sessions.md)."""
+    at once after ``endpoint_ms`` of silence (docs/guides/provider_pooling.md §1.2)."""
 
     step_ms: int = 1000
     window_seconds: float = 15.0

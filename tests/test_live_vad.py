@@ -128,7 +128,26 @@ def utterances(events: list[tuple[float, StreamEvent]]) -> list[list[tuple[float
     return cut
 
 
-def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(vad_hub: Hub) -> None:
+IDLE_DECODE_S = 0.5  # a tiny.en decode of a few seconds on an idle core (DESIGN.md)
+
+
+def decode_seconds(engine: WhisperEngine) -> float:
+    """What one step's decode costs on this machine now (the median of three)."""
+    streamer = engine.open_stream({}, StreamSettings())
+    window = padded((0.2, 0.2), ("coffee",))
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        streamer.decode(window, "")
+        times.append(time.perf_counter() - started)
+    return sorted(times)[1]
+
+
+def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(vad_hub: Hub, engine: WhisperEngine) -> None:
+    """On an idle worker the final comes within 1 s of the utterance's end. The machine running the tests is
+    shared, so the bound grows by what each decode costs here beyond an idle core's, for the two decodes that
+    may stand between an utterance's end and its final (one under way, the end's own)."""
+    slower = max(0.0, decode_seconds(engine) - IDLE_DECODE_S)
     pcm = padded((1.5, 3.0, 3.0), ("coffee", "weather"))
     events, _, text = play(vad_hub, pcm)
     parts = utterances(events)
@@ -144,7 +163,8 @@ def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(vad
         assert marker.text == finals and word_error_rate(reference(name), marker.text) <= 0.15, (marker.text, name)
         start, end = part[0][1].at, part[stopped][1].at
         assert start < end <= marker.at + 1e-6 and marker.at == end
-        assert marker_time - end <= 1.0, f"the final came {marker_time - end:.2f} s after the utterance ended"
+        late = marker_time - end
+        assert late <= 1.0 + 2 * slower, f"the final came {late:.2f} s after the utterance ended ({slower:.2f} s slower decodes)"
     assert text == " ".join(m[-1][1].text for m in parts)
 
 
@@ -155,10 +175,12 @@ def test_a_session_can_turn_vad_off_and_then_nothing_new_is_sent(vad_hub: Hub) -
     assert word_error_rate(reference("coffee"), text) <= 0.15
 
 
-def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_hub: Hub) -> None:
+def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_hub: Hub, engine: WhisperEngine) -> None:
     """Four sessions talking at once on one one-thread worker, each a decode of ~0.5 s a second: more than it
-    can do. Their steps stretch evenly; every utterance still gets its final soon after it ends, and the
-    partials never lag further behind the audio than one stretched round."""
+    can do. Their steps stretch evenly; every utterance still gets its final within the decodes that can stand
+    before it (one under way and the four sessions' ends, which come together here), and partials never lag
+    further behind the audio than a stretched round and a decode: the lag does not grow with the stream."""
+    decode = max(IDLE_DECODE_S, decode_seconds(engine))
     pcm = padded((0.3, 1.5, 1.5, 2.0))
     results: list[tuple[list[tuple[float, StreamEvent]], float, str]] = [([], 0.0, "")] * 4
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, play(vad_hub, pcm))) for i in range(4)]
@@ -179,7 +201,8 @@ def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_h
         assert len(parts) == 3
         for part in parts:
             marker_time, marker = part[-1]
-            assert marker_time - marker.at <= 4.0, f"a final {marker_time - marker.at:.1f} s after its utterance"
+            late = marker_time - marker.at
+            assert late <= 1.0 + 5 * decode, f"a final {late:.1f} s after its utterance (a decode: {decode:.2f} s)"
         lags = [t - e.heard for t, e in events if e.kind == "partial"]
-        assert max(lags, default=0.0) <= 5.0, "partials fell behind: a backlog of stale steps"
+        assert max(lags, default=0.0) <= 1.0 + 6 * decode, f"partials fell behind: {max(lags):.1f} s"
         assert word_error_rate(said, text) <= 0.2, text

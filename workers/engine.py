@@ -42,6 +42,8 @@ class Streamer(Protocol):
     @property
     def seconds(self) -> float: ...
 
+    decodes: int  # decodes made so far (the session's answer reports it)
+
     @property
     def active(self) -> bool:
         """It decodes as audio comes (with VAD: while someone speaks): its decodes count in the worker's load."""

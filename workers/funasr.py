@@ -191,6 +191,7 @@ class OnlineStreamer:
     _pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     _decoded: int = 0  # samples already through the model
     _cache: dict[str, Any] = field(default_factory=dict)
+    decodes: int = 0
 
     @property
     def chunk(self) -> int:
@@ -242,6 +243,7 @@ class OnlineStreamer:
     def _decode(self, samples: int, is_final: bool) -> StreamUpdate:
         """Run ``samples`` of pending audio through the model; their text is one segment spanning them."""
         pcm, self._pending = self._pending[:samples], self._pending[samples:]
+        self.decodes += 1
         start, self._decoded = self._decoded, self._decoded + samples
         results = self.generate(input=pcm, cache=self._cache, is_final=is_final, **self.options)
         text = "".join(str(r.get("text", "")) for r in results).strip()

@@ -114,7 +114,7 @@ class Session:
                 "language": self.language,
                 "duration": self.streamer.seconds,
                 "inference_ms": self.busy * 1000.0,
-                "extra": {"closed_reason": reason} if reason else {},
+                "extra": {"decodes": self.streamer.decodes, **({"closed_reason": reason} if reason else {})},
             },
         )
         return spent

@@ -114,6 +114,7 @@ class WindowStreamer:
     _ended: float | None = None  # an utterance ended here and its final is not decoded yet
     _next: float | None = None  # another utterance began after that end
     _decoded_to: float = 0.0  # stream time up to which the last decode heard the audio
+    decodes: int = 0  # decodes made so far
 
     @property
     def seconds(self) -> float:
@@ -247,6 +248,7 @@ class WindowStreamer:
         prompt = "".join(w.word for w in before)[-PROMPT_CHARS:].strip()
         pcm = self._window[:samples]
         self._decoded_to = self._offset + pcm.size / SAMPLE_RATE
+        self.decodes += 1
         words = [
             Word(round(float(w.start) + self._offset, 3), round(float(w.end) + self._offset, 3), w.word, float(w.probability))
             for w in self.decode(pcm, prompt)
