@@ -251,6 +251,7 @@ def test_an_ended_utterance_goes_first_then_the_longest_waiting() -> None:
 def test_steps_stretch_evenly_only_when_a_round_of_decodes_outlasts_a_step() -> None:
     assert stretched_step(1.0, [0.3, 0.3]) == 1.0
     assert stretched_step(1.0, []) == 1.0
+    assert stretched_step(1.0, [2.5]) == 1.0  # alone: due again as soon as its decode ends
     assert stretched_step(1.0, [0.5, 0.5, 0.5, 0.5]) == pytest.approx(2.0 * HEADROOM)
 
 

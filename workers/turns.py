@@ -41,9 +41,14 @@ def next_turn(due_since: Mapping[str, float], job_since: float | None, urgent: I
 
 def stretched_step(step_seconds: float, costs: Iterable[float]) -> float:
     """The step interval for every session of a worker: ``step_seconds`` while one decode of each session
-    that is speaking (``costs``, seconds each) fits in it, else the time of one such round (with ``HEADROOM``)."""
-    round_seconds = sum(costs) * HEADROOM
-    return max(step_seconds, round_seconds)
+    that is speaking (``costs``, seconds each) fits in it, else the time of one such round (with ``HEADROOM``).
+    A session alone is never stretched: with nobody to share the worker with, it is due again as soon as its
+    decode ends (a decode slower than the speech covers more audio), and a client that waits for a step before
+    sending more still gets it."""
+    costs = list(costs)
+    if len(costs) < 2:
+        return step_seconds
+    return max(step_seconds, sum(costs) * HEADROOM)
 
 
 def smoothed(previous: float, latest: float) -> float:
