@@ -114,7 +114,7 @@ class Job:
     tail: AudioTail | None = None  # an inline session's recent audio
     carried: int = 0  # finals confirmed before the last resume: the current worker does not know them all
     resume: Resume | None = None  # set while the session waits to move to another worker
-    turns: dict[str, Any] = field(default_factory=dict)  # a session's own stream.vad settings (turn_detection)
+    turns: dict[str, Any] | None = None  # a session's own stream.vad settings (None: a client from before VAD)
 
     @property
     def client_waits(self) -> bool:

@@ -258,10 +258,13 @@ TURN_DETECTION = {  # a STREAM_OPEN's ``turn_detection``: the session's own stre
 }
 
 
-def parse_turn_detection(body: dict[str, Any]) -> dict[str, Any]:
+def parse_turn_detection(body: dict[str, Any]) -> dict[str, Any] | None:
     """The ``turn_detection`` of a STREAM_OPEN: the provider's ``stream.vad``, ``stream.endpoint_ms`` and
-    ``stream.vad_threshold`` this session overrides (empty: the provider's own)."""
-    turns = body.get("turn_detection") or {}
+    ``stream.vad_threshold`` this session overrides (empty: the provider's own). None when the field is
+    absent: a client from before VAD, which cannot read EVENT and HEARD, so its sessions get no VAD."""
+    turns = body.get("turn_detection")
+    if turns is None:
+        return None
     if not isinstance(turns, dict):
         raise BadRequest("field 'turn_detection' must be an object with vad, endpoint_ms and/or vad_threshold")
     problems = turn_detection_problems(turns)

@@ -240,7 +240,7 @@ def open_body(
     ring_ref = {"shm": ring.name, "capacity": ring.capacity} if ring else None
     routed = route_fields(options)
     body = {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout, **routed}
-    return {**body, "turn_detection": dict(turns)} if turns else body
+    return {**body, "turn_detection": dict(turns or {})}  # present, even empty: this client reads EVENT and HEARD
 
 
 class _SessionView:

@@ -304,7 +304,8 @@ def test_sessions_go_by_measured_duty_not_by_count_and_fresh_ones_spread() -> No
 
 
 def test_turn_detection_is_checked_at_the_edge() -> None:
-    assert parse_turn_detection({}) == {}
+    assert parse_turn_detection({}) is None  # a client from before VAD: its sessions get none
+    assert parse_turn_detection({"turn_detection": {}}) == {}
     assert parse_turn_detection({"turn_detection": {"vad": True, "endpoint_ms": 500}}) == {"vad": True, "endpoint_ms": 500}
     for bad in ({"vad": "yes"}, {"endpoint_ms": 50}, {"vad_threshold": 1.5}, {"silence": 1}):
         with pytest.raises(BadRequest, match="turn_detection"):

@@ -40,7 +40,9 @@ class Session:
         self.language = options.get("language")
         ring = protocol.parse_ring(msg.body)
         self.ring = shm.RingReader(ring.shm, ring.capacity, spec.shm_prefix) if ring else None
-        settings = replace(StreamSettings(**spec.stream), **protocol.parse_turn_detection(msg.body))
+        turns = protocol.parse_turn_detection(msg.body)
+        # a client that sent no turn_detection predates VAD: it could not read EVENT or HEARD
+        settings = replace(StreamSettings(**spec.stream), **(turns if turns is not None else {"vad": False}))
         self.step_seconds = settings.step_ms / 1000  # the provider's; ``pace`` may stretch it
         self.interval = self.step_seconds  # the step interval in force
         self.cost = 0.0  # seconds a decode of this session takes (smoothed); 0 until it has decoded once
