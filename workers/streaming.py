@@ -243,8 +243,12 @@ class WindowStreamer:
 
     def _hypothesis(self, samples: int | None = None) -> list[Word]:
         # the prompt is the confirmed text whose audio has left the window: text still in the window is
-        # decoded again, and a model given it as a prompt tends to skip its audio
+        # decoded again, and a model given it as a prompt tends to skip its audio. With VAD, the prompt never
+        # reaches back past the utterance: tiny.en given the last utterance as a prompt and a short one to hear
+        # was seen to say the last one again, in a loop
         before = [w for w in self._committed if w.end <= self._offset + TOLERANCE]
+        if self.detector is not None:  # only the utterance's own words: given the last one's, a model repeats them
+            before = [w for w in before if self._started is not None and w.start >= self._started - TOLERANCE]
         prompt = "".join(w.word for w in before)[-PROMPT_CHARS:].strip()
         pcm = self._window[:samples]
         self._decoded_to = self._offset + pcm.size / SAMPLE_RATE

@@ -2,14 +2,18 @@
 
 ``WhisperModel.transcribe`` with word timings decodes a window twice whenever it ends inside a segment
 (it seeks back to the last word and decodes the rest again), and retries at higher temperatures when a
-decode looks poor: 1.6–1.8× the bare work on a typical step (bench/README.md). A step needs neither:
-the local-agreement rule only confirms words two decodes agree on, and the next step decodes the tail
-again anyway. So a step here is exactly faster-whisper's core, called once: the window's features
-(padded to 30 s as Whisper needs), the encoder, a beam search at the first temperature (with
+decode looks poor: 1.66 encodes and 1.77 generates per step on the benchmark's clips (bench/README.md). A
+step needs neither: the local-agreement rule only confirms words two decodes agree on, and the next step
+decodes the tail again anyway. So a step here is exactly faster-whisper's core, called once: the window's
+features (padded to 30 s as Whisper needs), the encoder, a beam search at the first temperature (with
 timestamp tokens, as transcribe's first pass: without them tiny.en dropped repeated sentences in the
-benchmark, 16 % WER against 7 %), and the cross-attention alignment that gives each word its start
-and end, over every text token (the unfinished last segment included: local agreement confirms it later). A window Whisper hears as silence (no-speech probability over
-``NO_SPEECH`` and an average log-probability under ``LOW_LOGPROB``, transcribe's own rule) gives no words.
+benchmark, 16 % WER against 7 %), and the cross-attention alignment that gives each word its start and end,
+over every text token (the unfinished last segment included: local agreement confirms it later).
+
+A window Whisper hears as silence (no-speech probability over ``NO_SPEECH`` and an average log-probability
+under ``LOW_LOGPROB``, transcribe's own rule) gives no words. Text that repeats itself (compression ratio
+over ``REPETITIVE``, transcribe's rule for a failed decode) is generated once more without the prompt, which
+is what usually starts such a loop, and dropped if it loops again: the only case where a step generates twice.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from hub.results import Word
 
 NO_SPEECH = 0.6  # transcribe's no_speech_threshold
 LOW_LOGPROB = -1.0  # transcribe's log_prob_threshold
+REPETITIVE = 2.4  # transcribe's compression_ratio_threshold: text that compresses more is a loop
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # transcribe's defaults
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 MAX_INITIAL_TIMESTAMP = 1.0  # transcribe's max_initial_timestamp
@@ -32,7 +37,7 @@ class WindowDecoder:
 
     def __init__(self, model: Any, options: dict[str, Any]) -> None:
         from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import get_suppressed_tokens
+        from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
         self.model = model  # a faster_whisper.WhisperModel
         self.language: str | None = options.get("language")
@@ -42,6 +47,7 @@ class WindowDecoder:
         self.temperature = float(temperature[0] if isinstance(temperature, (list, tuple)) else temperature)
         self._tokenizer = Tokenizer
         self._suppressed = get_suppressed_tokens
+        self._compression = get_compression_ratio
         self._tokenizers: dict[str | None, Any] = {}
 
     def tokenizer(self, language: str | None) -> Any:
@@ -62,27 +68,38 @@ class WindowDecoder:
             return []
         encoded = model.encode(pad_or_trim(features[:, :frames]))
         tokenizer, suppressed = self.tokenizer(self._language(encoded))
-        previous = tokenizer.encode(" " + prompt.strip()) if prompt.strip() else []
-        request = model.get_prompt(tokenizer, previous)
-        search: dict[str, Any] = (
-            {"beam_size": self.beam_size, "patience": 1.0}
-            if self.temperature == 0
-            else {"beam_size": 1, "num_hypotheses": 1, "sampling_topk": 0, "sampling_temperature": self.temperature}
-        )
-        result = model.model.generate(
-            encoded, [request], length_penalty=1.0, max_length=model.max_length, return_scores=True,
-            return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppressed,
-            max_initial_timestamp_index=round(MAX_INITIAL_TIMESTAMP / model.time_precision), **search,
-        )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]  # text tokens: timestamps dropped
-        average = result.scores[0] * len(tokens) / (len(tokens) + 1)
-        if not tokens or (result.no_speech_prob > NO_SPEECH and average < LOW_LOGPROB):
+        tokens = self._generate(encoded, tokenizer, suppressed, prompt)
+        if tokens and self._repetitive(tokenizer.decode(tokens)):
+            tokens = self._generate(encoded, tokenizer, suppressed, "") if prompt.strip() else []
+            tokens = [] if tokens and self._repetitive(tokenizer.decode(tokens)) else tokens
+        if not tokens:
             return []
         segment = {"seek": 0, "start": 0.0, "end": frames / model.frames_per_second, "tokens": tokens}
         model.add_word_timestamps(
             [[segment]], tokenizer, encoded, frames, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, last_speech_timestamp=0.0
         )
         return [Word(w["start"], w["end"], w["word"], w["probability"]) for w in segment.get("words", ())]
+
+    def _generate(self, encoded: Any, tokenizer: Any, suppressed: Any, prompt: str) -> list[int]:
+        """The text tokens of one beam search (none for a window heard as silence)."""
+        model = self.model
+        previous = tokenizer.encode(" " + prompt.strip()) if prompt.strip() else []
+        search: dict[str, Any] = (
+            {"beam_size": self.beam_size, "patience": 1.0}
+            if self.temperature == 0
+            else {"beam_size": 1, "num_hypotheses": 1, "sampling_topk": 0, "sampling_temperature": self.temperature}
+        )
+        result = model.model.generate(
+            encoded, [model.get_prompt(tokenizer, previous)], length_penalty=1.0, max_length=model.max_length,
+            return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppressed,
+            max_initial_timestamp_index=round(MAX_INITIAL_TIMESTAMP / model.time_precision), **search,
+        )[0]
+        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]  # text tokens: timestamps dropped
+        average = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        return [] if result.no_speech_prob > NO_SPEECH and average < LOW_LOGPROB else tokens
+
+    def _repetitive(self, text: str) -> bool:
+        return bool(self._compression(text) > REPETITIVE)
 
     def _language(self, encoded: Any) -> str | None:
         """The asked language; English on an English-only model; else the one the model hears in the window."""
