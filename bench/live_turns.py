@@ -168,3 +168,51 @@ def summary(figures: dict[str, Any]) -> str:
             f"   {r['decodes_per_session_minute']:>6}"
         )
     return "\n".join([*lines, *targets(figures)])
+
+
+def decode_budget(device: str = "cpu") -> dict[str, Any]:
+    """Decodes per session-minute as an unloaded worker makes them, VAD off and on: the adapter's streamer
+    in this process, fed the scenario's audio in 100 ms chunks and stepped whenever due (no clock, so the
+    machine's load cannot change the count). The duty-cycle audio of the four clip pairs, and the 46 s clips."""
+    from bench.batching import one_thread
+
+    one_thread()
+    from hub.protocol import WorkerSpec
+    from workers.engine import StreamSettings
+    from workers.whisper import WhisperEngine
+
+    spec = WorkerSpec(
+        id="bench-1", provider="whisper", type="whisper", model="tiny.en", device=device, compute_type="auto",
+        cpu_threads=1, backend="ipc:///nowhere", shm_prefix="asrhub_bench_", heartbeat_interval=1.0, options={},
+        allow_download=False,
+    )
+    engine = WhisperEngine(spec)
+    scenarios = {"duty": [duty_cycle_audio(i) for i in range(len(SOURCES))], "continuous": [continuous_audio()]}
+    rows = []
+    for name, audio in scenarios.items():
+        for vad in (False, True):
+            decodes, seconds, wers = 0, 0.0, []
+            for pcm, said in audio:
+                streamer = engine.open_stream({}, StreamSettings(vad=vad))
+                texts = []
+                for offset in range(0, pcm.size, CHUNK):
+                    streamer.feed(pcm[offset : offset + CHUNK])
+                    if streamer.due:
+                        texts.append(streamer.step().final)
+                texts.append(streamer.finish().final)
+                decodes += streamer.decodes
+                seconds += pcm.size / RATE
+                wers.append(word_error_rate(said, " ".join(t.text for t in texts if t is not None)))
+            rows.append({
+                "scenario": name, "vad": vad, "decodes_per_session_minute": round(decodes / (seconds / 60), 1),
+                "wer_mean": round(float(np.mean(wers)), 4),
+            })
+    return {"device": device, "rows": rows}
+
+
+def budget_summary(figures: dict[str, Any]) -> str:
+    lines = ["\ndecodes per session-minute, stepped whenever due with no clock (tiny.en):",
+             "  scenario    VAD  decodes/session-min  WER mean"]
+    for r in figures["rows"]:
+        lines.append(f"  {r['scenario']:<10}  {'on ' if r['vad'] else 'off'}  {r['decodes_per_session_minute']:>19}  {r['wer_mean']:>7.1%}")
+    return "\n".join(lines)

@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     mode.add_argument("--continuous", action="store_true", help="4 sessions of the 46 s clips on 2 workers, VAD off and on")
     mode.add_argument("--steps", action="store_true", help="a live step's cost: transcribe() against one decode per step")
+    mode.add_argument(
+        "--decode-budget", action="store_true", help="decodes per session-minute of both scenarios' audio, VAD off and on, no clock"
+    )
     parser.add_argument("--vad", choices=("off", "on", "both"), default="both", help="with --duty-cycle/--continuous")
     parser.add_argument("--undisturbed", type=int, default=2, help="with --crash: undisturbed runs (at least 2)")
     parser.add_argument(
@@ -231,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         "--one-shot-load", action="store_true", help="with --sessions: each count again beside a stream of one-shot requests"
     )
     args = parser.parse_args(argv)
+    if args.decode_budget:
+        figures = live_turns.decode_budget(args.device)
+        print(json.dumps(figures, indent=2))
+        print(live_turns.budget_summary(figures))
+        return 0
     if args.steps:
         figures = steps.measure(device=args.device)
         print(json.dumps(figures, indent=2))

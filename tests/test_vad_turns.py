@@ -200,6 +200,30 @@ def test_a_pause_decodes_the_speech_at_once_and_an_endpoint_after_it_needs_no_de
     assert [x.text for _, x in out if isinstance(x, SpeechEvent) and x.kind is EventKind.UTTERANCE] == ["w5 w10 w15"]
 
 
+def test_silence_after_speech_is_not_handed_to_the_model_nor_its_made_up_words_kept() -> None:
+    """A model that says "you" at the end of any window reaching 0.3 s past the speech (as tiny.en does in
+    silence): steps decode at most ``PAUSE_S`` past the last speech, and the final keeps no word that begins
+    after the utterance's end."""
+    utterance = (0.5, 2.0)
+    streamer, decoder = gated([utterance], endpoint=0.6)
+    heard: list[float] = []
+    words_of = decoder.__call__
+
+    def hallucinating(pcm: np.ndarray, prompt: str) -> list[Word]:
+        end = streamer._offset + pcm.size / RATE
+        heard.append(end)
+        words = words_of(pcm, prompt)
+        return words + ([Word(pcm.size / RATE - 0.1, pcm.size / RATE, " you", 0.3)] if end >= utterance[1] + 0.2 else [])
+
+    streamer.decode = hallucinating
+    for _ in range(18):  # to 1.8 s, no step taken yet: a worker busy with other sessions
+        streamer.feed(np.zeros(1600, np.float32))
+    out = play(streamer, 3.0)
+    assert max(heard) <= utterance[1] + 0.25 + 1e-6
+    (marker,) = [x for _, x in out if isinstance(x, SpeechEvent) and x.kind is EventKind.UTTERANCE]
+    assert marker.text == "w10 w15 w20"
+
+
 def test_closing_mid_utterance_ends_it_and_closing_in_silence_decodes_nothing() -> None:
     streamer, decoder = gated([(1.0, 9.0)])
     play(streamer, 3.0)

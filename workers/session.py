@@ -81,8 +81,9 @@ class Session:
                 self._event(event)
         if self.streamer.due and self.due_since is None:
             self.due_since = time.monotonic()
-        elif self.due_since is None and self.read - self.told >= self.interval * SAMPLE_RATE:
-            # no text to send (with VAD, nobody speaks): the client still learns how far its ring may be reused
+        elif self.due_since is None and self.read - self.told >= self.step_seconds * SAMPLE_RATE:
+            # no text to send (with VAD nobody speaks; or its steps are stretched): the client still learns, once
+            # per step_ms of audio read, how far its ring may be reused
             self.send(MsgType.HEARD, self._position())
 
     @property

@@ -191,7 +191,7 @@ class WindowStreamer:
         if self.detector is not None and self._ended is not None:
             return self._endpoint()
         self._fresh = 0
-        current = self._hypothesis()
+        current = self._hypothesis(self._speech_samples())
         agreed = 0
         for old, new in zip(self._previous, current):
             if _norm(old.word) != _norm(new.word):
@@ -223,9 +223,11 @@ class WindowStreamer:
         assert self._started is not None and self._ended is not None
         end = self.seconds if whole else min(self.seconds, self._ended + TAIL_S)
         if not whole and self._next is None and self._decoded_to >= self._ended + min(PAUSE_S, TAIL_S):
-            final = self._commit(self._previous)  # the last decode heard the whole utterance: nothing new to hear
+            words = self._previous  # the last decode heard the whole utterance: nothing new to hear
         else:
-            final = self._commit(self._hypothesis(round((end - self._offset) * SAMPLE_RATE)))
+            words = self._hypothesis(round((end - self._offset) * SAMPLE_RATE))
+        # a word that begins in the silence after the utterance is one the model made up there ("you")
+        final = self._commit([w for w in words if w.start < self._ended + TOLERANCE])
         text = "".join(w.word for w in self._committed if w.end > self._started - TOLERANCE).strip()
         utterance = SpeechEvent(EventKind.UTTERANCE, self._ended, text)
         self._previous = []
@@ -233,6 +235,14 @@ class WindowStreamer:
         self._keep_from(end if self._started is not None else self.seconds - PREROLL_S)
         self._fresh = self._window.size if self._started is not None else 0
         return StreamUpdate(final=final, partial=None, events=(utterance,))
+
+    def _speech_samples(self) -> int | None:
+        """With VAD, the window's samples up to ``PAUSE_S`` after the last speech (a step taken late, under
+        load, would otherwise hand the model seconds of silence to make words of); all of them without."""
+        if self.detector is None:
+            return None
+        end = self._origin + self.detector.last_speech + PAUSE_S
+        return max(0, round((min(self.seconds, end) - self._offset) * SAMPLE_RATE))
 
     def _keep_from(self, seconds: float) -> None:
         """Drop the window's audio before stream time ``seconds``."""
