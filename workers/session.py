@@ -41,7 +41,9 @@ class Session:
         ring = protocol.parse_ring(msg.body)
         self.ring = shm.RingReader(ring.shm, ring.capacity, spec.shm_prefix) if ring else None
         turns = protocol.parse_turn_detection(msg.body)
-        # a client that sent no turn_detection predates VAD: it could not read EVENT or HEARD
+        # a client that sent no turn_detection predates VAD: it cannot read EVENT or HEARD, so it gets no VAD,
+        # and steps that are never stretched (it learns how far its ring may be reused only from its text)
+        self.legacy = turns is None
         settings = replace(StreamSettings(**spec.stream), **(turns if turns is not None else {"vad": False}))
         self.step_seconds = settings.step_ms / 1000  # the provider's; ``pace`` may stretch it
         self.interval = self.step_seconds  # the step interval in force
@@ -81,7 +83,7 @@ class Session:
                 self._event(event)
         if self.streamer.due and self.due_since is None:
             self.due_since = time.monotonic()
-        elif self.due_since is None and self.read - self.told >= self.step_seconds * SAMPLE_RATE:
+        elif not self.legacy and self.due_since is None and self.read - self.told >= self.step_seconds * SAMPLE_RATE:
             # no text to send (with VAD nobody speaks; or its steps are stretched): the client still learns, once
             # per step_ms of audio read, how far its ring may be reused
             self.send(MsgType.HEARD, self._position())
@@ -96,7 +98,7 @@ class Session:
 
     def pace(self, seconds: float) -> None:
         """Step after ``seconds`` of new audio from now on (never less than the provider's ``step_ms``)."""
-        self.interval = max(self.step_seconds, seconds)
+        self.interval = self.step_seconds if self.legacy else max(self.step_seconds, seconds)
         self.streamer.pace(self.interval)
 
     def step(self) -> float:
