@@ -276,6 +276,7 @@ def test_steps_stretch_evenly_only_when_a_round_of_decodes_outlasts_a_step() -> 
     assert stretched_step(1.0, [0.3, 0.3]) == 1.0
     assert stretched_step(1.0, []) == 1.0
     assert stretched_step(1.0, [2.5]) == 1.0  # alone: due again as soon as its decode ends
+    assert stretched_step(1.0, [5.0, 5.0], most=7.5) == 7.5  # never past half the window
     assert stretched_step(1.0, [0.5, 0.5, 0.5, 0.5]) == pytest.approx(2.0 * HEADROOM)
 
 

@@ -82,7 +82,7 @@ class Worker:
         self.sessions: dict[str, Session] = {}
         self.jobs: deque[tuple[Message, float]] = deque()  # one-shot jobs waiting, with their arrival
         self.session_busy = 0.0  # seconds spent decoding sessions: the heartbeat reports it as the session load
-        self.spec_step = StreamSettings(**spec.stream).step_ms / 1000  # the provider's step, before stretching
+        self.settings = StreamSettings(**spec.stream)  # the provider's step, before stretching, and window
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
@@ -112,7 +112,7 @@ class Worker:
         """Stretch every session's step evenly when one decode of each speaking session outlasts a step."""
         if not self.sessions:
             return
-        step = stretched_step(self.spec_step, (s.cost for s in self.sessions.values() if s.active))
+        step = stretched_step(self.settings.step_ms / 1000, (s.cost for s in self.sessions.values() if s.active), self.settings.window_seconds / 2)
         for session in self.sessions.values():
             session.pace(step)
 

@@ -133,7 +133,8 @@ class WindowStreamer:
         if self.detector is None or self._started is None:
             return False
         speech_end = self._origin + self.detector.last_speech
-        return self._origin + self.detector.heard - speech_end >= PAUSE_S and self._decoded_to < speech_end + PAUSE_S
+        heard_to = speech_end + PAUSE_S - 1 / SAMPLE_RATE  # a decode to there heard it all, give or take a sample
+        return self._origin + self.detector.heard - speech_end >= PAUSE_S and self._decoded_to < heard_to
 
     @property
     def active(self) -> bool:
@@ -257,7 +258,7 @@ class WindowStreamer:
         # reaches back past the utterance: tiny.en given the last utterance as a prompt and a short one to hear
         # was seen to say the last one again, in a loop
         before = [w for w in self._committed if w.end <= self._offset + TOLERANCE]
-        if self.detector is not None:  # only the utterance's own words: given the last one's, a model repeats them
+        if self.detector is not None:
             before = [w for w in before if self._started is not None and w.start >= self._started - TOLERANCE]
         prompt = "".join(w.word for w in before)[-PROMPT_CHARS:].strip()
         pcm = self._window[:samples]

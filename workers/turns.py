@@ -39,16 +39,17 @@ def next_turn(due_since: Mapping[str, float], job_since: float | None, urgent: I
     return min(turns)[2] if turns else None
 
 
-def stretched_step(step_seconds: float, costs: Iterable[float]) -> float:
+def stretched_step(step_seconds: float, costs: Iterable[float], most: float = float("inf")) -> float:
     """The step interval for every session of a worker: ``step_seconds`` while one decode of each session
-    that is speaking (``costs``, seconds each) fits in it, else the time of one such round (with ``HEADROOM``).
+    that is speaking (``costs``, seconds each) fits in it, else the time of one such round (with ``HEADROOM``),
+    but never more than ``most`` (half the window: a window must not outgrow what one decode can hear).
     A session alone is never stretched: with nobody to share the worker with, it is due again as soon as its
     decode ends (a decode slower than the speech covers more audio), and a client that waits for a step before
     sending more still gets it."""
     costs = list(costs)
     if len(costs) < 2:
         return step_seconds
-    return max(step_seconds, sum(costs) * HEADROOM)
+    return max(step_seconds, min(most, sum(costs) * HEADROOM))
 
 
 def smoothed(previous: float, latest: float) -> float:
