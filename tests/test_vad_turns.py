@@ -224,6 +224,18 @@ def test_silence_after_speech_is_not_handed_to_the_model_nor_its_made_up_words_k
     assert marker.text == "w10 w15 w20"
 
 
+def test_utterances_that_end_while_the_worker_is_busy_each_get_their_final_and_marker_in_order() -> None:
+    streamer, decoder = gated([(0.5, 1.5), (2.5, 3.5)], endpoint=0.3)
+    for _ in range(45):  # 4.5 s fed, no step taken: a worker busy with other sessions
+        streamer.feed(np.zeros(1600, np.float32))
+    assert [e.kind for e in streamer.events()] == [EventKind.SPEECH_STARTED, EventKind.SPEECH_STOPPED] * 2
+    first = streamer.step()
+    assert streamer.due and streamer.urgent  # the second one's end waits for its own step, at once
+    second = streamer.step()
+    assert [(e.text, e.at) for u in (first, second) for e in u.events] == [("w10 w15", 1.5), ("w30 w35", 3.5)]
+    assert not streamer.due and decoder.decodes == 2
+
+
 def test_closing_mid_utterance_ends_it_and_closing_in_silence_decodes_nothing() -> None:
     streamer, decoder = gated([(1.0, 9.0)])
     play(streamer, 3.0)
@@ -326,6 +338,15 @@ def test_sessions_go_by_measured_duty_not_by_count_and_fresh_ones_spread() -> No
     assert session_home([WorkerLoad("a", 0, False, 0.0, fresh=1), WorkerLoad("b", 0, False, 0.0)], 4) == "b"
     assert WorkerLoad("a", 2, False, 0.1, fresh=2).load == pytest.approx(0.1 + 2 * FRESH_DUTY)
     assert session_home([WorkerLoad("full", 4, False, 0.0)], 4) is None
+
+
+def test_a_decode_with_more_words_than_the_audio_can_hold_or_a_loop_is_not_taken() -> None:
+    from workers.whisper_step import WindowDecoder
+
+    decoder = WindowDecoder(None, {})
+    assert not decoder._unheard("Please bring me a cup of coffee and a glass of water.", 3.0)
+    assert decoder._unheard("The low world. Today the weather is sunny with a light breeze in the afternoon.", 1.5)
+    assert decoder._unheard("with a light breeze, " * 12, 30.0)  # a loop, however long the window
 
 
 def test_turn_detection_is_checked_at_the_edge() -> None:

@@ -23,6 +23,7 @@ model, echo) and is tested with a scripted decoder (and a scripted detector).
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -112,7 +113,7 @@ class WindowStreamer:
     _heard: list[SpeechEvent] = field(default_factory=list)  # boundaries not yet handed out
     _started: float | None = None  # the utterance in progress began here (None: nobody speaks)
     _ended: float | None = None  # an utterance ended here and its final is not decoded yet
-    _next: float | None = None  # another utterance began after that end
+    _later: deque[list[float | None]] = field(default_factory=deque)  # [start, end] of utterances heard since
     _decoded_to: float = 0.0  # stream time up to which the last decode heard the audio
     decodes: int = 0  # decodes made so far
 
@@ -176,11 +177,14 @@ class WindowStreamer:
             if edge.kind is Boundary.STARTED:
                 if self._ended is None:
                     self._started = at
-                else:
-                    self._next = at
+                else:  # the last utterance's final is not decoded yet: this one waits its turn
+                    self._later.append([at, None])
                 self._heard.append(SpeechEvent(EventKind.SPEECH_STARTED, at))
             else:
-                self._ended = at
+                if self._later:
+                    self._later[-1][1] = at
+                else:
+                    self._ended = at
                 self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, at))
         if self._started is None:  # nobody speaks: keep only the onset of what may come
             self._fresh = 0
@@ -215,7 +219,12 @@ class WindowStreamer:
         if self._ended is None:
             self._ended = round(self.seconds, 3)
             self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, self._ended))
-        self._next = None  # one more utterance begun in the last chunk is confirmed with this one
+        if self._later:  # utterances heard since, whose finals are not decoded yet, end with this one
+            if self._later[-1][1] is None:
+                self._later[-1][1] = round(self.seconds, 3)
+                self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, self._later[-1][1]))
+            self._ended = self._later[-1][1]
+            self._later.clear()
         return self._endpoint(whole=True)
 
     def _endpoint(self, whole: bool = False) -> StreamUpdate:
@@ -223,7 +232,7 @@ class WindowStreamer:
         window if ``whole``), commit every word, say ``utterance``, and start the window after it."""
         assert self._started is not None and self._ended is not None
         end = self.seconds if whole else min(self.seconds, self._ended + TAIL_S)
-        if not whole and self._next is None and self._decoded_to >= self._ended + min(PAUSE_S, TAIL_S):
+        if not whole and not self._later and self._decoded_to >= self._ended + min(PAUSE_S, TAIL_S):
             words = self._previous  # the last decode heard the whole utterance: nothing new to hear
         else:
             words = self._hypothesis(round((end - self._offset) * SAMPLE_RATE))
@@ -232,7 +241,7 @@ class WindowStreamer:
         text = "".join(w.word for w in self._committed if w.end > self._started - TOLERANCE).strip()
         utterance = SpeechEvent(EventKind.UTTERANCE, self._ended, text)
         self._previous = []
-        self._started, self._ended, self._next = self._next, None, None
+        self._started, self._ended = self._later.popleft() if self._later else (None, None)
         self._keep_from(end if self._started is not None else self.seconds - PREROLL_S)
         self._fresh = self._window.size if self._started is not None else 0
         return StreamUpdate(final=final, partial=None, events=(utterance,))
@@ -254,12 +263,8 @@ class WindowStreamer:
 
     def _hypothesis(self, samples: int | None = None) -> list[Word]:
         # the prompt is the confirmed text whose audio has left the window: text still in the window is
-        # decoded again, and a model given it as a prompt tends to skip its audio. With VAD, the prompt never
-        # reaches back past the utterance: tiny.en given the last utterance as a prompt and a short one to hear
-        # was seen to say the last one again, in a loop
+        # decoded again, and a model given it as a prompt tends to skip its audio
         before = [w for w in self._committed if w.end <= self._offset + TOLERANCE]
-        if self.detector is not None:
-            before = [w for w in before if self._started is not None and w.start >= self._started - TOLERANCE]
         prompt = "".join(w.word for w in before)[-PROMPT_CHARS:].strip()
         pcm = self._window[:samples]
         self._decoded_to = self._offset + pcm.size / SAMPLE_RATE

@@ -11,9 +11,11 @@ benchmark, 16 % WER against 7 %), and the cross-attention alignment that gives e
 over every text token (the unfinished last segment included: local agreement confirms it later).
 
 A window Whisper hears as silence (no-speech probability over ``NO_SPEECH`` and an average log-probability
-under ``LOW_LOGPROB``, transcribe's own rule) gives no words. Text that repeats itself (compression ratio
-over ``REPETITIVE``, transcribe's rule for a failed decode) is generated once more without the prompt, which
-is what usually starts such a loop, and dropped if it loops again: the only case where a step generates twice.
+under ``LOW_LOGPROB``, transcribe's own rule) gives no words. Text that cannot be what the window says (it
+repeats itself: compression ratio over ``REPETITIVE``, transcribe's rule for a failed decode; or it has more
+words than ``MAX_WORDS_PER_S`` allow in the window) is generated once more without the prompt, which is what
+usually starts it (tiny.en given the last utterance as a prompt and a short one to hear was seen to say the
+last one again, in a loop), and dropped if it fails again: the only case where a step generates twice.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from hub.protocol import SAMPLE_RATE
 from hub.results import Word
 
 NO_SPEECH = 0.6  # transcribe's no_speech_threshold
 LOW_LOGPROB = -1.0  # transcribe's log_prob_threshold
 REPETITIVE = 2.4  # transcribe's compression_ratio_threshold: text that compresses more is a loop
+MAX_WORDS_PER_S = 6.0  # fast speech is about 4 words a second: more is text the model did not hear
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # transcribe's defaults
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 MAX_INITIAL_TIMESTAMP = 1.0  # transcribe's max_initial_timestamp
@@ -68,10 +72,11 @@ class WindowDecoder:
             return []
         encoded = model.encode(pad_or_trim(features[:, :frames]))
         tokenizer, suppressed = self.tokenizer(self._language(encoded))
+        seconds = pcm.size / SAMPLE_RATE
         tokens = self._generate(encoded, tokenizer, suppressed, prompt)
-        if tokens and self._repetitive(tokenizer.decode(tokens)):
+        if tokens and self._unheard(tokenizer.decode(tokens), seconds):
             tokens = self._generate(encoded, tokenizer, suppressed, "") if prompt.strip() else []
-            tokens = [] if tokens and self._repetitive(tokenizer.decode(tokens)) else tokens
+            tokens = [] if tokens and self._unheard(tokenizer.decode(tokens), seconds) else tokens
         if not tokens:
             return []
         segment = {"seek": 0, "start": 0.0, "end": frames / model.frames_per_second, "tokens": tokens}
@@ -98,8 +103,9 @@ class WindowDecoder:
         average = result.scores[0] * len(tokens) / (len(tokens) + 1)
         return [] if result.no_speech_prob > NO_SPEECH and average < LOW_LOGPROB else tokens
 
-    def _repetitive(self, text: str) -> bool:
-        return bool(self._compression(text) > REPETITIVE)
+    def _unheard(self, text: str, seconds: float) -> bool:
+        """Text that is not what ``seconds`` of audio say: a loop, or more words than anyone says in that time."""
+        return bool(self._compression(text) > REPETITIVE) or len(text.split()) > MAX_WORDS_PER_S * seconds + 2
 
     def _language(self, encoded: Any) -> str | None:
         """The asked language; English on an English-only model; else the one the model hears in the window."""
