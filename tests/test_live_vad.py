@@ -101,7 +101,8 @@ def vad_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 
 def play(hub: Hub, pcm: np.ndarray, **open_kwargs: object) -> tuple[list[tuple[float, StreamEvent]], float, str]:
-    """Stream ``pcm`` at real time; every event with the playback time it arrived at, and the transcript."""
+    """Stream ``pcm`` at real time; every event with the playback time it arrived at, the seconds one of its
+    decodes took on the worker (on average), and the transcript's text."""
     events: list[tuple[float, StreamEvent]] = []
     with hub.client(timeout=120) as client:
         session = client.open_stream(**open_kwargs)
@@ -113,7 +114,7 @@ def play(hub: Hub, pcm: np.ndarray, **open_kwargs: object) -> tuple[list[tuple[f
             session.send(pcm[offset : offset + CHUNK])
         transcript = session.close()
         reader.join(30)
-    return events, started, transcript.text
+    return events, transcript.inference_ms / 1000 / max(1, int(transcript.extra.get("decodes", 1))), transcript.text
 
 
 def utterances(events: list[tuple[float, StreamEvent]]) -> list[list[tuple[float, StreamEvent]]]:
@@ -129,6 +130,7 @@ def utterances(events: list[tuple[float, StreamEvent]]) -> list[list[tuple[float
 
 
 IDLE_DECODE_S = 0.5  # a tiny.en decode of a few seconds on an idle core (DESIGN.md)
+UTTERANCE_PERIOD_S = 5.0  # the overloaded test's clips with their 1.5 s gaps: an utterance ends every 5-6 s
 
 
 def decode_seconds(engine: WhisperEngine) -> float:
@@ -180,8 +182,13 @@ def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_h
     can do. Their steps stretch evenly; every utterance still gets its final within the decodes that can stand
     before it (one under way and the four sessions' ends, which come together here), and partials never lag
     further behind the audio than a stretched round and a decode: the lag does not grow with the stream."""
-    decode = max(IDLE_DECODE_S, decode_seconds(engine))
     pcm = padded((0.3, 1.5, 1.5, 2.0))
+    cost = decode_seconds(engine)
+    if 4 * cost > 0.8 * UTTERANCE_PERIOD_S:
+        pytest.skip(
+            f"a decode takes {cost:.1f} s on this machine now (0.5 s on an idle core): the four sessions' utterance "
+            f"ends alone need more decoding than real time allows, so no scheduler avoids a backlog"
+        )
     results: list[tuple[list[tuple[float, StreamEvent]], float, str]] = [([], 0.0, "")] * 4
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, play(vad_hub, pcm))) for i in range(4)]
     for i, thread in enumerate(threads):
@@ -196,6 +203,7 @@ def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_h
         thread.join()
     assert max(t["step_s"] for t in status_seen) > 1.0, "the worker never stretched its steps"
     said = " ".join(reference(n) for n in SPOKEN)
+    decode = max(IDLE_DECODE_S, *(d for _, d, _ in results))  # what a decode cost on the worker, this run
     for events, _, text in results:
         parts = utterances(events)
         assert len(parts) == 3

@@ -109,8 +109,13 @@ class Session:
         return spent
 
     def finish(self, reason: str | None) -> float:
-        """Decode what is left, answer the final transcript; returns the seconds the decode took."""
-        spent = self._emit(self.streamer.finish)
+        """Decode what is left, answer the final transcript; returns the seconds the decodes took. Utterances
+        that ended before the close and wait for their finals (VAD, a busy worker) get theirs first, each with
+        its own ``utterance`` event."""
+        spent = 0.0
+        while self.streamer.urgent:
+            spent += self._emit(self.streamer.step)
+        spent += self._emit(self.streamer.finish)
         self.send(
             MsgType.RESULT,
             {
