@@ -16,7 +16,6 @@ what delays a partial.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import multiprocessing
 import queue
 import time

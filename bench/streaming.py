@@ -9,7 +9,10 @@ Modes: ``--sessions 1,2,4`` (K concurrent sessions on 2 one-thread workers, a ro
 ``--one-shot-load``, each K again beside a stream of one-shot requests), ``--scheduler`` (200 echo
 sessions on 4 echo workers: ``bench/scheduler.py``), ``--crash`` (a worker serving 3 sessions killed
 mid-stream: ``bench/crash.py``) and ``--batching K`` (K sessions' windows decoded one
-at a time against in one batched call: ``bench/batching.py``).
+at a time against in one batched call: ``bench/batching.py``); issue 27's scenarios with VAD off and on:
+``--duty-cycle`` (8 sessions of two utterances and silences) and ``--continuous`` (4 sessions of the 46 s
+clips), ``bench/live_turns.py``; and ``--steps`` (a step's cost before and after one decode per step:
+``bench/steps.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import batching, crash, report, scheduler
+from bench import batching, crash, live_turns, report, scheduler, steps
 from bench.clips import build_clips
 from bench.hubproc import running_hub, whisper_provider
 from hub.client import HubClient
@@ -214,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument(
         "--batching", type=int, metavar="K", help="K session windows decoded one at a time against in one batched call"
     )
+    mode.add_argument(
+        "--duty-cycle", action="store_true", help="8 sessions of two utterances each followed by 6 s of silence, VAD off and on"
+    )
+    mode.add_argument("--continuous", action="store_true", help="4 sessions of the 46 s clips on 2 workers, VAD off and on")
+    mode.add_argument("--steps", action="store_true", help="a live step's cost: transcribe() against one decode per step")
+    mode.add_argument(
+        "--decode-budget", action="store_true", help="decodes per session-minute of both scenarios' audio, VAD off and on, no clock"
+    )
+    parser.add_argument("--vad", choices=("off", "on", "both"), default="both", help="with --duty-cycle/--continuous")
     parser.add_argument("--undisturbed", type=int, default=2, help="with --crash: undisturbed runs (at least 2)")
     parser.add_argument(
         "--window-seconds", type=float, help="with --crash: stream.window_seconds (default 15, longer than a clip)"
@@ -222,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         "--one-shot-load", action="store_true", help="with --sessions: each count again beside a stream of one-shot requests"
     )
     args = parser.parse_args(argv)
+    if args.decode_budget:
+        figures = live_turns.decode_budget(args.device)
+        print(json.dumps(figures, indent=2))
+        print(live_turns.budget_summary(figures))
+        return 0
+    if args.steps:
+        figures = steps.measure(device=args.device)
+        print(json.dumps(figures, indent=2))
+        print(steps.summary(figures))
+        return 0
     if args.batching:
         batching.one_thread()
         figures = batching.measure(args.batching, device=args.device)
@@ -234,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(figures, indent=2))
             print("\n".join(report.scheduler_lines(figures)))
             print("\n".join(report.target_line(t) for t in report.scheduler_targets(figures)))
+            return 0
+        if args.duty_cycle or args.continuous:
+            vads = {"off": (False,), "on": (True,), "both": (False, True)}[args.vad]
+            figures = live_turns.measure(Path(workdir), "duty" if args.duty_cycle else "continuous", args.device, vads)
+            print(json.dumps(figures, indent=2))
+            print(live_turns.summary(figures))
             return 0
         if args.crash:
             figures = crash.measure(Path(workdir), crash.CrashPlan(undisturbed=args.undisturbed, window_s=args.window_seconds), args.device)

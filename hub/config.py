@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from hub import protocol
 from hub.audio import upload_peak_bytes
 from hub.provider_types import PROVIDER_TYPES
 
@@ -82,10 +83,15 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Live-session decoding: a decode every ``step_ms`` of new audio over a window of at most ``window_seconds``."""
+    """Live-session decoding: a decode every ``step_ms`` of new audio over a window of at most ``window_seconds``;
+    with ``vad``, only while Silero VAD hears speech (at or above ``vad_threshold``), and an utterance's final
+    at once after ``endpoint_ms`` of silence (docs/guides/provider_pooling.md §1.2)."""
 
     step_ms: int = 1000
     window_seconds: float = 15.0
+    vad: bool = False
+    endpoint_ms: int = 600
+    vad_threshold: float = 0.5
 
 
 MAX_BATCH = 256  # pool.max_batch at most: far beyond what one card decodes at once
@@ -490,6 +496,11 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
         raise ConfigError(f"{path}.cpu_threads: must be >= 0 (0 lets the library choose)")
     if provider.stream.step_ms < 100 or provider.stream.window_seconds < 2 * provider.stream.step_ms / 1000:
         raise ConfigError(f"{path}.stream: step_ms must be >= 100 and window_seconds at least two steps long")
+    problems = protocol.turn_detection_problems(
+        {"vad": provider.stream.vad, "endpoint_ms": provider.stream.endpoint_ms, "vad_threshold": provider.stream.vad_threshold}
+    )
+    if problems:
+        raise ConfigError(f"{path}.stream: " + "; ".join(problems))
     model = _check_model(provider, path, base_dir) if check_paths else provider.model
     pool = _pool(_mapping(pool_body, f"{path}.pool") if pool_body is not None else None, f"{path}.pool")
     return dataclasses.replace(provider, model=model, pool=pool)

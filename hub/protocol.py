@@ -51,6 +51,8 @@ class MsgType(str, Enum):
     # supervisor -> client (SEGMENT, RESULT and ERROR also travel worker -> supervisor)
     REPLY = "REPLY"
     PARTIAL = "PARTIAL"  # a live session's text that may still change (worker -> supervisor too)
+    EVENT = "EVENT"  # a live session's speech boundary or utterance end, with VAD on (worker -> supervisor too)
+    HEARD = "HEARD"  # how far a live session's worker has read, when it has no text to send (likewise)
     SEGMENT = "SEGMENT"
     RESULT = "RESULT"
     ERROR = "ERROR"
@@ -258,6 +260,40 @@ def parse_resume(body: dict[str, Any]) -> Resume | None:
     if not isinstance(finals, list) or not all(isinstance(f, dict) for f in finals):
         raise BadRequest("field 'resume.finals' must be a list of segments")
     return Resume(start=start, finals=tuple(finals))
+
+
+TURN_DETECTION = {  # a STREAM_OPEN's ``turn_detection``: the session's own stream.vad settings, each optional
+    "vad": (lambda v: isinstance(v, bool), "true or false"),
+    "endpoint_ms": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 10_000, "an integer from 100 to 10000"),
+    "vad_threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.2 <= v < 1, "a number from 0.2 to below 1"),
+}
+
+
+def parse_turn_detection(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``turn_detection`` of a STREAM_OPEN: the provider's ``stream.vad``, ``stream.endpoint_ms`` and
+    ``stream.vad_threshold`` this session overrides (empty: the provider's own). None when the field is
+    absent: a client from before VAD, which cannot read EVENT and HEARD, so its sessions get no VAD."""
+    turns = body.get("turn_detection")
+    if turns is None:
+        return None
+    if not isinstance(turns, dict):
+        raise BadRequest("field 'turn_detection' must be an object with vad, endpoint_ms and/or vad_threshold")
+    problems = turn_detection_problems(turns)
+    if problems:
+        raise BadRequest("turn_detection: " + "; ".join(problems))
+    return dict(turns)
+
+
+def turn_detection_problems(settings: dict[str, Any]) -> list[str]:
+    """What is wrong with these VAD settings (empty when nothing is), a line each."""
+    problems = []
+    for key, value in settings.items():
+        check = TURN_DETECTION.get(key)
+        if check is None:
+            problems.append(f"{key} is not a VAD setting (known: {', '.join(TURN_DETECTION)})")
+        elif not check[0](value):
+            problems.append(f"{key} must be {check[1]}, got {value!r}")
+    return problems
 
 
 def parse_options(body: dict[str, Any]) -> dict[str, Any]:

@@ -211,10 +211,20 @@ class GpuCard(Wire):
 
 
 @dataclass(frozen=True)
+class SessionTurnStatus(Wire):
+    """One live session on a worker: its step interval now (``stream.step_ms``, stretched when the worker's
+    sessions need more decoding than it can do) and the fraction of the worker's time its decodes take."""
+
+    id: str = ""
+    step_s: float = 0.0
+    duty: float = 0.0
+
+
+@dataclass(frozen=True)
 class WorkerStatus(Wire):
     id: str = ""
     pid: int = 0
-    state: str = ""  # a ``hub.pool.WorkerState`` value
+    state: str = ""  # a ``hub.supervisor.pool.WorkerState`` value
     device: str = ""
     gpu: GpuCard | None = None
     cuda_pci_bus_id: str = ""
@@ -222,6 +232,7 @@ class WorkerStatus(Wire):
     jobs_held: int = 0  # one-shot jobs it holds now, decoding or waiting for its next batch (up to pool.max_batch)
     sessions: int = 0
     session_duty: float = 0.0
+    session_turns: tuple[SessionTurnStatus, ...] = ()
     consecutive_failures: int = 0
     rss_mb: float = 0.0
     since_health_check: float | None = None

@@ -25,10 +25,10 @@ import psutil
 import pytest
 import yaml
 
-from hub.wer import word_error_rate  # noqa: F401  (the tests' WER is the hub's)
 from hub import shm
 from hub.client import HubClient
 from hub.errors import HubError
+from hub.wer import word_error_rate  # noqa: F401  (the tests' WER is the hub's)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"

@@ -19,7 +19,8 @@ from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.provider_types import PROVIDER_TYPES
 from hub.results import Segment
-from workers.streaming import StreamUpdate
+from workers.streaming import Decode, SpeechEvent, StreamUpdate, WindowStreamer
+from workers.vad import SpeechDetector
 
 OnSegment = Callable[[Segment], None]
 
@@ -60,9 +61,29 @@ class Streamer(Protocol):
     @property
     def seconds(self) -> float: ...
 
+    decodes: int  # decodes made so far (the session's answer reports it)
+
+    @property
+    def active(self) -> bool:
+        """It decodes as audio comes (with VAD: while someone speaks): its decodes count in the worker's load."""
+        ...
+
+    @property
+    def urgent(self) -> bool:
+        """Its listener waits for a final now (an utterance has ended): its turn comes first."""
+        ...
+
     @property
     def needs_from(self) -> int:
         """The first stream sample a decoder taking over from this one would need."""
+        ...
+
+    def pace(self, step_seconds: float) -> None:
+        """Decode after ``step_seconds`` of new audio from now on (the worker stretches steps when overloaded)."""
+        ...
+
+    def events(self) -> list[SpeechEvent]:
+        """Speech boundaries heard since the last call (VAD only)."""
         ...
 
     def resume(self, start: int, finals: Sequence[Segment]) -> None:
@@ -106,6 +127,15 @@ class StreamSettings:
 
     step_ms: int = 1000
     window_seconds: float = 15.0
+    vad: bool = False
+    endpoint_ms: int = 600
+    vad_threshold: float = 0.5
+
+
+def window_streamer(decode: Decode, settings: StreamSettings) -> WindowStreamer:
+    """The local-agreement streamer over ``decode``, gated by Silero VAD where ``settings.vad``."""
+    detector = SpeechDetector(settings.vad_threshold, settings.endpoint_ms) if settings.vad else None
+    return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds, detector)
 
 
 def check_options(engine: Engine, provider_type: str, options: dict[str, Any]) -> None:

@@ -27,10 +27,10 @@ from hub.errors import BadRequest
 from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.provider_types import FUNASR
 from hub.results import Segment, Word, join_text
-from workers.cuda import warn_cpu_fallback
 from workers.batch import decode_groups, one_by_one
-from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, Streamer, StreamSettings
-from workers.streaming import StreamUpdate, WindowStreamer
+from workers.cuda import warn_cpu_fallback
+from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, Streamer, StreamSettings, window_streamer
+from workers.streaming import SpeechEvent, StreamUpdate
 
 CONFIG_FILES = ("config.yaml", "configuration.json")  # what FunASR reads to know the model's class
 _TAG_RE = re.compile(r"<\|([^|]*)\|>")  # SenseVoice's rich tags: <|en|><|NEUTRAL|><|Speech|><|woitn|>
@@ -192,6 +192,7 @@ class OnlineStreamer:
     _pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     _decoded: int = 0  # samples already through the model
     _cache: dict[str, Any] = field(default_factory=dict)
+    decodes: int = 0
 
     @property
     def chunk(self) -> int:
@@ -206,9 +207,24 @@ class OnlineStreamer:
         return self._pending.size >= self.chunk
 
     @property
+    def active(self) -> bool:
+        return True
+
+    @property
+    def urgent(self) -> bool:
+        return False
+
+    @property
     def needs_from(self) -> int:
         """Every decoded chunk is final at once: a decoder taking over needs the audio not decoded yet."""
         return self._decoded
+
+    def pace(self, step_seconds: float) -> None:
+        """The chunk is the model's step: its cache is built for that size, so a step is never stretched."""
+
+    def events(self) -> list[SpeechEvent]:
+        """No VAD on a streaming model: it decodes every chunk through its cache, silence included."""
+        return []
 
     def resume(self, start: int, finals: Sequence[Segment]) -> None:
         """Take over at sample ``start`` with a fresh cache (the dead worker's went with it)."""
@@ -228,6 +244,7 @@ class OnlineStreamer:
     def _decode(self, samples: int, is_final: bool) -> StreamUpdate:
         """Run ``samples`` of pending audio through the model; their text is one segment spanning them."""
         pcm, self._pending = self._pending[:samples], self._pending[samples:]
+        self.decodes += 1
         start, self._decoded = self._decoded, self._decoded + samples
         results = self.generate(input=pcm, cache=self._cache, is_final=is_final, **self.options)
         text = "".join(str(r.get("text", "")) for r in results).strip()
@@ -320,4 +337,4 @@ class FunASREngine:
             duration = pcm.size / SAMPLE_RATE
             return [w for result in self._model.generate(input=pcm, **run) for w in to_words(result, duration)]
 
-        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)
+        return window_streamer(decode, settings)

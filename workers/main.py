@@ -33,11 +33,11 @@ from hub.errors import BadRequest, HubError, InferenceFailed, JobTimeout
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.results import Segment
 from workers import cutting
-from workers.cuda import visible_pci_bus_ids
 from workers.batch import batch_ready
-from workers.engine import DecodeItem, Engine, Outcome, check_options, load_engine, no_segments
+from workers.cuda import visible_pci_bus_ids
+from workers.engine import DecodeItem, Engine, Outcome, StreamSettings, check_options, load_engine, no_segments
 from workers.session import Session
-from workers.turns import JOB, next_turn
+from workers.turns import JOB, next_turn, stretched_step
 
 log = logging.getLogger("workers")
 _PR_SET_PDEATHSIG = 1
@@ -92,20 +92,24 @@ class Worker:
         self.vad = cutting.the_vad()  # where a long request's plan cuts (Silero, or none without faster-whisper)
         if self.vad is cutting.all_speech:
             log.warning("no faster-whisper here: long requests are cut at their quietest points, without a VAD")
+        self.settings = StreamSettings(**spec.stream)  # the provider's step, before stretching, and window
 
     def send(self, msg_type: MsgType, job_id: str, body: dict[str, Any] | None = None) -> None:
         self.sock.send_multipart(protocol.build(msg_type, job_id, body))
 
     def load(self) -> dict[str, Any]:
         """What the heartbeat tells the supervisor (read from the heartbeat thread; plain numbers)."""
-        return {"busy": self.session_busy, "sessions": len(self.sessions)}
+        turns = {sid: {"busy": s.busy, "step_s": s.interval} for sid, s in list(self.sessions.items())}
+        return {"busy": self.session_busy, "sessions": len(turns), "turns": turns}
 
     def serve(self) -> None:
         """Take the supervisor's messages and serve them (jobs in batches, sessions in turns) until STOP."""
         try:
             while self._take_messages():
+                self._pace()
                 due = {sid: s.due_since for sid, s in self.sessions.items() if s.due_since is not None}
-                turn = next_turn(due, self.jobs[0][1] if self._batch_ready() else None)
+                urgent = [sid for sid in due if self.sessions[sid].urgent]
+                turn = next_turn(due, self.jobs[0][1] if self._batch_ready() else None, urgent)
                 if turn == JOB:
                     self.run_batch([self.jobs.popleft()[0] for _ in range(min(len(self.jobs), self.spec.max_batch))])
                 elif turn is not None:
@@ -127,6 +131,14 @@ class Worker:
         if self.jobs:
             return max(1, math.ceil((self.jobs[0][1] + self.batch_wait - time.monotonic()) * 1000))
         return -1
+
+    def _pace(self) -> None:
+        """Stretch every session's step evenly when one decode of each speaking session outlasts a step."""
+        if not self.sessions:
+            return
+        step = stretched_step(self.settings.step_ms / 1000, (s.cost for s in self.sessions.values() if s.active), self.settings.window_seconds / 2)
+        for session in self.sessions.values():
+            session.pace(step)
 
     def _take_messages(self) -> bool:
         """Every message already waiting (waiting for one when there is nothing to do); False on STOP."""

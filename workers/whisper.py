@@ -12,11 +12,12 @@ from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.provider_types import WHISPER
 from hub.results import Segment, Word, join_text
-from workers.cuda import warn_cpu_fallback
 from workers.batch import decode_groups, one_by_one
-from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, StreamSettings
+from workers.cuda import warn_cpu_fallback
+from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, StreamSettings, window_streamer
 from workers.streaming import WindowStreamer
 from workers.whisper_batch import batchable, settings, window_batch
+from workers.whisper_step import WindowDecoder
 
 BUNDLED_MODEL = "tiny.en"
 
@@ -138,14 +139,8 @@ class WhisperEngine:
         return options
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
-        """Local agreement over a growing window; the confirmed text is the next decode's prompt."""
+        """Local agreement over a growing window, one encode-generate-align per step (``WindowDecoder``);
+        the confirmed text is the next decode's prompt."""
         self._check(options)
-        options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt")}
-
-        def decode(pcm: np.ndarray, prompt: str) -> list[Word]:
-            generator, _ = self._model.transcribe(
-                pcm, word_timestamps=True, initial_prompt=prompt or None, condition_on_previous_text=False, **options
-            )
-            return [Word(w.start, w.end, w.word, w.probability) for seg in generator for w in seg.words or ()]
-
-        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)
+        options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt", "vad_filter")}
+        return window_streamer(WindowDecoder(self._model, options), settings)

@@ -126,6 +126,10 @@ def format_status(status: HubStatus) -> str:
             )
             if w.last_error:
                 lines.append(f"      last error: {w.last_error}")
+            if w.sessions:
+                lines.append(f"      {w.sessions} live session(s), duty {w.session_duty:.0%}")
+            for t in w.session_turns:
+                lines.append(f"      session {t.id}: a step every {t.step_s:.2f} s, duty {t.duty:.0%}")
     for name, r in status.routes.items():
         shares = ", ".join(f"{p}={w:g}" for p, w in r.weights.items())
         lines.append(f"\nroute {name}: {shares}{'  (sticky)' if r.sticky else ''}")
@@ -181,11 +185,13 @@ def _stream(client: HubClient | HubPool, args: argparse.Namespace) -> int:
 
 
 def _print_events(session: StreamSession, tty: bool) -> None:
+    """Finals a line each; on a terminal, the partial text on the line being written (cleared when an
+    utterance ends, with VAD on); speech boundaries are not printed."""
     for event in session.results():
         if event.kind == "final":
             print(("\r\x1b[K" if tty else "") + event.text, flush=True)
-        elif tty:
-            print("\r\x1b[K" + event.text, end="", flush=True)
+        elif tty and event.kind in ("partial", "utterance"):
+            print("\r\x1b[K" + (event.text if event.kind == "partial" else ""), end="", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

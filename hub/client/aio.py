@@ -141,7 +141,13 @@ class AsyncHubClient(ClientCore):
         return AsyncTranscriptStream(events())
 
     async def open_stream(
-        self, provider: str | None = None, *, language: str | None = None, timeout: float | None = None, **options: Any
+        self,
+        provider: str | None = None,
+        *,
+        language: str | None = None,
+        timeout: float | None = None,
+        turn_detection: dict[str, Any] | None = None,
+        **options: Any,
     ) -> AsyncStreamSession:
         """The coroutine twin of ``HubClient.open_stream``."""
         timeout = timeout or self.timeout
@@ -149,7 +155,7 @@ class AsyncHubClient(ClientCore):
         request_id = self._new_id()
         session = AsyncStreamSession(self._sock.send_multipart, self._inbox(request_id), request_id, ring, timeout, self._forget_stream)
         self._streams.add(session)
-        return await session._start(open_body(provider, _options(language, None, options), ring, timeout))
+        return await session._start(open_body(provider, _options(language, None, options), ring, timeout, turn_detection))
 
     def _forget_stream(self, session: AsyncStreamSession) -> None:
         self._streams.discard(session)

@@ -37,11 +37,19 @@ CLOSED = "this session is closed: its client closed it, or it never opened"
 POLL_MS = 10  # how often a waiting reader looks for events; the socket's lock is free in between
 
 
+EVENT_KINDS = ("speech_started", "speech_stopped", "utterance")  # with VAD on (``stream.vad``)
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     """``partial``: text that may still change; ``final``: a segment that never will. ``heard``: seconds of
     the session's audio the worker had read when it sent the event (the text covers the audio up to there),
-    which is how far behind the speech the text is."""
+    which is how far behind the speech the text is.
+
+    With VAD on, also ``speech_started`` and ``speech_stopped`` (``at``: where in the stream, seconds) and,
+    after an utterance's finals, ``utterance``: every final of the utterance that ended at ``at`` has been
+    sent, ``text`` is all of its confirmed text ("" when it had no words). A reader that knows only
+    ``partial`` and ``final`` should skip other kinds: more may come."""
 
     kind: str
     text: str
@@ -109,6 +117,12 @@ class _SessionCore:
             self.acked = _kept(msg.body, self.acked)
             self.finals.append(segment)
             self.events.append(StreamEvent("final", segment.text, segment, _read(msg.body)))
+        elif msg.type is MsgType.EVENT:
+            self.acked = _kept(msg.body, self.acked)
+            kind, text, at = str(msg.body.get("kind", "")), str(msg.body.get("text", "")), float(msg.body.get("at", 0.0))
+            self.events.append(StreamEvent(kind, text, heard=_read(msg.body), at=at))
+        elif msg.type is MsgType.HEARD:  # nothing to show: how far the ring may be written over
+            self.acked = _kept(msg.body, self.acked)
         elif msg.type is MsgType.RESULT:
             self.transcript = Transcript.from_dict(msg.body)
         elif msg.type is MsgType.ERROR:
@@ -220,10 +234,13 @@ class ChunkAudio:
         return np.zeros(0, dtype=np.float32) if self._resampler is None else self._resampler.flush()
 
 
-def open_body(provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float) -> dict[str, Any]:
+def open_body(
+    provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float, turns: dict[str, Any] | None = None
+) -> dict[str, Any]:
     ring_ref = {"shm": ring.name, "capacity": ring.capacity} if ring else None
     routed = route_fields(options)
-    return {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout, **routed}
+    body = {"provider": provider, "options": options, "ring": ring_ref, "timeout": timeout, **routed}
+    return {**body, "turn_detection": dict(turns or {})}  # present, even empty: this client reads EVENT and HEARD
 
 
 class _SessionView:

@@ -154,16 +154,24 @@ class HubClient(ClientCore):
         return TranscriptStream(self._exchange(self._transcribe_call(audio, provider, options, deadline, sample_rate, stream)))
 
     def open_stream(
-        self, provider: str | None = None, *, language: str | None = None, timeout: float | None = None, **options: Any
+        self,
+        provider: str | None = None,
+        *,
+        language: str | None = None,
+        timeout: float | None = None,
+        turn_detection: dict[str, Any] | None = None,
+        **options: Any,
     ) -> StreamSession:
         """Open a live session: ``send`` chunks as they are captured, read ``results()``, ``close()`` for the
-        final transcript. It shares a worker with other sessions; ``POOL_BUSY`` past ``pool.max_sessions``."""
+        final transcript. It shares a worker with other sessions; ``POOL_BUSY`` past ``pool.max_sessions``.
+        ``turn_detection`` overrides the provider's ``stream.vad``, ``stream.endpoint_ms`` and
+        ``stream.vad_threshold`` for this session, e.g. ``{"vad": True, "endpoint_ms": 500}``."""
         timeout = timeout or self.timeout
         ring = self._session_ring(self._ensure_hello(self._deadline(timeout)))
         session = StreamSession(self._new_socket(), self._new_id(), ring, timeout, self._forget_stream)
         with self._lock:
             self._streams.add(session)
-        return session._start(open_body(provider, _options(language, None, options), ring, timeout))
+        return session._start(open_body(provider, _options(language, None, options), ring, timeout, turn_detection))
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The supervisor's view of every provider and worker, as the wire's dict (docs/operations/pool_monitoring.md

@@ -34,7 +34,7 @@ log = logging.getLogger("hub.gateway")
 router = APIRouter()
 
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
-CONFIG_KEYS = frozenset({"type", "model", "language", "sample_rate", "encoding"})
+CONFIG_KEYS = frozenset({"type", "model", "language", "sample_rate", "encoding", "turn_detection"})
 CONFIG_TIMEOUT_S = 10.0  # a connection that sends no config by then is closed
 PIECE_BYTES = 64 * 1024  # frames are cut into pieces of at most this many bytes before they are queued
 QUEUE_PIECES = 16  # so a connection holds at most about one frame plus 16 pieces of audio
@@ -50,6 +50,7 @@ class LiveConfig:
     sample_rate: int = SAMPLE_RATE
     encoding: str = "pcm_s16le"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the hub, which checks them per model
+    turn_detection: dict[str, Any] | None = None  # the session's own stream.vad settings (the hub checks them)
 
 
 def parse_config(text: str) -> LiveConfig:
@@ -79,7 +80,10 @@ def parse_config(text: str) -> LiveConfig:
     options = {k: v for k, v in body.items() if k not in CONFIG_KEYS}
     if "timeout" in options:
         raise ApiError("BAD_REQUEST", "timeout is set by the gateway (gateway.request_timeout)", "timeout")
-    return LiveConfig(body.get("model"), body.get("language"), rate, encoding, options)
+    turns = body.get("turn_detection")
+    if turns is not None and not isinstance(turns, dict):
+        raise ApiError("BAD_REQUEST", 'turn_detection must be an object, e.g. {"vad": true, "endpoint_ms": 600}', "turn_detection")
+    return LiveConfig(body.get("model"), body.get("language"), rate, encoding, options, turns)
 
 
 def parse_control(text: str) -> None:
@@ -132,6 +136,7 @@ async def stream(websocket: WebSocket) -> None:
             gateway.provider_for(config.model),
             language=config.language,
             timeout=gateway.settings.section.request_timeout,
+            turn_detection=config.turn_detection,
             **config.options,
         )
         transcript = await _Live(websocket, session, config).run()
@@ -202,15 +207,20 @@ class _Live:
         await self.session.close()
 
     async def forward(self) -> None:
-        """The session's events to the client, until the session is over."""
+        """The session's events to the client, until the session is over: partials, finals and, with VAD on,
+        ``speech_started``/``speech_stopped`` (``at``) and ``utterance`` (``text``, ``at``) as they come."""
         settled = 0.0  # where the text that may still change begins: the end of the last final
         async for event in self.session.results():
             if event.segment is not None:
                 settled = event.segment.end
                 await send_json(self.websocket, {"type": "final", **_segment(event.segment)})
-            else:
+            elif event.kind == "partial":
                 end = self.fed / SAMPLE_RATE
                 await send_json(self.websocket, {"type": "partial", "text": event.text, "start": settled, "end": end})
+            elif event.kind == "utterance":
+                await send_json(self.websocket, {"type": "utterance", "text": event.text, "at": event.at})
+            elif event.kind in ("speech_started", "speech_stopped"):
+                await send_json(self.websocket, {"type": event.kind, "at": event.at})
 
 
 async def _ending(receiver: asyncio.Task[None], feeder: asyncio.Task[None], forwarder: asyncio.Task[None]) -> None:

@@ -97,7 +97,11 @@ def session_job(job_id: str, client: bytes, msg: Message, provider: ProviderConf
     ring = protocol.parse_ring(msg.body)
     if ring is not None:
         own_segment(ring.shm, shm_prefix)
-    job = _job(job_id, JobKind.SESSION, client, msg, provider, route, now, audio=AudioRef(samples=0), payload=None, stream=True, ring=ring)
+    turns = protocol.parse_turn_detection(msg.body)
+    job = _job(
+        job_id, JobKind.SESSION, client, msg, provider, route, now, audio=AudioRef(samples=0), payload=None, stream=True,
+        ring=ring, turns=turns,
+    )
     job.last_activity = now
     if ring is None:  # inline chunks: the supervisor keeps the recent ones, for a resume on another worker
         job.tail = AudioTail(int(provider.stream.window_seconds * protocol.SAMPLE_RATE))

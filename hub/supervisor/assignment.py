@@ -2,7 +2,9 @@
 
 A session is state, not a lease: a worker serves up to ``pool.sessions_per_worker`` of them
 and takes turns between them (``workers.turns``). The supervisor places a new session on the
-worker with the least session load. A one-shot job goes to the least recently used idle worker
+worker with the least measured session load (its decode duty, with ``FRESH_DUTY`` for each session
+it holds that no heartbeat has measured yet), not the fewest sessions: with VAD a silent session
+costs nothing and a talking one a lot. A one-shot job goes to the least recently used idle worker
 first (the pool's idle queue); failing that, to a worker that still has room: one holding fewer
 than ``pool.max_batch`` jobs, which it decodes together in one forward pass. A worker with sessions
 takes one only when its sessions leave it the time (its measured decode duty below
@@ -19,6 +21,10 @@ from hub.config import PoolConfig
 # A worker whose sessions keep it decoding more than this fraction of the time takes no one-shot job:
 # its sessions need the rest to catch up after the job (whose decode delays each of their next turns).
 ONE_SHOT_DUTY = 0.5
+# The duty a session placed since the worker's last heartbeat counts for (a tiny.en decode of ~0.5 s once a
+# second on a CPU core, as it starts talking): sessions opened together spread instead of all going to the
+# worker whose duty was lowest before any of them decoded.
+FRESH_DUTY = 0.5
 
 
 @dataclass(frozen=True)
@@ -29,13 +35,19 @@ class WorkerLoad:
     sessions: int
     jobs: int  # one-shot jobs and health checks it holds now
     duty: float  # fraction of the last heartbeat interval it spent decoding its sessions
+    fresh: int = 0  # sessions it holds that no heartbeat has measured yet
+
+    @property
+    def load(self) -> float:
+        """Its measured session duty, and an estimate for the sessions not measured yet."""
+        return self.duty + FRESH_DUTY * self.fresh
 
 
 def session_home(workers: Sequence[WorkerLoad], per_worker: int) -> str | None:
-    """The worker with the least session load that has room (fewest sessions, then fewest jobs, then the
-    lowest duty), or None when every one is full."""
+    """The worker with the least session load that has room (the lowest ``load``, then the fewest jobs, then
+    the fewest sessions), or None when every one is full."""
     room = [w for w in workers if w.sessions < per_worker]
-    return min(room, key=lambda w: (w.sessions, w.jobs, w.duty)).id if room else None
+    return min(room, key=lambda w: (round(w.load, 2), w.jobs, w.sessions)).id if room else None
 
 
 def one_shot_home(workers: Sequence[WorkerLoad], pool: PoolConfig) -> str | None:

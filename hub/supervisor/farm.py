@@ -137,7 +137,7 @@ class Farm:
             return
         if msg.type in (MsgType.HEARTBEAT, MsgType.READY, MsgType.LOAD_FAILED):
             self.workforce.on_message(worker, msg, now)
-        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL):
+        elif msg.type in (MsgType.SEGMENT, MsgType.PARTIAL, MsgType.EVENT, MsgType.HEARD):
             job = self.jobs.get(msg.id)
             if job is not None and job.worker == worker.id and job.owner:
                 self.pieces.on_segment(job, msg.body, now)
@@ -267,7 +267,7 @@ class Farm:
         if idle is not None:
             return idle
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty) for w in ready]
+        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty, len(w.sessions - w.turns.keys())) for w in ready]
         chosen = one_shot_home(loads, pool.config.pool)
         return pool.workers[chosen] if chosen is not None else None
 

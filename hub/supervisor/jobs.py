@@ -121,6 +121,7 @@ class Job:
     tail: AudioTail | None = None  # an inline session's recent audio
     carried: int = 0  # finals confirmed before the last resume: the current worker does not know them all
     resume: Resume | None = None  # set while the session waits to move to another worker
+    turns: dict[str, Any] | None = None  # a session's own stream.vad settings (None: a client from before VAD)
     owner: str = ""  # a plan's or a piece's request (its job id)
     index: int = -1  # a piece's place in its request's plan
 
@@ -143,7 +144,7 @@ class Job:
         if self.kind is JobKind.HEALTH:
             return {"health": True}
         if self.kind is JobKind.SESSION:
-            body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options}
+            body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options, "turn_detection": self.turns}
             return {**body, "resume": self.resume.to_dict()} if self.resume else body
         if self.kind is JobKind.PLAN:
             return {"audio": self.audio.to_dict(), "plan": self.options}

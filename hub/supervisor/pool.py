@@ -24,6 +24,30 @@ class WorkerState(str, Enum):
     UNHEALTHY = "unhealthy"  # being stopped: it crashed, hung or overran a job
 
 
+@dataclass(frozen=True)
+class SessionTurn:
+    """One live session on a worker, as its heartbeats tell: seconds spent decoding it, its step interval now
+    (stretched when the worker is overloaded), the fraction of the last heartbeat interval its decodes took."""
+
+    busy: float
+    step_s: float
+    duty: float = 0.0
+
+
+def session_turns(previous: dict[str, SessionTurn], reported: object, elapsed: float) -> dict[str, SessionTurn]:
+    """A heartbeat's ``turns`` (``{session: {"busy", "step_s"}}``) with each session's duty since the last one;
+    anything malformed is left out."""
+    turns = {}
+    for sid, turn in (reported if isinstance(reported, dict) else {}).items():
+        busy, step = (turn.get("busy"), turn.get("step_s")) if isinstance(turn, dict) else (None, None)
+        if not isinstance(busy, (int, float)) or not isinstance(step, (int, float)):
+            continue
+        before = previous[sid].busy if sid in previous else 0.0
+        duty = max(0.0, float(busy) - before) / elapsed if elapsed > 0 else 0.0
+        turns[str(sid)] = SessionTurn(busy=float(busy), step_s=float(step), duty=min(1.0, duty))
+    return turns
+
+
 @dataclass(eq=False)
 class WorkerHandle:
     """The supervisor's view of one worker process."""
@@ -41,6 +65,7 @@ class WorkerHandle:
     sessions: set[str] = field(default_factory=set)  # the live sessions it serves (job ids)
     busy: float = 0.0  # seconds it has spent decoding sessions, as its last heartbeat said
     duty: float = 0.0  # fraction of the last heartbeat interval spent decoding sessions
+    turns: dict[str, SessionTurn] = field(default_factory=dict)  # each session's, by session (job) id
     jobs_done: int = 0
     kill_at: float | None = None  # SIGKILL after this time, once SIGTERM or STOP was sent
     last_error: str = ""

@@ -55,7 +55,7 @@ class Sessions:
     def home(self, pool: ProviderPool) -> WorkerHandle | None:
         """The ready worker with the least session load and room for one more, or None."""
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty) for w in ready]
+        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty, len(w.sessions - w.turns.keys())) for w in ready]
         chosen = session_home(loads, pool.config.pool.sessions_per_worker)
         return pool.workers[chosen] if chosen is not None else None
 
@@ -115,7 +115,7 @@ class Sessions:
     # --- the worker's side ----------------------------------------------------------
 
     def heard(self, job: Job, msg: Message) -> None:
-        """A session's PARTIAL or SEGMENT on its way to the client: what a resume needs of it."""
+        """A session's PARTIAL, SEGMENT, EVENT or HEARD on its way to the client: what a resume needs of it."""
         job.keep = int(msg.body.get("keep", job.keep))
         if msg.type is MsgType.SEGMENT:
             job.finals.append({k: v for k, v in msg.body.items() if k not in ("read", "keep")})

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from hub.config import ProviderConfig
-from hub.status import GpuCard, PoolStatus, ProviderStatus, RequestFigures, WorkerStatus
+from hub.status import GpuCard, PoolStatus, ProviderStatus, RequestFigures, SessionTurnStatus, WorkerStatus
 from hub.supervisor.gpus import Card
 from hub.supervisor.pool import ProviderPool, WorkerHandle
 
@@ -69,6 +69,11 @@ def worker_status(w: WorkerHandle, now: float, gpu_error: str) -> WorkerStatus:
         jobs_held=len(w.jobs),
         sessions=len(w.sessions),
         session_duty=round(w.duty, 3),
+        session_turns=tuple(
+            SessionTurnStatus(id=sid, step_s=round(t.step_s, 3), duty=round(t.duty, 3))
+            for sid, t in sorted(w.turns.items())
+            if sid in w.sessions
+        ),
         consecutive_failures=w.consecutive_failures,
         rss_mb=round(w.rss_mb, 1),
         since_health_check=round(now - w.last_check, 3) if w.last_check else None,

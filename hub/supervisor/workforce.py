@@ -24,7 +24,7 @@ from hub.errors import BadRequest, HubError, UnknownProvider, WorkerCrashed
 from hub.protocol import ExitCode, Message, MsgType, WorkerSpec
 from hub.supervisor import process
 from hub.supervisor.cards import Cards
-from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState
+from hub.supervisor.pool import ProviderPool, WorkerHandle, WorkerState, session_turns
 from hub.supervisor.process import WorkerIO
 from hub.supervisor.scaling import PoolSnapshot, decide, floor_size
 
@@ -121,6 +121,7 @@ class Workforce:
             if isinstance(busy, (int, float)) and now > worker.last_heartbeat:
                 worker.duty = max(0.0, float(busy) - worker.busy) / (now - worker.last_heartbeat)
                 worker.busy = float(busy)
+                worker.turns = session_turns(worker.turns, msg.body.get("turns"), now - worker.last_heartbeat)
             worker.last_heartbeat = now
         elif msg.type is MsgType.READY:
             self.on_ready(worker, msg.body, now)

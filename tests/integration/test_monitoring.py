@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hub.errors import HubError, PoolBusy
 from hub.supervisor.metrics import Histogram, Metrics, Window
-from tests.conftest import DATA, ROOT, echo_provider, free_port, wait_for
+from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ import pytest
 from hub import protocol
 from hub.audio import to_pcm
 from hub.errors import BadRequest, WorkerCrashed
-from hub.resume import AudioTail, context, keep_from, merge_result
 from hub.results import Segment
+from hub.resume import AudioTail, context, keep_from, merge_result
 from tests.conftest import DATA, Hub, echo_provider, wait_for
 from workers.echo import echo_words
 from workers.streaming import WindowStreamer

@@ -15,7 +15,7 @@ import yaml
 
 from hub.client.rollback import set_pool_enabled
 from hub.config import parse_config
-from tests.conftest import ROOT, echo_provider, steady_load, script_env
+from tests.conftest import ROOT, echo_provider, script_env, steady_load
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -31,6 +31,7 @@ WORKER = {
     "id": "whisper-1", "pid": 4242, "state": "idle", "device": "cuda",
     "gpu": {"ordinal": 0, "nvml_index": 1, "pci_bus_id": "00000000:3B:00.0", "uuid": "GPU-1234"},
     "cuda_pci_bus_id": "00000000:3B:00.0", "jobs_done": 7, "jobs_held": 2, "sessions": 1, "session_duty": 0.25,
+    "session_turns": [{"id": "s-1", "step_s": 2.2, "duty": 0.25}],
     "consecutive_failures": 0, "rss_mb": 512.5, "since_health_check": 1.5, "slot": 0, "restarts": 1,
     "gpu_memory_used_mb": 900.0, "gpu_card_used_mb": 2000.0, "gpu_card_total_mb": 16000.0, "gpu_utilization": 35.0,
     "gpu_error": "", "uptime": 60.25, "last_error": "",

@@ -215,6 +215,25 @@ def test_the_real_models_words_from_44k_frames_that_split_samples(whisper_gatewa
     assert transcript["language"] == "en"  # not asked for: the model's own, as HTTP answers it
 
 
+def test_turn_detection_gives_the_speech_events_of_an_utterance(whisper_gateway: Gateway) -> None:
+    """VAD asked for in the config: speech_started, speech_stopped, the utterance's finals, then its
+    utterance event with all of its text; no partial after the speech stopped; a bad setting is refused."""
+    silence = np.zeros(16000, dtype=np.float32)
+    pcm = np.concatenate([silence, to_pcm(DATA / "coffee.wav"), silence, silence])
+    config = {"model": "whisper-1", "turn_detection": {"vad": True, "endpoint_ms": 500}}
+    outcome = stream(whisper_gateway, config, frames((pcm * 32767).astype("<i2").tobytes(), 3200))
+    kinds = [e["type"] for e in outcome.events]
+    assert kinds.count("speech_started") == kinds.count("speech_stopped") == kinds.count("utterance") == 1, kinds
+    started, stopped, marker = kinds.index("speech_started"), kinds.index("speech_stopped"), kinds.index("utterance")
+    assert started < stopped < marker and "partial" not in kinds[stopped:] and kinds[:started] == []
+    utterance = outcome.events[marker]
+    assert utterance["text"] == " ".join(f["text"] for f in outcome.of("final")) == outcome.transcript["text"]
+    assert word_error_rate(reference("coffee"), utterance["text"]) <= 0.15, utterance["text"]
+    assert 0.9 <= outcome.events[started]["at"] < utterance["at"] == outcome.events[stopped]["at"] <= pcm.size / 16000 - 1
+    refused = stream(whisper_gateway, {"model": "whisper-1", "turn_detection": {"vad": "yes"}}, [b"\0\0"])
+    assert refused.of("error") and refused.of("error")[0]["code"] == "BAD_REQUEST", refused.events
+
+
 def test_float32_at_48k_reaches_the_hub_exactly(whisper_gateway: Gateway) -> None:
     assert_serves(whisper_gateway)
 

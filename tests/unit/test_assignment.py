@@ -20,7 +20,9 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_a_session_goes_to_the_least_loaded_worker_with_room() -> None:
     workers = [WorkerLoad("a", 2, 0, 0.4), WorkerLoad("b", 1, 1, 0.1), WorkerLoad("c", 1, 0, 0.3)]
-    assert session_home(workers, 4) == "c"  # fewest sessions, then the one without a job
+    assert session_home(workers, 4) == "b"  # the lowest measured duty (issue 27), not the fewest sessions
+    workers = [WorkerLoad("a", 1, 1, 0.2), WorkerLoad("b", 2, 0, 0.2), WorkerLoad("c", 1, 0, 0.2)]
+    assert session_home(workers, 4) == "c"  # equal duty: the one without a job, then the fewest sessions
     assert session_home([WorkerLoad("a", 1, 0, 0.9), WorkerLoad("b", 1, 0, 0.2)], 4) == "b"
     assert session_home([WorkerLoad("a", 4, 0, 0.0), WorkerLoad("b", 3, 0, 0.9)], 4) == "b"
     assert session_home([WorkerLoad("a", 4, 0, 0.0)], 4) is None and session_home([], 4) is None

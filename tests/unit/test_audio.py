@@ -1,8 +1,8 @@
-import numpy as np
-import pytest
-
 import io
 import wave
+
+import numpy as np
+import pytest
 
 from hub.audio import (
     StreamResampler,
