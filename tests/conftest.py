@@ -233,37 +233,6 @@ def no_leaked_segments() -> Iterator[None]:
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
 
 
-def _shares_a_module_fixture(item: pytest.Item) -> bool:
-    """Whether the test uses a fixture kept for its module (or class, or package): a hub started once for them."""
-    info = getattr(item, "_fixtureinfo", None)
-    defs = info.name2fixturedefs.values() if info is not None else ()
-    return any(chain[-1].scope in ("module", "class", "package") for chain in defs if chain)
-
-
-# session-scoped hubs that tests of several modules share: under `make test` those tests run in one process
-SHARED_ACROSS_MODULES = ("whisper_gateway",)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` (``make test``): the tests that share a hub of ``SHARED_ACROSS_MODULES`` are one
-    unit of work, whatever their module, so that hub starts once; a test that starts its own hubs (``hub_factory``)
-    and shares no module fixture is a unit of work of its own, so that a file of such tests spreads over the xdist
-    workers; every other test stays in one unit with its module, whose shared hub then starts once, in one worker.
-    Units of one test go out in the order of the items, so the slowest tier's go first (models, integration, unit)
-    and a long one does not start last, while the other workers sit idle."""
-    if not getattr(config.option, "loadgroup", False):
-        return
-    tiers = ("tests/models/", "tests/integration/")
-    items.sort(key=lambda item: next((i for i, tier in enumerate(tiers) if item.nodeid.startswith(tier)), len(tiers)))
-    for item in items:
-        shared = [name for name in SHARED_ACROSS_MODULES if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-        elif "hub_factory" not in item.fixturenames or _shares_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
-
-
 @contextmanager
 def steady_load(hub: Hub, clients: int = 3, vary: bool = False, timeout: float = 30.0) -> Iterator[Counter[str]]:
     """Echo requests from ``clients`` threads until the block ends; yields every outcome, counted: "ok" for the
