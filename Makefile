@@ -39,7 +39,7 @@ run: install
 # The tiers (tests/README.md): unit (no process, no socket), integration (echo hubs), models (faster-whisper,
 # FunASR), system (what needs minutes or outside tools). PYTEST_JOBS runs test files in parallel processes.
 FAST_TIERS := tests/unit tests/integration tests/models
-PYTEST_JOBS ?= 3
+PYTEST_JOBS ?= 4
 PYTEST := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile)
 
 test: $(TEST_STAMP)

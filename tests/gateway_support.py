@@ -106,10 +106,11 @@ def serving(tmp: Path, providers: dict[str, Any], **section: Any) -> Iterator[Ga
         assert "Traceback" not in started.log(), started.log()[-5000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def whisper_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One supervisor with the bundled tiny.en (the default provider), an echo provider named "echo" and its gateway,
-    shared by a module's tests that change nothing."""
+    shared by the tests that change nothing, in every module that one test process runs (the gateway's OpenAI,
+    Wyoming and live modules, and the browser's): a process that runs two of them starts it once."""
     providers = {"whisper": WHISPER, "echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 2, "max_sessions": 1}}}
     with serving(tmp_path_factory.mktemp("gateway"), providers) as gw:
         yield gw
