@@ -1,5 +1,6 @@
 """The unit tier's rule, enforced: a test here starts no process and opens no socket (those belong in
-tests/integration), so the tier answers in seconds on any machine."""
+tests/integration), so the tier answers in seconds on any machine. An asyncio event loop's own self-pipe (a
+``socketpair`` inside the process) is allowed: binding, listening or connecting is not."""
 
 from __future__ import annotations
 
@@ -20,5 +21,6 @@ def no_process_no_socket(monkeypatch: pytest.MonkeyPatch) -> None:
         return refused
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a process"))
-    monkeypatch.setattr(socket.socket, "__init__", refuse("open a socket"))
+    for method in ("bind", "connect", "connect_ex", "listen"):
+        monkeypatch.setattr(socket.socket, method, refuse("open a socket"))
     monkeypatch.setattr(zmq.Context, "socket", refuse("open a ZeroMQ socket"))
