@@ -18,7 +18,6 @@ not buffered without bound, and the hub session, no longer fed, stops making eve
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import uuid
 from collections import deque
@@ -26,7 +25,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 
-from hub.client import AsyncHubClient, AsyncStreamSession
+from hub.client import AsyncStreamSession
 from hub.errors import HubError
 from hub.gateway.errors import ApiError, mapping
 from hub.gateway.live import PIECE_BYTES, QUEUE_PIECES
@@ -57,9 +56,6 @@ router = APIRouter()
 SUBPROTOCOL = "realtime"  # what OpenAI's browser example offers; chosen when offered
 KEY_SUBPROTOCOL = "openai-insecure-api-key."  # a browser's API key, as a subprotocol (it cannot set headers)
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
-# Whether this SDK's live sessions take their own VAD settings (``open_stream(turn_detection=...)``); without
-# them server_vad leaves the turns to the provider's ``stream`` settings.
-HUB_TURN_DETECTION = "turn_detection" in inspect.signature(AsyncHubClient.open_stream).parameters
 OUTBOX_EVENTS = 64  # server events waiting for a slow client; while full, nothing more is read from it
 
 
@@ -231,7 +227,7 @@ class Connection:
     async def _open(self) -> None:
         config = self.applied
         options: dict[str, Any] = {"initial_prompt": config.prompt} if config.prompt else {}
-        if HUB_TURN_DETECTION and config.turn_detection is not None:
+        if config.turn_detection is not None:
             options["turn_detection"] = config.turn_detection.hub_turns()
         opening = asyncio.ensure_future(
             self.gateway.client.open_stream(

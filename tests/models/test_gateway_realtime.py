@@ -21,7 +21,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from hub.audio import to_pcm
-from hub.gateway.realtime import HUB_TURN_DETECTION
 from hub.wer import word_error_rate
 from tests.conftest import DATA, reference
 from tests.gateway_support import Gateway, serving
@@ -290,10 +289,6 @@ def test_a_session_the_hub_closes_for_silence_completes_and_the_next_audio_opens
     assert committed[0]["previous_item_id"] == one[0] != two[0]
 
 
-@pytest.mark.skipif(
-    not HUB_TURN_DETECTION,
-    reason="the hub has no live VAD yet (AsyncHubClient.open_stream takes no turn_detection): it sends no speech events",
-)
 def test_server_vad_turns_without_commits(gw: Gateway) -> None:
     """Two utterances, each followed by silence: the hub's VAD (turned on by the session's server_vad, the
     provider's ``stream.vad`` is off) starts, stops and commits each item, and completes it, without a commit
