@@ -25,12 +25,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def gateway_plan(args: argparse.Namespace) -> gateway.GatewayPlan:
     if args.quick:
-        return gateway.GatewayPlan(round_trips=300, seconds=2, whisper_jobs=12, whisper_workers=args.max_workers, settle_s=2)
-    return gateway.GatewayPlan(round_trips=1000, seconds=5, whisper_jobs=24, whisper_workers=args.max_workers, settle_s=30)
+        return gateway.GatewayPlan(
+            round_trips=300, seconds=2, whisper_jobs=12, whisper_workers=args.max_workers, settle_s=2
+        )
+    return gateway.GatewayPlan(
+        round_trips=1000, seconds=5, whisper_jobs=24, whisper_workers=args.max_workers, settle_s=30
+    )
 
 
 def hubpool_plan(args: argparse.Namespace) -> hubpool.PoolPlan:
-    return hubpool.PoolPlan(jobs=8, round_trips=300, settle_s=2) if args.quick else hubpool.PoolPlan(jobs=24, round_trips=1000, settle_s=30)
+    return (
+        hubpool.PoolPlan(jobs=8, round_trips=300, settle_s=2)
+        if args.quick
+        else hubpool.PoolPlan(jobs=24, round_trips=1000, settle_s=30)
+    )
 
 
 def scheduler_plan(args: argparse.Namespace) -> scheduler.SchedulerPlan:
@@ -90,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--max-workers", type=int, help="largest pool (default: the cores; on cuda, the GPUs times --per-gpu, its bound)"
+        "--max-workers",
+        type=int,
+        help="largest pool (default: the cores; on cuda, the GPUs times --per-gpu, its bound)",
     )
     parser.add_argument("--per-gpu", type=int, default=2, help="workers per GPU on cuda (default 2)")
     parser.add_argument("--quick", action="store_true", help="the reduced run (pool N=1 and max, C=1,2,4, fewer jobs)")
@@ -102,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda: no GPU here (NVML lists none, or the inherited CUDA_VISIBLE_DEVICES is empty)")
         bound = cards * args.per_gpu
         if args.max_workers is not None and args.max_workers > bound:
-            parser.error(f"--max-workers {args.max_workers} exceeds {cards} GPU(s) x --per-gpu {args.per_gpu} = {bound}")
+            parser.error(
+                f"--max-workers {args.max_workers} exceeds {cards} GPU(s) x --per-gpu {args.per_gpu} = {bound}"
+            )
         args.max_workers = args.max_workers or bound
     args.max_workers = args.max_workers or cores
     if args.max_workers < 1:
@@ -121,12 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         result["gateway"] = gateway.measure(workdir, clips, gateway_plan(args))
         result["hubpool"] = hubpool.measure(workdir, clips, hubpool_plan(args))
         result["scheduler"] = scheduler.measure(workdir, scheduler_plan(args))
-        result["chunks"] = chunks.measure(workdir, sessions=4, seconds=2.0 if args.quick else 5.0, settle_s=overhead_plan.settle_s)
-        say("live session: the clips played into a session, at twice real time" if args.quick else "live session: the clips played into a session at real time")
+        result["chunks"] = chunks.measure(
+            workdir, sessions=4, seconds=2.0 if args.quick else 5.0, settle_s=overhead_plan.settle_s
+        )
+        say(
+            "live session: the clips played into a session, at twice real time"
+            if args.quick
+            else "live session: the clips played into a session at real time"
+        )
         result["streaming"] = streaming.measure(workdir, args.device, speed=2.0 if args.quick else 1.0)
         result["crash"] = crash.measure(workdir, crash_plan(args), args.device)
         result["batching"] = batching.measure_hub(workdir, batching_plan(args))
-        long_plan = long_audio.LongPlan(seconds=120.0 if args.quick else 300.0, workers=tuple(sorted({1, min(2, args.max_workers)})))
+        long_plan = long_audio.LongPlan(
+            seconds=120.0 if args.quick else 300.0, workers=tuple(sorted({1, min(2, args.max_workers)}))
+        )
         result["long_audio"] = long_audio.measure(workdir, args.device, long_plan)
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {

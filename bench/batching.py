@@ -1,6 +1,6 @@
 """Batched decodes: in the hub (``measure_hub``: ``pool.max_batch`` 1/2/4 on 1 worker x 2 threads and 2 workers x
-1 thread, at C callers, in ``make bench``), and for live sessions (``measure``): would a worker with several sessions due gain by decoding their
-windows in one CTranslate2 call instead of one after another?
+1 thread, at C callers, in ``make bench``), and for live sessions (``measure``): would a worker with several
+sessions due gain by decoding their windows in one CTranslate2 call instead of one after another?
 
 faster-whisper's model takes a batch of features: one ``encode`` for K windows, one ``generate`` for
 their K prompts, one ``align`` for the word timings. This measures exactly that core, for K windows of
@@ -81,13 +81,23 @@ def measure(count: int, seconds: float = 8.0, repeats: int = 3, device: str = "c
         lap("encode")
         prompt = model.get_prompt(tokenizer, [])
         results = model.model.generate(
-            encoded, [prompt] * len(batch), beam_size=5, patience=1, length_penalty=1, max_length=model.max_length,
-            suppress_blank=True, suppress_tokens=[-1], return_scores=True, return_no_speech_prob=True,
+            encoded,
+            [prompt] * len(batch),
+            beam_size=5,
+            patience=1,
+            length_penalty=1,
+            max_length=model.max_length,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+            return_scores=True,
+            return_no_speech_prob=True,
             sampling_temperature=0.0,
         )
         tokens = [[t for t in r.sequences_ids[0] if t < tokenizer.eot] for r in results]
         lap("generate")
-        frames = [min(model.feature_extractor.nb_max_frames, w.size // model.feature_extractor.hop_length) for w in batch]
+        frames = [
+            min(model.feature_extractor.nb_max_frames, w.size // model.feature_extractor.hop_length) for w in batch
+        ]
         model.model.align(encoded, tokenizer.sot_sequence, tokens, frames, median_filter_width=7)
         lap("align")
         return tokens, spent
@@ -132,7 +142,8 @@ def measure(count: int, seconds: float = 8.0, repeats: int = 3, device: str = "c
         "device": device,
         "wall_s": median,
         "stages_s": {
-            way: {stage: statistics.median(run[stage] for run in runs) for stage in STAGES} for way, runs in stages.items()
+            way: {stage: statistics.median(run[stage] for run in runs) for stage in STAGES}
+            for way, runs in stages.items()
         },
         "batched_vs_one_at_a_time": median["one_at_a_time"] / median["batched"],
         "identical_tokens": identical,
@@ -199,24 +210,36 @@ def measure_hub(workdir: Path, plan: HubBatchPlan) -> dict[str, Any]:
                 figures = hub.status().providers["whisper"]
             expected = expected or texts
             latency = percentiles([s.latency_s for s in run.samples])
-            rows.append({
-                "workers": workers, "threads": threads, "max_batch": batch,
-                "audio_per_s": run.audio_per_s, "requests_per_s": run.requests_per_s,
-                "p50_s": latency["p50"], "p95_s": latency["p95"],
-                "mean_batch": (figures.pool.figures.mean_batch if figures.pool else None),
-                "same_text": answers == [expected[i % len(clips)] for i in range(len(answers))] and texts == expected,
-            })
+            rows.append(
+                {
+                    "workers": workers,
+                    "threads": threads,
+                    "max_batch": batch,
+                    "audio_per_s": run.audio_per_s,
+                    "requests_per_s": run.requests_per_s,
+                    "p50_s": latency["p50"],
+                    "p95_s": latency["p95"],
+                    "mean_batch": (figures.pool.figures.mean_batch if figures.pool else None),
+                    "same_text": answers == [expected[i % len(clips)] for i in range(len(answers))]
+                    and texts == expected,
+                }
+            )
     for row in rows:
-        base = next(r for r in rows if (r["workers"], r["threads"], r["max_batch"]) == (row["workers"], row["threads"], 1))
+        base = next(
+            r for r in rows if (r["workers"], r["threads"], r["max_batch"]) == (row["workers"], row["threads"], 1)
+        )
         row["vs_batch_1"] = row["audio_per_s"] / base["audio_per_s"]
     return {"plan": asdict(plan), "rows": rows}
 
 
 def _texts_under_load(endpoint: str, clips: list[np.ndarray], concurrency: int) -> list[str]:
     """C requests at once, one per caller (so they batch), the texts in request order."""
+
     async def run() -> list[str]:
         async with AsyncHubClient(endpoint, timeout=300) as client:
-            done = await asyncio.gather(*(client.transcribe(clips[i % len(clips)], "whisper") for i in range(concurrency)))
+            done = await asyncio.gather(
+                *(client.transcribe(clips[i % len(clips)], "whisper") for i in range(concurrency))
+            )
             return [t.text for t in done]
 
     return asyncio.run(run())

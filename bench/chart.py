@@ -32,7 +32,7 @@ def _throughput(ax: Axes, result: Result) -> None:
     roof = ceiling(result, top, threads)
     if roof:
         ax.axhline(roof["audio_per_s"], color="k", linestyle="--", label=f"ceiling N={top}")
-    for direct, style in zip((c for c in result["cells"] if c["kind"] == "direct"), (":", "-.")):
+    for direct, style in zip((c for c in result["cells"] if c["kind"] == "direct"), (":", "-."), strict=False):
         ax.axhline(direct["audio_per_s"], color="grey", linestyle=style, label=f"direct, {direct['threads']} thread(s)")
     _concurrency_axis(ax, result)
     ax.set(ylim=(0, None), ylabel="audio s per wall s", title="Throughput")
@@ -108,7 +108,7 @@ def _overhead(ax: Axes, result: Result) -> None:
     }
     p50 = [o[k]["latency_ms"]["p50"] for k in names]
     bars = ax.bar(list(names.values()), p50, color="tab:orange")
-    for bar, key in zip(bars, names):
+    for bar, key in zip(bars, names, strict=False):
         ax.annotate(
             f"{o[key]['requests_per_s']:.0f}/s",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -135,7 +135,7 @@ def draw(result: Result, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     panels: list[Any] = [_throughput, _latency, _cpu, _memory, _overhead, _transport]
-    for panel, ax in zip(panels, axes.flat):
+    for panel, ax in zip(panels, axes.flat, strict=False):
         panel(ax, result)
     m = result["meta"]
     fig.suptitle(f"ASR Hub benchmark {m['timestamp']}: {m['machine']['cores']} cores, {m['device']}, tiny.en")

@@ -41,8 +41,17 @@ def _session(endpoint: str, seconds: float, start: Any, counts: Any, index: int)
 
 def measure(workdir: Path, sessions: int, seconds: float, settle_s: float) -> dict[str, Any]:
     # a decode every 5 s of audio over a 10 s window: the echo workers stay cheap, so the chunks measure the loop
-    provider = {"type": "echo", "stream": {"step_ms": 5000, "window_seconds": 10.0}, "pool": {"enabled": True, "min_size": sessions, "max_size": sessions + 1,
-                                         "max_sessions": sessions, "session_idle_timeout": 60}}
+    provider = {
+        "type": "echo",
+        "stream": {"step_ms": 5000, "window_seconds": 10.0},
+        "pool": {
+            "enabled": True,
+            "min_size": sessions,
+            "max_size": sessions + 1,
+            "max_sessions": sessions,
+            "session_idle_timeout": 60,
+        },
+    }
     ctx = multiprocessing.get_context("spawn")
     with running_hub(workdir, "chunks", {"echo": provider}) as hub:
         start, counts = ctx.Event(), ctx.Array("q", sessions)
@@ -74,6 +83,7 @@ def measure(workdir: Path, sessions: int, seconds: float, settle_s: float) -> di
     }
     say(
         f"live sessions: {sessions} × 50 ms chunks, {rate:.0f} chunks/s forwarded; supervisor {hub_us:.0f} µs "
-        f"of CPU per chunk ({meter.usage['hub_pct']:.0f} % of a core), so one core would forward {result['hub_capacity_chunks_per_s']:.0f}/s"
+        f"of CPU per chunk ({meter.usage['hub_pct']:.0f} % of a core), "
+        f"so one core would forward {result['hub_capacity_chunks_per_s']:.0f}/s"
     )
     return result

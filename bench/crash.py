@@ -50,7 +50,9 @@ class CrashPlan:
     kill_at: float = 0.4  # the kill, as a share of the shortest session's audio (later if no word is final yet)
     clients: tuple[str, ...] = ("ring", "inline")  # the SDK on this host (shared-memory ring), and as a remote one
     undisturbed: int = 2  # undisturbed runs: the first is what the resumed runs are compared with, the others the noise
-    window_s: float | None = None  # stream.window_seconds (None: the default, 15 s, longer than a clip: resumes from 0 s)
+    window_s: float | None = (
+        None  # stream.window_seconds (None: the default, 15 s, longer than a clip: resumes from 0 s)
+    )
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,11 @@ def one_run(
         if len(homes) != 1:
             raise RuntimeError(f"crash bench: the sessions opened on {sorted(map(str, homes))}, not on one worker")
         _wait(lambda: _serving(hub) >= 2, SETTLE_S, "a second worker to take the sessions over")
-        readers = [threading.Thread(target=_record, args=(s, log)) for s, log in zip(sessions, logs)]
+        readers = [threading.Thread(target=_record, args=(s, log)) for s, log in zip(sessions, logs, strict=False)]
         begin = time.monotonic() + 0.5
         players = [
-            threading.Thread(target=_play, args=(s, p, begin, transcripts, i)) for i, (s, p) in enumerate(zip(sessions, pcms))
+            threading.Thread(target=_play, args=(s, p, begin, transcripts, i))
+            for i, (s, p) in enumerate(zip(sessions, pcms, strict=False))
         ]
         for thread in [*readers, *players]:
             thread.start()
@@ -179,7 +182,11 @@ def _moved(sessions: list[StreamSession], players: list[threading.Thread]) -> li
 
 
 def _session_run(
-    transcript: Any, log: list[tuple[float, StreamEvent, int]], resumes: int, killed_at: float | None, moved: float | None
+    transcript: Any,
+    log: list[tuple[float, StreamEvent, int]],
+    resumes: int,
+    killed_at: float | None,
+    moved: float | None,
 ) -> SessionRun:
     if transcript is None:
         raise RuntimeError("crash bench: a session did not close")
@@ -188,7 +195,7 @@ def _session_run(
     gap = round(after[0] - killed_at, 3) if after and killed_at is not None else None
     moved_s = round(moved - killed_at, 3) if moved is not None and killed_at is not None else None
     times = [t for t, e, _ in log if e.kind == "partial"]
-    waits = [b - a for a, b in zip(times, times[1:])]
+    waits = [b - a for a, b in zip(times, times[1:], strict=False)]
     return SessionRun(text=transcript.text, before=before, resumes=resumes, moved_s=moved_s, gap_s=gap, waits_s=waits)
 
 
@@ -259,12 +266,17 @@ def measure(workdir: Path, plan: CrashPlan, device: str = "cpu") -> dict[str, An
     crashed: dict[str, Any] = {}
     for client in plan.clients:
         runs, killed, hub_resumes, starts = run(f"sigkill-{client}", client == "ring", True)
-        rows = [compare(r, a, ref) for r, a, ref in zip(runs, alone, references)]
+        rows = [compare(r, a, ref) for r, a, ref in zip(runs, alone, references, strict=False)]
         met = all(
-            r["resumes"] == 1 and r["lost"] == 0 and r["doubled"] == 0 and r["wer_vs_undisturbed"] <= max(noise) for r in rows
+            r["resumes"] == 1 and r["lost"] == 0 and r["doubled"] == 0 and r["wer_vs_undisturbed"] <= max(noise)
+            for r in rows
         )
         crashed[client] = {
-            "killed_at_s": killed, "hub_session_resumes": hub_resumes, "resumed_from_s": starts, "sessions": rows, "met": met,
+            "killed_at_s": killed,
+            "hub_session_resumes": hub_resumes,
+            "resumed_from_s": starts,
+            "sessions": rows,
+            "met": met,
         }
     load_after = [round(x, 2) for x in os.getloadavg()]
     figures = {
@@ -278,13 +290,16 @@ def measure(workdir: Path, plan: CrashPlan, device: str = "cpu") -> dict[str, An
             # the same measure as the resumed runs', between the first two undisturbed ones, at the first resume point
             "junction": [
                 vars(junction(words(a), words(b.text)[:n], words(b.text)[n:]))
-                for a, b, n in zip(alone, second, [r["resume_point_word"] for r in crashed[plan.clients[0]]["sessions"]])
+                for a, b, n in zip(
+                    alone, second, [r["resume_point_word"] for r in crashed[plan.clients[0]]["sessions"]], strict=False
+                )
             ],
         },
         # the waits between two partials of a session in the undisturbed runs: the gap's yardstick
         "undisturbed_wait_s": _waits([w for rs in [first, *others] for r in rs for w in r.waits_s]),
         "undisturbed_wer_vs_reference": [
-            [round(word_error_rate(ref, r.text), 4) for r, ref in zip(rs, references)] for rs in [first, *others]
+            [round(word_error_rate(ref, r.text), 4) for r, ref in zip(rs, references, strict=False)]
+            for rs in [first, *others]
         ],
         "undisturbed_text": alone,
         "crash": crashed,

@@ -107,7 +107,9 @@ async def http_closed(
         return await load.closed_calls(call, concurrency, jobs, seconds)
 
 
-def _with_gateway(workdir: Path, label: str, providers: dict[str, Any]) -> tuple[AbstractContextManager[RunningHub], str]:
+def _with_gateway(
+    workdir: Path, label: str, providers: dict[str, Any]
+) -> tuple[AbstractContextManager[RunningHub], str]:
     port = free_port()
     return running_hub(workdir, label, providers, gateway={"enabled": True, "port": port}), f"http://127.0.0.1:{port}"
 

@@ -61,7 +61,9 @@ def measure(workdir: Path, clips: list[np.ndarray], plan: PoolPlan) -> dict[str,
         pooled = _audio_per_s([h.endpoint for h in hubs], clips, plan.jobs, plan.settle_s)
     noop = np.resize(clips[0], 160)  # 10 ms, as in the overhead figures
     with ExitStack() as stack:
-        hubs = [stack.enter_context(running_hub(workdir, f"echo-hub-{i}", {"echo": echo_provider(1)})) for i in range(HUBS)]
+        hubs = [
+            stack.enter_context(running_hub(workdir, f"echo-hub-{i}", {"echo": echo_provider(1)})) for i in range(HUBS)
+        ]
         wait_for_quiet(plan.settle_s)
         with HubClient(hubs[0].endpoint, timeout=60) as client:
             direct = percentiles(_round_trips(client, noop, plan.round_trips))

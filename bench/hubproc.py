@@ -101,7 +101,10 @@ def running_hub(
     """Start a supervisor with ``providers`` (and a ``gateway:`` section, if given), wait until every pool
     has its workers, stop it afterwards."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config: dict[str, Any] = {"hub": {"frontend": endpoint, "runtime_dir": str(workdir / "run")}, "providers": providers}
+    config: dict[str, Any] = {
+        "hub": {"frontend": endpoint, "runtime_dir": str(workdir / "run")},
+        "providers": providers,
+    }
     if gateway is not None:
         config["gateway"] = gateway
     config_path = workdir / f"{label}.yaml"

@@ -109,19 +109,29 @@ def _run(client: HubClient, provider: str, audio: list[tuple[np.ndarray, str]]) 
         thread.join()
     finals = [x for r in results for x in r.finals]
     utterances = [x for r in results for x in r.utterances]
-    wers = [word_error_rate(said, r.text) for r, (_, said) in zip(results, audio)]
+    wers = [word_error_rate(said, r.text) for r, (_, said) in zip(results, audio, strict=False)]
     minutes = sum(r.seconds for r in results) / 60
     return {
         "sessions": len(audio),
-        "final_latency_s": {"p50": _percentile(finals, 0.5), "p95": _percentile(finals, 0.95), "max": _percentile(finals, 1.0)},
-        "utterance_latency_s": {"p50": _percentile(utterances, 0.5), "p95": _percentile(utterances, 0.95), "max": _percentile(utterances, 1.0)},
+        "final_latency_s": {
+            "p50": _percentile(finals, 0.5),
+            "p95": _percentile(finals, 0.95),
+            "max": _percentile(finals, 1.0),
+        },
+        "utterance_latency_s": {
+            "p50": _percentile(utterances, 0.5),
+            "p95": _percentile(utterances, 0.95),
+            "max": _percentile(utterances, 1.0),
+        },
         "wer": {"mean": round(float(np.mean(wers)), 4), "max": round(max(wers), 4)},
         "decodes_per_session_minute": round(sum(r.decodes for r in results) / minutes, 1),
         "texts": [r.text for r in results],
     }
 
 
-def measure(workdir: Path, scenario: str, device: str = "cpu", vads: tuple[bool, ...] = (False, True)) -> dict[str, Any]:
+def measure(
+    workdir: Path, scenario: str, device: str = "cpu", vads: tuple[bool, ...] = (False, True)
+) -> dict[str, Any]:
     """``scenario`` ``duty`` or ``continuous``, with each VAD setting in ``vads``: a hub of 2 one-thread workers
     each (``sessions_per_worker`` 4, so placement alone decides the spread); for ``duty`` also one session alone."""
     count = 8 if scenario == "duty" else 4
@@ -131,8 +141,10 @@ def measure(workdir: Path, scenario: str, device: str = "cpu", vads: tuple[bool,
         provider = whisper_provider(2, 1, device)
         provider["pool"]["sessions_per_worker"] = 4
         provider["stream"] = {"vad": vad}
-        with running_hub(workdir, f"turns-{scenario}-{'vad' if vad else 'plain'}", {"whisper": provider}) as hub, \
-                HubClient(hub.endpoint, timeout=300) as client:
+        with (
+            running_hub(workdir, f"turns-{scenario}-{'vad' if vad else 'plain'}", {"whisper": provider}) as hub,
+            HubClient(hub.endpoint, timeout=300) as client,
+        ):
             row = {"vad": vad, **_run(client, "whisper", audio)}
             if scenario == "duty":
                 alone = [_run(client, "whisper", [audio[i]]) for i in range(2)]
@@ -153,13 +165,17 @@ def targets(figures: dict[str, Any]) -> list[str]:
             wer_ok = row["wer"]["mean"] <= row["alone_wer"] + 0.02
             verdict = verdict and wer_ok
             what += f"; WER {row['wer']['mean']:.1%} vs alone {row['alone_wer']:.1%} (+0.02: {'met' if wer_ok else 'missed'})"
-        lines.append(f"  {figures['scenario']}, VAD {'on' if row['vad'] else 'off'}: {'MET' if verdict else 'MISSED'}: {what}")
+        lines.append(
+            f"  {figures['scenario']}, VAD {'on' if row['vad'] else 'off'}: {'MET' if verdict else 'MISSED'}: {what}"
+        )
     return lines
 
 
 def summary(figures: dict[str, Any]) -> str:
-    lines = [f"\n{figures['scenario']} scenario ({figures['rows'][0]['sessions']} sessions on 2 workers x 1 thread):",
-             "  VAD  final p50/p95/max s      utterance end→marker p50/p95 s  WER mean/max    decodes/session-min"]
+    lines = [
+        f"\n{figures['scenario']} scenario ({figures['rows'][0]['sessions']} sessions on 2 workers x 1 thread):",
+        "  VAD  final p50/p95/max s      utterance end→marker p50/p95 s  WER mean/max    decodes/session-min",
+    ]
     for r in figures["rows"]:
         f, u = r["final_latency_s"], r["utterance_latency_s"]
         lines.append(
@@ -182,8 +198,17 @@ def decode_budget(device: str = "cpu") -> dict[str, Any]:
     from workers.whisper import WhisperEngine
 
     spec = WorkerSpec(
-        id="bench-1", provider="whisper", type="whisper", model="tiny.en", device=device, compute_type="auto",
-        cpu_threads=1, backend="ipc:///nowhere", shm_prefix="asrhub_bench_", heartbeat_interval=1.0, options={},
+        id="bench-1",
+        provider="whisper",
+        type="whisper",
+        model="tiny.en",
+        device=device,
+        compute_type="auto",
+        cpu_threads=1,
+        backend="ipc:///nowhere",
+        shm_prefix="asrhub_bench_",
+        heartbeat_interval=1.0,
+        options={},
         allow_download=False,
     )
     engine = WhisperEngine(spec)
@@ -203,16 +228,24 @@ def decode_budget(device: str = "cpu") -> dict[str, Any]:
                 decodes += streamer.decodes
                 seconds += pcm.size / RATE
                 wers.append(word_error_rate(said, " ".join(t.text for t in texts if t is not None)))
-            rows.append({
-                "scenario": name, "vad": vad, "decodes_per_session_minute": round(decodes / (seconds / 60), 1),
-                "wer_mean": round(float(np.mean(wers)), 4),
-            })
+            rows.append(
+                {
+                    "scenario": name,
+                    "vad": vad,
+                    "decodes_per_session_minute": round(decodes / (seconds / 60), 1),
+                    "wer_mean": round(float(np.mean(wers)), 4),
+                }
+            )
     return {"device": device, "rows": rows}
 
 
 def budget_summary(figures: dict[str, Any]) -> str:
-    lines = ["\ndecodes per session-minute, stepped whenever due with no clock (tiny.en):",
-             "  scenario    VAD  decodes/session-min  WER mean"]
+    lines = [
+        "\ndecodes per session-minute, stepped whenever due with no clock (tiny.en):",
+        "  scenario    VAD  decodes/session-min  WER mean",
+    ]
     for r in figures["rows"]:
-        lines.append(f"  {r['scenario']:<10}  {'on ' if r['vad'] else 'off'}  {r['decodes_per_session_minute']:>19}  {r['wer_mean']:>7.1%}")
+        lines.append(
+            f"  {r['scenario']:<10}  {'on ' if r['vad'] else 'off'}  {r['decodes_per_session_minute']:>19}  {r['wer_mean']:>7.1%}"
+        )
     return "\n".join(lines)

@@ -124,7 +124,9 @@ async def _open(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate:
         return Run(samples, time.perf_counter() - started)
 
 
-def open_loop(endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: float, jobs: int, seed: int = SEED) -> Run:
+def open_loop(
+    endpoint: str, clips: Sequence[np.ndarray], provider: str, rate: float, jobs: int, seed: int = SEED
+) -> Run:
     """``jobs`` requests arriving as a Poisson process of ``rate`` per second (seeded: reproducible)."""
     return asyncio.run(_open(endpoint, clips, provider, rate, jobs, seed))
 

@@ -77,7 +77,9 @@ def _hub_cell(
 ) -> Cell:
     pids = hub.worker_pids(PROVIDER)
     groups = {"client": [os.getpid()], "hub": [hub.pid], "workers": pids}
-    with Meter(groups, gpus=nvml_indices(hub_cards()) if plan.device == "cuda" else (), settle_s=plan.settle_s) as meter:
+    with Meter(
+        groups, gpus=nvml_indices(hub_cards()) if plan.device == "cuda" else (), settle_s=plan.settle_s
+    ) as meter:
         run = load.closed_loop(hub.endpoint, clips, PROVIDER, concurrency, jobs=plan.jobs_for(concurrency))
     cell = Cell.of(kind, workers, threads, concurrency, run)
     cell.rss_mb = [peak_rss_mb(p) for p in pids]
@@ -102,7 +104,10 @@ def _sweep(workdir: Path, plan: MatrixPlan, clips: list[np.ndarray], kind: str, 
         first_answer = load.warm_up(hub.endpoint, clips, PROVIDER, workers) - hub.started_at
         say(f"{kind} N={workers}: ready in {hub.ready_s:.1f} s, first answer after {first_answer:.1f} s")
         sweep = Sweep(
-            [least_disturbed(plan.retries, partial(_hub_cell, hub, plan, kind, workers, threads, c, clips)) for c in plan.concurrency],
+            [
+                least_disturbed(plan.retries, partial(_hub_cell, hub, plan, kind, workers, threads, c, clips))
+                for c in plan.concurrency
+            ],
             {"ready_s": hub.ready_s, "first_answer_s": first_answer},
         )
         if kind == "pool" and workers == max(plan.pool_sizes):
@@ -113,7 +118,9 @@ def _sweep(workdir: Path, plan: MatrixPlan, clips: list[np.ndarray], kind: str, 
 
 def _open_cell(hub: RunningHub, plan: MatrixPlan, like: Cell, rate: float, clips: list[np.ndarray]) -> Cell:
     groups = {"client": [os.getpid()], "hub": [hub.pid], "workers": hub.worker_pids(PROVIDER)}
-    with Meter(groups, gpus=nvml_indices(hub_cards()) if plan.device == "cuda" else (), settle_s=plan.settle_s) as meter:
+    with Meter(
+        groups, gpus=nvml_indices(hub_cards()) if plan.device == "cuda" else (), settle_s=plan.settle_s
+    ) as meter:
         run = load.open_loop(hub.endpoint, clips, PROVIDER, rate, plan.load_jobs)
     cell = Cell.of("load80", like.workers, like.threads, 0, run)
     cell.usage = meter.usage

@@ -150,7 +150,7 @@ def sketch_figures(latencies_s: list[float]) -> dict[str, float]:
 
 def _sizes(hub: RunningHub, clips: list[np.ndarray], reps: tuple[int, ...]) -> list[dict[str, Any]]:
     rows = []
-    for seconds, count in zip(SHM_SIZES_S, reps):
+    for seconds, count in zip(SHM_SIZES_S, reps, strict=False):
         pcm = of_length(seconds, clips)
         row: dict[str, Any] = {"audio_s": seconds}
         for mode, use_shm in (("shm", True), ("inline", False)):

@@ -49,8 +49,12 @@ def comparisons(result: Result) -> list[Comparison]:
         h, r = hub["whisper"][path], ray["whisper"][path]
         out.append(
             Comparison(
-                f"whisper throughput, share of the fair ceiling ({name}, C={result['concurrency']})", "×",
-                h["audio_per_s"] / roof, r["audio_per_s"] / roof, True, _either_disturbed(h, r, result["ceiling"]),
+                f"whisper throughput, share of the fair ceiling ({name}, C={result['concurrency']})",
+                "×",
+                h["audio_per_s"] / roof,
+                r["audio_per_s"] / roof,
+                True,
+                _either_disturbed(h, r, result["ceiling"]),
                 f"{h['audio_per_s']:.1f} and {r['audio_per_s']:.1f} against {roof:.1f} audio s/s",
             )
         )
@@ -58,8 +62,12 @@ def comparisons(result: Result) -> list[Comparison]:
         h, r = hub["echo"][path]["latency"], ray["echo"][path]["latency"]
         out.append(
             Comparison(
-                f"no-op p50, one request at a time ({name})", "ms", h["latency_ms"]["p50"], r["latency_ms"]["p50"],
-                False, _either_disturbed(h, r),
+                f"no-op p50, one request at a time ({name})",
+                "ms",
+                h["latency_ms"]["p50"],
+                r["latency_ms"]["p50"],
+                False,
+                _either_disturbed(h, r),
             )
         )
     for in_flight in result["in_flight"]:
@@ -67,13 +75,21 @@ def comparisons(result: Result) -> list[Comparison]:
             h, r = hub["echo"][path]["load"][str(in_flight)], ray["echo"][path]["load"][str(in_flight)]
             out.append(
                 Comparison(
-                    f"no-op requests/s, {in_flight} in flight ({name})", "req/s", h["requests_per_s"],
-                    r["requests_per_s"], True, _either_disturbed(h, r),
+                    f"no-op requests/s, {in_flight} in flight ({name})",
+                    "req/s",
+                    h["requests_per_s"],
+                    r["requests_per_s"],
+                    True,
+                    _either_disturbed(h, r),
                 )
             )
     out += [
         Comparison(
-            "resident memory of all processes, after the whisper runs", "MB", hub["rss_mb"], ray["rss_mb"], False,
+            "resident memory of all processes, after the whisper runs",
+            "MB",
+            hub["rss_mb"],
+            ray["rss_mb"],
+            False,
             note=f"{hub['processes']} processes against {ray['processes']}",
         ),
         Comparison("start to first answer", "s", hub["first_answer_s"], ray["first_answer_s"], False),

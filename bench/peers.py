@@ -84,7 +84,9 @@ def _noop(
             "latency_ms": percentiles([s.latency_s * 1000 for s in run.samples]),
             "usage": busy.usage,
         }
-    rates = ", ".join(f"{figures['load'][str(n)]['requests_per_s']:.0f} req/s with {n} in flight" for n in IN_FLIGHT_LEVELS)
+    rates = ", ".join(
+        f"{figures['load'][str(n)]['requests_per_s']:.0f} req/s with {n} in flight" for n in IN_FLIGHT_LEVELS
+    )
     say(f"{label}: no-op p50 {latency['p50']:.2f} ms; {rates}")
     return figures
 
@@ -102,7 +104,10 @@ def measure_hub(workdir: Path, clips: list[np.ndarray], plan: PeerPlan) -> dict[
         groups = lambda: {"client": [os.getpid()], "server": process_tree(hub.pid)}  # noqa: E731
         whisper = {
             "client": _whisper_cell(
-                "hub, SDK", lambda: load.closed_loop(hub.endpoint, clips, "whisper", CONCURRENCY, jobs=plan.jobs), groups, plan
+                "hub, SDK",
+                lambda: load.closed_loop(hub.endpoint, clips, "whisper", CONCURRENCY, jobs=plan.jobs),
+                groups,
+                plan,
             ),
             "http": _whisper_cell(
                 "hub, HTTP",
@@ -112,12 +117,19 @@ def measure_hub(workdir: Path, clips: list[np.ndarray], plan: PeerPlan) -> dict[
             ),
         }
         server = process_tree(hub.pid)
-        side = {"first_answer_s": first_answer, "rss_mb": resident_mb(server), "processes": len(server), "whisper": whisper}
+        side = {
+            "first_answer_s": first_answer,
+            "rss_mb": resident_mb(server),
+            "processes": len(server),
+            "whisper": whisper,
+        }
     noop = of_length(NOOP_SAMPLES / 16000, clips)
     upload = gateway.wav_bytes(noop)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with running_hub(workdir, "peers-echo", {"echo": echo_provider(REPLICAS)}, gateway={"enabled": True, "port": port}) as hub:
+    with running_hub(
+        workdir, "peers-echo", {"echo": echo_provider(REPLICAS)}, gateway={"enabled": True, "port": port}
+    ) as hub:
         gateway.wait_ready(url, GATEWAY)
         groups = lambda: {"client": [os.getpid()], "server": process_tree(hub.pid)}  # noqa: E731
         side["echo"] = {
@@ -154,7 +166,9 @@ def measure_ray(workdir: Path, clips: list[np.ndarray], plan: PeerPlan) -> dict[
             return Run.from_dict(ray.ask("closed", audio=audio, concurrency=concurrency, jobs=jobs, seconds=seconds))
 
         whisper = {
-            "client": _whisper_cell("Ray Serve, handle", lambda: handle_run("speech", CONCURRENCY, plan.jobs, None), groups, plan),
+            "client": _whisper_cell(
+                "Ray Serve, handle", lambda: handle_run("speech", CONCURRENCY, plan.jobs, None), groups, plan
+            ),
             "http": _whisper_cell(
                 "Ray Serve, HTTP",
                 lambda: asyncio.run(gateway.http_closed(ray.url, uploads, "whisper", CONCURRENCY, plan.jobs, None)),
@@ -163,7 +177,12 @@ def measure_ray(workdir: Path, clips: list[np.ndarray], plan: PeerPlan) -> dict[
             ),
         }
         server = ray.server_pids()
-        side = {"first_answer_s": first_answer, "rss_mb": resident_mb(server), "processes": len(server), "whisper": whisper}
+        side = {
+            "first_answer_s": first_answer,
+            "rss_mb": resident_mb(server),
+            "processes": len(server),
+            "whisper": whisper,
+        }
         ray.ask("deploy", kind="echo")
         gateway.wait_ready(ray.url, "/-/routes", gateway.ROUTE)
         side["echo"] = {
@@ -204,14 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     clips = build_clips()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result: dict[str, Any] = {
-        "concurrency": CONCURRENCY, "in_flight": list(IN_FLIGHT_LEVELS), "replicas": REPLICAS, "clips": [duration(c) for c in clips]
+        "concurrency": CONCURRENCY,
+        "in_flight": list(IN_FLIGHT_LEVELS),
+        "replicas": REPLICAS,
+        "clips": [duration(c) for c in clips],
     }
     with tempfile.TemporaryDirectory(prefix="asr-peers-") as tmp:
         workdir = Path(tmp)
         save_clips(clips, workdir / "clips.npz")
         say(f"fair ceiling: {REPLICAS} bare processes × 1 thread from a shared queue, {plan.jobs} clips")
         take = partial(
-            run_bare, "ceiling", clips, workdir / "clips.npz", REPLICAS, 1, "cpu", plan.jobs, workdir / "bare.log", plan.settle_s
+            run_bare,
+            "ceiling",
+            clips,
+            workdir / "clips.npz",
+            REPLICAS,
+            1,
+            "cpu",
+            plan.jobs,
+            workdir / "bare.log",
+            plan.settle_s,
         )
         result["ceiling"] = least_disturbed(plan.retries, take).to_dict()
         result["hub"] = measure_hub(workdir, clips, plan)

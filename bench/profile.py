@@ -62,9 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         targets = {"supervisor": hub.pid, "worker": workers[0]}
         spies = [
             subprocess.Popen(
-                [spy, "record", "-r", "400", "-f", "raw", "-o", str(args.out / f"{name}.txt"), "-p", str(pid),
-                 "-d", str(args.seconds), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    spy,
+                    "record",
+                    "-r",
+                    "400",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(args.out / f"{name}.txt"),
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(args.seconds),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             for name, pid in targets.items()
         ]

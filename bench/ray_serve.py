@@ -49,7 +49,9 @@ def _nothing(pcm: np.ndarray) -> str:
     return ""
 
 
-@serve.deployment(num_replicas=REPLICAS, max_ongoing_requests=1, ray_actor_options={"num_cpus": 1}, logging_config=QUIET)
+@serve.deployment(
+    num_replicas=REPLICAS, max_ongoing_requests=1, ray_actor_options={"num_cpus": 1}, logging_config=QUIET
+)
 class Transcriber:
     """One replica: tiny.en on one thread (``kind="whisper"``), or nothing at all (``"echo"``, the no-op that
     measures Serve's own cost, as the echo provider measures the hub's)."""
@@ -85,7 +87,9 @@ class Commands:
         self.handle = serve.run(Transcriber.bind(kind), name=kind, route_prefix=ROUTE)
         self.app = kind
         run = self.closed("speech" if kind == "whisper" else "noop", REPLICAS, REPLICAS, None)
-        return {"first_answer_at": min(s["done_at"] for s in run["samples"])}  # perf_counter: CLOCK_MONOTONIC, system-wide
+        return {
+            "first_answer_at": min(s["done_at"] for s in run["samples"])
+        }  # perf_counter: CLOCK_MONOTONIC, system-wide
 
     def closed(self, audio: str, concurrency: int, jobs: int | None, seconds: float | None) -> dict[str, Any]:
         """``concurrency`` callers through the handle, as ``bench.load.closed_loop`` drives the SDK."""

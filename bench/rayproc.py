@@ -81,8 +81,15 @@ class RaySide:
         self.started_at = time.perf_counter()
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                self._argv, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                bufsize=1, start_new_session=True,
+                self._argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
             )
         return self
 

@@ -101,34 +101,56 @@ def hot_path_targets(o: Result, load: Result, chunks: Result | None) -> list[Res
     sketch = shm["sketch"]
     out = [
         _target(
-            f"CPU per echo request, {name} (shared memory)", cpu.get(key, 0.0), CPU_US_TARGET, False, "µs",
+            f"CPU per echo request, {name} (shared memory)",
+            cpu.get(key, 0.0),
+            CPU_US_TARGET,
+            False,
+            "µs",
             f"bare broker: {broker['cpu_us_per_request'].get(key, 0.0):.0f} µs",
         )
         for key, name in (("client", "client"), ("hub", "supervisor"), ("workers", "workers"))
     ]
     out += [
         _target(
-            "p50 over the bare two-hop broker (shared memory)", added, 0.15, False, "ms",
+            "p50 over the bare two-hop broker (shared memory)",
+            added,
+            0.15,
+            False,
+            "ms",
             f"{shm['latency_ms']['p50']:.3f} ms against {broker['latency_ms']['p50']:.3f} ms; inline "
             f"{o['hub_inline']['latency_ms']['p50'] - broker['latency_ms']['p50']:+.3f} ms",
         ),
         _target(
-            f"echo requests per second, {o['in_flight']} in flight (shared memory)", shm["requests_per_s"], 5000, True,
-            "req/s", f"inline frames: {o['hub_inline']['requests_per_s']:.0f} req/s",
+            f"echo requests per second, {o['in_flight']} in flight (shared memory)",
+            shm["requests_per_s"],
+            5000,
+            True,
+            "req/s",
+            f"inline frames: {o['hub_inline']['requests_per_s']:.0f} req/s",
         ),
         _target(
-            "shared memory p50 over inline p50, worst audio length", worst["shm"]["p50"] / worst["inline"]["p50"], 1.0,
-            False, "×", f"worst at {worst['audio_s']:g} s: {worst['shm']['p50']:.2f} against {worst['inline']['p50']:.2f} ms",
+            "shared memory p50 over inline p50, worst audio length",
+            worst["shm"]["p50"] / worst["inline"]["p50"],
+            1.0,
+            False,
+            "×",
+            f"worst at {worst['audio_s']:g} s: {worst['shm']['p50']:.2f} against {worst['inline']['p50']:.2f} ms",
         ),
         _target(
             "percentiles' relative error (status sketch, p50/p95/p99 of the loaded echo run)",
-            sketch["max_relative_error"], 0.02, False, "",
+            sketch["max_relative_error"],
+            0.02,
+            False,
+            "",
             f"one observation {sketch['observe_ns']:.0f} ns against {sketch['bucket_observe_ns']:.0f} ns for the "
             "bucket histogram it replaced",
         ),
         _target(
             "p99 at 80% load over M/D/c p99 (same arrivals, measured service time)",
-            load["cell"]["latency_ms"]["p99"] / load["mdc_p99_ms"], 1.1, False, "×",
+            load["cell"]["latency_ms"]["p99"] / load["mdc_p99_ms"],
+            1.1,
+            False,
+            "×",
             f"p99 {load['cell']['latency_ms']['p99']:.0f} ms against {load['mdc_p99_ms']:.0f} ms simulated "
             f"({load['service_ms']:.0f} ms per job)",
         ),
@@ -137,7 +159,10 @@ def hot_path_targets(o: Result, load: Result, chunks: Result | None) -> list[Res
         out.append(
             _target(
                 f"live-session chunks forwarded per second ({chunks['sessions']} sessions, 50 ms chunks)",
-                chunks["chunks_per_s"], 20000, True, "chunks/s",
+                chunks["chunks_per_s"],
+                20000,
+                True,
+                "chunks/s",
                 f"supervisor {chunks['hub_cpu_us_per_chunk']:.0f} µs of CPU per chunk: one core would forward "
                 f"{chunks['hub_capacity_chunks_per_s']:.0f}/s",
             )
@@ -207,7 +232,10 @@ def scheduler_targets(s: Result) -> list[Result]:
     return [
         _target(
             f"supervisor CPU, {s['sessions']} echo sessions at real time on {s['workers']} workers",
-            s["hub_cpu_pct"], SCHEDULER_CPU_PCT, False, "% of a core",
+            s["hub_cpu_pct"],
+            SCHEDULER_CPU_PCT,
+            False,
+            "% of a core",
             f"chunk-to-partial p99 per session: median {p99['median']:.0f} ms, worst {p99['worst']:.0f} ms",
         )
     ]
@@ -235,12 +263,18 @@ def crash_targets(c: Result) -> list[Result]:
     return [
         _target(
             f"final words lost or doubled at the resume point, {len(rows)} sessions after SIGKILL ({clients})",
-            sum(r["lost"] + r["doubled"] for r in rows), 0, False, "words",
+            sum(r["lost"] + r["doubled"] for r in rows),
+            0,
+            False,
+            "words",
             f"resumes {[r['resumes'] for r in rows]}, gap {max(r['gap_s'] or 0.0 for r in rows):.2f} s at most",
         ),
         _target(
             "WER of a resumed session against an undisturbed run, within the run-to-run noise",
-            max(r["wer_vs_undisturbed"] for r in rows), c["noise"]["max"], False, "",
+            max(r["wer_vs_undisturbed"] for r in rows),
+            c["noise"]["max"],
+            False,
+            "",
             "the target is the largest WER between the first undisturbed run of the same sessions and another",
         ),
     ]

@@ -99,8 +99,13 @@ def measure(workdir: Path, plan: SchedulerPlan) -> dict[str, Any]:
         # a short window keeps the echo decodes (and the window copies) cheap: the hub is what is measured
         "stream": {"step_ms": STEP_MS, "window_seconds": 2.0},
         "pool": {
-            "enabled": True, "min_size": plan.workers, "max_size": plan.workers, "sessions_per_worker": per_worker,
-            "max_queue": 1024, "acquire_timeout": 120, "session_idle_timeout": 120,
+            "enabled": True,
+            "min_size": plan.workers,
+            "max_size": plan.workers,
+            "sessions_per_worker": per_worker,
+            "max_queue": 1024,
+            "acquire_timeout": 120,
+            "session_idle_timeout": 120,
         },
     }
     ctx = multiprocessing.get_context("spawn")
@@ -112,7 +117,7 @@ def measure(workdir: Path, plan: SchedulerPlan) -> dict[str, Any]:
         begin = time.monotonic() + 5.0 + plan.sessions * 0.02  # time to start the clients and open every session
         procs = [
             ctx.Process(target=_client, args=(hub.endpoint, n, int(f), plan.sessions, begin, plan.seconds, out))
-            for n, f in zip(shares, firsts)
+            for n, f in zip(shares, firsts, strict=False)
         ]
         for proc in procs:
             proc.start()
@@ -161,7 +166,9 @@ def _collect(procs: list[Any], out: Any, deadline: float) -> list[tuple[list[flo
             if failed or time.monotonic() > deadline:
                 for proc in procs:
                     proc.kill()
-                raise RuntimeError(f"scheduler bench: client process(es) {[p.pid for p in failed]} failed or overran") from None
+                raise RuntimeError(
+                    f"scheduler bench: client process(es) {[p.pid for p in failed]} failed or overran"
+                ) from None
     for proc in procs:
         proc.join(30)
     return results

@@ -80,7 +80,9 @@ class Tally:
             with self.lock:
                 self.errors[exc.code] += 1
                 if exc.code in LOST:
-                    self.lost.append(Lost(kind, exc.request_id or "", exc.code, exc.message, round(started - self.began, 1)))
+                    self.lost.append(
+                        Lost(kind, exc.request_id or "", exc.code, exc.message, round(started - self.began, 1))
+                    )
             return
         with self.lock:
             self.done[kind] += 1
@@ -99,7 +101,9 @@ def gateway_loop(url: str, tally: Tally, stop: threading.Event) -> None:
 
 
 def _upload(http: httpx.Client, wav: bytes) -> None:
-    reply = http.post("/v1/audio/transcriptions", files={"file": ("tone.wav", wav, "audio/wav")}, data={"model": "echo"})
+    reply = http.post(
+        "/v1/audio/transcriptions", files={"file": ("tone.wav", wav, "audio/wav")}, data={"model": "echo"}
+    )
     if reply.status_code != 200:
         error = HubError(f"gateway answered {reply.status_code}: {reply.text[:200]}")
         error.code = str(reply.json().get("error", {}).get("code") or f"HTTP_{reply.status_code}").upper()
@@ -232,7 +236,11 @@ def lost_report(tally: Tally, log_path: Path) -> list[dict[str, Any]]:
     for lost in tally.lost:
         lines = [line for line in log if lost.request_id and f"request {lost.request_id}" in line]
         jobs = {word for line in lines for word in line.split() if word.startswith(("j", "s")) and word[1:].isdigit()}
-        lines += [line for line in log if any(f"job {job}" in line or f"session {job}" in line for job in jobs) and line not in lines]
+        lines += [
+            line
+            for line in log
+            if any(f"job {job}" in line or f"session {job}" in line for job in jobs) and line not in lines
+        ]
         report.append({**lost.__dict__, "log": lines[:20]})
     return report
 
@@ -251,7 +259,9 @@ def soak(duration: float, kill_every: float, settle_s: float, workdir: Path) -> 
             threading.Thread(target=client_loop, args=(hub, tally, stop, kind, i), daemon=True)
             for i, kind in enumerate(kinds)
         ]
-        clients.append(threading.Thread(target=gateway_loop, args=(f"http://127.0.0.1:{port}", tally, stop), daemon=True))
+        clients.append(
+            threading.Thread(target=gateway_loop, args=(f"http://127.0.0.1:{port}", tally, stop), daemon=True)
+        )
         _wait_gateway(port)
         for thread in clients:
             thread.start()
@@ -292,7 +302,14 @@ def _wait_gateway(port: int, timeout: float = 60.0) -> None:
 
 
 def verdict(
-    tally: Tally, kills: list[str], hung: int, start: dict, end: dict, duration: float, day: dict[str, Any], lost: list[dict[str, Any]]
+    tally: Tally,
+    kills: list[str],
+    hung: int,
+    start: dict,
+    end: dict,
+    duration: float,
+    day: dict[str, Any],
+    lost: list[dict[str, Any]],
 ) -> dict[str, Any]:
     done = sum(tally.done.values())
     counted = {code: n for code, n in tally.errors.items() if code != KILLED}
@@ -329,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
     parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between worker kills (default 10)")
     parser.add_argument(
-        "--settle", type=float, default=None,
+        "--settle",
+        type=float,
+        default=None,
         help="seconds at the start left out of the trend fits (default: a third of the run, at most 600)",
     )
     args = parser.parse_args(argv)

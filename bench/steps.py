@@ -56,11 +56,15 @@ def measure(step_s: float = 1.0, device: str = "cpu") -> dict[str, Any]:
     model.model = counted
 
     def before(pcm: np.ndarray, prompt: str) -> list[Word]:  # the worker's step until issue 27
-        segments, _ = model.transcribe(pcm, word_timestamps=True, initial_prompt=prompt or None, condition_on_previous_text=False)
+        segments, _ = model.transcribe(
+            pcm, word_timestamps=True, initial_prompt=prompt or None, condition_on_previous_text=False
+        )
         return [Word(w.start, w.end, w.word, w.probability) for s in segments for w in s.words or ()]
 
     streams = {"before": WindowStreamer(before, step_s), "after": WindowStreamer(WindowDecoder(model, {}), step_s)}
-    figures: dict[str, dict[str, list[float]]] = {name: {"seconds": [], "encode": [], "generate": []} for name in streams}
+    figures: dict[str, dict[str, list[float]]] = {
+        name: {"seconds": [], "encode": [], "generate": []} for name in streams
+    }
     texts: dict[str, list[str]] = {name: [] for name in streams}
     gap = np.zeros(8000, dtype=np.float32)
     pcm = np.concatenate([part for clip in build_clips() for part in (clip, gap)])
@@ -109,5 +113,7 @@ def summary(f: dict[str, Any]) -> str:
             f"  {label:<27} {r['steps']:>5}  {r['mean_s']:>6.3f} {r['p50_s']:>6.3f} {r['max_s']:>6.3f}"
             f"  {r['encodes_per_step']:>12.2f}  {r['generates_per_step']:>14.2f}"
         )
-    lines.append(f"  before/after: {f['ratio']:.2f}x mean step cost; WER of the texts after vs before: {f['wer_after_vs_before']:.1%}")
+    lines.append(
+        f"  before/after: {f['ratio']:.2f}x mean step cost; WER of the texts after vs before: {f['wer_after_vs_before']:.1%}"
+    )
     return "\n".join(lines)

@@ -37,7 +37,9 @@ from hub.wer import word_error_rate
 CHUNK = 1600  # 100 ms at 16 kHz
 
 
-def play(client: HubClient, pcm: np.ndarray, speed: float, start_at: float | None = None) -> tuple[list[float], str, int]:
+def play(
+    client: HubClient, pcm: np.ndarray, speed: float, start_at: float | None = None
+) -> tuple[list[float], str, int]:
     """Stream ``pcm`` (from ``start_at`` on the monotonic clock, or now); return each final's latency,
     the final text and the number of partials."""
     latencies: list[float] = []
@@ -72,7 +74,10 @@ def measure(workdir: Path, device: str = "cpu", speed: float = 1.0) -> dict[str,
     pcm = np.concatenate([part for clip in clips for part in (clip, silence)])
     provider = whisper_provider(1, 2, device)
     provider["pool"] = {"min_size": 1, "max_size": 1, "max_sessions": 1}
-    with running_hub(workdir, "streaming", {"whisper": provider}) as hub, HubClient(hub.endpoint, timeout=120) as client:
+    with (
+        running_hub(workdir, "streaming", {"whisper": provider}) as hub,
+        HubClient(hub.endpoint, timeout=120) as client,
+    ):
         whole = client.transcribe(pcm, "whisper").text
         latencies, streamed, partials = play(client, pcm, speed)
     ordered = sorted(latencies)
@@ -169,15 +174,21 @@ def _sessions_row(
         "wer_vs_whole": {"mean": round(float(np.mean(wers)), 4), "max": round(max(wers), 4)},
     }
     if loaded:
-        row["one_shot"] = {"jobs": len(jobs), "p50_s": _percentile(sorted(jobs), 0.5), "max_s": _percentile(sorted(jobs), 1.0)}
+        row["one_shot"] = {
+            "jobs": len(jobs),
+            "p50_s": _percentile(sorted(jobs), 0.5),
+            "max_s": _percentile(sorted(jobs), 1.0),
+        }
     return row
 
 
 def sessions_summary(rows: list[dict[str, Any]]) -> str:
     """The sessions-per-worker table: speech-to-final latency and WER for each count of concurrent sessions
     (and, where measured, under one-shot load, with the one-shot requests' own latency)."""
-    lines = ["\nconcurrent live sessions (tiny.en, 1 thread per worker):",
-             "  sessions  workers  one-shot load          final p50 s  final p95 s  WER mean  WER max"]
+    lines = [
+        "\nconcurrent live sessions (tiny.en, 1 thread per worker):",
+        "  sessions  workers  one-shot load          final p50 s  final p95 s  WER mean  WER max",
+    ]
     for row in rows:
         latency, wer = row["final_latency_s"], row["wer_vs_whole"]
         shots = row.get("one_shot")
@@ -212,18 +223,28 @@ def main(argv: list[str] | None = None) -> int:
         "--scheduler", action="store_true", help="the scheduler alone: 200 echo sessions at real time on 4 echo workers"
     )
     mode.add_argument(
-        "--crash", action="store_true", help="SIGKILL a worker serving 3 sessions mid-stream; the texts against undisturbed runs"
+        "--crash",
+        action="store_true",
+        help="SIGKILL a worker serving 3 sessions mid-stream; the texts against undisturbed runs",
     )
     mode.add_argument(
         "--batching", type=int, metavar="K", help="K session windows decoded one at a time against in one batched call"
     )
     mode.add_argument(
-        "--duty-cycle", action="store_true", help="8 sessions of two utterances each followed by 6 s of silence, VAD off and on"
+        "--duty-cycle",
+        action="store_true",
+        help="8 sessions of two utterances each followed by 6 s of silence, VAD off and on",
     )
-    mode.add_argument("--continuous", action="store_true", help="4 sessions of the 46 s clips on 2 workers, VAD off and on")
-    mode.add_argument("--steps", action="store_true", help="a live step's cost: transcribe() against one decode per step")
     mode.add_argument(
-        "--decode-budget", action="store_true", help="decodes per session-minute of both scenarios' audio, VAD off and on, no clock"
+        "--continuous", action="store_true", help="4 sessions of the 46 s clips on 2 workers, VAD off and on"
+    )
+    mode.add_argument(
+        "--steps", action="store_true", help="a live step's cost: transcribe() against one decode per step"
+    )
+    mode.add_argument(
+        "--decode-budget",
+        action="store_true",
+        help="decodes per session-minute of both scenarios' audio, VAD off and on, no clock",
     )
     parser.add_argument("--vad", choices=("off", "on", "both"), default="both", help="with --duty-cycle/--continuous")
     parser.add_argument("--undisturbed", type=int, default=2, help="with --crash: undisturbed runs (at least 2)")
@@ -231,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         "--window-seconds", type=float, help="with --crash: stream.window_seconds (default 15, longer than a clip)"
     )
     parser.add_argument(
-        "--one-shot-load", action="store_true", help="with --sessions: each count again beside a stream of one-shot requests"
+        "--one-shot-load",
+        action="store_true",
+        help="with --sessions: each count again beside a stream of one-shot requests",
     )
     args = parser.parse_args(argv)
     if args.decode_budget:
@@ -264,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             print(live_turns.summary(figures))
             return 0
         if args.crash:
-            figures = crash.measure(Path(workdir), crash.CrashPlan(undisturbed=args.undisturbed, window_s=args.window_seconds), args.device)
+            figures = crash.measure(
+                Path(workdir), crash.CrashPlan(undisturbed=args.undisturbed, window_s=args.window_seconds), args.device
+            )
             print(json.dumps(figures, indent=2))
             print("\n".join(report.crash_lines(figures)))
             print("\n".join(report.target_line(t) for t in report.crash_targets(figures)))

@@ -62,7 +62,13 @@ def day_verdicts(name: str, rss: Trend | None, fds: Trend | None, segments: Tren
     out = []
     if rss is not None:
         growth = rss.growth_fraction()
-        out.append(Verdict(f"{name} RSS in 24 h", f"{rss.start:.1f} MiB {rss.per_hour:+.2f} MiB/h, {growth:+.1%}", growth <= MAX_RSS_GROWTH))
+        out.append(
+            Verdict(
+                f"{name} RSS in 24 h",
+                f"{rss.start:.1f} MiB {rss.per_hour:+.2f} MiB/h, {growth:+.1%}",
+                growth <= MAX_RSS_GROWTH,
+            )
+        )
     if fds is not None:
         out.append(Verdict(f"{name} open fds in 24 h", f"{fds.projected():+.1f}", fds.projected() < 1.0))
     if segments is not None:

@@ -13,14 +13,14 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from hub.errors import InvalidAudio
 from hub.protocol import SAMPLE_RATE
 
-AudioInput = Union[str, os.PathLike, np.ndarray, bytes, bytearray, memoryview]
+AudioInput = str | os.PathLike | np.ndarray | bytes | bytearray | memoryview
 
 
 def validate_pcm(pcm: np.ndarray) -> np.ndarray:

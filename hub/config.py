@@ -56,7 +56,9 @@ class PoolConfig:
     max_consecutive_failures: int = 3
     max_jobs_per_worker: int = 0
     max_memory_mb: float = 0.0
-    max_gpu_memory_fraction: float = 0.0  # 0: off; else a new worker starts only where it fits under this share of a card
+    max_gpu_memory_fraction: float = (
+        0.0  # 0: off; else a new worker starts only where it fits under this share of a card
+    )
     # live sessions one worker serves at once, taking turns; 1 because on tiny.en on a CPU core only one kept
     # speech-to-final p95 near 3 s (bench/README.md, sessions per worker); raise it for capacity or faster decodes
     sessions_per_worker: int = 1
@@ -96,7 +98,9 @@ class StreamConfig:
 
 MAX_BATCH = 256  # pool.max_batch at most: far beyond what one card decodes at once
 MAX_BATCH_WAIT_MS = 1000.0  # pool.batch_wait_ms at most: a longer wait is latency no batch repays
-SINGLE_INSTANCE = PoolConfig(enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1, split_over_seconds=0.0)
+SINGLE_INSTANCE = PoolConfig(
+    enabled=False, min_size=1, max_size=1, sessions_per_worker=1, max_sessions=1, split_over_seconds=0.0
+)
 
 
 @dataclass(frozen=True)
@@ -280,7 +284,9 @@ def parse_config(data: Any, base_dir: Path | None = None, check_paths: bool = Tr
     if hub.log_format not in LOG_FORMATS:
         raise ConfigError(f"hub.log_format: must be one of {', '.join(LOG_FORMATS)}, got {hub.log_format!r}")
     if not 0 <= hub.metrics_port <= 65535:
-        raise ConfigError(f"hub.metrics_port: must be a TCP port (0 turns the HTTP endpoint off), got {hub.metrics_port}")
+        raise ConfigError(
+            f"hub.metrics_port: must be a TCP port (0 turns the HTTP endpoint off), got {hub.metrics_port}"
+        )
     if hub.metrics_header_timeout <= 0 or hub.metrics_max_connections < 1:
         raise ConfigError(
             "hub: metrics_header_timeout must be a positive number of seconds and metrics_max_connections at least 1, "
@@ -373,7 +379,9 @@ def _gateway(data: Any, base_dir: Path | None, check_paths: bool) -> GatewaySect
     if min(getattr(gateway, key) for key in positive) <= 0:
         raise ConfigError(f"gateway: {', '.join(positive)} must be positive")
     if gateway.max_buffer_wait < 0:
-        raise ConfigError(f"gateway.max_buffer_wait: must be >= 0 seconds (0: refuse at once), got {gateway.max_buffer_wait:g}")
+        raise ConfigError(
+            f"gateway.max_buffer_wait: must be >= 0 seconds (0: refuse at once), got {gateway.max_buffer_wait:g}"
+        )
     if bool(gateway.client_secret_key) != bool(gateway.server_public_key):
         raise ConfigError("gateway: give both client_secret_key and server_public_key (CURVE keys), or neither")
     for key in ("api_keys_file", "client_secret_key", "server_public_key"):
@@ -455,7 +463,9 @@ def _check_curve(curve: CurveConfig, base_dir: Path | None) -> CurveConfig:
     secret = _resolve(curve.server_secret_key, base_dir)
     allowed = _resolve(curve.allowed_clients, base_dir)
     if not secret.is_file():
-        raise ConfigError(f"hub.curve.server_secret_key: {str(secret)!r} is not a file (make one with python -m hub.keys)")
+        raise ConfigError(
+            f"hub.curve.server_secret_key: {str(secret)!r} is not a file (make one with python -m hub.keys)"
+        )
     if not allowed.is_dir():
         raise ConfigError(f"hub.curve.allowed_clients: {str(allowed)!r} is not a directory of client public keys")
     return CurveConfig(server_secret_key=str(secret), allowed_clients=str(allowed))
@@ -497,7 +507,11 @@ def _provider(name: str, body: dict[str, Any], base_dir: Path | None, check_path
     if provider.stream.step_ms < 100 or provider.stream.window_seconds < 2 * provider.stream.step_ms / 1000:
         raise ConfigError(f"{path}.stream: step_ms must be >= 100 and window_seconds at least two steps long")
     problems = protocol.turn_detection_problems(
-        {"vad": provider.stream.vad, "endpoint_ms": provider.stream.endpoint_ms, "vad_threshold": provider.stream.vad_threshold}
+        {
+            "vad": provider.stream.vad,
+            "endpoint_ms": provider.stream.endpoint_ms,
+            "vad_threshold": provider.stream.vad_threshold,
+        }
     )
     if problems:
         raise ConfigError(f"{path}.stream: " + "; ".join(problems))
@@ -529,7 +543,13 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
     if not pool.enabled:
         sessions = 1 if pool.max_sessions is None else min(pool.max_sessions, 1)
         return dataclasses.replace(
-            pool, min_size=1, max_size=1, max_sessions=sessions, sessions_per_worker=1, max_batch=1, split_over_seconds=0.0
+            pool,
+            min_size=1,
+            max_size=1,
+            max_sessions=sessions,
+            sessions_per_worker=1,
+            max_batch=1,
+            split_over_seconds=0.0,
         )
     if pool.min_size < 1:
         raise ConfigError(f"{path}.min_size: must be at least 1, got {pool.min_size}")
@@ -559,7 +579,9 @@ def _pool(body: dict[str, Any] | None, path: str) -> PoolConfig:
         if getattr(pool, key) <= 0:
             raise ConfigError(f"{path}.{key}: must be a positive number of seconds")
     if pool.split_over_seconds < 0:
-        raise ConfigError(f"{path}.split_over_seconds: must be 0 (never split) or a number of seconds, got {pool.split_over_seconds:g}")
+        raise ConfigError(
+            f"{path}.split_over_seconds: must be 0 (never split) or a number of seconds, got {pool.split_over_seconds:g}"
+        )
     if pool.split_piece_seconds < 1.0 or 0 < pool.split_over_seconds < pool.split_piece_seconds:
         raise ConfigError(
             f"{path}.split_piece_seconds: must be at least 1 and at most split_over_seconds "

@@ -87,7 +87,9 @@ class Message:
     payload: bytes | None = None
 
 
-def build(msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None, payload: bytes | None = None) -> list[bytes]:
+def build(
+    msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None, payload: bytes | None = None
+) -> list[bytes]:
     """Frames for one message (without any routing identity)."""
     frames = [
         _VERSION_FRAME,
@@ -264,8 +266,14 @@ def parse_resume(body: dict[str, Any]) -> Resume | None:
 
 TURN_DETECTION = {  # a STREAM_OPEN's ``turn_detection``: the session's own stream.vad settings, each optional
     "vad": (lambda v: isinstance(v, bool), "true or false"),
-    "endpoint_ms": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 10_000, "an integer from 100 to 10000"),
-    "vad_threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.2 <= v < 1, "a number from 0.2 to below 1"),
+    "endpoint_ms": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 10_000,
+        "an integer from 100 to 10000",
+    ),
+    "vad_threshold": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.2 <= v < 1,
+        "a number from 0.2 to below 1",
+    ),
 }
 
 

@@ -249,7 +249,9 @@ class SegmentReader:
         """Copy ``samples`` float32 samples from sample ``offset`` on out of a client's segment, refusing
         names outside the prefix."""
         if not name.startswith(self.prefix) or owner_pid(name) is None:
-            raise InvalidAudio(f"shared-memory segment {name!r} is not one of this hub's (names start with {self.prefix!r})")
+            raise InvalidAudio(
+                f"shared-memory segment {name!r} is not one of this hub's (names start with {self.prefix!r})"
+            )
         first, size = offset * 4, (offset + samples) * 4
         view = self._maps.get(name)
         if view is None or len(view) < size:

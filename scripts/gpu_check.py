@@ -79,13 +79,19 @@ class Hub:
 
     def __init__(self, workdir: Path, providers: dict[str, Any], name: str) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        config = {"hub": {"frontend": self.endpoint, "runtime_dir": str(workdir / f"run-{name}")}, "providers": providers}
+        config = {
+            "hub": {"frontend": self.endpoint, "runtime_dir": str(workdir / f"run-{name}")},
+            "providers": providers,
+        }
         path = workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         self.log = workdir / f"{name}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hub.supervisor", "--config", str(path)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "hub.supervisor", "--config", str(path)],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self.client = HubClient(self.endpoint, timeout=300)
 
@@ -110,13 +116,31 @@ def check_ordinals(found: gpus.Discovery) -> None:
     set, CUDA ordinal k within the hub's mask must be the hub's card k."""
     for card in found.cards:
         env = {**os.environ, "CUDA_DEVICE_ORDER": gpus.PCI_ORDER, "CUDA_VISIBLE_DEVICES": card.mask}
-        seen = json.loads(subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60).stdout or "[]")
+        seen = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+            ).stdout
+            or "[]"
+        )
         ok = [gpus.normalize_pci(s) for s in seen] == [card.pci_bus_id]
-        item(f"pinned card {card.ordinal}", ok, f"NVML {card.nvml_index} is PCI {card.pci_bus_id}; a worker pinned to it sees {seen}")
+        item(
+            f"pinned card {card.ordinal}",
+            ok,
+            f"NVML {card.nvml_index} is PCI {card.pci_bus_id}; a worker pinned to it sees {seen}",
+        )
     env = {**os.environ, "CUDA_DEVICE_ORDER": gpus.PCI_ORDER}
-    seen = json.loads(subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60).stdout or "[]")
+    seen = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        ).stdout
+        or "[]"
+    )
     expected = [c.pci_bus_id for c in found.cards]
-    item("CUDA ordinal = hub ordinal", [gpus.normalize_pci(s) for s in seen] == expected, f"CUDA order {seen}, hub order {expected}")
+    item(
+        "CUDA ordinal = hub ordinal",
+        [gpus.normalize_pci(s) for s in seen] == expected,
+        f"CUDA order {seen}, hub order {expected}",
+    )
 
 
 def decode_everywhere(hub: Hub, workers: list[dict[str, Any]]) -> set[str]:
@@ -156,18 +180,37 @@ def check_pool(workdir: Path, found: gpus.Discovery) -> None:
         workers = hub.workers()
         for w in workers:
             gpu = w["gpu"] or {}
-            ok = w["device"] == "cuda" and bool(gpu) and gpus.normalize_pci(w["cuda_pci_bus_id"]) == gpu.get("pci_bus_id")
-            item(f"worker {w['id']} on its card", ok, f"device {w['device']}, placed on {gpu}, its CUDA sees {w['cuda_pci_bus_id']!r}")
+            ok = (
+                w["device"] == "cuda"
+                and bool(gpu)
+                and gpus.normalize_pci(w["cuda_pci_bus_id"]) == gpu.get("pci_bus_id")
+            )
+            item(
+                f"worker {w['id']} on its card",
+                ok,
+                f"device {w['device']}, placed on {gpu}, its CUDA sees {w['cuda_pci_bus_id']!r}",
+            )
             ok = (w["gpu_memory_used_mb"] or 0) > 0 and (w["gpu_memory_used_mb"] or 0) <= (w["gpu_card_used_mb"] or 0)
-            item(f"worker {w['id']} memory", ok, f"own {w['gpu_memory_used_mb']} MiB of the card's {w['gpu_card_used_mb']}/{w['gpu_card_total_mb']} MiB ({w['gpu_error'] or 'no error'})")
+            item(
+                f"worker {w['id']} memory",
+                ok,
+                f"own {w['gpu_memory_used_mb']} MiB of the card's {w['gpu_card_used_mb']}/{w['gpu_card_total_mb']} MiB "
+                f"({w['gpu_error'] or 'no error'})",
+            )
         for name in ("whisper-a", "whisper-b"):
             cards = sorted({w["gpu"]["ordinal"] for w in workers if w["provider"] == name and w["gpu"]})
             item(f"{name} spread", len(cards) == n, f"its {n} workers are on GPU(s) {cards} of {n}")
-        per_card = {c.ordinal: sum(1 for w in workers if w["gpu"] and w["gpu"]["ordinal"] == c.ordinal) for c in found.cards}
+        per_card = {
+            c.ordinal: sum(1 for w in workers if w["gpu"] and w["gpu"]["ordinal"] == c.ordinal) for c in found.cards
+        }
         item("all cards used", all(per_card.values()), f"workers per card {per_card}")
         answered = decode_everywhere(hub, workers)
         missing = sorted({w["id"] for w in workers} - answered)
-        item("a decode on every worker", not missing, f"{len(answered)} of {len(workers)} answered 'hello'; missing {missing}")
+        item(
+            "a decode on every worker",
+            not missing,
+            f"{len(answered)} of {len(workers)} answered 'hello'; missing {missing}",
+        )
 
 
 def check_cap(workdir: Path, found: gpus.Discovery) -> None:
@@ -183,7 +226,9 @@ def check_cap(workdir: Path, found: gpus.Discovery) -> None:
         need, used, total = w["gpu_memory_used_mb"], w["gpu_card_used_mb"], w["gpu_card_total_mb"]
         fill = int(FRACTION * total - used - 1.5 * need)  # room for half a worker more under the cap
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": card.mask, "CUDA_DEVICE_ORDER": gpus.PCI_ORDER}
-        filler = subprocess.Popen([sys.executable, "-c", FILLER, str(fill)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        filler = subprocess.Popen(
+            [sys.executable, "-c", FILLER, str(fill)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         try:
             said = filler.stdout.readline().strip() if filler.stdout else ""
             if said != "filled":
@@ -193,13 +238,21 @@ def check_cap(workdir: Path, found: gpus.Discovery) -> None:
             hub.client.scale("capped", 2)
             held = wait(lambda: "GPU memory cap" in hub.client.status()["providers"]["capped"]["held_back"], 20)
             status = hub.client.status()["providers"]["capped"]
-            item("memory cap holds back", held and status["size"] == 1, f"need {need:.0f} MiB, filled {fill} MiB; size {status['size']}, held_back {status['held_back']!r}")
+            item(
+                "memory cap holds back",
+                held and status["size"] == 1,
+                f"need {need:.0f} MiB, filled {fill} MiB; size {status['size']}, held_back {status['held_back']!r}",
+            )
         finally:
             if filler.stdin:
                 filler.stdin.close()
             filler.wait(30)
         grew = wait(lambda: hub.client.status()["providers"]["capped"]["size"] == 2, 30)
-        item("memory cap lets go", grew, "the second worker started once the filler left" if grew else "no second worker after the filler left")
+        item(
+            "memory cap lets go",
+            grew,
+            "the second worker started once the filler left" if grew else "no second worker after the filler left",
+        )
 
 
 def check_funasr_batching(workdir: Path) -> None:
@@ -218,17 +271,39 @@ def check_funasr_batching(workdir: Path) -> None:
         return
     print(funasr_batch.summary(figures, model), flush=True)
     rows = figures["rows"]
-    placed = all(r["device"] == "cuda" and r["gpu"] and gpus.normalize_pci(r["cuda_pci_bus_id"]) == r["gpu"] for r in rows)
-    item("FunASR worker on its card", placed, "; ".join(f"B={r['max_batch']}: {r['device']} on {r['gpu']}, its CUDA sees {r['cuda_pci_bus_id']!r}" for r in rows))
+    placed = all(
+        r["device"] == "cuda" and r["gpu"] and gpus.normalize_pci(r["cuda_pci_bus_id"]) == r["gpu"] for r in rows
+    )
+    item(
+        "FunASR worker on its card",
+        placed,
+        "; ".join(
+            f"B={r['max_batch']}: {r['device']} on {r['gpu']}, its CUDA sees {r['cuda_pci_bus_id']!r}" for r in rows
+        ),
+    )
     read = all((r["gpu_memory_used_mb"] or 0) > 0 for r in rows)
-    item("FunASR worker memory", read, ", ".join(f"B={r['max_batch']}: {r['gpu_memory_used_mb']} MiB {r['gpu_error']}".strip() for r in rows))
+    item(
+        "FunASR worker memory",
+        read,
+        ", ".join(f"B={r['max_batch']}: {r['gpu_memory_used_mb']} MiB {r['gpu_error']}".strip() for r in rows),
+    )
     best = rows[-1]
-    item(f"FunASR batch {best['max_batch']} >= {funasr_batch.TARGET:g}x batch 1", best["vs_batch_1"] >= funasr_batch.TARGET,
-         f"{best['vs_batch_1']:.2f}x ({best['audio_per_s']:.1f} against {rows[0]['audio_per_s']:.1f} audio s/s), mean batch {best['mean_batch']}")
+    item(
+        f"FunASR batch {best['max_batch']} >= {funasr_batch.TARGET:g}x batch 1",
+        best["vs_batch_1"] >= funasr_batch.TARGET,
+        f"{best['vs_batch_1']:.2f}x ({best['audio_per_s']:.1f} against {rows[0]['audio_per_s']:.1f} audio s/s), "
+        f"mean batch {best['mean_batch']}",
+    )
 
 
 def check_bench() -> None:
-    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--device", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
     item("quick CUDA bench", run.returncode == 0, " | ".join(tail))
 
@@ -236,7 +311,9 @@ def check_bench() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-bench", action="store_true", help="skip the quick CUDA benchmark")
-    parser.add_argument("--funasr-only", action="store_true", help="only the FunASR batching item (no CTranslate2 on the GPU)")
+    parser.add_argument(
+        "--funasr-only", action="store_true", help="only the FunASR batching item (no CTranslate2 on the GPU)"
+    )
     args = parser.parse_args()
     nvml = gpus.Nvml()
     found = gpus.discover(os.environ, nvml.devices())

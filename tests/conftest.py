@@ -102,7 +102,9 @@ class Hub:
         it wrote while draining counts too: an internal error or a traceback of its own fails the test."""
         if self.proc.poll() is None:
             # until it logs "listening on" its signal handlers are not installed: a SIGTERM would kill it outright
-            wait_for(lambda: self.proc.poll() is not None or "listening on" in self.log(), timeout, "the supervisor to start")
+            wait_for(
+                lambda: self.proc.poll() is not None or "listening on" in self.log(), timeout, "the supervisor to start"
+            )
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -188,7 +190,9 @@ def start_hub(
         **({"routes": routes} if routes is not None else {}),
     }
     config_path = tmp_path / f"hub-{endpoint.rsplit(':', 1)[1]}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))  # in the test's order: its first provider is the default
+    config_path.write_text(
+        yaml.safe_dump(config, sort_keys=False)
+    )  # in the test's order: its first provider is the default
     log_path = config_path.with_suffix(".log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -79,7 +79,10 @@ def gateway_factory(hub_factory: Callable[..., Hub]) -> Callable[..., Gateway]:
     """Start a supervisor whose config enables the gateway (HTTP and Wyoming on free ports); wait until it serves."""
 
     def factory(
-        providers: dict[str, Any] | None = None, hub: dict[str, Any] | None = None, routes: dict[str, Any] | None = None, **gateway: Any
+        providers: dict[str, Any] | None = None,
+        hub: dict[str, Any] | None = None,
+        routes: dict[str, Any] | None = None,
+        **gateway: Any,
     ) -> Gateway:
         section = {"enabled": True, "port": free_port(), "wyoming_port": free_port(), **gateway}
         # the gateway's /readyz waits for the hub's readiness too (and works where only the gateway has CURVE keys)
@@ -111,6 +114,9 @@ def whisper_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
     """One supervisor with the bundled tiny.en (the default provider), an echo provider named "echo" and its gateway,
     shared by the tests that change nothing, in every module that one test process runs (the gateway's OpenAI,
     Wyoming and live modules, and the browser's): a process that runs two of them starts it once."""
-    providers = {"whisper": WHISPER, "echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 2, "max_sessions": 1}}}
+    providers = {
+        "whisper": WHISPER,
+        "echo": {"type": "echo", "pool": {"min_size": 1, "max_size": 2, "max_sessions": 1}},
+    }
     with serving(tmp_path_factory.mktemp("gateway"), providers) as gw:
         yield gw

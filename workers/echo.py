@@ -91,14 +91,14 @@ class EchoEngine:
         for _ in items:
             self.decodes += 1
             numbers.append(self.decodes)
-        for item, number in zip(items, numbers):
+        for item, number in zip(items, numbers, strict=False):
             if "exit" in item.options and number >= int(item.options.get("fail_from", 1)):
                 os._exit(int(item.options["exit"]))
         if any(item.options.get("hang") for item in items):
             threading.Event().wait()
         time.sleep(max((float(item.options.get("sleep", 0.0)) for item in items), default=0.0))
         outcomes: list[Outcome] = []
-        for item, number in zip(items, numbers):
+        for item, number in zip(items, numbers, strict=False):
             try:
                 outcomes.append(_answer(item, number))
             except RuntimeError as exc:

@@ -39,7 +39,9 @@ _PRECISIONS = {"auto": {}, "float32": {}, "float16": {"fp16": True}, "bfloat16":
 # FunASR's streaming ASR class (paraformer-zh-streaming and the *-online Paraformers), subclasses included
 ONLINE_MODEL = "ParaformerStreaming"
 # its chunking, the options of the type that have a default; the provider's or a request's options may override them
-ONLINE_DEFAULTS: dict[str, Any] = {name: rule.default for name, rule in FUNASR.options.items() if rule.default is not None}
+ONLINE_DEFAULTS: dict[str, Any] = {
+    name: rule.default for name, rule in FUNASR.options.items() if rule.default is not None
+}
 PARAFORMER_OPTIONS = frozenset({"hotword"})
 BASE_OPTIONS = frozenset(FUNASR.options) - PARAFORMER_OPTIONS - ONLINE_DEFAULTS.keys()  # what every FunASR model takes
 CHUNK_UNIT = 960  # samples per unit of chunk_size (60 ms: one frame after FunASR's 6x frame stacking)
@@ -154,7 +156,7 @@ def to_words(result: dict[str, Any], duration: float) -> list[Word]:
     else:
         each = duration / max(len(units), 1)
         spans = [(i * each, (i + 1) * each) for i in range(len(units))]
-    return [Word(round(start, 3), round(end, 3), unit, 1.0) for unit, (start, end) in zip(units, spans)]
+    return [Word(round(start, 3), round(end, 3), unit, 1.0) for unit, (start, end) in zip(units, spans, strict=False)]
 
 
 def is_online(model: Any) -> bool:
@@ -271,7 +273,9 @@ class FunASREngine:
             raise RuntimeError(f"cannot load funasr model {spec.model!r} (from {source}): {exc}") from exc
         paraformer = "Paraformer" in str(self._model.kwargs.get("model", ""))
         self.online = is_online(self._model.model)
-        self.options = BASE_OPTIONS.union(PARAFORMER_OPTIONS if paraformer else (), ONLINE_DEFAULTS if self.online else ())
+        self.options = BASE_OPTIONS.union(
+            PARAFORMER_OPTIONS if paraformer else (), ONLINE_DEFAULTS if self.online else ()
+        )
         # Paraformers compute their CIF token timestamps when asked; the window rule wants them
         self._timestamps = {"output_timestamp": True} if paraformer else {}
         self.device = self._device_name()
@@ -297,7 +301,7 @@ class FunASREngine:
         results = self._model.generate(input=[item.pcm for item in items], batch_size=len(items), **items[0].options)
         if len(results) != len(items):
             raise RuntimeError(f"funasr answered {len(results)} results for a batch of {len(items)}")
-        return [self._answer(item, [result]) for item, result in zip(items, results)]
+        return [self._answer(item, [result]) for item, result in zip(items, results, strict=False)]
 
     def _answer(self, item: DecodeItem, results: list[dict[str, Any]]) -> EngineResult:
         """FunASR's results for one item's audio as the item's answer, its segments streamed."""

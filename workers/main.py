@@ -136,7 +136,11 @@ class Worker:
         """Stretch every session's step evenly when one decode of each speaking session outlasts a step."""
         if not self.sessions:
             return
-        step = stretched_step(self.settings.step_ms / 1000, (s.cost for s in self.sessions.values() if s.active), self.settings.window_seconds / 2)
+        step = stretched_step(
+            self.settings.step_ms / 1000,
+            (s.cost for s in self.sessions.values() if s.active),
+            self.settings.window_seconds / 2,
+        )
         for session in self.sessions.values():
             session.pace(step)
 

@@ -198,7 +198,7 @@ class WindowStreamer:
         self._fresh = 0
         current = self._hypothesis(self._speech_samples())
         agreed = 0
-        for old, new in zip(self._previous, current):
+        for old, new in zip(self._previous, current, strict=False):
             if _norm(old.word) != _norm(new.word):
                 break
             agreed += 1
@@ -270,14 +270,19 @@ class WindowStreamer:
         self._decoded_to = self._offset + pcm.size / SAMPLE_RATE
         self.decodes += 1
         words = [
-            Word(round(float(w.start) + self._offset, 3), round(float(w.end) + self._offset, 3), w.word, float(w.probability))
+            Word(
+                round(float(w.start) + self._offset, 3),
+                round(float(w.end) + self._offset, 3),
+                w.word,
+                float(w.probability),
+            )
             for w in self.decode(pcm, prompt)
         ]
         last = self._committed[-1].end if self._committed else 0.0
         # timestamps drift between decodes: keep what starts after the committed end, give or take TOLERANCE,
         # then drop words that only repeat the committed tail
         fresh = [w for w in words if w.start >= last - TOLERANCE and _norm(w.word)]
-        return fresh[self._repeated(fresh):]
+        return fresh[self._repeated(fresh) :]
 
     def _repeated(self, words: list[Word]) -> int:
         """How many leading words repeat the end of the committed text."""

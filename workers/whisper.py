@@ -65,7 +65,9 @@ def language_problem(options: dict[str, Any], model: str, languages: list[str], 
             return f"language {language!r} is not supported by {model!r}, an English-only model (supported: {known})"
         return f"language {language!r} is not supported by {model!r} (supported: {known})"
     if options.get("task") == "translate" and not multilingual:
-        return f"task 'translate' needs a multilingual model; {model!r} is English-only (it can only transcribe English)"
+        return (
+            f"task 'translate' needs a multilingual model; {model!r} is English-only (it can only transcribe English)"
+        )
     return None
 
 

@@ -81,7 +81,13 @@ class WindowDecoder:
             return []
         segment = {"seek": 0, "start": 0.0, "end": frames / model.frames_per_second, "tokens": tokens}
         model.add_word_timestamps(
-            [[segment]], tokenizer, encoded, frames, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, last_speech_timestamp=0.0
+            [[segment]],
+            tokenizer,
+            encoded,
+            frames,
+            PREPEND_PUNCTUATIONS,
+            APPEND_PUNCTUATIONS,
+            last_speech_timestamp=0.0,
         )
         return [Word(w["start"], w["end"], w["word"], w["probability"]) for w in segment.get("words", ())]
 
@@ -95,9 +101,16 @@ class WindowDecoder:
             else {"beam_size": 1, "num_hypotheses": 1, "sampling_topk": 0, "sampling_temperature": self.temperature}
         )
         result = model.model.generate(
-            encoded, [model.get_prompt(tokenizer, previous)], length_penalty=1.0, max_length=model.max_length,
-            return_scores=True, return_no_speech_prob=True, suppress_blank=True, suppress_tokens=suppressed,
-            max_initial_timestamp_index=round(MAX_INITIAL_TIMESTAMP / model.time_precision), **search,
+            encoded,
+            [model.get_prompt(tokenizer, previous)],
+            length_penalty=1.0,
+            max_length=model.max_length,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=suppressed,
+            max_initial_timestamp_index=round(MAX_INITIAL_TIMESTAMP / model.time_precision),
+            **search,
         )[0]
         tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]  # text tokens: timestamps dropped
         average = result.scores[0] * len(tokens) / (len(tokens) + 1)

@@ -45,13 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("file")
     stream.add_argument("--provider", help="provider name (default: the hub's first enabled provider)")
     stream.add_argument("--language", help="language code, e.g. en")
-    stream.add_argument("--realtime", action="store_true", help="send at the speed of speech (else as fast as possible)")
+    stream.add_argument(
+        "--realtime", action="store_true", help="send at the speed of speech (else as fast as possible)"
+    )
     stream.add_argument("--chunk-ms", type=int, default=100, help="chunk length in milliseconds (default 100)")
     scale = commands.add_parser("scale", help="set a provider's size at run time, within [min_size, max_size]")
     scale.add_argument("provider")
     scale.add_argument("size", type=int)
     route = commands.add_parser(
-        "route", help="set a route's weights at run time: route whisper whisper-v1=80 whisper-v2=20 (=100 alone: rollback)"
+        "route",
+        help="set a route's weights at run time: route whisper whisper-v1=80 whisper-v2=20 (=100 alone: rollback)",
     )
     route.add_argument("route")
     route.add_argument("weights", nargs="+", metavar="PROVIDER=WEIGHT")
@@ -114,12 +117,18 @@ def format_status(status: HubStatus) -> str:
             lines.append(f"  last error: {pool.last_error}")
         if pool.held_back:
             lines.append(f"  scaling held back: {pool.held_back}")
-        lines.append(f"  {'worker':<16} {'pid':>7}  {'state':<10} {'device':<8} {'jobs':>6} {'fails':>5} {'restarts':>8} {'RSS MiB':>8}  GPU")
+        lines.append(
+            f"  {'worker':<16} {'pid':>7}  {'state':<10} {'device':<8} {'jobs':>6} {'fails':>5} {'restarts':>8} {'RSS MiB':>8}  GPU"
+        )
         for w in p.workers:
-            gpu = w.gpu_error or ("-" if w.gpu_memory_used_mb is None or w.gpu is None else (
-                f"GPU {w.gpu.ordinal}: {w.gpu_memory_used_mb:.0f} MiB of {w.gpu_card_used_mb:.0f}/"
-                f"{w.gpu_card_total_mb:.0f} used, {w.gpu_utilization:.0f}%"
-            ))
+            gpu = w.gpu_error or (
+                "-"
+                if w.gpu_memory_used_mb is None or w.gpu is None
+                else (
+                    f"GPU {w.gpu.ordinal}: {w.gpu_memory_used_mb:.0f} MiB of {w.gpu_card_used_mb:.0f}/"
+                    f"{w.gpu_card_total_mb:.0f} used, {w.gpu_utilization:.0f}%"
+                )
+            )
             lines.append(
                 f"  {w.id:<16} {w.pid:>7}  {w.state:<10} {w.device:<8} {w.jobs_done:>6} "
                 f"{w.consecutive_failures:>5} {w.restarts:>8} {w.rss_mb:>8.0f}  {gpu}"
@@ -145,7 +154,9 @@ def _status_text(status: dict[str, Any]) -> str:
     if "hubs" not in status:
         return format_status(HubStatus.from_dict(status))
     return "\n\n".join(
-        f"{endpoint}: error {s['error']['code']}: {s['error']['message']}" if (typed := HubStatus.of(s)) is None else format_status(typed)
+        f"{endpoint}: error {s['error']['code']}: {s['error']['message']}"
+        if (typed := HubStatus.of(s)) is None
+        else format_status(typed)
         for endpoint, s in status["hubs"].items()
     )
 
@@ -224,7 +235,11 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        client = HubPool(endpoints, timeout=args.timeout, curve=curve) if pooled else HubClient(endpoints[0], timeout=args.timeout, curve=curve)
+        client = (
+            HubPool(endpoints, timeout=args.timeout, curve=curve)
+            if pooled
+            else HubClient(endpoints[0], timeout=args.timeout, curve=curve)
+        )
         with client:
             if args.command == "status":
                 if args.watch:

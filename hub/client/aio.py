@@ -107,7 +107,9 @@ class AsyncHubClient(ClientCore):
         **options: Any,
     ) -> Transcript:
         """The coroutine twin of ``HubClient.transcribe``."""
-        return await self._stream(audio, provider, _options(language, beam_size, options), timeout, sample_rate, False)._final()
+        return await self._stream(
+            audio, provider, _options(language, beam_size, options), timeout, sample_rate, False
+        )._final()
 
     def transcribe_stream(
         self,
@@ -130,12 +132,20 @@ class AsyncHubClient(ClientCore):
         return shm.PcmBuffer(capacity, self._segments)
 
     def _stream(
-        self, audio: AudioInput | shm.PcmBuffer, provider: str | None, options: dict[str, Any], timeout: float | None, sample_rate: int | None, stream: bool
+        self,
+        audio: AudioInput | shm.PcmBuffer,
+        provider: str | None,
+        options: dict[str, Any],
+        timeout: float | None,
+        sample_rate: int | None,
+        stream: bool,
     ) -> AsyncTranscriptStream:
         async def events() -> AsyncGenerator[Reply, None]:
             deadline = self._deadline(timeout)
             await self._ensure_hello(deadline)
-            async for reply in self._exchange(self._transcribe_call(audio, provider, options, deadline, sample_rate, stream)):
+            async for reply in self._exchange(
+                self._transcribe_call(audio, provider, options, deadline, sample_rate, stream)
+            ):
                 yield reply
 
         return AsyncTranscriptStream(events())
@@ -153,9 +163,13 @@ class AsyncHubClient(ClientCore):
         timeout = timeout or self.timeout
         ring = self._session_ring(await self._ensure_hello(self._deadline(timeout)))
         request_id = self._new_id()
-        session = AsyncStreamSession(self._sock.send_multipart, self._inbox(request_id), request_id, ring, timeout, self._forget_stream)
+        session = AsyncStreamSession(
+            self._sock.send_multipart, self._inbox(request_id), request_id, ring, timeout, self._forget_stream
+        )
         self._streams.add(session)
-        return await session._start(open_body(provider, _options(language, None, options), ring, timeout, turn_detection))
+        return await session._start(
+            open_body(provider, _options(language, None, options), ring, timeout, turn_detection)
+        )
 
     def _forget_stream(self, session: AsyncStreamSession) -> None:
         self._streams.discard(session)

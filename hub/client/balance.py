@@ -268,8 +268,12 @@ class Attempts(Generic[Client]):
         ``HubUnreachable``, once the deadline has passed."""
         left = self.deadline - now
         if left <= 0:
-            raise self.last if self.last is not None else HubUnreachable(
-                f"no hub of the pool ({self.where}) took the request within {now - self.started:.1f} s"
+            raise (
+                self.last
+                if self.last is not None
+                else HubUnreachable(
+                    f"no hub of the pool ({self.where}) took the request within {now - self.started:.1f} s"
+                )
             )
         self.member = self.balancer.choose(self.provider, self.tried)
         if self.member is None:
@@ -303,8 +307,6 @@ class Attempts(Generic[Client]):
         member, self.member = self.member, None
         assert member is not None, "no try in progress"
         return member
-
-
 
 
 class _Pool(Generic[Client]):
@@ -379,7 +381,13 @@ class HubPool(_Pool[HubClient]):
         _close(self.balancer.close_all())
 
     def transcribe(
-        self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
+        self,
+        audio: AudioInput,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
     ) -> Transcript:
         """``HubClient.transcribe`` on the hub with the most room, retried elsewhere if refused or lost."""
         pcm = to_pcm(audio, sample_rate)
@@ -391,7 +399,13 @@ class HubPool(_Pool[HubClient]):
         return transcript  # type: ignore[no-any-return]
 
     def transcribe_stream(
-        self, audio: AudioInput, provider: str | None = None, *, timeout: float | None = None, sample_rate: int | None = None, **options: Any
+        self,
+        audio: AudioInput,
+        provider: str | None = None,
+        *,
+        timeout: float | None = None,
+        sample_rate: int | None = None,
+        **options: Any,
     ) -> TranscriptStream:
         """Segments as they are decoded; retried on another hub only until the first one arrives."""
         pcm = to_pcm(audio, sample_rate)
@@ -581,7 +595,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
         self._start()
         members = self.balancer.snapshot()
         answers = await asyncio.gather(*(self._ask(m, timeout or self.probe_timeout) for m in members))
-        return {"hubs": {m.endpoint: _entry(a) for m, a in zip(members, answers) if a is not None}}
+        return {"hubs": {m.endpoint: _entry(a) for m, a in zip(members, answers, strict=False) if a is not None}}
 
     async def wait_ready(self, timeout: float = 60.0, *, hubs: int = 1) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -610,7 +624,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             self._refresh()
             members = self.balancer.snapshot()
             answers = await asyncio.gather(*(self._ask(m, self.probe_timeout) for m in members))
-            for member, answer in zip(members, answers):
+            for member, answer in zip(members, answers, strict=False):
                 if answer is not None:
                     self.balancer.probed(member, answer if isinstance(answer, dict) else None)
 
@@ -718,4 +732,3 @@ class _AsyncPooledSession(_PooledSession):
             await self._session.__aexit__(*exc)
         finally:
             self._finish()
-

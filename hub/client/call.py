@@ -35,7 +35,9 @@ RECONNECT_GRACE = 1.0  # seconds a request waits for a closed connection to come
 # Seconds a HELLO waits for an answer, whatever the call's timeout: a supervisor answers it itself at once, so
 # silence this long means no hub is there (a gateway's 600 s request timeout would otherwise hold a caller that long)
 HELLO_TIMEOUT = 10.0
-AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+AUTH_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
 LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | AUTH_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 Reply = Segment | Transcript | dict[str, Any]
@@ -325,15 +327,15 @@ def split_field(options: dict[str, Any]) -> dict[str, Any]:
     return {"split": split}
 
 
-def transcribe_body(
-    provider: str | None, options: dict[str, Any], stream: bool, deadline: float
-) -> dict[str, Any]:
+def transcribe_body(provider: str | None, options: dict[str, Any], stream: bool, deadline: float) -> dict[str, Any]:
     timeout = max(0.001, deadline - time.monotonic())  # the supervisor gives up when the client would
     fields = {**route_fields(options), **split_field(options)}
     return {"provider": provider, "options": options, "stream": stream, "timeout": timeout, **fields}
 
 
-def audio_lease(audio: AudioInput | shm.PcmBuffer, sample_rate: int | None, segments: shm.SegmentPool | None) -> AudioLease:
+def audio_lease(
+    audio: AudioInput | shm.PcmBuffer, sample_rate: int | None, segments: shm.SegmentPool | None
+) -> AudioLease:
     if isinstance(audio, shm.PcmBuffer):
         if audio.size == 0:
             raise InvalidAudio("the audio is empty (0 samples)")

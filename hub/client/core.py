@@ -42,7 +42,10 @@ from hub.protocol import SAMPLE_RATE, MsgType
 from hub.status import HubStatus, ReadyState
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS = 1000, 3000  # ZMTP pings: a hub silent this long (a cut link) counts as disconnected
+HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS = (
+    1000,
+    3000,
+)  # ZMTP pings: a hub silent this long (a cut link) counts as disconnected
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,9 @@ def _not_ready(endpoint: str, timeout: float, status: HubStatus | None) -> HubEr
         why = "it is draining (shutting down)"
     else:
         why = ", ".join(
-            f"{name} ({p.serving} of {p.min_size} ready" + (f"; {p.pool.last_error}" if p.pool and p.pool.last_error else "") + ")"
+            f"{name} ({p.serving} of {p.min_size} ready"
+            + (f"; {p.pool.last_error}" if p.pool and p.pool.last_error else "")
+            + ")"
             for name, p in status.short().items()
         )
     return ProviderUnavailable(f"the hub at {endpoint} answers but was not ready within {timeout:.0f} s: {why}")
@@ -192,7 +197,13 @@ class ClientCore:
         return hello
 
     def _transcribe_call(
-        self, audio: AudioInput | shm.PcmBuffer, provider: str | None, options: dict[str, Any], deadline: float, sample_rate: int | None, stream: bool
+        self,
+        audio: AudioInput | shm.PcmBuffer,
+        provider: str | None,
+        options: dict[str, Any],
+        deadline: float,
+        sample_rate: int | None,
+        stream: bool,
     ) -> Call:
         lease = audio_lease(audio, sample_rate, self._segments)  # bad audio fails here, before anything is sent
         return self._call(MsgType.TRANSCRIBE, transcribe_body(provider, options, stream, deadline), deadline, lease)

@@ -118,12 +118,18 @@ def route_rollback(config: HubConfig, route: str, to: str | None) -> int:
 
     section = config.routes.get(route)
     if section is None:
-        print(f"rollback: the config has no route {route!r} (routes: {', '.join(config.routes) or 'none'})", file=sys.stderr)
+        print(
+            f"rollback: the config has no route {route!r} (routes: {', '.join(config.routes) or 'none'})",
+            file=sys.stderr,
+        )
         return 2
     target = to or baseline_of(section.weights, tuple(section.weights))
     if config.hub.curve.enabled:
-        print("rollback: the hub requires CURVE keys; run python -m hub.client --client-key K --server-key S "
-              f"route {route} {target}=100", file=sys.stderr)
+        print(
+            "rollback: the hub requires CURVE keys; run python -m hub.client --client-key K --server-key S "
+            f"route {route} {target}=100",
+            file=sys.stderr,
+        )
         return 2
     try:
         with HubClient(loopback_endpoint(config.hub.frontend), timeout=10.0) as client:
@@ -141,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--undo", action="store_true", help="set pool.enabled back to true")
     parser.add_argument("--signal", action="store_true", help="then SIGHUP the supervisor running this config")
     parser.add_argument("--route", help="roll this route back to its baseline instead (the running hub, not the file)")
-    parser.add_argument("--to", help="with --route: the provider to send everything to (default: the config's heaviest)")
+    parser.add_argument(
+        "--to", help="with --route: the provider to send everything to (default: the config's heaviest)"
+    )
     args = parser.parse_args(argv)
     if args.route:
         try:
@@ -165,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             pid = int(path.read_text())
             os.kill(pid, signal.SIGHUP)
         except (OSError, ValueError) as exc:
-            print(f"rollback: no running supervisor found through {path} ({exc}); start it with this config", file=sys.stderr)
+            print(
+                f"rollback: no running supervisor found through {path} ({exc}); start it with this config",
+                file=sys.stderr,
+            )
             return 1
         print(f"sent SIGHUP to the supervisor (pid {pid}): it replaces its workers one at a time")
     return 0

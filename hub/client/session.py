@@ -119,7 +119,11 @@ class _SessionCore:
             self.events.append(StreamEvent("final", segment.text, segment, _read(msg.body)))
         elif msg.type is MsgType.EVENT:
             self.acked = _kept(msg.body, self.acked)
-            kind, text, at = str(msg.body.get("kind", "")), str(msg.body.get("text", "")), float(msg.body.get("at", 0.0))
+            kind, text, at = (
+                str(msg.body.get("kind", "")),
+                str(msg.body.get("text", "")),
+                float(msg.body.get("at", 0.0)),
+            )
             self.events.append(StreamEvent(kind, text, heard=_read(msg.body), at=at))
         elif msg.type is MsgType.HEARD:  # nothing to show: how far the ring may be written over
             self.acked = _kept(msg.body, self.acked)
@@ -235,7 +239,11 @@ class ChunkAudio:
 
 
 def open_body(
-    provider: str | None, options: dict[str, Any], ring: shm.Ring | None, timeout: float, turns: dict[str, Any] | None = None
+    provider: str | None,
+    options: dict[str, Any],
+    ring: shm.Ring | None,
+    timeout: float,
+    turns: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     ring_ref = {"shm": ring.name, "capacity": ring.capacity} if ring else None
     routed = route_fields(options)

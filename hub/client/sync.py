@@ -130,7 +130,9 @@ class HubClient(ClientCore):
         **options: Any,
     ) -> Transcript:
         """Transcribe a file path, a numpy array (float32 or int16) or raw 16-bit PCM bytes."""
-        return self._stream(audio, provider, _options(language, beam_size, options), timeout, sample_rate, False)._final()
+        return self._stream(
+            audio, provider, _options(language, beam_size, options), timeout, sample_rate, False
+        )._final()
 
     def transcribe_stream(
         self,
@@ -147,11 +149,19 @@ class HubClient(ClientCore):
         return self._stream(audio, provider, _options(language, beam_size, options), timeout, sample_rate, True)
 
     def _stream(
-        self, audio: AudioInput, provider: str | None, options: dict[str, Any], timeout: float | None, sample_rate: int | None, stream: bool
+        self,
+        audio: AudioInput,
+        provider: str | None,
+        options: dict[str, Any],
+        timeout: float | None,
+        sample_rate: int | None,
+        stream: bool,
     ) -> TranscriptStream:
         deadline = self._deadline(timeout)
         self._ensure_hello(deadline)
-        return TranscriptStream(self._exchange(self._transcribe_call(audio, provider, options, deadline, sample_rate, stream)))
+        return TranscriptStream(
+            self._exchange(self._transcribe_call(audio, provider, options, deadline, sample_rate, stream))
+        )
 
     def open_stream(
         self,
@@ -243,7 +253,9 @@ class HubClient(ClientCore):
                 if link.monitor in ready and link.update():
                     raise call.lost(link.state)
                 if sock in ready:
-                    if (reply := call.receive(protocol.parse(sock.recv_multipart(), protocol.MAX_ANSWER_BODY_BYTES))) is not None:
+                    if (
+                        reply := call.receive(protocol.parse(sock.recv_multipart(), protocol.MAX_ANSWER_BODY_BYTES))
+                    ) is not None:
                         yield reply
                 elif call.left() <= 0:
                     raise call.expire()

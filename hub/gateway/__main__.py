@@ -57,7 +57,9 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, HubSection]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hub.gateway", description="Serve the hub over HTTP, WebSocket and Wyoming.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hub.gateway", description="Serve the hub over HTTP, WebSocket and Wyoming."
+    )
     parser.add_argument(
         "--hub",
         action="append",

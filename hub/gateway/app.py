@@ -98,4 +98,3 @@ class Measured:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.gateway.metrics.observe(route, status, time.monotonic() - started)
-

@@ -35,7 +35,11 @@ class MemoryBudget:
             self._add(nbytes)
             return
         if nbytes > self.limit:
-            raise ApiError("UPLOAD_TOO_LARGE", f"the upload needs {nbytes / 2**20:.0f} MB, more than gateway.max_buffered_mb", "file")
+            raise ApiError(
+                "UPLOAD_TOO_LARGE",
+                f"the upload needs {nbytes / 2**20:.0f} MB, more than gateway.max_buffered_mb",
+                "file",
+            )
         waiter = asyncio.get_running_loop().create_future()
         entry = (nbytes, waiter)
         self._waiters.append(entry)

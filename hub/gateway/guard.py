@@ -44,7 +44,9 @@ def protocols(limits: ConnectionLimits) -> tuple[Guard, type[asyncio.Protocol], 
 
         def data_received(self, data: bytes) -> None:
             if self.cycle is None or self.cycle.response_complete:
-                guard.waiting(self.transport, time.monotonic())  # the first bytes of a kept-alive connection's next request
+                guard.waiting(
+                    self.transport, time.monotonic()
+                )  # the first bytes of a kept-alive connection's next request
             super().data_received(data)
             upgraded = self.transport.get_protocol() is not self
             if upgraded or (self.cycle is not None and self.cycle is not self._request):

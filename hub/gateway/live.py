@@ -82,7 +82,9 @@ def parse_config(text: str) -> LiveConfig:
         raise ApiError("BAD_REQUEST", "timeout is set by the gateway (gateway.request_timeout)", "timeout")
     turns = body.get("turn_detection")
     if turns is not None and not isinstance(turns, dict):
-        raise ApiError("BAD_REQUEST", 'turn_detection must be an object, e.g. {"vad": true, "endpoint_ms": 600}', "turn_detection")
+        raise ApiError(
+            "BAD_REQUEST", 'turn_detection must be an object, e.g. {"vad": true, "endpoint_ms": 600}', "turn_detection"
+        )
     return LiveConfig(body.get("model"), body.get("language"), rate, encoding, options, turns)
 
 
@@ -93,7 +95,9 @@ def parse_control(text: str) -> None:
     except ValueError:
         body = None
     if not isinstance(body, dict) or body.get("type") != "close":
-        raise ApiError("BAD_REQUEST", 'after the config, text messages must be {"type": "close"}; send audio as binary frames')
+        raise ApiError(
+            "BAD_REQUEST", 'after the config, text messages must be {"type": "close"}; send audio as binary frames'
+        )
 
 
 class LiveAudio:
@@ -166,7 +170,9 @@ class _Live:
 
     async def run(self) -> Transcript:
         """Serve the stream to its end; returns the transcript, raises what ended it otherwise."""
-        receiver, feeder, forwarder = tasks = [asyncio.create_task(w()) for w in (self.receive, self.feed, self.forward)]
+        receiver, feeder, forwarder = tasks = [
+            asyncio.create_task(w()) for w in (self.receive, self.feed, self.forward)
+        ]
         try:
             await _ending(receiver, feeder, forwarder)
         finally:
@@ -245,20 +251,24 @@ async def _read_config(websocket: WebSocket) -> LiveConfig:
         message = await asyncio.wait_for(websocket.receive(), CONFIG_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise ApiError(
-            "BAD_REQUEST", f"no config message within {CONFIG_TIMEOUT_S:.0f} s of connecting: send the JSON config first"
+            "BAD_REQUEST",
+            f"no config message within {CONFIG_TIMEOUT_S:.0f} s of connecting: send the JSON config first",
         ) from None
     if message["type"] == "websocket.disconnect":
         raise ClientGone
     if message.get("bytes") is not None:
-        raise ApiError("UNSUPPORTED_DATA", "a binary frame came before the config: send the JSON config as a text message first")
+        raise ApiError(
+            "UNSUPPORTED_DATA", "a binary frame came before the config: send the JSON config as a text message first"
+        )
     return parse_config(message.get("text") or "")
-
 
 
 def _segment(segment: Segment) -> dict[str, Any]:
     body = {"text": segment.text, "start": segment.start, "end": segment.end}
     if segment.words:
-        body["words"] = [{"word": w.word, "start": w.start, "end": w.end, "probability": w.probability} for w in segment.words]
+        body["words"] = [
+            {"word": w.word, "start": w.start, "end": w.end, "probability": w.probability} for w in segment.words
+        ]
     return body
 
 
@@ -284,4 +294,3 @@ async def _refuse(websocket: WebSocket, exc: ApiError | HubError) -> None:
     except ClientGone:
         return
     await close(websocket, mapping(exc.code).close, exc.message)
-

@@ -84,7 +84,9 @@ async def _serve(request: Request, task: str) -> Response:
             response = await _stream(gateway, provider, call, audio, held)
             handed_over = True  # held until the last event is sent
             return response
-        transcript = await _until_disconnect(gateway.client.transcribe(audio, provider, **call.options), request.receive)
+        transcript = await _until_disconnect(
+            gateway.client.transcribe(audio, provider, **call.options), request.receive
+        )
     finally:
         if not handed_over:
             held.release()
@@ -174,11 +176,15 @@ class _Call:
             )
         granularities = set(form.all("timestamp_granularities[]") + form.all("timestamp_granularities"))
         if granularities - {"word", "segment"}:
-            raise ApiError("BAD_REQUEST", "timestamp_granularities[] takes 'word' and 'segment'", "timestamp_granularities")
+            raise ApiError(
+                "BAD_REQUEST", "timestamp_granularities[] takes 'word' and 'segment'", "timestamp_granularities"
+            )
         self.words = "word" in granularities
         self.stream = _flag(form.get("stream"), "stream")
         if self.stream and self.response_format not in ("json", "text"):
-            raise ApiError("BAD_REQUEST", "stream=true gives server-sent events; use response_format json or text", "stream")
+            raise ApiError(
+                "BAD_REQUEST", "stream=true gives server-sent events; use response_format json or text", "stream"
+            )
         self.options: dict[str, Any] = {}
         if task == "translate":
             self.options["task"] = "translate"

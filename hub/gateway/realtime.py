@@ -159,7 +159,8 @@ class Connection:
             try:
                 if text is None:
                     raise Problem(
-                        ErrorCode.INVALID_EVENT, "binary frames are not part of the Realtime API: send JSON events as text"
+                        ErrorCode.INVALID_EVENT,
+                        "binary frames are not part of the Realtime API: send JSON events as text",
                     )
                 event = parse_client_event(text, self.config)
             except Problem as problem:

@@ -57,7 +57,12 @@ class Problem(Exception):
     """What becomes one ``error`` event: OpenAI's ``{type, code, message, param, event_id}``."""
 
     def __init__(
-        self, code: str, message: str, param: str | None = None, event_id: str | None = None, kind: str = "invalid_request_error"
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        event_id: str | None = None,
+        kind: str = "invalid_request_error",
     ) -> None:
         super().__init__(message)
         code = code.value if isinstance(code, Enum) else code
@@ -69,7 +74,13 @@ class Problem(Exception):
         return cls(exc.code.lower(), exc.message, getattr(exc, "param", None), event_id, mapping(exc.code).type)
 
     def body(self) -> dict[str, Any]:
-        return {"type": self.kind, "code": self.code, "message": self.message, "param": self.param, "event_id": self.event_id}
+        return {
+            "type": self.kind,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+            "event_id": self.event_id,
+        }
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,9 @@ def parse_client_event(text: str, config: SessionConfig) -> ClientEvent:
     try:
         body = json.loads(text)
     except ValueError as exc:
-        raise Problem(ErrorCode.INVALID_JSON, f"the message is not valid JSON ({exc}): send one JSON event a message") from None
+        raise Problem(
+            ErrorCode.INVALID_JSON, f"the message is not valid JSON ({exc}): send one JSON event a message"
+        ) from None
     if not isinstance(body, dict):
         raise Problem(ErrorCode.INVALID_EVENT, f"an event must be a JSON object, got {type(body).__name__}")
     event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
@@ -180,7 +193,9 @@ def parse_client_event(text: str, config: SessionConfig) -> ClientEvent:
         if kind in _CONVERSATION_EVENTS
         else ""
     )
-    raise Problem(ErrorCode.UNKNOWN_EVENT, f"unknown event type {kind[:64]!r}{why}; the events are {known}", "type", event_id)
+    raise Problem(
+        ErrorCode.UNKNOWN_EVENT, f"unknown event type {kind[:64]!r}{why}; the events are {known}", "type", event_id
+    )
 
 
 def _audio(value: Any) -> bytes:
@@ -222,7 +237,9 @@ def _ga_update(session: dict[str, Any], config: SessionConfig) -> SessionConfig:
     if "transcription" in source:
         config = _transcription(source["transcription"], config, "session.audio.input.transcription")
     if "turn_detection" in source:
-        config = replace(config, turn_detection=_turns(source["turn_detection"], config, "session.audio.input.turn_detection"))
+        config = replace(
+            config, turn_detection=_turns(source["turn_detection"], config, "session.audio.input.turn_detection")
+        )
     return config
 
 
@@ -244,7 +261,9 @@ def _beta_update(session: dict[str, Any], config: SessionConfig) -> SessionConfi
 def _check_format(form: dict[str, Any], param: str) -> None:
     kind = form.get("type", "audio/pcm")
     if kind != "audio/pcm":
-        raise Problem(ErrorCode.UNSUPPORTED, f"the audio format must be 'audio/pcm' (pcm16), got {kind!r}", f"{param}.type")
+        raise Problem(
+            ErrorCode.UNSUPPORTED, f"the audio format must be 'audio/pcm' (pcm16), got {kind!r}", f"{param}.type"
+        )
     rate = form.get("rate", RATE)
     if rate != RATE:
         raise Problem(
@@ -264,7 +283,9 @@ def _transcription(value: Any, config: SessionConfig, param: str) -> SessionConf
     language = fields.get("language", config.language)
     if language is not None and not isinstance(language, str):
         raise Problem(
-            ErrorCode.INVALID_VALUE, f"language must be a language code such as 'en', got {language!r}", f"{param}.language"
+            ErrorCode.INVALID_VALUE,
+            f"language must be a language code such as 'en', got {language!r}",
+            f"{param}.language",
         )
     prompt = fields.get("prompt", config.prompt)
     if prompt is not None and not isinstance(prompt, str):
@@ -286,7 +307,9 @@ def _turns(value: Any, config: SessionConfig, param: str) -> ServerVad | None:
     vad = config.turn_detection or ServerVad()
     threshold = fields.get("threshold", vad.threshold)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise Problem(ErrorCode.INVALID_VALUE, f"threshold must be a number from 0 to 1, got {threshold!r}", f"{param}.threshold")
+        raise Problem(
+            ErrorCode.INVALID_VALUE, f"threshold must be a number from 0 to 1, got {threshold!r}", f"{param}.threshold"
+        )
     values = {}
     for name in ("prefix_padding_ms", "silence_duration_ms"):
         number = fields.get(name, getattr(vad, name))
@@ -448,7 +471,9 @@ class Turns:
         events = []
         if self.open is not None and self.buffered * 1000 >= MIN_COMMIT_MS * self.rate:
             events.append(self._commit(self.open, self.now))
-        events += [_completed(item, item.text) if problem is None else _failed(item, problem) for item in self.committed]
+        events += [
+            _completed(item, item.text) if problem is None else _failed(item, problem) for item in self.committed
+        ]
         self.committed.clear()
         self.open = None
         self.buffered = 0
@@ -477,7 +502,12 @@ class Turns:
         if not delta:
             return []
         return [
-            {"type": "conversation.item.input_audio_transcription.delta", "item_id": item.id, "content_index": 0, "delta": delta}
+            {
+                "type": "conversation.item.input_audio_transcription.delta",
+                "item_id": item.id,
+                "content_index": 0,
+                "delta": delta,
+            }
         ]
 
 
@@ -498,4 +528,9 @@ def _completed(item: _Item, transcript: str) -> dict[str, Any]:
 
 def _failed(item: _Item, problem: Problem) -> dict[str, Any]:
     error = {"type": problem.kind, "code": problem.code, "message": problem.message, "param": problem.param}
-    return {"type": "conversation.item.input_audio_transcription.failed", "item_id": item.id, "content_index": 0, "error": error}
+    return {
+        "type": "conversation.item.input_audio_transcription.failed",
+        "item_id": item.id,
+        "content_index": 0,
+        "error": error,
+    }

@@ -53,13 +53,22 @@ async def serve(settings: Settings, parent_pid: int | None = None) -> int:
     try:
         wyoming = (
             await wyoming_asr.start(
-                gateway, section.host, section.wyoming_port, idle_timeout=section.wyoming_idle_timeout, max_connections=section.max_connections
+                gateway,
+                section.host,
+                section.wyoming_port,
+                idle_timeout=section.wyoming_idle_timeout,
+                max_connections=section.max_connections,
             )
             if section.wyoming_port
             else None
         )
     except OSError as exc:
-        log.error("cannot serve Wyoming on %s:%d: %s (is another server on that port?)", section.host, section.wyoming_port, exc.strerror)
+        log.error(
+            "cannot serve Wyoming on %s:%d: %s (is another server on that port?)",
+            section.host,
+            section.wyoming_port,
+            exc.strerror,
+        )
         await gateway.stop()
         return 1
     watch = loop.create_task(_watch_parent(parent_pid, server)) if parent_pid else None

@@ -48,7 +48,9 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         section = settings.section
-        curve = CurveKeys.load(section.client_secret_key, section.server_public_key) if section.client_secret_key else None
+        curve = (
+            CurveKeys.load(section.client_secret_key, section.server_public_key) if section.client_secret_key else None
+        )
         # One hub: its client, so that a refusal (draining, busy) reaches the caller at once, as a hub's own
         # answer. Many hubs: a pool, which sends each request to the hub with the most room and retries a
         # refused or lost one on another; a live session stays on the hub that opened it.
@@ -124,7 +126,12 @@ class Gateway:
 
     def routes(self) -> list[str]:
         """The routes (public model names of a gray release) of any hub that answered, each once."""
-        names = (name for entry in self.hubs.values() if (status := HubStatus.of(entry)) is not None for name in status.routes)
+        names = (
+            name
+            for entry in self.hubs.values()
+            if (status := HubStatus.of(entry)) is not None
+            for name in status.routes
+        )
         return list(dict.fromkeys(names))
 
     def answered(self) -> bool:

@@ -151,4 +151,6 @@ async def _next(pieces: AsyncIterator[bytes], pause: float | None) -> bytes | No
     except StopAsyncIteration:
         return None
     except TimeoutError:
-        raise ApiError("IDLE_TIMEOUT", f"no part of the upload arrived for {pause:g} s (gateway.header_timeout)") from None
+        raise ApiError(
+            "IDLE_TIMEOUT", f"no part of the upload arrived for {pause:g} s (gateway.header_timeout)"
+        ) from None

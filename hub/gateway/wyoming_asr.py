@@ -143,8 +143,11 @@ def parse_header(line: bytes) -> tuple[str, dict[str, Any], int, int]:
     data = header.get("data") or {}
     if not isinstance(data, dict):
         raise ProtocolError('an event\'s "data" must be a JSON object')
-    return header["type"], data, _length(header, "data_length", MAX_DATA_BYTES), _length(
-        header, "payload_length", MAX_PAYLOAD_BYTES
+    return (
+        header["type"],
+        data,
+        _length(header, "data_length", MAX_DATA_BYTES),
+        _length(header, "payload_length", MAX_PAYLOAD_BYTES),
     )
 
 
@@ -191,7 +194,11 @@ class PcmFormat:
         check_sample_rate(self.rate)
         if self.width not in SAMPLE_TYPES:
             raise InvalidAudio(f"width must be 1, 2 or 4 bytes per sample, got {self.width!r}")
-        if not isinstance(self.channels, int) or isinstance(self.channels, bool) or not 1 <= self.channels <= MAX_CHANNELS:
+        if (
+            not isinstance(self.channels, int)
+            or isinstance(self.channels, bool)
+            or not 1 <= self.channels <= MAX_CHANNELS
+        ):
             raise InvalidAudio(f"channels must be an integer from 1 to {MAX_CHANNELS}, got {self.channels!r}")
         return self
 
@@ -386,7 +393,9 @@ class WyomingHandler(AsyncEventHandler):
     def _on_audio_chunk(self, event: Event) -> None:
         audio = self.request.audio
         if audio is None:
-            raise ApiError("BAD_REQUEST", "audio-chunk without audio-start: send transcribe, audio-start, then the chunks")
+            raise ApiError(
+                "BAD_REQUEST", "audio-chunk without audio-start: send transcribe, audio-start, then the chunks"
+            )
         chunk = _audio_event(AudioChunk, event)
         if PcmFormat.of(chunk) != audio.format:
             raise InvalidAudio(f"audio-chunk format {PcmFormat.of(chunk)} differs from audio-start's {audio.format}")
@@ -492,7 +501,8 @@ class WyomingServer:
     def _handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> WyomingHandler:
         if len(self._handlers) >= self.max_connections:
             refusal = ApiError(
-                "TOO_MANY_REQUESTS", f"{len(self._handlers)} Wyoming connections are open (gateway.max_connections); retry shortly"
+                "TOO_MANY_REQUESTS",
+                f"{len(self._handlers)} Wyoming connections are open (gateway.max_connections); retry shortly",
             )
             return WyomingHandler(self.gateway, self.idle_timeout, reader, writer, refusal=refusal)
         handler = WyomingHandler(self.gateway, self.idle_timeout, reader, writer, self._handlers.discard)
@@ -515,7 +525,12 @@ class WyomingServer:
 
 
 async def start(
-    gateway: Gateway, host: str, port: int, *, idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS
+    gateway: Gateway,
+    host: str,
+    port: int,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> WyomingServer:
     """Serve Wyoming on ``host:port`` until ``stop``."""
     server = WyomingServer(gateway, host, port, idle_timeout, max_connections)

@@ -41,7 +41,9 @@ def provider_for(config: HubConfig, pools: dict[str, ProviderPool], name: object
     pool = pools[name]
     if pool.size == 0 and pool.load_failures:
         wait = max(0.0, pool.next_spawn_at - now)
-        raise ProviderUnavailable(f"provider {name!r} has no live worker: {pool.last_error} (next start in {wait:.0f} s)")
+        raise ProviderUnavailable(
+            f"provider {name!r} has no live worker: {pool.last_error} (next start in {wait:.0f} s)"
+        )
     return provider
 
 
@@ -62,7 +64,14 @@ def own_segment(name: str, shm_prefix: str) -> None:
 
 
 def _job(
-    job_id: str, kind: JobKind, client: bytes, msg: Message, provider: ProviderConfig, route: str, now: float, **fields: object
+    job_id: str,
+    kind: JobKind,
+    client: bytes,
+    msg: Message,
+    provider: ProviderConfig,
+    route: str,
+    now: float,
+    **fields: object,
 ) -> Job:
     """What every client's job has in common: who asked, the provider, the options, the deadlines."""
     timeout = protocol.parse_timeout(msg.body)
@@ -82,25 +91,48 @@ def _job(
 
 
 def request_job(
-    job_id: str, client: bytes, msg: Message, provider: ProviderConfig, route: str, config: HubConfig, shm_prefix: str, now: float
+    job_id: str,
+    client: bytes,
+    msg: Message,
+    provider: ProviderConfig,
+    route: str,
+    config: HubConfig,
+    shm_prefix: str,
+    now: float,
 ) -> Job:
     """A TRANSCRIBE: its audio (inline, or a segment of this hub's), its options, whether it streams segments."""
-    audio = protocol.parse_audio_ref(msg.body, msg.payload, max_samples=int(config.hub.max_audio_seconds * protocol.SAMPLE_RATE))
+    audio = protocol.parse_audio_ref(
+        msg.body, msg.payload, max_samples=int(config.hub.max_audio_seconds * protocol.SAMPLE_RATE)
+    )
     if audio.shm is not None:
         own_segment(audio.shm, shm_prefix)
     stream = bool(msg.body.get("stream", False))
-    return _job(job_id, JobKind.REQUEST, client, msg, provider, route, now, audio=audio, payload=msg.payload, stream=stream)
+    return _job(
+        job_id, JobKind.REQUEST, client, msg, provider, route, now, audio=audio, payload=msg.payload, stream=stream
+    )
 
 
-def session_job(job_id: str, client: bytes, msg: Message, provider: ProviderConfig, route: str, shm_prefix: str, now: float) -> Job:
+def session_job(
+    job_id: str, client: bytes, msg: Message, provider: ProviderConfig, route: str, shm_prefix: str, now: float
+) -> Job:
     """A STREAM_OPEN: a live session, its audio in the client's ring or, inline, kept by the supervisor for a resume."""
     ring = protocol.parse_ring(msg.body)
     if ring is not None:
         own_segment(ring.shm, shm_prefix)
     turns = protocol.parse_turn_detection(msg.body)
     job = _job(
-        job_id, JobKind.SESSION, client, msg, provider, route, now, audio=AudioRef(samples=0), payload=None, stream=True,
-        ring=ring, turns=turns,
+        job_id,
+        JobKind.SESSION,
+        client,
+        msg,
+        provider,
+        route,
+        now,
+        audio=AudioRef(samples=0),
+        payload=None,
+        stream=True,
+        ring=ring,
+        turns=turns,
     )
     job.last_activity = now
     if ring is None:  # inline chunks: the supervisor keeps the recent ones, for a resume on another worker
@@ -119,6 +151,17 @@ def shadow_job(job_id: str, primary: Job, provider: str, shm_prefix: str, now: f
             log.debug("shadow of job %s dropped: %s", primary.id, exc)
             return None
     return Job(
-        id=job_id, kind=JobKind.SHADOW, client=b"", request_id="", provider=provider, audio=audio, payload=primary.payload,
-        options=primary.options, stream=False, received_at=now, acquire_deadline=now, client_timeout=None, route=primary.route,
+        id=job_id,
+        kind=JobKind.SHADOW,
+        client=b"",
+        request_id="",
+        provider=provider,
+        audio=audio,
+        payload=primary.payload,
+        options=primary.options,
+        stream=False,
+        received_at=now,
+        acquire_deadline=now,
+        client_timeout=None,
+        route=primary.route,
     )

@@ -53,10 +53,11 @@ def session_home(workers: Sequence[WorkerLoad], per_worker: int) -> str | None:
 def one_shot_home(workers: Sequence[WorkerLoad], pool: PoolConfig) -> str | None:
     """A busy worker with room for one more one-shot job, or None (the job waits for a free worker).
 
-    Only busy workers (free ones are the idle queue's, taken least recently used first). Room: fewer than ``pool.max_batch`` jobs held, and sessions (if any) whose duty is below
-    ``ONE_SHOT_DUTY``. By load: workers without sessions first, then the fewest jobs held (the batch that
-    starts soonest), then the lowest duty and fewest sessions; ties keep the order given (the pool's).
-    Never with ``pool.enabled: false``: one worker, one job at a time, a session included."""
+    Only busy workers (free ones are the idle queue's, taken least recently used first). Room: fewer than
+    ``pool.max_batch`` jobs held, and sessions (if any) whose duty is below ``ONE_SHOT_DUTY``. By load: workers
+    without sessions first, then the fewest jobs held (the batch that starts soonest), then the lowest duty and
+    fewest sessions; ties keep the order given (the pool's). Never with ``pool.enabled: false``: one worker, one
+    job at a time, a session included."""
     if not pool.enabled:
         return None
     busy = [w for w in workers if w.jobs or w.sessions]  # a worker with neither is in the idle queue

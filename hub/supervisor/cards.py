@@ -51,7 +51,9 @@ class Cards:
         if not worker.device.startswith("cuda"):
             log.warning(
                 "worker %s was placed on %s but its model runs on %s; it no longer counts as a GPU worker",
-                worker.id, worker.card.describe(), worker.device,
+                worker.id,
+                worker.card.describe(),
+                worker.device,
             )
             worker.card = None
             worker.gpu_error = f"placed on a GPU, runs on {worker.device}"
@@ -60,7 +62,9 @@ class Cards:
         if worker.card.pci_bus_id and worker.cuda_pci_bus_id and worker.cuda_pci_bus_id != worker.card.pci_bus_id:
             log.error(
                 "worker %s was placed on %s but its CUDA runtime reports PCI %s",
-                worker.id, worker.card.describe(), worker.cuda_pci_bus_id,
+                worker.id,
+                worker.card.describe(),
+                worker.cuda_pci_bus_id,
             )
 
     def sample(self, pool: ProviderPool, worker: WorkerHandle) -> None:

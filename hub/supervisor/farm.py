@@ -102,7 +102,11 @@ class Farm:
             self.metrics.rejected(name if known else "_unknown", exc.code)
             log.debug("request %s refused: %s", msg.id, exc)
             raise
-        shadow = self.rollout.shadow_for(job.route, self.unavailable()) if job.route and job.kind is JobKind.REQUEST else None
+        shadow = (
+            self.rollout.shadow_for(job.route, self.unavailable())
+            if job.route and job.kind is JobKind.REQUEST
+            else None
+        )
         if shadow is not None:
             self._shadow(job, shadow, now)
 
@@ -115,7 +119,12 @@ class Farm:
         where = f"on {job.worker}" if job.worker else "in the queue"
         log.info(
             "job %s (request %s): cancelled by its client after %.1f s %s (state %s, attempt %d)",
-            job.id, job.request_id, now - job.received_at, where, job.state.value, job.attempts,
+            job.id,
+            job.request_id,
+            now - job.received_at,
+            where,
+            job.state.value,
+            job.attempts,
         )
         self._record(job, "JOB_TIMEOUT", now)
         if job.state is JobState.SPLIT:
@@ -210,7 +219,11 @@ class Farm:
         if self.jobs.of_request(client, msg.id) is not None:
             raise BadRequest(f"request id {msg.id!r} is already in flight on this connection")
         name, route = msg.body.get("provider"), ""
-        routed = self.rollout.resolve(name, protocol.parse_route_key(msg.body), self.unavailable()) if isinstance(name, str) else None
+        routed = (
+            self.rollout.resolve(name, protocol.parse_route_key(msg.body), self.unavailable())
+            if isinstance(name, str)
+            else None
+        )
         if routed is not None:
             name, route = routed, name
         provider = admission.provider_for(self.config, self.pools, name, now)
@@ -230,7 +243,9 @@ class Farm:
             if not provider.enabled or pool is None or pool.removed:
                 out[name] = Unavailable("it is disabled", failed=True)
             elif pool.load_failures:
-                out[name] = Unavailable(f"it is degraded ({pool.last_error or 'its workers fail to start'})", failed=True)
+                out[name] = Unavailable(
+                    f"it is degraded ({pool.last_error or 'its workers fail to start'})", failed=True
+                )
             elif not any(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in pool.workers.values()):
                 out[name] = Unavailable("it has no ready worker", failed=False)
         return out
@@ -247,7 +262,11 @@ class Farm:
         jobs waits, else drop it: a shadow never queues, so it never stands in front of a client's job."""
         pool = self.pools.get(provider)
         room = pool is not None and not pool.removed and not self.jobs.queued(provider) and bool(pool.idle)
-        shadow = admission.shadow_job(self.jobs.new_id(JobKind.SHADOW), primary, provider, self.shm_prefix, now) if room else None
+        shadow = (
+            admission.shadow_job(self.jobs.new_id(JobKind.SHADOW), primary, provider, self.shm_prefix, now)
+            if room
+            else None
+        )
         if pool is None or shadow is None:
             self.rollout.dropped(primary.route, provider)
             return
@@ -267,7 +286,9 @@ class Farm:
         if idle is not None:
             return idle
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty, len(w.sessions - w.turns.keys())) for w in ready]
+        loads = [
+            WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty, len(w.sessions - w.turns.keys())) for w in ready
+        ]
         chosen = one_shot_home(loads, pool.config.pool)
         return pool.workers[chosen] if chosen is not None else None
 
@@ -357,7 +378,9 @@ class Farm:
             self.metrics.finished(job.provider, now, started - job.received_at, run, job.audio_seconds, code)
         if job.route:
             self.rollout.ended(job, code, run, text if code is None else "")
-        log.debug("job %s (request %s) %s in %.1f ms", job.id, job.request_id, code or "done", (now - job.received_at) * 1e3)
+        log.debug(
+            "job %s (request %s) %s in %.1f ms", job.id, job.request_id, code or "done", (now - job.received_at) * 1e3
+        )
 
     def on_answer(self, worker: WorkerHandle, msg: Message, now: float) -> None:
         """A worker's final answer to its job: forward it, account for it, free or recycle the worker."""
@@ -379,14 +402,18 @@ class Farm:
             self._record(job, code, now, decoding, str(msg.body.get("text", "")))
             body = merge_result(job.finals[: job.carried], msg.body) if job.carried else dict(msg.body)
             if msg.type is MsgType.RESULT:
-                body.update(worker=worker.id, provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0)
+                body.update(
+                    worker=worker.id, provider=job.provider, queue_ms=(job.started_at - job.received_at) * 1000.0
+                )
                 if job.route:
                     body["route"] = job.route
             else:
                 body["job_id"] = job.request_id  # the wire's name for the failed request's id
             self._reply(job, msg.type, body)
             self.jobs.finish(job)
-        self.workforce.tally(worker, counted=job is not None and job.kind is not JobKind.HEALTH, model_failed=model_failed)
+        self.workforce.tally(
+            worker, counted=job is not None and job.kind is not JobKind.HEALTH, model_failed=model_failed
+        )
         self.worker_free(worker, now)
 
     def _watch_jobs(self, worker: WorkerHandle, now: float) -> None:
@@ -400,10 +427,16 @@ class Farm:
         if overdue:
             first = overdue[0]
             what = "health check" if first.kind is JobKind.HEALTH else f"job {first.id}"
-            self.workforce.recycle(worker, f"{what} overran its {first.run_deadline - first.started_at:.0f} s deadline", now)
+            self.workforce.recycle(
+                worker, f"{what} overran its {first.run_deadline - first.started_at:.0f} s deadline", now
+            )
         for job in overdue:
             limit = job.run_deadline - job.started_at
-            self.fail(job, JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"), now)
+            self.fail(
+                job,
+                JobTimeout(f"the job did not finish within its {limit:.0f} s deadline; its worker was restarted"),
+                now,
+            )
 
     def _batched(self, worker: WorkerHandle, msg: Message, now: float) -> None:
         """The worker starts decoding held jobs together in one forward pass: counted for the batch-size

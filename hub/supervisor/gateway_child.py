@@ -31,7 +31,9 @@ STOP_TIMEOUT = 10.0
 class GatewayChild:
     """One supervised gateway process."""
 
-    def __init__(self, section: GatewaySection, config_path: Path, frontend: str, log_level: str, log_format: str) -> None:
+    def __init__(
+        self, section: GatewaySection, config_path: Path, frontend: str, log_level: str, log_format: str
+    ) -> None:
         self.section = section
         self.command = [
             sys.executable,
@@ -63,13 +65,19 @@ class GatewayChild:
     def tick(self, now: float) -> None:
         """Start the gateway when it is due; notice when it has died and schedule its restart."""
         if self.proc is not None and self.proc.poll() is not None and self.replacing:
-            log.info("gateway (pid %d) stopped (%s) to apply the new gateway section", self.proc.pid, describe_exit(self.proc.returncode))
+            log.info(
+                "gateway (pid %d) stopped (%s) to apply the new gateway section",
+                self.proc.pid,
+                describe_exit(self.proc.returncode),
+            )
             self.proc, self.replacing, self.failures, self.next_start = None, False, 0, now
         if self.proc is not None and self.proc.poll() is not None:
             self.last_exit = describe_exit(self.proc.returncode)
             self.failures = 1 if now - self.started_at >= STABLE_SECONDS else self.failures + 1
             self.next_start = now + (0.0 if self.failures == 1 else backoff(self.failures - 1))
-            log.error("gateway (pid %d) %s; starting it again in %.0f s", self.proc.pid, self.last_exit, self.next_start - now)
+            log.error(
+                "gateway (pid %d) %s; starting it again in %.0f s", self.proc.pid, self.last_exit, self.next_start - now
+            )
             self.proc = None
             self.restarts += 1
         if self.proc is None and self.section.enabled and now >= self.next_start:
@@ -86,7 +94,11 @@ class GatewayChild:
                 assert self.proc is not None
                 self.proc.send_signal(signal.SIGHUP)
             return
-        changed = [f"gateway.{f.name}" for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(self.section, f.name)]
+        changed = [
+            f"gateway.{f.name}"
+            for f in dataclasses.fields(section)
+            if getattr(section, f.name) != getattr(self.section, f.name)
+        ]
         self.section = section
         if not self.running:
             log.info("%s changed: the gateway starts with the new section", ", ".join(changed))
@@ -95,7 +107,9 @@ class GatewayChild:
         log.warning(
             "%s changed: restarting the gateway (pid %d) to apply it; it finishes the requests it carries first, "
             "and takes no new connection until it is back%s",
-            ", ".join(changed), self.proc.pid, "" if section.enabled else " (gateway.enabled is now false: it stays stopped)",
+            ", ".join(changed),
+            self.proc.pid,
+            "" if section.enabled else " (gateway.enabled is now false: it stays stopped)",
         )
         self.replacing = True
         self.proc.send_signal(signal.SIGTERM)

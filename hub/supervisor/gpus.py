@@ -51,7 +51,9 @@ class Card:
 
     def describe(self) -> str:
         """How the start log and error messages name the card."""
-        known = f", NVML {self.nvml_index}, PCI {self.pci_bus_id}" if self.nvml_index is not None else ", no NVML identity"
+        known = (
+            f", NVML {self.nvml_index}, PCI {self.pci_bus_id}" if self.nvml_index is not None else ", no NVML identity"
+        )
         return f"GPU {self.ordinal} (CUDA_VISIBLE_DEVICES={self.mask}{known})"
 
 
@@ -209,7 +211,11 @@ def need_mb(provider: str, occupants: Sequence[Occupant], remembered: float | No
 
 
 def headroom_mb(
-    reading: CardReading, fraction: float, ordinal: int, occupants: Sequence[Occupant], needs: Mapping[str, float | None]
+    reading: CardReading,
+    fraction: float,
+    ordinal: int,
+    occupants: Sequence[Occupant],
+    needs: Mapping[str, float | None],
 ) -> float | None:
     """Memory a new worker may still take on a card under ``fraction`` of its total, counting what starting
     workers there have yet to allocate (their provider's need less what they hold now). None: unreadable."""
@@ -249,9 +255,14 @@ def place(
         need = needs[provider]
         if need is None:
             if any(o.provider == provider and o.starting for o in occupants):
-                return Placement(None, f"GPU memory cap: waiting for the first {provider} worker to load, to measure its need")
+                return Placement(
+                    None, f"GPU memory cap: waiting for the first {provider} worker to load, to measure its need"
+                )
         else:
-            room = {c.ordinal: headroom_mb(readings.get(c.ordinal, CardReading()), fraction, c.ordinal, occupants, needs) for c in cards}
+            room = {
+                c.ordinal: headroom_mb(readings.get(c.ordinal, CardReading()), fraction, c.ordinal, occupants, needs)
+                for c in cards
+            }
             candidates = [c for c in cards if (free := room[c.ordinal]) is None or free >= need]
             if not candidates:
                 detail = ", ".join(f"GPU {c.ordinal} {max(0.0, room[c.ordinal] or 0.0):.0f} MiB" for c in cards)
@@ -306,7 +317,12 @@ class Nvml:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 pci = nvml.nvmlDeviceGetPciInfo(handle)
                 found.append(
-                    NvmlDevice(index, _text(nvml.nvmlDeviceGetUUID(handle)), normalize_pci(_text(pci.busId)), _text(nvml.nvmlDeviceGetName(handle)))
+                    NvmlDevice(
+                        index,
+                        _text(nvml.nvmlDeviceGetUUID(handle)),
+                        normalize_pci(_text(pci.busId)),
+                        _text(nvml.nvmlDeviceGetName(handle)),
+                    )
                 )
             return found
         except Exception as exc:

@@ -16,9 +16,9 @@ checks the move against ``TRANSITIONS`` (pure, unit-tested):
 
 A job's ``request_id`` is the client's name for it (every reply carries it); its ``id`` is the hub's
 name on the backend (every message to and from a worker carries it). A full queue rejects at once
-(``POOL_BUSY``; a split request counts once, however many of its pieces wait): explicit backpressure instead of an unbounded backlog. Queued jobs expire at their
-acquire deadline (``ACQUIRE_TIMEOUT``); running jobs at a deadline scaled to the audio length
-(``JOB_TIMEOUT``).
+(``POOL_BUSY``; a split request counts once, however many of its pieces wait): explicit backpressure instead
+of an unbounded backlog. Queued jobs expire at their acquire deadline (``ACQUIRE_TIMEOUT``); running jobs at a
+deadline scaled to the audio length (``JOB_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,14 @@ class JobKind(str, Enum):
 
 
 # a job's id starts with its kind's letter, for a person reading the logs (nothing reads it back)
-_ID_LETTER = {JobKind.REQUEST: "j", JobKind.SESSION: "s", JobKind.HEALTH: "h", JobKind.SHADOW: "w", JobKind.PLAN: "c", JobKind.PIECE: "p"}
+_ID_LETTER = {
+    JobKind.REQUEST: "j",
+    JobKind.SESSION: "s",
+    JobKind.HEALTH: "h",
+    JobKind.SHADOW: "w",
+    JobKind.PLAN: "c",
+    JobKind.PIECE: "p",
+}
 
 
 class JobState(str, Enum):
@@ -144,7 +151,11 @@ class Job:
         if self.kind is JobKind.HEALTH:
             return {"health": True}
         if self.kind is JobKind.SESSION:
-            body = {"ring": self.ring.to_dict() if self.ring else None, "options": self.options, "turn_detection": self.turns}
+            body = {
+                "ring": self.ring.to_dict() if self.ring else None,
+                "options": self.options,
+                "turn_detection": self.turns,
+            }
             return {**body, "resume": self.resume.to_dict()} if self.resume else body
         if self.kind is JobKind.PLAN:
             return {"audio": self.audio.to_dict(), "plan": self.options}
@@ -237,7 +248,9 @@ class JobQueue:
         the oldest; plain FIFO while no split request waits."""
         if not any(j.owner for j in self._jobs):
             return self.peek()
-        return min(self._jobs, key=lambda j: (running[j.group], turns.get(j.group, -1)), default=None)  # the first of equals
+        return min(
+            self._jobs, key=lambda j: (running[j.group], turns.get(j.group, -1)), default=None
+        )  # the first of equals
 
     def remove(self, job: Job) -> None:
         self._jobs.remove(job)
@@ -370,7 +383,11 @@ class Jobs:
 
     def pieces(self, provider: str) -> int:
         """Pieces of split requests on the provider's workers (abandoned ones too: they hold their worker)."""
-        return sum(1 for j in self._by_id.values() if j.kind is JobKind.PIECE and j.provider == provider and j.worker is not None)
+        return sum(
+            1
+            for j in self._by_id.values()
+            if j.kind is JobKind.PIECE and j.provider == provider and j.worker is not None
+        )
 
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider`` their clients still wait for, open or waiting for a worker."""

@@ -258,7 +258,9 @@ class Supervisor:
             self.reply(client, MsgType.ERROR, request_id, exc.to_dict())
         except Exception:  # a bug must cost one request, never the supervisor
             log.exception("internal error while handling request %s", request_id)
-            error = InternalError("the hub failed to handle this request; its log has the details", request_id=request_id)
+            error = InternalError(
+                "the hub failed to handle this request; its log has the details", request_id=request_id
+            )
             self.reply(client, MsgType.ERROR, request_id, error.to_dict())
 
     def on_client_message(self, client: bytes, msg: Message) -> None:
@@ -276,7 +278,12 @@ class Supervisor:
         elif msg.type is MsgType.HELLO:
             self.reply(client, MsgType.REPLY, msg.id, self.hello(msg.body))
         elif msg.type is MsgType.SCALE:
-            self.reply(client, MsgType.REPLY, msg.id, self.workforce.scale(msg.body.get("provider"), msg.body.get("size"), time.monotonic()))
+            self.reply(
+                client,
+                MsgType.REPLY,
+                msg.id,
+                self.workforce.scale(msg.body.get("provider"), msg.body.get("size"), time.monotonic()),
+            )
         elif msg.type is MsgType.ROUTE:
             route, weights = protocol.parse_weights(msg.body)
             known = {p.name for p in self.config.enabled_providers}
@@ -333,7 +340,9 @@ class Supervisor:
             self.next_sweep = now + SHM_SWEEP_INTERVAL
             for name in shm.sweep_orphans():
                 log.info("removed orphaned shared-memory segment %s (its owner process is gone)", name)
-        self.metrics.ready = ready = self.workforce.ready and not self.farm.stopping  # shutting down: out of the Service
+        self.metrics.ready = ready = (
+            self.workforce.ready and not self.farm.stopping
+        )  # shutting down: out of the Service
         self.metrics.loop_at = now
         if sample or now >= self.next_summary:
             pool_views = self.farm.views(now)
@@ -377,7 +386,9 @@ class Supervisor:
         now = time.monotonic()
         self._log_ready(now)
         pool_views = self.farm.views(now)
-        providers = {p.name: views.provider_status(p, pool_views.get(p.name), now) for p in self.config.providers.values()}
+        providers = {
+            p.name: views.provider_status(p, pool_views.get(p.name), now) for p in self.config.providers.values()
+        }
         hub = status.HubInfo(
             id=self.hub_id,
             pid=os.getpid(),
@@ -408,7 +419,9 @@ class Supervisor:
         self.backend_path.unlink(missing_ok=True)
         self.pid_path.unlink(missing_ok=True)
         removed = shm.remove_all(self.shm_prefix) + shm.sweep_orphans()
-        log.info("supervisor stopped (%d worker(s) stopped, %d shared-memory segment(s) removed)", stopped, len(removed))
+        log.info(
+            "supervisor stopped (%d worker(s) stopped, %d shared-memory segment(s) removed)", stopped, len(removed)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,4 +453,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot bind {config.hub.frontend}: {exc} (is another hub running there?)", file=sys.stderr)
         return 2
     return supervisor.run()
-

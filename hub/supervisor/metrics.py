@@ -27,9 +27,7 @@ from hub.status import Percentiles, RequestFigures, RouteFigures, RouteShare, Sp
 from hub.supervisor.sketch import QuantileSketch
 
 # seconds; the Prometheus buckets, wide enough for a 5 ms echo and a 5-minute clip on a CPU
-BUCKETS = tuple(
-    round(m * 10.0**e, 4) for e in range(-3, 3) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-) + (1000.0,)
+BUCKETS = tuple(round(m * 10.0**e, 4) for e in range(-3, 3) for m in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)) + (1000.0,)
 WINDOW = 60  # seconds over which utilisation and throughput are averaged
 
 # word error rate of a shadow against the primary: 0 is agreement, 1 is nothing in common
@@ -70,15 +68,17 @@ class Histogram(QuantileSketch):
         """Prometheus buckets: (upper bound, cumulative count), ending with +Inf."""
         counts = self.counts_through(self.edges)
         bounds = [repr(self.upper(i)) for i in self.edges]
-        return [(bound, float(n)) for bound, n in zip(bounds, counts)] + [("+Inf", float(self.count))]
+        return [(bound, float(n)) for bound, n in zip(bounds, counts, strict=False)] + [("+Inf", float(self.count))]
 
     def summary(self) -> Percentiles:
         """Mean and percentiles in milliseconds, for status."""
+
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000.0, 3)
 
-        return Percentiles(mean=ms(self.mean), p50=ms(self.quantile(0.5)), p95=ms(self.quantile(0.95)),
-                           p99=ms(self.quantile(0.99)))
+        return Percentiles(
+            mean=ms(self.mean), p50=ms(self.quantile(0.5)), p95=ms(self.quantile(0.95)), p99=ms(self.quantile(0.99))
+        )
 
 
 class Window:
@@ -97,7 +97,7 @@ class Window:
 
     def total(self, now: float) -> float:
         second = int(now)
-        return sum(v for v, s in zip(self.slots, self.stamps) if second - WINDOW < s <= second)
+        return sum(v for v, s in zip(self.slots, self.stamps, strict=False) if second - WINDOW < s <= second)
 
 
 @dataclass
@@ -157,7 +157,8 @@ class RouteMetrics:
         names = [*self.weights, *(p for p in self.requests if p not in self.weights)]
         return RouteFigures(
             providers={
-                p: RouteShare(weight=self.weights.get(p, 0.0), requests=self.requests[p], errors=self.errors[p]) for p in names
+                p: RouteShare(weight=self.weights.get(p, 0.0), requests=self.requests[p], errors=self.errors[p])
+                for p in names
             },
             shadow_requests={f"{p} {outcome}": n for (p, outcome), n in self.shadow.items()},
             agreement_wer={p: _spread(h) for p, h in self.agreement.items()},
@@ -168,6 +169,7 @@ class RouteMetrics:
 
 def _spread(h: Histogram) -> Spread:
     """A histogram of plain numbers (WER, ratios) for status: count, mean and percentiles."""
+
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 4)
 
@@ -309,8 +311,11 @@ class PrometheusCollector(Collector):
 
 def _copy_route(m: RouteMetrics) -> dict[str, Any]:
     return {
-        "requests": dict(m.requests), "errors": dict(m.errors), "shadow": dict(m.shadow),
-        "rollbacks": dict(m.rollbacks), "weights": dict(m.weights),
+        "requests": dict(m.requests),
+        "errors": dict(m.errors),
+        "shadow": dict(m.shadow),
+        "rollbacks": dict(m.rollbacks),
+        "weights": dict(m.weights),
         "agreement": {p: (h.cumulative(), h.sum) for p, h in m.agreement.items()},
         "latency_ratio": {p: (h.cumulative(), h.sum) for p, h in m.latency_ratio.items()},
     }
@@ -329,13 +334,17 @@ def _route_families(routes: dict[str, dict[str, Any]]) -> Iterator[Any]:
                 family.add_metric([route, provider], n)
         yield family
     shadow = CounterMetricFamily(
-        "asr_hub_route_shadow", "Shadow requests: compared, dropped (no idle worker) or failed", labels=["route", "provider", "outcome"]
+        "asr_hub_route_shadow",
+        "Shadow requests: compared, dropped (no idle worker) or failed",
+        labels=["route", "provider", "outcome"],
     )
     for route, m in routes.items():
         for (provider, outcome), n in m["shadow"].items():
             shadow.add_metric([route, provider, outcome], n)
     yield shadow
-    weight = GaugeMetricFamily("asr_hub_route_weight", "A provider's current weight in a route", labels=["route", "provider"])
+    weight = GaugeMetricFamily(
+        "asr_hub_route_weight", "A provider's current weight in a route", labels=["route", "provider"]
+    )
     for route, m in routes.items():
         for provider, w in m["weights"].items():
             weight.add_metric([route, provider], w)
@@ -354,10 +363,17 @@ def _route_families(routes: dict[str, dict[str, Any]]) -> Iterator[Any]:
 
 def _copy(m: ProviderMetrics) -> dict[str, Any]:
     return {
-        "requests": m.requests, "succeeded": m.succeeded, "failed": m.failed, "rejected": m.rejected,
-        "timed_out": m.timed_out, "errors": dict(m.errors), "audio_seconds": m.audio_seconds,
-        "session_resumes": m.session_resumes, "pieces": m.pieces,
-        "wait": (m.wait.cumulative(), m.wait.sum), "inference": (m.inference.cumulative(), m.inference.sum),
+        "requests": m.requests,
+        "succeeded": m.succeeded,
+        "failed": m.failed,
+        "rejected": m.rejected,
+        "timed_out": m.timed_out,
+        "errors": dict(m.errors),
+        "audio_seconds": m.audio_seconds,
+        "session_resumes": m.session_resumes,
+        "pieces": m.pieces,
+        "wait": (m.wait.cumulative(), m.wait.sum),
+        "inference": (m.inference.cumulative(), m.inference.sum),
         "batch_size": (m.batch_size.cumulative(), m.batch_size.sum),
         "pieces_per_request": (m.pieces_per_request.cumulative(), m.pieces_per_request.sum),
     }
@@ -430,9 +446,14 @@ def _gauge_families(gauges: dict[str, Any]) -> Iterator[Any]:
         "rss_bytes": "Resident memory of a worker process",
         "jobs_done": "Jobs a worker has finished",
         "sessions": "Live sessions a worker serves (its session load)",
-        "session_duty": "Fraction of the last heartbeat interval a worker spent decoding its sessions (one-shot jobs go to it only below 0.5)",
+        "session_duty": (
+            "Fraction of the last heartbeat interval a worker spent decoding its sessions "
+            "(one-shot jobs go to it only below 0.5)"
+        ),
         "restarts": "Restarts of a worker's slot",
-        "gpu_memory_used_bytes": "GPU memory of the worker process itself, by pid (absent without NVML or where the driver cannot see the pid)",
+        "gpu_memory_used_bytes": (
+            "GPU memory of the worker process itself, by pid (absent without NVML or where the driver cannot see the pid)"
+        ),
         "gpu_utilization": "Utilisation of the card a worker runs on, percent (absent without NVML)",
     }
     for key, doc in per_worker.items():

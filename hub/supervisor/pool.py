@@ -61,7 +61,9 @@ class WorkerHandle:
     device: str = "pending"
     last_heartbeat: float = 0.0
     idle_since: float = 0.0
-    jobs: list[str] = field(default_factory=list)  # the one-shot jobs (and health checks) it holds, up to pool.max_batch
+    jobs: list[str] = field(
+        default_factory=list
+    )  # the one-shot jobs (and health checks) it holds, up to pool.max_batch
     sessions: set[str] = field(default_factory=set)  # the live sessions it serves (job ids)
     busy: float = 0.0  # seconds it has spent decoding sessions, as its last heartbeat said
     duty: float = 0.0  # fraction of the last heartbeat interval spent decoding sessions

@@ -46,7 +46,9 @@ class ProbeServer:
         self._writers: set[asyncio.StreamWriter] = set()  # the open connections, aborted at shutdown
         self._loop = asyncio.new_event_loop()
         self._stopped = asyncio.Event()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), name="metrics-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(self._run(),), name="metrics-http", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -90,12 +92,15 @@ class ProbeServer:
             status, content_type, body = self._answer(head)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode() + body
+                "Connection: close\r\n\r\n".encode()
+                + body
             )
             # a client that does not read its answer is cut off after the same deadline as its headers
             await asyncio.wait_for(writer.drain(), self.guard.limits.header_timeout)
         except asyncio.LimitOverrunError:
-            writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # closed by the client, by the deadline, or displaced
         finally:
@@ -119,10 +124,16 @@ class ProbeServer:
         if target.path == "/readyz":
             if self.metrics.ready:
                 return _text("200 OK", "ready\n")
-            return _text("503 Service Unavailable", "not ready: draining, or a provider has fewer than min_size ready workers\n")
+            return _text(
+                "503 Service Unavailable", "not ready: draining, or a provider has fewer than min_size ready workers\n"
+            )
         if target.path == "/metrics":
             accept = next(
-                (line.partition(":")[2].strip() for line in header_block.split("\r\n") if line.lower().startswith("accept:")),
+                (
+                    line.partition(":")[2].strip()
+                    for line in header_block.split("\r\n")
+                    if line.lower().startswith("accept:")
+                ),
                 "",
             )
             encoder, content_type = choose_encoder(accept)

@@ -58,8 +58,10 @@ def decide(snap: PoolSnapshot, pool: PoolConfig, now: float) -> ScaleDecision:
         limit, limit_why = _resource_room(snap, pool)
         grow = max(0, int(min(unserved, room, limit)))  # limit is math.inf without a memory cap
         if grow < unserved:
-            held_back = limit_why if limit < room else (
-                f"{unserved} waiting job(s) want more workers but the pool is at max_size ({pool.max_size})"
+            held_back = (
+                limit_why
+                if limit < room
+                else (f"{unserved} waiting job(s) want more workers but the pool is at max_size ({pool.max_size})")
             )
         spawn += grow
     retire: list[str] = []

@@ -46,7 +46,9 @@ class Sessions:
         self.metrics = metrics
         self.inline_bytes = 0  # PCM bytes of live sessions that crossed the supervisor (clients without shared memory)
 
-    def open(self, client: bytes, msg: Message, provider: ProviderConfig, route: str, shm_prefix: str, now: float) -> Job:
+    def open(
+        self, client: bytes, msg: Message, provider: ProviderConfig, route: str, shm_prefix: str, now: float
+    ) -> Job:
         """A STREAM_OPEN that passed admission: the session job, if the provider has room for one more."""
         admission.check_session_room(provider, self.jobs.sessions(provider.name))
         job_id = self.jobs.new_id(JobKind.SESSION)
@@ -55,7 +57,9 @@ class Sessions:
     def home(self, pool: ProviderPool) -> WorkerHandle | None:
         """The ready worker with the least session load and room for one more, or None."""
         ready = [w for w in pool.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        loads = [WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty, len(w.sessions - w.turns.keys())) for w in ready]
+        loads = [
+            WorkerLoad(w.id, len(w.sessions), len(w.jobs), w.duty, len(w.sessions - w.turns.keys())) for w in ready
+        ]
         chosen = session_home(loads, pool.config.pool.sessions_per_worker)
         return pool.workers[chosen] if chosen is not None else None
 
@@ -128,7 +132,12 @@ class Sessions:
             if job.close_reason:
                 self._send_close(job, now)
         job.last_activity = now
-        self.reply(job.client, MsgType.REPLY, job.request_id, {"session": job.id, "worker": worker.id, "resumed": job.attempts - 1})
+        self.reply(
+            job.client,
+            MsgType.REPLY,
+            job.request_id,
+            {"session": job.id, "worker": worker.id, "resumed": job.attempts - 1},
+        )
 
     def resume(self, job: Job) -> StreamData:
         """Set the ``resume`` of a session taking over from a worker that died: it starts at the dead worker's
@@ -137,7 +146,13 @@ class Sessions:
         start, payload = job.tail.since(job.keep) if job.tail is not None else (job.keep, None)
         job.resume = Resume(start=start, finals=tuple(context(job.finals, start / protocol.SAMPLE_RATE)))
         job.carried = len(job.finals)
-        log.info("session %s: resumed on %s from %.2f s (attempt %d)", job.id, job.worker, start / protocol.SAMPLE_RATE, job.attempts)
+        log.info(
+            "session %s: resumed on %s from %.2f s (attempt %d)",
+            job.id,
+            job.worker,
+            start / protocol.SAMPLE_RATE,
+            job.attempts,
+        )
         return ({}, payload) if payload is not None else ({"end": job.streamed}, None)
 
     def moving(self, job: Job, error: HubError, now: float) -> None:
@@ -158,5 +173,7 @@ class Sessions:
                 self.close_session(job, why, now)
             elif job.close_reason and now >= job.run_deadline:
                 self.workforce.release(worker, job.id)
-                overran.append((job, JobTimeout(f"the session did not flush within {limits.job_timeout:.0f} s (pool.job_timeout)")))
+                overran.append(
+                    (job, JobTimeout(f"the session did not flush within {limits.job_timeout:.0f} s (pool.job_timeout)"))
+                )
         return overran

@@ -68,8 +68,14 @@ class Workforce:
         self.held_back: dict[str, str] = {}
         self.held_logged: dict[str, float] = {}  # when each pool's held-back scaling was last logged
 
-    def send(self, worker_id: str, msg_type: MsgType, msg_id: str, body: dict[str, Any] | None = None,
-             payload: bytes | None = None) -> Exception | None:
+    def send(
+        self,
+        worker_id: str,
+        msg_type: MsgType,
+        msg_id: str,
+        body: dict[str, Any] | None = None,
+        payload: bytes | None = None,
+    ) -> Exception | None:
         """Every message to a worker is built and sent here (zguide's ``send_to_worker``); returns the error
         when the worker is gone (nothing is dropped silently)."""
         return self.io.send(worker_id, protocol.build(msg_type, msg_id, body, payload))
@@ -225,7 +231,9 @@ class Workforce:
             pool.last_error = worker.last_error or what
             log.error("worker %s %s: %s; next start in %.0f s", worker.id, what, pool.last_error, delay)
             if pool.size == 0:
-                self.employer.provider_down(pool.name, f"provider {pool.name!r} has no live worker: {pool.last_error}", now)
+                self.employer.provider_down(
+                    pool.name, f"provider {pool.name!r} has no live worker: {pool.last_error}", now
+                )
         elif worker.state is not WorkerState.DRAINING:
             what += f" ({worker.last_error})" if worker.last_error else ""
             pool.last_error = f"worker {worker.id} {what}"
@@ -362,7 +370,9 @@ class Workforce:
         pool.floor = size
         log.info("provider %s: size set to %d", pool.name, size)
         extra = pool.size - size
-        by_use = [pool.workers[w] for w in pool.idle] + [w for w in pool.workers.values() if w.state is not WorkerState.IDLE]
+        by_use = [pool.workers[w] for w in pool.idle] + [
+            w for w in pool.workers.values() if w.state is not WorkerState.IDLE
+        ]
         for worker in [w for w in by_use if w.live][: max(0, extra)]:
             self.drain(worker, now)
 
@@ -429,4 +439,3 @@ class Workforce:
             self.send(worker.id, MsgType.STOP, worker.id)
         self.io.stop_all([w.proc for w in workers], KILL_GRACE)
         return len(workers)
-

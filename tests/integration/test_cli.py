@@ -24,7 +24,12 @@ def test_status_into_a_pipe_nobody_reads_ends_quietly(hub_factory: Callable[...,
     os.close(read)  # the reader has gone already: every write fails with EPIPE
     try:
         ran = subprocess.run(
-            [*CLI, "--endpoint", hub.endpoint, "status"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60
+            [*CLI, "--endpoint", hub.endpoint, "status"],
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
         )
     finally:
         os.close(write)
@@ -40,7 +45,10 @@ def test_ctrl_c_during_first_contact_says_interrupted() -> None:
         mute.settimeout(30)
         cli = subprocess.Popen(
             [*CLI, "--endpoint", f"tcp://127.0.0.1:{mute.getsockname()[1]}", "status"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             conn, _ = mute.accept()  # the CLI is now in its first contact

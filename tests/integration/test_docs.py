@@ -26,7 +26,19 @@ from tests.conftest import ROOT, echo_provider, free_port, wait_for
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SDK = {name: getattr(hub.client, name) for name in hub.client.__all__}
-CLI_MODULES = {"hub.client", "hub.supervisor", "hub.gateway", "hub.keys", "hub.client.rollback", "bench", "bench.soak", "bench.streaming", "bench.funasr_batch", "bench.long_audio", "workers"}
+CLI_MODULES = {
+    "hub.client",
+    "hub.supervisor",
+    "hub.gateway",
+    "hub.keys",
+    "hub.client.rollback",
+    "bench",
+    "bench.soak",
+    "bench.streaming",
+    "bench.funasr_batch",
+    "bench.long_audio",
+    "workers",
+}
 
 
 def _text(path: Path) -> str:
@@ -88,7 +100,7 @@ def test_cli_commands_and_flags_exist(path: Path) -> None:
             assert module in CLI_MODULES, f"{path.name}: python -m {module} is not a command of this project"
         for command in re.findall(r"python -m hub\.client(?: --[\w-]+(?: \S+)?)* ([a-z]\w*)", line):
             assert command in commands, f"{path.name}: hub.client has no command {command!r}"
-        if (after := re.split(r"python -m hub\.client(?![\w.])", line, maxsplit=1)[1:]):
+        if after := re.split(r"python -m hub\.client(?![\w.])", line, maxsplit=1)[1:]:
             for flag in re.findall(r"\s(--[a-z][\w-]*)", after[0]):
                 assert flag in flags, f"{path.name}: hub.client has no flag {flag}"
         if "python -m hub.gateway" in line:
@@ -119,7 +131,10 @@ def test_the_options_table_is_the_provider_type_table() -> None:
         assert names == set(PROVIDER_TYPES[kind].options), f"docs/api.md, options of {kind}: {sorted(names)}"
         for key, rule in PROVIDER_TYPES[kind].options.items():
             if rule.default is not None:
-                assert re.search(rf"`{key}` \([^()]*default `?{re.escape(json.dumps(rule.default))}`?\)", cell), (kind, key)
+                assert re.search(rf"`{key}` \([^()]*default `?{re.escape(json.dumps(rule.default))}`?\)", cell), (
+                    kind,
+                    key,
+                )
     pooling = _table_rows(ROOT / "docs" / "guides" / "provider_pooling.md", "type")
     assert re.findall(r"`(\w+)` \(", pooling["type"]) == list(PROVIDER_TYPES), pooling["type"]
 
@@ -133,7 +148,11 @@ def _paragraph(path: Path, start: str) -> str:
     return text[begin : min(ends)] if ends else text[begin:]
 
 
-ERRORS = {name for name, value in vars(hub.errors).items() if isinstance(value, type) and issubclass(value, hub.errors.HubError)}
+ERRORS = {
+    name
+    for name, value in vars(hub.errors).items()
+    if isinstance(value, type) and issubclass(value, hub.errors.HubError)
+}
 
 
 @pytest.mark.timeout(60)
@@ -147,7 +166,9 @@ def test_wait_ready_raises_what_the_api_guide_says(hub_factory, tmp_path: Path) 
             client.wait_ready(timeout=1.0)
         raised["no hub answered"] = type(nobody.value).__name__
     (tmp_path / "empty-model").mkdir()
-    broken = hub_factory({"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False)
+    broken = hub_factory(
+        {"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False
+    )
     with broken.client() as client:
         assert not client.status(timeout=30)["hub"]["ready"]  # it answers
         with pytest.raises(hub.errors.HubError) as unready:
@@ -166,7 +187,11 @@ def test_the_rollback_checklist_says_whether_a_supervisor_started_with_frontend_
     started = hub_factory({"echo": echo_provider(min_size=1, max_size=1)}, args=("--frontend", endpoint))
     assert started.status()["hub"]["frontend"] == endpoint
     out = subprocess.run(
-        ["scripts/rollback.sh", str(started.config_path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        ["scripts/rollback.sh", str(started.config_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHON": sys.executable},
     )
     found = out.returncode == 0 and "sent SIGHUP" in out.stdout

@@ -142,7 +142,12 @@ def test_invalid_audio_from_the_sdk_leaves_the_hub_serving(farm_hub: Hub, tmp_pa
     hub = farm_hub
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"not audio" * 100)
-    bad_inputs = [junk, np.array([], dtype=np.float32), np.array([0.0, np.nan], dtype=np.float32), np.zeros(8, np.float64)]
+    bad_inputs = [
+        junk,
+        np.array([], dtype=np.float32),
+        np.array([0.0, np.nan], dtype=np.float32),
+        np.zeros(8, np.float64),
+    ]
     with hub.client() as client:
         for audio in bad_inputs:
             with pytest.raises(InvalidAudio):
@@ -234,7 +239,9 @@ def test_sigkill_of_a_busy_worker_retries_the_job_elsewhere(hub_factory) -> None
 
 
 def test_a_hung_job_times_out_and_a_fresh_worker_takes_the_next(hub_factory) -> None:
-    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, job_timeout=1.0, job_timeout_per_audio_second=0.0)})
+    hub = hub_factory(
+        {"echo": echo_provider(min_size=1, max_size=1, job_timeout=1.0, job_timeout_per_audio_second=0.0)}
+    )
     with hub.client() as client:
         started = time.monotonic()
         with pytest.raises(JobTimeout, match="1 s deadline"):
@@ -449,7 +456,9 @@ def test_a_client_whose_hub_went_away_is_told_at_once(hub_factory) -> None:
 def test_async_client_wait_ready_and_scale(hub_factory, tmp_path: Path) -> None:
     hub = hub_factory({"echo": echo_provider(min_size=1, max_size=3)}, ready=False)
     (tmp_path / "empty-model").mkdir()
-    unready = hub_factory({"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False)
+    unready = hub_factory(
+        {"broken": {"type": "whisper", "model": str(tmp_path / "empty-model"), "device": "cpu"}}, ready=False
+    )
 
     async def main() -> None:
         async with AsyncHubClient(hub.endpoint, timeout=30) as client:

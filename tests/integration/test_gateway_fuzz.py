@@ -37,7 +37,9 @@ def check_answer(reply: httpx.Response) -> None:
 
 
 fields = st.dictionaries(
-    st.sampled_from(["model", "language", "prompt", "response_format", "temperature", "stream", "timestamp_granularities[]", "x"]),
+    st.sampled_from(
+        ["model", "language", "prompt", "response_format", "temperature", "stream", "timestamp_granularities[]", "x"]
+    ),
     st.text(max_size=40),
     max_size=6,
 )
@@ -52,7 +54,12 @@ def test_random_forms_get_4xx(echo_gateway: Gateway, data: dict[str, str], audio
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.binary(max_size=4000), content_type=st.sampled_from(["multipart/form-data; boundary=X", "multipart/form-data", "application/json", "text/plain", ""]))
+@given(
+    body=st.binary(max_size=4000),
+    content_type=st.sampled_from(
+        ["multipart/form-data; boundary=X", "multipart/form-data", "application/json", "text/plain", ""]
+    ),
+)
 def test_random_bodies_get_4xx(echo_gateway: Gateway, body: bytes, content_type: str) -> None:
     with httpx.Client(base_url=echo_gateway.url, timeout=30) as client:
         reply = client.post("/v1/audio/transcriptions", content=body, headers={"content-type": content_type})
@@ -79,7 +86,11 @@ wyoming_lines = st.lists(
         st.builds(
             lambda kind, data: (json.dumps({"type": kind, "data": data}) + "\n").encode(),
             st.sampled_from(["audio-chunk", "audio-start", "audio-stop", "transcribe", "describe", "ping", "x"]),
-            st.dictionaries(st.sampled_from(["rate", "width", "channels", "name", "language"]), st.integers(-5, 70000) | st.text(max_size=8), max_size=3),
+            st.dictionaries(
+                st.sampled_from(["rate", "width", "channels", "name", "language"]),
+                st.integers(-5, 70000) | st.text(max_size=8),
+                max_size=3,
+            ),
         ),
     ),
     max_size=6,
@@ -91,7 +102,15 @@ wyoming_lines = st.lists(
 def test_random_wyoming_events_get_events_or_an_error_never_a_crash(echo_gateway: Gateway, lines: list[bytes]) -> None:
     received = wyoming_exchange(echo_gateway.wyoming_port, b"".join(lines))
     kinds = event_types(received)
-    assert set(kinds) <= {"info", "pong", "error", "transcript", "transcript-start", "transcript-chunk", "transcript-stop"}, kinds
+    assert set(kinds) <= {
+        "info",
+        "pong",
+        "error",
+        "transcript",
+        "transcript-start",
+        "transcript-chunk",
+        "transcript-stop",
+    }, kinds
     assert "error" not in kinds[:-1], kinds  # an error is the last word on its connection
 
 

@@ -83,7 +83,16 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[..., Front]]:
     def start(*hubs: str, args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> Front:
         port = free_port()
         log_path = tmp_path / f"gateway-{port}.log"
-        command = [*prefix, sys.executable, "-m", "hub.gateway", *(a for h in hubs for a in ("--hub", h)), "--port", str(port), *args]
+        command = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "hub.gateway",
+            *(a for h in hubs for a in ("--hub", h)),
+            "--port",
+            str(port),
+            *args,
+        ]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         front = Front(proc, port, log_path)
@@ -133,7 +142,9 @@ def test_ready_while_any_hub_is_ready_and_why_not_otherwise() -> None:
     gone = {"error": {"code": "HUB_UNREACHABLE", "message": "no ASR Hub answered"}}
     up = readiness({"tcp://a:1": gone, "tcp://b:1": hub_status(), "tcp://c:1": hub_status(draining=True)}, "a, b, c")
     assert (up.ready, up.problem, up.hubs_ready) == (True, "", 1)
-    down = readiness({"tcp://a:1": gone, "tcp://b:1": hub_status(ready=False), "tcp://c:1": hub_status(draining=True)}, "x")
+    down = readiness(
+        {"tcp://a:1": gone, "tcp://b:1": hub_status(ready=False), "tcp://c:1": hub_status(draining=True)}, "x"
+    )
     assert not down.ready and down.hubs_ready == 0
     assert down.problem == (
         "none of the 3 hubs is ready: the hub at tcp://a:1 does not answer (HUB_UNREACHABLE): no ASR Hub answered; "
@@ -152,7 +163,12 @@ def test_models_are_the_union_of_the_hubs_that_answer() -> None:
         "tcp://c:1": {"error": {"code": "HUB_UNREACHABLE", "message": "gone"}},
     }
     assert providers(hubs) == [
-        {"id": "whisper", "enabled": True, "type": "whisper", "degraded": False},  # degraded only where every hub says so
+        {
+            "id": "whisper",
+            "enabled": True,
+            "type": "whisper",
+            "degraded": False,
+        },  # degraded only where every hub says so
         {"id": "echo", "enabled": True},
     ]
     assert providers({"tcp://c:1": hubs["tcp://c:1"]}) == []
@@ -161,7 +177,9 @@ def test_models_are_the_union_of_the_hubs_that_answer() -> None:
 # --- real hubs, a real gateway --------------------------------------------------------------------
 
 
-def test_requests_spread_over_hubs_and_survive_a_killed_one(hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front]) -> None:
+def test_requests_spread_over_hubs_and_survive_a_killed_one(
+    hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front]
+) -> None:
     a, b = hub_factory(ECHO), hub_factory(ECHO)
     front = gateway_process(a.endpoint, b.endpoint)
     wait_ready(front.url)
@@ -215,7 +233,9 @@ def test_live_session_stays_on_its_hub(hub_factory: Callable[..., Hub], gateway_
     wait_for(lambda: holder.status()["providers"]["echo"]["sessions"] == 0, 10, "the session to end on its hub")
 
 
-def test_whisper_through_two_hubs_with_the_openai_sdk(hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front]) -> None:
+def test_whisper_through_two_hubs_with_the_openai_sdk(
+    hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front]
+) -> None:
     whisper = {"whisper": {**WHISPER, "pool": {"min_size": 1, "max_size": 1}}}
     a, b = hub_factory(whisper), hub_factory(whisper)
     front = gateway_process(a.endpoint, b.endpoint)
@@ -227,7 +247,9 @@ def test_whisper_through_two_hubs_with_the_openai_sdk(hub_factory: Callable[...,
         assert word_error_rate(reference("coffee"), text) <= 0.10, text
     deltas = [
         event.delta
-        for event in client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"), stream=True)
+        for event in client.audio.transcriptions.create(
+            model="whisper-1", file=(DATA / "hello.wav").open("rb"), stream=True
+        )
         if event.type == "transcript.text.delta"
     ]
     assert word_error_rate(reference("hello"), "".join(deltas)) <= 0.10, deltas
@@ -235,7 +257,9 @@ def test_whisper_through_two_hubs_with_the_openai_sdk(hub_factory: Callable[...,
     assert served(a, provider="whisper") + served(b, provider="whisper") == 3
 
 
-def test_curve_keys_reach_every_hub(hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front], tmp_path: Path) -> None:
+def test_curve_keys_reach_every_hub(
+    hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front], tmp_path: Path
+) -> None:
     curve, secret, public = gateway_keys(tmp_path)
     a, b = (hub_factory(ECHO, hub=curve, ready=False) for _ in range(2))  # one server key pair for both
     front = gateway_process(a.endpoint, b.endpoint, args=("--client-key", secret, "--server-key", public))
@@ -260,16 +284,16 @@ def bind_hosts_file(hosts: Path) -> tuple[str, ...]:
     return prefix
 
 
-def test_dns_name_adds_and_drops_hubs(hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front], tmp_path: Path) -> None:
+def test_dns_name_adds_and_drops_hubs(
+    hub_factory: Callable[..., Hub], gateway_process: Callable[..., Front], tmp_path: Path
+) -> None:
     """``--hub dns+tcp://hubs.test:PORT`` resolved through the system resolver from a hosts file that lists first
     one hub, then both, then only the second: the way a headless Service's name follows its ready pods."""
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n127.0.0.1 hubs.test\n")
     prefix = bind_hosts_file(hosts)
     port = free_port()
-    first, second = (
-hub_factory(ECHO, args=("--frontend", f"tcp://127.0.0.{i}:{port}")) for i in (1, 2)
-    )
+    first, second = (hub_factory(ECHO, args=("--frontend", f"tcp://127.0.0.{i}:{port}")) for i in (1, 2))
     front = gateway_process(f"dns+tcp://hubs.test:{port}", prefix=prefix)
     wait_ready(front.url)
     client = front.sdk()

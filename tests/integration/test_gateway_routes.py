@@ -32,7 +32,9 @@ def _wav() -> bytes:
 def test_a_sticky_route_through_the_openai_api(gateway_factory) -> None:
     gw: Gateway = gateway_factory(
         {"v1": {"type": "echo"}, "v2": {"type": "echo", "options": {"fail": "the canary", "fail_from": 2}}},
-        routes={"asr": {"providers": [{"provider": "v1", "weight": 1}, {"provider": "v2", "weight": 1}], "sticky": True}},
+        routes={
+            "asr": {"providers": [{"provider": "v1", "weight": 1}, {"provider": "v2", "weight": 1}], "sticky": True}
+        },
     )
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30)
     wait_for(lambda: "asr" in [m.id for m in client.models.list().data], what="the route among the models")
@@ -49,4 +51,6 @@ def test_a_sticky_route_through_the_openai_api(gateway_factory) -> None:
                 assert not expected_ok, (key, exc)
                 assert "the canary" in json.dumps(exc.body)
     counts = gw.hub.status()["routes"]["asr"]["providers"]
-    assert counts["v1"]["requests"] + counts["v2"]["requests"] == 24 and counts["v2"]["errors"] == counts["v2"]["requests"]
+    assert (
+        counts["v1"]["requests"] + counts["v2"]["requests"] == 24 and counts["v2"]["errors"] == counts["v2"]["requests"]
+    )

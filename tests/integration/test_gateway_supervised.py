@@ -59,7 +59,11 @@ def test_drain_keeps_answering_then_stops_the_gateway_last(gateway_factory: Any)
     until(lambda: gw.hub.status()["providers"]["echo"]["workers_by_state"].get("busy"))
     http = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=30)
     queued: list[Any] = []
-    request = threading.Thread(target=lambda: queued.append(http.audio.transcriptions.create(model="echo", file=(DATA / "hello.wav").open("rb"))))
+    request = threading.Thread(
+        target=lambda: queued.append(
+            http.audio.transcriptions.create(model="echo", file=(DATA / "hello.wav").open("rb"))
+        )
+    )
     request.start()
     until(lambda: gw.hub.status()["providers"]["echo"]["queue_depth"] == 1)
     gw.hub.proc.send_signal(signal.SIGTERM)
@@ -75,7 +79,11 @@ def test_drain_keeps_answering_then_stops_the_gateway_last(gateway_factory: Any)
     assert gw.hub.proc.wait(30) == 0
     assert not psutil.pid_exists(gateway_pid) or psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
     log = gw.hub.log()  # the gateway carried the queued request through the drain, and was stopped after it
-    assert log.index("SIGTERM: shutting down") < log.index("hub.supervisor: gateway stopped (exit status 0") < log.index("supervisor stopped")
+    assert (
+        log.index("SIGTERM: shutting down")
+        < log.index("hub.supervisor: gateway stopped (exit status 0")
+        < log.index("supervisor stopped")
+    )
 
 
 def test_gateway_stops_when_its_supervisor_is_killed(gateway_factory: Any) -> None:
@@ -95,7 +103,13 @@ def test_exposed_gateway_needs_keys(tmp_path: Path) -> None:
     }
     path = tmp_path / "exposed.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "hub.supervisor", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [sys.executable, "-m", "hub.supervisor", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == 2 and "gateway.host" in run.stderr and "api_keys_file" in run.stderr, run.stderr
     run = subprocess.run(
         [sys.executable, "-m", "hub.gateway", "--host", "0.0.0.0", "--port", str(free_port())],
@@ -121,7 +135,9 @@ def test_standalone_gateway_with_json_logs(hub_factory: Any, tmp_path: Path) -> 
     try:
         wait_ready(f"http://127.0.0.1:{port}")
         http = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
-        assert http.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb")).text.startswith("echo")
+        assert http.audio.transcriptions.create(
+            model="whisper-1", file=(DATA / "hello.wav").open("rb")
+        ).text.startswith("echo")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -144,10 +160,15 @@ def test_a_reload_that_moves_the_gateway_restarts_it_there(gateway_factory: Any)
     before = gw.hub.status()["gateway"]
     table = subprocess.run(
         [sys.executable, "-m", "hub.client", "--endpoint", gw.hub.endpoint, "status"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert table.returncode == 0, table.stderr
-    assert f"gateway {gw.url}, Wyoming on port {gw.wyoming_port}  running, pid {before['pid']}  restarts 0" in table.stdout, table.stdout
+    assert (
+        f"gateway {gw.url}, Wyoming on port {gw.wyoming_port}  running, pid {before['pid']}  restarts 0" in table.stdout
+    ), table.stdout
     config = yaml.safe_load(gw.hub.config_path.read_text())
     moved = free_port()
     config["gateway"]["port"] = moved
@@ -159,4 +180,6 @@ def test_a_reload_that_moves_the_gateway_restarts_it_there(gateway_factory: Any)
     with pytest.raises(OSError):  # nothing listens on the old port any more
         urllib.request.urlopen(gw.url + "/healthz", timeout=5)
     log = gw.hub.log()
-    assert "gateway.port changed: restarting the gateway" in log and "to apply the new gateway section" in log, log[-3000:]
+    assert "gateway.port changed: restarting the gateway" in log and "to apply the new gateway section" in log, log[
+        -3000:
+    ]

@@ -22,8 +22,13 @@ WORKER_MB = 1024
 
 def _card(n: int, used_mb: float = 0.0, total_mb: float = 16384) -> dict[str, Any]:
     return {
-        "uuid": f"GPU-{n:08d}-0000-0000-0000-{n:012d}", "pci": f"00000000:{0x1A + 0x21 * n:02X}:00.0",
-        "name": "NVIDIA L4", "total_mb": total_mb, "used_mb": used_mb, "utilization": 10 * n, "worker_mb": WORKER_MB,
+        "uuid": f"GPU-{n:08d}-0000-0000-0000-{n:012d}",
+        "pci": f"00000000:{0x1A + 0x21 * n:02X}:00.0",
+        "name": "NVIDIA L4",
+        "total_mb": total_mb,
+        "used_mb": used_mb,
+        "utilization": 10 * n,
+        "worker_mb": WORKER_MB,
     }
 
 
@@ -53,7 +58,9 @@ def test_workers_of_all_providers_spread_over_an_inherited_mask_with_their_own_r
     hub = hub_factory(providers, env=env)
     allowed = {cards[3]["uuid"]: 3, cards[1]["uuid"]: 1}
     wait_for(
-        lambda: all(w["gpu_memory_used_mb"] is not None for p in hub.status()["providers"].values() for w in p["workers"]),
+        lambda: all(
+            w["gpu_memory_used_mb"] is not None for p in hub.status()["providers"].values() for w in p["workers"]
+        ),
         what="per-process readings of every worker",
     )
     status = hub.status()["providers"]
@@ -64,7 +71,10 @@ def test_workers_of_all_providers_spread_over_an_inherited_mask_with_their_own_r
             assert env_of["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
             assert env_of["CUDA_VISIBLE_DEVICES"] in allowed  # never a card outside the inherited mask
             gpu = w["gpu"]
-            assert gpu["nvml_index"] == allowed[env_of["CUDA_VISIBLE_DEVICES"]] and gpu["uuid"] == env_of["CUDA_VISIBLE_DEVICES"]
+            assert (
+                gpu["nvml_index"] == allowed[env_of["CUDA_VISIBLE_DEVICES"]]
+                and gpu["uuid"] == env_of["CUDA_VISIBLE_DEVICES"]
+            )
             assert gpu["ordinal"] == {3: 0, 1: 1}[gpu["nvml_index"]]
             assert gpu["pci_bus_id"] == f"0000:{0x1A + 0x21 * gpu['nvml_index']:02x}:00.0"
             assert w["device"] == "cuda" and w["gpu_memory_used_mb"] == WORKER_MB and w["gpu_error"] == ""
@@ -73,7 +83,9 @@ def test_workers_of_all_providers_spread_over_an_inherited_mask_with_their_own_r
     assert on_card[1].count("c") == 1 and on_card[3].count("c") == 0
     assert all({"a", "b"} <= set(names) for names in on_card.values()), on_card  # each provider on both cards
     for index, names in on_card.items():  # the card's used memory is every worker's on it, counted once each
-        readings = {w["gpu_card_used_mb"] for p in status.values() for w in p["workers"] if w["gpu"]["nvml_index"] == index}
+        readings = {
+            w["gpu_card_used_mb"] for p in status.values() for w in p["workers"] if w["gpu"]["nvml_index"] == index
+        }
         assert readings == {WORKER_MB * len(names)}
     log = hub.log()
     assert "GPUs: CUDA_VISIBLE_DEVICES='3,1' inherited" in log and f"NVML 3, PCI 0000:{0x1A + 0x21 * 3:02x}:00.0" in log
@@ -85,7 +97,10 @@ def test_the_memory_cap_holds_a_spawn_back_on_a_card_filled_on_purpose(hub_facto
     pool = {"min_size": 1, "max_size": 2, "max_gpu_memory_fraction": 0.95}
     hub = hub_factory({"a": _gpu_echo(**pool)}, env=env)
     with hub.client() as client:
-        wait_for(lambda: client.status()["providers"]["a"]["workers"][0]["gpu_memory_used_mb"] == WORKER_MB, what="a measured worker")
+        wait_for(
+            lambda: client.status()["providers"]["a"]["workers"][0]["gpu_memory_used_mb"] == WORKER_MB,
+            what="a measured worker",
+        )
         client.scale("a", 2)
         held = "GPU memory cap: one more a worker needs about 1024 MiB"
         wait_for(lambda: held in client.status()["providers"]["a"]["held_back"], what="the cap holding the spawn back")
@@ -127,7 +142,9 @@ def test_the_gpu_check_runs_and_fails_plainly_without_a_gpu() -> None:
     if Nvml().available:
         pytest.skip("this machine has an NVIDIA driver: run scripts/gpu_check.sh itself")
     env = {**os.environ, "PYTHON": sys.executable}
-    run = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--no-bench"], env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [str(ROOT / "scripts" / "gpu_check.sh"), "--no-bench"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     assert "FAIL  GPUs found" in run.stdout and "NVML" in run.stdout and "0 PASS, 1 FAIL" in run.stdout
 
@@ -142,11 +159,21 @@ def test_the_gpu_metric_families_carry_each_workers_readings(hub_factory, tmp_pa
     port = free_port()
     hub = hub_factory({"echo": _gpu_echo(min_size=2, max_size=2)}, hub={"metrics_port": port}, env=env)
     gpu = {"asr_hub_worker_gpu_memory_used_bytes", "asr_hub_worker_gpu_utilization"}
-    wait_for(lambda: all(w["gpu_memory_used_mb"] is not None for w in hub.status()["providers"]["echo"]["workers"]), what="GPU readings")
+    wait_for(
+        lambda: all(w["gpu_memory_used_mb"] is not None for w in hub.status()["providers"]["echo"]["workers"]),
+        what="GPU readings",
+    )
     workers = hub.status()["providers"]["echo"]["workers"]
-    families = _families(port, lambda f: gpu <= set(f) and all(
-        any(s.labels.get("worker") == w["id"] for s in f["asr_hub_worker_gpu_memory_used_bytes"].samples) for w in workers
-    ))
+    families = _families(
+        port,
+        lambda f: (
+            gpu <= set(f)
+            and all(
+                any(s.labels.get("worker") == w["id"] for s in f["asr_hub_worker_gpu_memory_used_bytes"].samples)
+                for w in workers
+            )
+        ),
+    )
     assert gpu <= DOCUMENTED and DOCUMENTED <= {name for name in families if name.startswith("asr_hub_")}
     assert {w["gpu"]["nvml_index"] for w in workers} == {0, 1}  # one worker on each card
     for w in workers:

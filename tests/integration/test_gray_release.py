@@ -46,7 +46,10 @@ def providers_of(hub: Hub, route: str, n: int, **kwargs: Any) -> Counter[str]:
 def cli(hub: Hub, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -55,7 +58,10 @@ def hub_segments(hub: Hub) -> list[str]:
 
 
 def test_a_90_10_split_and_weights_changed_at_run_time(hub_factory) -> None:
-    hub = hub_factory({"v1": echo(), "v2": echo()}, routes={"asr": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}]})
+    hub = hub_factory(
+        {"v1": echo(), "v2": echo()},
+        routes={"asr": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}]},
+    )
     counts = providers_of(hub, "asr", 2000)
     assert set(counts) == {"v1", "v2"} and within_binomial(counts["v2"], 2000, 0.10), counts
     out = cli(hub, "route", "asr", "v2=100")
@@ -79,6 +85,7 @@ def test_sticky_keys_never_flip_and_only_the_keys_that_must_move(hub_factory) ->
     hub = hub_factory({"v1": echo(), "v2": echo()}, routes={"asr": route})
     keys = [f"user-{i}" for i in range(300)]
     with hub.client() as client:
+
         def placement() -> dict[str, str]:
             return {k: client.transcribe(TONE[:800], "asr", route_key=k).provider for k in keys}
 
@@ -107,14 +114,22 @@ def test_the_rollback_script_sends_a_route_to_its_baseline(hub_factory) -> None:
     route = [{"provider": "v1", "weight": 50}, {"provider": "v2", "weight": 50}]
     hub = hub_factory({"v1": echo(), "v2": echo()}, routes={"asr": route})
     out = subprocess.run(
-        ["scripts/rollback.sh", str(hub.config_path), "--route", "asr"], cwd=ROOT, capture_output=True, text=True,
-        timeout=60, env={**os.environ, "PYTHON": sys.executable},
+        ["scripts/rollback.sh", str(hub.config_path), "--route", "asr"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert out.returncode == 0 and "every request now goes to v1" in out.stdout, out.stdout + out.stderr
     assert providers_of(hub, "asr", 20) == Counter({"v1": 20})
     missing = subprocess.run(
-        ["scripts/rollback.sh", str(hub.config_path), "--route", "nope"], cwd=ROOT, capture_output=True, text=True,
-        timeout=60, env={**os.environ, "PYTHON": sys.executable},
+        ["scripts/rollback.sh", str(hub.config_path), "--route", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert missing.returncode == 2 and "no route 'nope'" in missing.stderr
 
@@ -134,7 +149,10 @@ def test_a_slow_shadow_never_delays_the_primary_and_is_dropped_when_busy(hub_fac
         {"v1": echo(), "slow": echo(sleep=1.0)},
         routes={
             "plain": [{"provider": "v1", "weight": 1}],
-            "shadowed": {"providers": [{"provider": "v1", "weight": 1}], "shadow": {"provider": "slow", "fraction": 1.0}},
+            "shadowed": {
+                "providers": [{"provider": "v1", "weight": 1}],
+                "shadow": {"provider": "slow", "fraction": 1.0},
+            },
         },
     )
     plain = _latencies(hub, "plain", 30)
@@ -142,7 +160,10 @@ def test_a_slow_shadow_never_delays_the_primary_and_is_dropped_when_busy(hub_fac
     # the shadow sleeps a second; the primary never waits for it (loaded machine: compare medians, generously)
     assert max(shadowed) < 0.5, shadowed
     assert statistics.median(shadowed) <= 1.5 * statistics.median(plain) + 0.005, (plain, shadowed)
-    wait_for(lambda: not hub.status()["routes"]["shadowed"]["shadow_requests"].get("slow compared", 0) < 1, what="a comparison")
+    wait_for(
+        lambda: not hub.status()["routes"]["shadowed"]["shadow_requests"].get("slow compared", 0) < 1,
+        what="a comparison",
+    )
     counts = hub.status()["routes"]["shadowed"]["shadow_requests"]
     assert counts["slow dropped"] >= 30 and counts["slow compared"] + counts["slow dropped"] <= 40, counts
     wait_for(lambda: hub.status()["providers"]["slow"]["workers"][0]["state"] == "idle", what="the shadow to end")
@@ -174,8 +195,14 @@ def test_a_failing_canary_is_rolled_back_and_the_baseline_is_untouched(hub_facto
     hub = hub_factory(
         {"v1": echo(), "v2": echo(fail_every=3), "v3": echo()},
         routes={
-            "canary": {"providers": [{"provider": "v1", "weight": 1}, {"provider": "v2", "weight": 1}], "analysis": analysis},
-            "healthy": {"providers": [{"provider": "v1", "weight": 1}, {"provider": "v3", "weight": 1}], "analysis": analysis},
+            "canary": {
+                "providers": [{"provider": "v1", "weight": 1}, {"provider": "v2", "weight": 1}],
+                "analysis": analysis,
+            },
+            "healthy": {
+                "providers": [{"provider": "v1", "weight": 1}, {"provider": "v3", "weight": 1}],
+                "analysis": analysis,
+            },
         },
     )
     outcomes: Counter[str] = Counter()
@@ -207,15 +234,30 @@ def test_a_canary_that_cannot_start_is_routed_around_rolled_back_and_sessions_fo
         {"v1": echo(), "v2": echo(fail="this model cannot start"), "v3": echo()},
         routes={
             "plain": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}],
-            "canary": {"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}], "analysis": analysis},
-            "shadowed": {"providers": [{"provider": "v3", "weight": 1}], "shadow": {"provider": "v2", "fraction": 1.0}, "analysis": analysis},
+            "canary": {
+                "providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}],
+                "analysis": analysis,
+            },
+            "shadowed": {
+                "providers": [{"provider": "v3", "weight": 1}],
+                "shadow": {"provider": "v2", "fraction": 1.0},
+                "analysis": analysis,
+            },
         },
         ready=False,
     )
     wait_for(lambda: hub.status()["providers"]["v2"]["degraded"], timeout=30, what="v2 to be degraded")
-    wait_for(lambda: hub.status()["providers"]["v1"]["workers"] and all(
-        w["state"] == "idle" for w in hub.status()["providers"]["v1"]["workers"]), timeout=30, what="v1 to be ready")
-    wait_for(lambda: any(w["state"] == "idle" for w in hub.status()["providers"]["v3"]["workers"]), timeout=30, what="v3")
+    wait_for(
+        lambda: (
+            hub.status()["providers"]["v1"]["workers"]
+            and all(w["state"] == "idle" for w in hub.status()["providers"]["v1"]["workers"])
+        ),
+        timeout=30,
+        what="v1 to be ready",
+    )
+    wait_for(
+        lambda: any(w["state"] == "idle" for w in hub.status()["providers"]["v3"]["workers"]), timeout=30, what="v3"
+    )
     assert providers_of(hub, "plain", 200) == Counter({"v1": 200})
     assert providers_of(hub, "canary", 50) == Counter({"v1": 50})
     assert providers_of(hub, "shadowed", 20) == Counter({"v3": 20})
@@ -228,7 +270,9 @@ def test_a_canary_that_cannot_start_is_routed_around_rolled_back_and_sessions_fo
     assert routes_now["plain"]["weights"] == {"v1": 90.0, "v2": 10.0} and routes_now["plain"]["rolled_back"] == {}
     assert routes_now["canary"]["weights"] == {"v1": 90.0, "v2": 0.0}
     assert "cannot serve: it is degraded" in routes_now["canary"]["rolled_back"]["v2"]
-    assert routes_now["shadowed"]["shadow"]["on"] is False and "as a shadow" in routes_now["shadowed"]["rolled_back"]["v2"]
+    assert (
+        routes_now["shadowed"]["shadow"]["on"] is False and "as a shadow" in routes_now["shadowed"]["rolled_back"]["v2"]
+    )
     assert "route canary: rolled back v2" in hub.log() and "route shadowed: rolled back v2" in hub.log()
     hub.faults_expected = True  # v2's failed starts are logged as errors
 
@@ -248,7 +292,9 @@ def test_prometheus_shows_the_routes(hub_factory) -> None:
         for _ in range(3):
             client.transcribe(TONE, "asr")
             time.sleep(0.05)
-    wait_for(lambda: hub.status()["routes"]["asr"]["agreement_wer"].get("v2", {}).get("count", 0) >= 1, what="a comparison")
+    wait_for(
+        lambda: hub.status()["routes"]["asr"]["agreement_wer"].get("v2", {}).get("count", 0) >= 1, what="a comparison"
+    )
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         page = response.read().decode()
     assert 'asr_hub_route_requests_total{provider="v1",route="asr"} 3.0' in page
@@ -274,8 +320,12 @@ def test_two_whisper_versions_agree_and_whisper_against_echo_does_not(hub_factor
             assert text.strip()
             wait_for(lambda: hub.status()["providers"]["fp32"]["workers"][0]["state"] == "idle", 60, "the shadow")
             client.transcribe(DATA / f"{clip}.wav", "other")
-    wait_for(lambda: hub.status()["routes"]["same"]["agreement_wer"].get("fp32", {}).get("count") == 2, 60, "comparisons")
-    wait_for(lambda: hub.status()["routes"]["other"]["agreement_wer"].get("echo", {}).get("count") == 2, 60, "comparisons")
+    wait_for(
+        lambda: hub.status()["routes"]["same"]["agreement_wer"].get("fp32", {}).get("count") == 2, 60, "comparisons"
+    )
+    wait_for(
+        lambda: hub.status()["routes"]["other"]["agreement_wer"].get("echo", {}).get("count") == 2, 60, "comparisons"
+    )
     routes_status = hub.status()["routes"]
     assert routes_status["same"]["agreement_wer"]["fp32"]["mean"] <= 0.1, routes_status["same"]
     assert routes_status["other"]["agreement_wer"]["echo"]["mean"] >= 1.0, routes_status["other"]

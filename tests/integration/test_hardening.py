@@ -188,7 +188,9 @@ def test_audio_limits(hub_factory) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(hub.endpoint)
     try:  # beyond MAXMSGSIZE ZeroMQ drops the peer before a byte reaches the supervisor's memory
-        sock.send_multipart(protocol.build(protocol.MsgType.TRANSCRIBE, "1", {"audio": {"samples": 1}}, b"\x00" * 3 * 2**20))
+        sock.send_multipart(
+            protocol.build(protocol.MsgType.TRANSCRIBE, "1", {"audio": {"samples": 1}}, b"\x00" * 3 * 2**20)
+        )
         assert not sock.poll(1000)
     finally:
         sock.close()
@@ -205,7 +207,10 @@ def test_frontend_beyond_loopback_needs_keys_or_an_explicit_opt_out(tmp_path: Pa
     config.write_text(yaml.safe_dump({"providers": {"echo": {}}}))
     out = subprocess.run(
         [sys.executable, "-m", "hub.supervisor", "--config", str(config), "--frontend", "tcp://*:5555"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2 and "python -m hub.keys" in out.stderr
 
@@ -255,9 +260,23 @@ def test_curve_serves_allowed_keys_only(hub_factory, tmp_path: Path) -> None:
 
     asyncio.run(asyncio.wait_for(no_keys_async(), 10))
     cli = subprocess.run(
-        [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "--client-key", str(keys / "alice.key_secret"),
-         "--server-key", str(keys / "server.key"), "status", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "hub.client",
+            "--endpoint",
+            hub.endpoint,
+            "--client-key",
+            str(keys / "alice.key_secret"),
+            "--server-key",
+            str(keys / "server.key"),
+            "status",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert cli.returncode == 0 and json.loads(cli.stdout)["hub"]["ready"]
     assert make_keys([str(keys), "alice"]) == 1  # never overwrites a secret
@@ -272,7 +291,9 @@ def test_a_frontend_beyond_loopback_is_allowed_with_curve(hub_factory, tmp_path:
     (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
     port = free_port()
     curve = {"server_secret_key": str(keys / "server.key_secret"), "allowed_clients": str(allowed)}
-    hub = hub_factory({"echo": echo_provider()}, hub={"curve": curve}, ready=False, args=("--frontend", f"tcp://0.0.0.0:{port}"))
+    hub = hub_factory(
+        {"echo": echo_provider()}, hub={"curve": curve}, ready=False, args=("--frontend", f"tcp://0.0.0.0:{port}")
+    )
     alice = CurveKeys.load(str(keys / "alice.key_secret"), str(keys / "server.key"))
     with HubClient(f"tcp://127.0.0.1:{port}", timeout=30, curve=alice) as client:
         assert client.wait_ready(30)["hub"]["frontend"] == f"tcp://0.0.0.0:{port}"
@@ -302,7 +323,9 @@ def test_keys_against_a_plain_hub_are_refused_with_advice(hub_factory, tmp_path:
         assert client.transcribe(TONE).text == echo_text(TONE)  # the hub carries on
 
 
-def test_a_refusal_before_the_monitor_would_have_been_attached_is_still_seen(hub_factory, tmp_path: Path, monkeypatch) -> None:
+def test_a_refusal_before_the_monitor_would_have_been_attached_is_still_seen(
+    hub_factory, tmp_path: Path, monkeypatch
+) -> None:
     """Under load the client's thread may run again only after its first connection's handshake has failed.
     The monitor is attached before the socket connects, so that refusal is seen: AUTH_FAILED at once, not
     HUB_UNREACHABLE after the HELLO's wait. A slow ``get_monitor_socket`` stands in for the late thread."""
@@ -313,7 +336,9 @@ def test_a_refusal_before_the_monitor_would_have_been_attached_is_still_seen(hub
     (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
     curve = {"server_secret_key": str(keys / "server.key_secret"), "allowed_clients": str(allowed)}
     hub = hub_factory({"echo": echo_provider()}, hub={"curve": curve}, ready=False)
-    with HubClient(hub.endpoint, curve=CurveKeys.load(str(keys / "alice.key_secret"), str(keys / "server.key"))) as alice:
+    with HubClient(
+        hub.endpoint, curve=CurveKeys.load(str(keys / "alice.key_secret"), str(keys / "server.key"))
+    ) as alice:
         alice.wait_ready(30)
     attach = zmq.Socket.get_monitor_socket
 

@@ -95,14 +95,20 @@ def test_kill_drain_and_a_new_hub_lose_no_request(hub_factory: Callable[..., Hub
     port = free_port()
     names = Names("127.0.0.1", "127.0.0.2", "127.0.0.3")
     a, b, c = (start_at(hub_factory, f"127.0.0.{i}", port) for i in (1, 2, 3))
-    with HubPool(f"dns+tcp://hubs.test:{port}", timeout=15, resolver=names, resolve_interval=0.5, probe_interval=0.3) as pool:
+    with HubPool(
+        f"dns+tcp://hubs.test:{port}", timeout=15, resolver=names, resolve_interval=0.5, probe_interval=0.3
+    ) as pool:
         assert set(pool.wait_ready(timeout=30, hubs=3)["hubs"]) == {a.endpoint, b.endpoint, c.endpoint}
         with load(pool) as outcomes:
             wait_for(lambda: min(served(h) for h in (a, b, c)) >= 5, 20, "every hub to take requests")
             a.expected_exit = -signal.SIGKILL
             os.killpg(a.proc.pid, signal.SIGKILL)  # a pod lost with its node
             names.set("127.0.0.2", "127.0.0.3")
-            wait_for(lambda: set(pool.status(timeout=2)["hubs"]) == {b.endpoint, c.endpoint}, 20, "the pool to drop the lost hub")
+            wait_for(
+                lambda: set(pool.status(timeout=2)["hubs"]) == {b.endpoint, c.endpoint},
+                20,
+                "the pool to drop the lost hub",
+            )
             b.proc.send_signal(signal.SIGTERM)  # a pod drained for a rolling update
             names.set("127.0.0.3")
             before = served(c)
@@ -123,7 +129,10 @@ def test_busy_hub_sends_requests_to_the_other(hub_factory: Callable[..., Hub]) -
     with HubPool([busy.endpoint, free.endpoint], timeout=15, probe_interval=60) as pool:
         pool.wait_ready(timeout=30, hubs=2)
         with busy.client() as hog:  # fill the busy hub: one running, one queued
-            threads = [threading.Thread(target=hog.transcribe, args=(TONE,), kwargs={"sleep": 3, "timeout": 20}) for _ in range(2)]
+            threads = [
+                threading.Thread(target=hog.transcribe, args=(TONE,), kwargs={"sleep": 3, "timeout": 20})
+                for _ in range(2)
+            ]
             for thread in threads:
                 thread.start()
             wait_for(lambda: busy.status()["providers"]["echo"]["queue_depth"] == 1, 10, "the busy hub's queue to fill")
@@ -133,8 +142,20 @@ def test_busy_hub_sends_requests_to_the_other(hub_factory: Callable[..., Hub]) -
     assert results == [echo_text(TONE)] * 4
     assert served(free) == 4
     assert busy.status()["providers"]["echo"]["rejected"] >= 1, "no request was sent to the busy hub first"
-    cli = [sys.executable, "-m", "hub.client", "--endpoint", busy.endpoint, "--endpoint", free.endpoint, "--timeout", "20"]
-    ran = subprocess.run([*cli, "transcribe", str(DATA / "hello.wav")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    cli = [
+        sys.executable,
+        "-m",
+        "hub.client",
+        "--endpoint",
+        busy.endpoint,
+        "--endpoint",
+        free.endpoint,
+        "--timeout",
+        "20",
+    ]
+    ran = subprocess.run(
+        [*cli, "transcribe", str(DATA / "hello.wav")], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert ran.returncode == 0 and ran.stdout.startswith("echo "), ran.stderr
     ran = subprocess.run([*cli, "status"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0 and ran.stdout.count("echo (echo, pool)") == 2, ran.stdout + ran.stderr

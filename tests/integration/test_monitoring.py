@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 TONE = (0.1 * np.sin(np.linspace(0, 2000, 16000))).astype(np.float32)
 
+
 def _documented_metrics() -> set[str]:
     """The family names the operations guide's metrics table lists (counters without ``_total``, as the
     parser names them)."""
@@ -46,7 +47,7 @@ def test_histogram_percentiles_from_the_sketch_and_buckets_at_its_edges() -> Non
     assert h.quantile(0.8) == pytest.approx(0.15, rel=0.01) and h.quantile(0.99) == pytest.approx(0.7, rel=0.01)
     buckets = h.cumulative()
     bounds = [float(b) for b, _ in buckets[:-1]]
-    assert all(nominal <= b <= nominal * 1.02 for nominal, b in zip((0.1, 0.2, 0.5, 1.0), bounds))
+    assert all(nominal <= b <= nominal * 1.02 for nominal, b in zip((0.1, 0.2, 0.5, 1.0), bounds, strict=False))
     assert [n for _, n in buckets] == [50.0, 90.0, 90.0, 100.0, 100.0] and buckets[-1][0] == "+Inf"
     assert Histogram().quantile(0.5) is None
 
@@ -97,10 +98,17 @@ def test_status_and_metrics_page_after_a_known_sequence(hub_factory) -> None:
         with pytest.raises(HubError, match="deadline"):
             client.transcribe(TONE, hang=True)
         blocker = threading.Thread(target=client.transcribe, args=(TONE,), kwargs={"sleep": 1.2, "timeout": 20})
-        replaced = lambda: [(w["state"], w["restarts"]) for w in client.status()["providers"]["echo"]["workers"]] == [("idle", 1)]
+
+        def replaced() -> bool:
+            return [(w["state"], w["restarts"]) for w in client.status()["providers"]["echo"]["workers"]] == [
+                ("idle", 1)
+            ]
+
         wait_for(replaced, what="the hung worker's replacement")
         blocker.start()
-        wait_for(lambda: client.status()["providers"]["echo"]["workers"][0]["state"] == "busy", what="the blocker running")
+        wait_for(
+            lambda: client.status()["providers"]["echo"]["workers"][0]["state"] == "busy", what="the blocker running"
+        )
         with pytest.raises(PoolBusy):
             client.transcribe(TONE)
         blocker.join(30)
@@ -116,7 +124,9 @@ def test_status_and_metrics_page_after_a_known_sequence(hub_factory) -> None:
     exported = {name for name in families if name.startswith("asr_hub_")}
     assert "asr_hub_worker_session_duty" in DOCUMENTED and len(DOCUMENTED) > 25  # the table was read
     gpu = {"asr_hub_worker_gpu_memory_used_bytes", "asr_hub_worker_gpu_utilization"}  # absent without NVML
-    assert exported - gpu == DOCUMENTED - gpu, "the metrics table in docs/operations/pool_monitoring.md and the page differ"
+    assert exported - gpu == DOCUMENTED - gpu, (
+        "the metrics table in docs/operations/pool_monitoring.md and the page differ"
+    )
     value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert value[("asr_hub_succeeded_total", (("provider", "echo"),))] == 4
     assert value[("asr_hub_errors_total", (("code", "POOL_BUSY"), ("provider", "echo")))] == 1
@@ -129,7 +139,9 @@ def test_session_gauges_follow_the_sessions_on_each_worker(hub_factory) -> None:
     """Three sessions on a pool of one worker that holds three: the pool's and the worker's session gauges say 3,
     its session duty is a fraction; after they close, 0."""
     port = free_port()
-    hub = hub_factory({"echo": echo_provider(min_size=1, max_size=1, sessions_per_worker=3)}, hub={"metrics_port": port})
+    hub = hub_factory(
+        {"echo": echo_provider(min_size=1, max_size=1, sessions_per_worker=3)}, hub={"metrics_port": port}
+    )
     with hub.client() as client:
         sessions = [client.open_stream() for _ in range(3)]
         for session in sessions:
@@ -167,7 +179,9 @@ def _sample(families: dict[str, Any], name: str, **labels: str) -> float:
 
 def test_readyz_follows_the_only_worker(hub_factory) -> None:
     port = free_port()
-    hub = hub_factory({"whisper": {"model": "tiny.en", "pool": {"min_size": 1, "max_size": 1}}}, hub={"metrics_port": port})
+    hub = hub_factory(
+        {"whisper": {"model": "tiny.en", "pool": {"min_size": 1, "max_size": 1}}}, hub={"metrics_port": port}
+    )
     # the page reads the gauges the supervisor publishes once a second: ready there may come that much later
     wait_for(lambda: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200, timeout=5, what="/readyz ready")
     worker = hub.status()["providers"]["whisper"]["workers"][0]
@@ -185,7 +199,9 @@ def test_readyz_follows_the_only_worker(hub_factory) -> None:
 
 
 def test_json_logs_and_the_periodic_summary(hub_factory) -> None:
-    hub = hub_factory({"echo": echo_provider()}, hub={"log_format": "json", "metrics_log_interval": 0.5, "log_level": "DEBUG"})
+    hub = hub_factory(
+        {"echo": echo_provider()}, hub={"log_format": "json", "metrics_log_interval": 0.5, "log_level": "DEBUG"}
+    )
     with hub.client() as client:
         client.transcribe(TONE)
         with pytest.raises(HubError, match="boom"):
@@ -197,7 +213,9 @@ def test_json_logs_and_the_periodic_summary(hub_factory) -> None:
     assert any(m.startswith("pool echo: size 1") for m in messages)
     assert any("job j1 (request" in m for m in messages)  # each request at debug, with its job id
     # the worker's own line (not the supervisor's about it), in JSON too
-    worker = [e for e in entries if e["logger"].startswith("workers") and "echo-1" in e["msg"] and "job j2 failed" in e["msg"]]
+    worker = [
+        e for e in entries if e["logger"].startswith("workers") and "echo-1" in e["msg"] and "job j2 failed" in e["msg"]
+    ]
     assert worker and "RuntimeError: boom" in worker[0]["exc"], entries
 
 
@@ -205,11 +223,15 @@ def test_cli_status_watch_redraws(hub_factory) -> None:
     hub = hub_factory({"echo": echo_provider()})
     proc = subprocess.Popen(
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, "status", "--watch"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     out, deadline = "", time.monotonic() + 30
-    while out.count("echo (echo, pool): size 1") < 2 and time.monotonic() < deadline and (line := proc.stdout.readline()):
+    while (
+        out.count("echo (echo, pool): size 1") < 2 and time.monotonic() < deadline and (line := proc.stdout.readline())
+    ):
         out += line  # the CLI redraws every second: wait for two screens, however slow its start
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=10)
@@ -235,7 +257,11 @@ def test_healthz_fails_when_the_supervisor_loop_stalls() -> None:
 
 def test_supervisor_log_flags_override_the_config(hub_factory) -> None:
     """--log-format json and --log-level DEBUG win over the file's text/INFO."""
-    hub = hub_factory({"echo": echo_provider()}, hub={"log_format": "text", "log_level": "INFO"}, args=("--log-format", "json", "--log-level", "DEBUG"))
+    hub = hub_factory(
+        {"echo": echo_provider()},
+        hub={"log_format": "text", "log_level": "INFO"},
+        args=("--log-format", "json", "--log-level", "DEBUG"),
+    )
     with hub.client() as client:
         client.transcribe(TONE)
     wait_for(lambda: "job j1 (request" in hub.log(), what="the request's debug line")

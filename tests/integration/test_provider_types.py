@@ -72,8 +72,17 @@ def test_option_problems_check_only_the_types_own_options() -> None:
 
 def test_a_type_the_table_lacks_has_no_adapter() -> None:
     spec = WorkerSpec(
-        id="x-1", provider="x", type="nope", model="", device="cpu", compute_type="auto", cpu_threads=1,
-        backend="ipc:///nowhere", shm_prefix="x", heartbeat_interval=1.0, options={},
+        id="x-1",
+        provider="x",
+        type="nope",
+        model="",
+        device="cpu",
+        compute_type="auto",
+        cpu_threads=1,
+        backend="ipc:///nowhere",
+        shm_prefix="x",
+        heartbeat_interval=1.0,
+        options={},
     )
     with pytest.raises(ValueError, match="no adapter for provider type 'nope'"):
         load_engine(spec)

@@ -54,7 +54,9 @@ def test_providers_added_removed_and_disabled_by_a_reload(hub_factory) -> None:
     for t in threads:
         t.join(60)
     # the running job finishes on its draining worker; the queued one is failed at once
-    assert sorted(outcomes["off"]) == sorted(outcomes["gone"]) == sorted([echo_text(TONE), "PROVIDER_UNAVAILABLE"]), outcomes
+    assert sorted(outcomes["off"]) == sorted(outcomes["gone"]) == sorted([echo_text(TONE), "PROVIDER_UNAVAILABLE"]), (
+        outcomes
+    )
     wait_for(lambda: provider(hub, "new")["size"] == 1, what="the new provider's worker")
     with hub.client() as client:
         assert client.transcribe(TONE, "new").text == echo_text(TONE)
@@ -88,7 +90,10 @@ def test_an_old_worker_leased_by_a_live_session_drains_when_the_session_ends(hub
         old = session.worker
         session.send(STEPS[:16000])
         hub.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: any(w["id"] != old and w["state"] == "idle" for w in provider(hub, "echo")["workers"]), what="a new worker")
+        wait_for(
+            lambda: any(w["id"] != old and w["state"] == "idle" for w in provider(hub, "echo")["workers"]),
+            what="a new worker",
+        )
         # the old worker keeps serving its session, marked draining
         assert {w["id"]: w["state"] for w in provider(hub, "echo")["workers"]}[old] == "draining"
         assert client.transcribe(TONE).worker != old  # new jobs go to the new generation

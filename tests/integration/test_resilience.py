@@ -103,7 +103,9 @@ def test_crash_loop_backs_off_and_shows_it(hub_factory, tmp_path: Path) -> None:
     first = hub.status()["providers"]["broken"]
     assert 0 < first["restart_backoff"] <= 1.0 and "cannot load whisper model" in first["last_error"]
     with hub.client() as client:
-        with pytest.raises(ProviderUnavailable, match=r"answers but was not ready .*broken \(0 of 1 ready; cannot load"):
+        with pytest.raises(
+            ProviderUnavailable, match=r"answers but was not ready .*broken \(0 of 1 ready; cannot load"
+        ):
             client.wait_ready(timeout=1.0)
     time.sleep(4.5)  # starts at +1 s and +2 s (+ load time) have failed by now: the next wait is longer
     assert hub.log().count("failed to load its model") in (2, 3)

@@ -126,7 +126,7 @@ def _send_seconds(session, pcm: np.ndarray, events: list) -> None:
     for start in range(0, pcm.size, 16000):
         decodes = sum(e.kind == "partial" for e in list(events))
         _send(session, pcm[start : start + 16000])
-        wait_for(lambda: sum(e.kind == "partial" for e in list(events)) > decodes, what="a decode")
+        wait_for(lambda before=decodes: sum(e.kind == "partial" for e in list(events)) > before, what="a decode")
 
 
 def _kill_after_a_final(hub: Hub, session, events: list) -> str:
@@ -184,7 +184,9 @@ def test_a_session_whose_resume_also_dies_ends_with_worker_crashed_and_keeps_its
         wait_for(lambda: session.resumes == 1, what="the first resume")
         finals_before = sum(e.kind == "final" for e in list(events))
         _send_seconds(session, STEPS[32000:64000], events)
-        wait_for(lambda: sum(e.kind == "final" for e in list(events)) > finals_before, what="a final from the new worker")
+        wait_for(
+            lambda: sum(e.kind == "final" for e in list(events)) > finals_before, what="a final from the new worker"
+        )
         os.kill(_worker_pid(hub, session.worker), signal.SIGKILL)
         reader.join(30)
         assert failed, "the second death must end the session"
@@ -217,12 +219,20 @@ def test_a_whisper_session_resumed_after_sigkill_confirms_an_undisturbed_runs_wo
                 _send(session, second)
                 if second.size == 16000:
                     decodes += 1
-                    wait_for(lambda n=decodes: sum(e.kind == "partial" for e in list(events)) >= n, timeout=60, what="a decode")
+                    wait_for(
+                        lambda n=decodes: sum(e.kind == "partial" for e in list(events)) >= n,
+                        timeout=60,
+                        what="a decode",
+                    )
                 if index + 1 == kill_after:
                     os.kill(_worker_pid(hub, session.worker), signal.SIGKILL)
                     wait_for(lambda: session.resumes == 1, timeout=60, what="the resume")
                     decodes += 1  # the new worker decodes the window it took over at once
-                    wait_for(lambda n=decodes: sum(e.kind == "partial" for e in list(events)) >= n, timeout=60, what="the resumed decode")
+                    wait_for(
+                        lambda n=decodes: sum(e.kind == "partial" for e in list(events)) >= n,
+                        timeout=60,
+                        what="the resumed decode",
+                    )
             transcript = session.close()
             reader.join(30)
         assert " ".join(e.text for e in events if e.kind == "final") == transcript.text

@@ -61,7 +61,14 @@ def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
     old = {w["pid"] for w in hub.status()["providers"]["echo"]["workers"]}
     with steady_load(hub) as outcomes:
         time.sleep(0.5)
-        out = subprocess.run(["scripts/rollback.sh", str(hub.config_path)], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60)
+        out = subprocess.run(
+            ["scripts/rollback.sh", str(hub.config_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=script_env(),
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert "sent SIGHUP" in out.stdout and hub.config_path.with_name(hub.config_path.name + ".bak").exists()
         deadline = time.monotonic() + 30
@@ -74,7 +81,14 @@ def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
             time.sleep(0.1)
         time.sleep(0.5)
     assert outcomes["ok"] > 10 and set(outcomes) == {"ok"}, outcomes
-    undo = subprocess.run(["scripts/rollback.sh", str(hub.config_path), "--undo"], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60)
+    undo = subprocess.run(
+        ["scripts/rollback.sh", str(hub.config_path), "--undo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        timeout=60,
+    )
     assert undo.returncode == 0, undo.stderr
     deadline = time.monotonic() + 30
     while not (echo := hub.status()["providers"]["echo"])["pool_enabled"] or echo["size"] != 2:
@@ -84,8 +98,14 @@ def test_rollback_script_under_load_fails_nothing(hub_factory) -> None:
 
 def test_rollback_without_a_running_hub_says_so(tmp_path) -> None:
     config = tmp_path / "hub.yaml"
-    config.write_text(yaml.safe_dump({"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}))
-    out = subprocess.run(["scripts/rollback.sh", str(config)], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60)
+    config.write_text(
+        yaml.safe_dump(
+            {"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}
+        )
+    )
+    out = subprocess.run(
+        ["scripts/rollback.sh", str(config)], cwd=ROOT, capture_output=True, text=True, env=script_env(), timeout=60
+    )
     assert out.returncode == 1 and "no running supervisor" in out.stderr
     assert parse_config(yaml.safe_load(config.read_text())).providers["echo"].pool.enabled is False
 
@@ -115,11 +135,19 @@ def test_rollback_script_finds_the_python_that_has_the_hub(tmp_path) -> None:
     shutil.copy2(ROOT / "scripts" / "rollback.sh", checkout / "scripts" / "rollback.sh")
     (checkout / "hub").symlink_to(ROOT / "hub")
     config = tmp_path / "hub.yaml"
-    config.write_text(yaml.safe_dump({"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"hub": {"runtime_dir": str(tmp_path / "run")}, "providers": {"echo": {"pool": {"min_size": 1}}}}
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
     venv = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     found = subprocess.run(
-        [str(checkout / "scripts" / "rollback.sh"), str(config)], capture_output=True, text=True, timeout=60, env={**env, "PATH": venv}
+        [str(checkout / "scripts" / "rollback.sh"), str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "PATH": venv},
     )
     assert found.returncode == 1 and "no running supervisor" in found.stderr, found.stderr
     tools = tmp_path / "bin"  # what the script needs, and no Python at all
@@ -127,7 +155,10 @@ def test_rollback_script_finds_the_python_that_has_the_hub(tmp_path) -> None:
     for tool in ("bash", "realpath", "dirname"):
         (tools / tool).symlink_to(shutil.which(tool))
     bare = subprocess.run(
-        [str(checkout / "scripts" / "rollback.sh"), str(config)], capture_output=True, text=True, timeout=60,
+        [str(checkout / "scripts" / "rollback.sh"), str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**env, "PATH": str(tools)},
     )
     assert bare.returncode == 2 and "PYTHON=/path/to/venv/bin/python" in bare.stderr, bare.stderr

@@ -41,7 +41,9 @@ def in_flight(hub: Hub, sleep: float) -> tuple[threading.Thread, list[str]]:
 
     thread = threading.Thread(target=run)
     thread.start()
-    wait_for(lambda: [w["state"] for w in hub.status()["providers"]["echo"]["workers"]] == ["busy"], what="the job running")
+    wait_for(
+        lambda: [w["state"] for w in hub.status()["providers"]["echo"]["workers"]] == ["busy"], what="the job running"
+    )
     return thread, outcome
 
 
@@ -82,7 +84,10 @@ def test_a_stale_pid_file_and_socket_are_replaced_on_the_next_start(hub_factory)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hub.supervisor", "--config", str(first.config_path)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     second = Hub(first.endpoint, proc, first.config_path, log_path)
     try:

@@ -49,8 +49,8 @@ def multipart(path: Path, model: str = "echo") -> tuple[bytes, bytes, str]:
     """The head and tail of a form with ``path`` as its file (the file's bytes go between), and its content type."""
     boundary = uuid.uuid4().hex
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
         "Content-Type: audio/wav\r\n\r\n"
     ).encode()
     return head, f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
@@ -102,7 +102,9 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
 
 
-def test_twelve_concurrent_48_mb_uploads_stay_within_the_budget(budgeted: Gateway, long_wav: Path, tmp_path: Path) -> None:
+def test_twelve_concurrent_48_mb_uploads_stay_within_the_budget(
+    budgeted: Gateway, long_wav: Path, tmp_path: Path
+) -> None:
     assert long_wav.stat().st_size == 48_000_044  # 48 MB: 25 minutes of 16-bit samples at 16 kHz and a header
     pid = budgeted.hub.status()["gateway"]["pid"]
     assert upload(budgeted.port, wav_file(tmp_path / "short.wav", 2))[0] == 200  # warm: what one request keeps
@@ -123,7 +125,9 @@ def test_twelve_concurrent_48_mb_uploads_stay_within_the_budget(budgeted: Gatewa
     print(f"gateway RSS: baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB, 12 uploads in {elapsed:.1f} s")
     # the budget counts uploads and their PCM; the rest is Python's and the server's own working memory
     assert peak - baseline <= budget + 96 * MB, f"peak {peak / MB:.0f} MB over a baseline of {baseline / MB:.0f} MB"
-    wait_for(lambda: memory(pid)["VmRSS"] <= baseline + 48 * MB, 20, f"RSS back near {baseline / MB:.0f} MB: {memory(pid)}")
+    wait_for(
+        lambda: memory(pid)["VmRSS"] <= baseline + 48 * MB, 20, f"RSS back near {baseline / MB:.0f} MB: {memory(pid)}"
+    )
     assert memory(pid)["RssShmem"] < 8 * MB, "segments of finished requests are still mapped"
 
 
@@ -139,7 +143,9 @@ def test_an_upload_that_does_not_fit_is_refused_before_its_body_is_read(tmp_path
         holder.putheader("Content-Length", str(size))
         holder.endheaders()
         holder.send(head)  # its room is reserved from the Content-Length: the rest of its body can come later
-        wait_for(lambda: _buffered(gw) == upload_peak_bytes(size, 1800), 10, "the first upload's reservation, all of it")
+        wait_for(
+            lambda: _buffered(gw) == upload_peak_bytes(size, 1800), 10, "the first upload's reservation, all of it"
+        )
 
         refused = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
         refused.putrequest("POST", "/v1/audio/transcriptions")

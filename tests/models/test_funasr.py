@@ -137,7 +137,12 @@ CONFIGS["seaco"] = {
         "inner_dim": DIM,
         "bias_encoder_type": "lstm",
         "seaco_decoder": "ParaformerSANMDecoder",
-        "seaco_decoder_conf": {**_PARAFORMER["decoder_conf"], "num_blocks": 1, "att_layer_num": 1, "use_output_layer": False},
+        "seaco_decoder_conf": {
+            **_PARAFORMER["decoder_conf"],
+            "num_blocks": 1,
+            "att_layer_num": 1,
+            "use_output_layer": False,
+        },
     },
 }
 _NOT_MODEL_ARGS = ("model", "model_conf", "frontend", "frontend_conf", "tokenizer", "tokenizer_conf")
@@ -183,7 +188,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> It
         "funasr": {**cpu, "model": str(models["paraformer"]), "pool": {"min_size": 2, "max_size": 2}},
         "funasr-online": {**cpu, "type": "funasr", "model": str(models["online"]), "pool": one},
         "sensevoice": {
-            **cpu, "type": "funasr", "model": str(models["sensevoice"]), "options": {"language": "en"}, "pool": one
+            **cpu,
+            "type": "funasr",
+            "model": str(models["sensevoice"]),
+            "options": {"language": "en"},
+            "pool": one,
         },
         "whisper": {**cpu, "model": "tiny.en"},
     }
@@ -412,7 +421,7 @@ def test_a_streaming_model_keeps_one_cache_per_session_on_one_worker(hub: Hub, m
         sessions = [client.open_stream("funasr-online") for _ in clips]
         assert len({s.worker for s in sessions}) == 1
         for start in range(0, max(p.size for p in clips), CHUNK):
-            for session, pcm in zip(sessions, clips):
+            for session, pcm in zip(sessions, clips, strict=False):
                 if start < pcm.size:
                     session.send(pcm[start : start + CHUNK])
         transcripts = [session.close() for session in sessions]
@@ -453,7 +462,9 @@ def test_a_hub_model_name_without_allow_download_fails_fast(hub_factory) -> None
     with hub.client() as client, pytest.raises(ProviderUnavailable, match="allow_download") as refused:
         client.transcribe(DATA / "hello.wav", "funasr", timeout=10)
     assert "paraformer-zh" in str(refused.value) and "not a local directory" in str(refused.value)
-    assert "exit status 4 (failed to load its model): funasr model 'paraformer-zh' is not a local directory" in hub.log()
+    assert (
+        "exit status 4 (failed to load its model): funasr model 'paraformer-zh' is not a local directory" in hub.log()
+    )
 
 
 # --- the adapter's pure parts ---------------------------------------------------------
@@ -502,7 +513,9 @@ def test_words_take_the_models_timestamps_where_it_gives_one_a_word_else_are_spr
     assert "".join(w.word for w in spread) == "欢迎 hello" and to_words({"text": ""}, 1.0) == []
 
 
-def test_a_long_recording_is_split_across_the_funasr_pool_and_stitched_in_order(hub: Hub, models: dict[str, Path]) -> None:
+def test_a_long_recording_is_split_across_the_funasr_pool_and_stitched_in_order(
+    hub: Hub, models: dict[str, Path]
+) -> None:
     """75 s of speech with pauses (the default pool.split_over_seconds is 60): each piece of the plan is what
     FunASR itself answers for that stretch, at that place in the audio."""
     from workers.cutting import plan, silero_vad
@@ -515,5 +528,6 @@ def test_a_long_recording_is_split_across_the_funasr_pool_and_stitched_in_order(
         result = client.transcribe(pcm, "funasr")
     assert result.extra["pieces"] >= 3 and set(result.worker.split(",")) == {"funasr-1", "funasr-2"}
     assert [(s.start, s.end, s.text) for s in result.segments] == [
-        (round(p.start / 16000, 3), round(p.end / 16000, 3), direct_text(models["paraformer"], pcm[p.start : p.end])) for p in pieces
+        (round(p.start / 16000, 3), round(p.end / 16000, 3), direct_text(models["paraformer"], pcm[p.start : p.end]))
+        for p in pieces
     ]

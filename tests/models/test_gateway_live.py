@@ -190,7 +190,12 @@ def test_bad_configs_name_the_field(text: str, param: str | None) -> None:
 
 def test_a_config_and_its_defaults() -> None:
     config = parse_config('{"model": "whisper-1", "language": "en", "sample_rate": 44100, "beam_size": 2}')
-    assert (config.model, config.language, config.sample_rate, config.encoding) == ("whisper-1", "en", 44100, "pcm_s16le")
+    assert (config.model, config.language, config.sample_rate, config.encoding) == (
+        "whisper-1",
+        "en",
+        44100,
+        "pcm_s16le",
+    )
     assert config.options == {"beam_size": 2}
     assert parse_config('{"type": "config"}').sample_rate == 16000
 
@@ -229,7 +234,9 @@ def test_turn_detection_gives_the_speech_events_of_an_utterance(whisper_gateway:
     utterance = outcome.events[marker]
     assert utterance["text"] == " ".join(f["text"] for f in outcome.of("final")) == outcome.transcript["text"]
     assert word_error_rate(reference("coffee"), utterance["text"]) <= 0.15, utterance["text"]
-    assert 0.9 <= outcome.events[started]["at"] < utterance["at"] == outcome.events[stopped]["at"] <= pcm.size / 16000 - 1
+    assert (
+        0.9 <= outcome.events[started]["at"] < utterance["at"] == outcome.events[stopped]["at"] <= pcm.size / 16000 - 1
+    )
     refused = stream(whisper_gateway, {"model": "whisper-1", "turn_detection": {"vad": "yes"}}, [b"\0\0"])
     assert refused.of("error") and refused.of("error")[0]["code"] == "BAD_REQUEST", refused.events
 
@@ -276,7 +283,9 @@ def test_bad_input_mid_stream_ends_it_and_frees_the_session(
     assert_serves(whisper_gateway)  # the echo pool allows one session: a leaked one would refuse this
 
 
-config_values = st.one_of(st.none(), st.booleans(), st.integers(-10, 400000), st.text(max_size=12), st.floats(allow_nan=True))
+config_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 400000), st.text(max_size=12), st.floats(allow_nan=True)
+)
 first_messages = st.one_of(
     st.binary(max_size=300),
     st.text(max_size=60),
@@ -292,7 +301,9 @@ first_messages = st.one_of(
     first=first_messages,
     audio=st.lists(st.one_of(st.binary(max_size=700), st.text(max_size=20)), max_size=4),
 )
-def test_random_input_gets_a_transcript_or_a_typed_error(whisper_gateway: Gateway, first: Any, audio: list[Any]) -> None:
+def test_random_input_gets_a_transcript_or_a_typed_error(
+    whisper_gateway: Gateway, first: Any, audio: list[Any]
+) -> None:
     outcome = stream(whisper_gateway, first, audio)
     if outcome.code == 1000:
         assert outcome.transcript["text"] is not None
@@ -331,7 +342,10 @@ def test_api_keys_by_header_or_query_parameter(keyed_gateway: Gateway) -> None:
         refused = stream(keyed_gateway, config, audio, query=query, headers=headers)
         assert refused.events[0]["code"] == "UNAUTHORIZED" and refused.code == 1008, refused
     assert stream(keyed_gateway, config, audio, query="?api_key=sesame").transcript["text"] == STEPS_TEXT
-    assert stream(keyed_gateway, config, audio, headers={"Authorization": "Bearer sesame"}).transcript["text"] == STEPS_TEXT
+    assert (
+        stream(keyed_gateway, config, audio, headers={"Authorization": "Bearer sesame"}).transcript["text"]
+        == STEPS_TEXT
+    )
 
 
 def test_a_session_the_hub_ends_for_silence_still_gets_its_transcript(keyed_gateway: Gateway) -> None:

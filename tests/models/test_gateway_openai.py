@@ -25,7 +25,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def sdk(gw: Gateway, **kwargs: object) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=str(kwargs.pop("api_key", "unused")), max_retries=0, timeout=60, **kwargs)
+    return openai.OpenAI(
+        base_url=gw.url + "/v1", api_key=str(kwargs.pop("api_key", "unused")), max_retries=0, timeout=60, **kwargs
+    )
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -64,7 +66,9 @@ def test_every_response_format(whisper_gateway: Gateway) -> None:
 
     def create(response_format: str, **extra: object) -> object:
         with open(path, "rb") as audio:
-            return client.audio.transcriptions.create(model="whisper-1", file=audio, response_format=response_format, **extra)  # type: ignore[call-overload]
+            return client.audio.transcriptions.create(
+                model="whisper-1", file=audio, response_format=response_format, **extra
+            )  # type: ignore[call-overload]
 
     text = create("text")
     assert isinstance(text, str) and word_error_rate(expected, text) <= 0.10, text
@@ -85,7 +89,7 @@ def test_every_response_format(whisper_gateway: Gateway) -> None:
     assert verbose.segments and word_error_rate(expected, verbose.text) <= 0.10  # type: ignore[attr-defined]
     words = verbose.words  # type: ignore[attr-defined]
     assert word_error_rate(expected, " ".join(w.word for w in words)) <= 0.10, words
-    assert all(a.start <= b.start for a, b in zip(words, words[1:])), words
+    assert all(a.start <= b.start for a, b in zip(words, words[1:], strict=False)), words
 
 
 def test_stream_sends_deltas_then_done(whisper_gateway: Gateway) -> None:
@@ -107,9 +111,14 @@ def test_what_the_model_cannot_do_is_a_400_naming_what_it_can(whisper_gateway: G
     assert translation.value.body["code"] == "bad_request" and "English-only" in translation.value.message  # type: ignore[index]
     for language in ("klingon", "fr"):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"), language=language)
+            client.audio.transcriptions.create(
+                model="whisper-1", file=(DATA / "hello.wav").open("rb"), language=language
+            )
         assert refused.value.status_code == 400 and refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
-        assert f"language '{language}' is not supported" in refused.value.message and "(supported: en)" in refused.value.message
+        assert (
+            f"language '{language}' is not supported" in refused.value.message
+            and "(supported: en)" in refused.value.message
+        )
     result = client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"), language="en")
     assert word_error_rate(reference("hello"), result.text) <= 0.10, result.text
 
@@ -138,10 +147,18 @@ def test_errors_are_the_sdks_own_exceptions(whisper_gateway: Gateway) -> None:
             client.audio.transcriptions.create(model="whisper-1", file=upload)
         assert bad.value.status_code == 400 and bad.value.body["code"] == "invalid_audio", name  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as fmt:
-        client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb"), response_format="xml")  # type: ignore[arg-type]
+        client.audio.transcriptions.create(
+            model="whisper-1", file=(DATA / "hello.wav").open("rb"), response_format="xml"
+        )  # type: ignore[arg-type]
     assert "response_format" in fmt.value.message
     # the gateway and the hub carry on
-    assert word_error_rate(reference("hello"), client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb")).text) <= 0.10
+    assert (
+        word_error_rate(
+            reference("hello"),
+            client.audio.transcriptions.create(model="whisper-1", file=(DATA / "hello.wav").open("rb")).text,
+        )
+        <= 0.10
+    )
 
 
 def raw_http(port: int, request: bytes, read_timeout: float = 10.0) -> bytes:
@@ -162,7 +179,7 @@ def raw_http(port: int, request: bytes, read_timeout: float = 10.0) -> bytes:
 def test_malformed_and_oversized_bodies_get_clear_4xx(whisper_gateway: Gateway) -> None:
     port = whisper_gateway.port
     head = "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=BOUND\r\n"
-    broken = b"--BOUND\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF...."
+    broken = b'--BOUND\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF....'
     answer = raw_http(port, (head + f"Content-Length: {len(broken)}\r\n\r\n").encode() + broken)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
     assert b"multipart" in answer
@@ -171,7 +188,11 @@ def test_malformed_and_oversized_bodies_get_clear_4xx(whisper_gateway: Gateway) 
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert time.monotonic() - started < 10  # answered without waiting for 2 GB that never comes
     not_form = b"just bytes"
-    answer = raw_http(port, f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: {len(not_form)}\r\n\r\n".encode() + not_form)
+    answer = raw_http(
+        port,
+        f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: {len(not_form)}\r\n\r\n".encode()
+        + not_form,
+    )
     assert answer.startswith(b"HTTP/1.1 400") and b"multipart/form-data" in answer, answer[:300]
     code, body = whisper_gateway.get("/v1/no/such/route")
     assert code == 404 and json.loads(body)["error"]["message"]
@@ -187,11 +208,13 @@ def test_upload_limit_is_enforced_while_streaming(gateway_factory: object) -> No
     # chunked: no Content-Length, so the limit stops the body as it streams in
     boundary = "B0UND"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.wav\"\r\n\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.wav"\r\n\r\n'.encode()
         + wav
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 8192]), body[i : i + 8192]) for i in range(0, len(body), 8192))
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 8192]), body[i : i + 8192]) for i in range(0, len(body), 8192)
+    )
     answer = raw_http(
         gw.port,
         f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
@@ -247,8 +270,8 @@ def test_concurrency_bound_and_abandoned_request_is_cancelled(gateway_factory: o
     wav = (DATA / "hello.wav").read_bytes()
     boundary = "XyZ"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\necho\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"h.wav\"\r\n\r\n".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\necho\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="h.wav"\r\n\r\n'.encode()
         + wav
         + f"\r\n--{boundary}--\r\n".encode()
     )
@@ -327,7 +350,9 @@ def test_metrics_health_and_status(whisper_gateway: Gateway) -> None:
     sdk(whisper_gateway).audio.transcriptions.create(model="echo", file=(DATA / "hello.wav").open("rb"))
     code, metrics = whisper_gateway.get("/metrics")
     assert code == 200
-    assert re.search(r'asr_hub_gateway_requests_total\{route="/v1/audio/transcriptions",status="200"\} [1-9]', metrics), metrics
+    assert re.search(
+        r'asr_hub_gateway_requests_total\{route="/v1/audio/transcriptions",status="200"\} [1-9]', metrics
+    ), metrics
     assert "asr_hub_gateway_request_seconds_bucket" in metrics and "asr_hub_gateway_websockets_open" in metrics
     assert whisper_gateway.get("/healthz") == (200, "ok\n")
     gateway = whisper_gateway.hub.status()["gateway"]

@@ -172,7 +172,11 @@ def test_beta_dialect_and_every_bad_event_leave_the_socket_open(gw: Gateway) -> 
             (b"\x00\x01", "invalid_event", None),
             ({"type": "response.create", "event_id": "r1"}, "unknown_event_type", "type"),
             ({"type": "input_audio_buffer.append", "audio": "***"}, "invalid_base64", "audio"),
-            ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"odd").decode()}, "invalid_value", "audio"),
+            (
+                {"type": "input_audio_buffer.append", "audio": base64.b64encode(b"odd").decode()},
+                "invalid_value",
+                "audio",
+            ),
             (
                 {"type": "transcription_session.update", "session": {"input_audio_format": "g711_alaw"}},
                 "unsupported_value",
@@ -181,7 +185,10 @@ def test_beta_dialect_and_every_bad_event_leave_the_socket_open(gw: Gateway) -> 
             (
                 {
                     "type": "session.update",
-                    "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+                    "session": {
+                        "type": "transcription",
+                        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                    },
                 },
                 "invalid_value",
                 "session.audio.input.format.rate",
@@ -211,7 +218,11 @@ def test_api_keys_by_header_or_subprotocol(gw: Gateway) -> None:
     for key in (None, "wrong"):
         with open_socket(gw, key=key) as ws:
             error, code = refused(ws)
-        assert (error["error"]["code"], error["error"]["type"], code) == ("unauthorized", "invalid_request_error", 1008), error
+        assert (error["error"]["code"], error["error"]["type"], code) == (
+            "unauthorized",
+            "invalid_request_error",
+            1008,
+        ), error
     # a browser cannot set headers: it offers the key as a subprotocol, and the server picks "realtime"
     with open_socket(gw, key=None, subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
         assert ws.subprotocol == "realtime"
@@ -240,7 +251,10 @@ def test_a_busy_pool_is_an_error_and_the_socket_stays_open(gw: Gateway) -> None:
     """echo serves one session at a time: a second connection's audio is refused (pool_busy) until the first
     commits; then the same socket goes on. A client that leaves has its hub session closed."""
     audio = (steps(RATE) * 32767).astype("<i2").tobytes()
-    manual = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}}
+    manual = {
+        "type": "session.update",
+        "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}},
+    }
     with open_socket(gw, "?model=echo") as first, open_socket(gw, "?model=echo") as second:
         for ws in (first, second):
             recv(ws)
@@ -273,7 +287,13 @@ def test_a_session_the_hub_closes_for_silence_completes_and_the_next_audio_opens
     audio = (steps(RATE) * 32767).astype("<i2").tobytes()
     with open_socket(gw, "?model=quiet") as ws:
         recv(ws)
-        send(ws, {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}})
+        send(
+            ws,
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}},
+            },
+        )
         assert recv(ws)["type"] == "session.updated"
         # 50 ms of silence after the steps: the resampler holds back its last samples until a close flushes it,
         # and the hub's own close cannot
@@ -319,7 +339,9 @@ def test_server_vad_turns_without_commits(gw: Gateway) -> None:
         events = until(ws, f"{PREFIX}.completed", count=2, timeout=60)
     assert not [e for e in events if e["type"] == "error"], events
     kinds = [e["type"] for e in events]
-    assert kinds.count("input_audio_buffer.speech_started") == 2 and kinds.count("input_audio_buffer.speech_stopped") == 2, events
+    assert (
+        kinds.count("input_audio_buffer.speech_started") == 2 and kinds.count("input_audio_buffer.speech_stopped") == 2
+    ), events
     starts = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
     assert 1500 <= starts[0] <= 2500, starts  # the first speech begins after 2 s of silence
     assert kinds.count("input_audio_buffer.committed") == 2, events

@@ -63,7 +63,9 @@ async def send_audio(
     await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
     step = SAMPLES_PER_CHUNK * width * channels
     for start in range(0, len(pcm), step):
-        await client.write_event(AudioChunk(rate=rate, width=width, channels=channels, audio=pcm[start : start + step]).event())
+        await client.write_event(
+            AudioChunk(rate=rate, width=width, channels=channels, audio=pcm[start : start + step]).event()
+        )
     await client.write_event(AudioStop().event())
 
 
@@ -130,7 +132,9 @@ def test_languages_follow_the_provider_type_and_model() -> None:
         return wyoming_asr.model_languages({"type": kind, "model": model})
 
     assert languages("whisper", "tiny.en") == languages("whisper", "/models/distil-large-v3") == ["en"]
-    assert {"en", "de", "zh", "yue"} <= set(languages("whisper", "large-v3")) and len(languages("whisper", "small")) == 100
+    assert {"en", "de", "zh", "yue"} <= set(languages("whisper", "large-v3")) and len(
+        languages("whisper", "small")
+    ) == 100
     assert languages("funasr", "/models/SenseVoiceSmall") == ["zh", "en", "yue", "ja", "ko"]
     assert languages("funasr", "paraformer-en") == ["en"]
     assert languages("funasr", "paraformer-zh") == ["zh"]
@@ -171,7 +175,10 @@ def test_describe_lists_the_providers(whisper_gateway: GatewayProcess) -> None:
 
 def test_home_assistant_request_gets_the_words_of_each_clip(whisper_gateway: GatewayProcess) -> None:
     async def main() -> dict[str, str]:
-        return {name: transcript_text(await transcribe(whisper_gateway.wyoming_port, clip(name), language="en")) for name in CLIPS}
+        return {
+            name: transcript_text(await transcribe(whisper_gateway.wyoming_port, clip(name), language="en"))
+            for name in CLIPS
+        }
 
     for name, text in run(main()).items():
         assert word_error_rate(reference(name), text) <= TINY_EN_MAX_WER, (name, text)
@@ -292,7 +299,15 @@ def test_bad_input_gets_an_error_and_the_server_carries_on(whisper_gateway: Gate
             await expect_error_then_close(client, "INVALID_AUDIO")
 
     async def main() -> None:
-        for case in (chunk_without_start, stop_without_start, garbage, huge_payload, unknown_type_is_ignored, unknown_model, bad_format):
+        for case in (
+            chunk_without_start,
+            stop_without_start,
+            garbage,
+            huge_payload,
+            unknown_type_is_ignored,
+            unknown_model,
+            bad_format,
+        ):
             await asyncio.wait_for(case(), STEP_S)
             await still_serves(port)
 
@@ -346,7 +361,9 @@ async def local_server(endpoint: str, **settings: Any) -> AsyncIterator[tuple[Ga
     gateway = Gateway(Settings(hubs=(endpoint,), section=GatewaySection(), **settings))
     await gateway.start()
     port = free_port()
-    server = await wyoming_asr.start(gateway, "127.0.0.1", port, idle_timeout=idle_timeout, max_connections=max_connections)
+    server = await wyoming_asr.start(
+        gateway, "127.0.0.1", port, idle_timeout=idle_timeout, max_connections=max_connections
+    )
     try:
         yield gateway, server, port
     finally:

@@ -117,7 +117,9 @@ def closed_by_server(sockets: list[socket.socket], within: float) -> list[bytes]
         still_open = len(selector.get_map())
     for sock in sockets:
         sock.close()
-    assert still_open == 0, f"{still_open} of {len(sockets)} half-open connections still open {within:.0f} s after the last one opened"
+    assert still_open == 0, (
+        f"{still_open} of {len(sockets)} half-open connections still open {within:.0f} s after the last one opened"
+    )
     return list(received.values())
 
 
@@ -130,7 +132,11 @@ def check_flood(pid: int, port: int, half: bytes, deadline: float, reply: bytes,
             baseline = usage(pid)
         sockets, last_opened = flood(port, half)
         # all of them held at once (a listener accepts its backlog at its own pace: allow it half the deadline)
-        wait_for(lambda: usage(pid).fds >= baseline.fds + FLOOD, deadline / 2, f"the flood to take hold: {baseline} -> {usage(pid)}")
+        wait_for(
+            lambda: usage(pid).fds >= baseline.fds + FLOOD,
+            deadline / 2,
+            f"the flood to take hold: {baseline} -> {usage(pid)}",
+        )
         held = usage(pid)
         answers_held = seen.answers
         replies = closed_by_server(sockets, within=deadline + SLACK - (time.monotonic() - last_opened))
@@ -159,7 +165,14 @@ def test_half_open_connections_to_the_probe_port(hub_factory: Callable[..., Hub]
             text = client.transcribe(pcm, timeout=30).text
             assert word_error_rate(reference(CLIP), text) <= 0.1, text
 
-        check_flood(hub.proc.pid, port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n", DEADLINE, b"HTTP/1.1 408 ", probe_and_transcribe)
+        check_flood(
+            hub.proc.pid,
+            port,
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            DEADLINE,
+            b"HTTP/1.1 408 ",
+            probe_and_transcribe,
+        )
 
 
 @pytest.fixture(scope="module")

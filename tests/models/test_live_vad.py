@@ -31,15 +31,24 @@ def silence(seconds: float) -> np.ndarray:
 def padded(gaps: tuple[float, ...], names: tuple[str, ...] = SPOKEN) -> np.ndarray:
     """``gaps[0]`` s of silence, then each clip followed by the next gap."""
     parts = [silence(gaps[0])]
-    for name, gap in zip(names, gaps[1:]):
+    for name, gap in zip(names, gaps[1:], strict=False):
         parts += [to_pcm(DATA / f"{name}.wav"), silence(gap)]
     return np.concatenate(parts)
 
 
 def spec() -> WorkerSpec:
     return WorkerSpec(
-        id="whisper-1", provider="whisper", type="whisper", model="tiny.en", device="cpu", compute_type="int8",
-        cpu_threads=1, backend="ipc:///nowhere", shm_prefix="asrhub_x_", heartbeat_interval=1.0, options={},
+        id="whisper-1",
+        provider="whisper",
+        type="whisper",
+        model="tiny.en",
+        device="cpu",
+        compute_type="int8",
+        cpu_threads=1,
+        backend="ipc:///nowhere",
+        shm_prefix="asrhub_x_",
+        heartbeat_interval=1.0,
+        options={},
         allow_download=False,
     )
 
@@ -92,7 +101,10 @@ def normalized(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def vad_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     provider = {
-        "model": "tiny.en", "device": "cpu", "cpu_threads": 1, "stream": {"vad": True},
+        "model": "tiny.en",
+        "device": "cpu",
+        "cpu_threads": 1,
+        "stream": {"vad": True},
         "pool": {"min_size": 1, "max_size": 1, "sessions_per_worker": 4},
     }
     started = start_hub(tmp_path_factory.mktemp("vad"), {"whisper": provider})
@@ -107,7 +119,9 @@ def play(hub: Hub, pcm: np.ndarray, **open_kwargs: object) -> tuple[list[tuple[f
     with hub.client(timeout=120) as client:
         session = client.open_stream(**open_kwargs)
         started = time.monotonic()
-        reader = threading.Thread(target=lambda: events.extend((time.monotonic() - started, e) for e in session.results()))
+        reader = threading.Thread(
+            target=lambda: events.extend((time.monotonic() - started, e) for e in session.results())
+        )
         reader.start()
         for offset in range(0, pcm.size, CHUNK):
             time.sleep(max(0.0, started + offset / RATE - time.monotonic()))
@@ -145,7 +159,9 @@ def decode_seconds(engine: WhisperEngine) -> float:
     return sorted(times)[1]
 
 
-def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(vad_hub: Hub, engine: WhisperEngine) -> None:
+def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(
+    vad_hub: Hub, engine: WhisperEngine
+) -> None:
     """On an idle worker the final comes within 1 s of the utterance's end. The machine running the tests is
     shared, so the bound grows by what each decode costs here beyond an idle core's, for the two decodes that
     may stand between an utterance's end and its final (one under way, the end's own)."""
@@ -154,7 +170,7 @@ def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(vad
     events, _, text = play(vad_hub, pcm)
     parts = utterances(events)
     assert len(parts) == 2
-    for part, name in zip(parts, ("coffee", "weather")):
+    for part, name in zip(parts, ("coffee", "weather"), strict=False):
         kinds = [e.kind for _, e in part]
         assert kinds[0] == "speech_started" and kinds.count("speech_started") == 1
         stopped = kinds.index("speech_stopped")
@@ -166,7 +182,9 @@ def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(vad
         start, end = part[0][1].at, part[stopped][1].at
         assert start < end <= marker.at + 1e-6 and marker.at == end
         late = marker_time - end
-        assert late <= 1.0 + 2 * slower, f"the final came {late:.2f} s after the utterance ended ({slower:.2f} s slower decodes)"
+        assert late <= 1.0 + 2 * slower, (
+            f"the final came {late:.2f} s after the utterance ended ({slower:.2f} s slower decodes)"
+        )
     assert text == " ".join(m[-1][1].text for m in parts)
 
 
@@ -191,7 +209,7 @@ def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_h
         )
     results: list[tuple[list[tuple[float, StreamEvent]], float, str]] = [([], 0.0, "")] * 4
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, play(vad_hub, pcm))) for i in range(4)]
-    for i, thread in enumerate(threads):
+    for thread in threads:
         thread.start()
         time.sleep(0.25)
     status_seen = []

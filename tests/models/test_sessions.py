@@ -90,12 +90,12 @@ def test_more_sessions_than_workers_each_get_their_own_clips_text(whisper_hub: H
         sessions = [client.open_stream(language="en") for _ in clips]
         assert len({s.worker for s in sessions}) == 2
         for start in range(0, max(p.size for p in pcms), CHUNK):
-            for session, pcm in zip(sessions, pcms):
+            for session, pcm in zip(sessions, pcms, strict=False):
                 if start < pcm.size:
                     session.send(pcm[start : start + CHUNK])
             time.sleep(CHUNK / 16000 / 2)
         texts = [session.close().text for session in sessions]
-    for clip, text in zip(clips, texts):
+    for clip, text in zip(clips, texts, strict=False):
         assert word_error_rate(reference(clip), text) <= 0.2, (clip, text)
 
 
@@ -128,7 +128,9 @@ def test_cli_stream_realtime_paces_its_chunks_at_the_speed_of_speech(
 
     monkeypatch.setattr(StreamSession, "send", timed)
     assert cli(["--endpoint", whisper_hub.endpoint, "stream", str(DATA / "coffee.wav"), "--realtime"]) == 0
-    assert [n for _, n in sent[:-1]] == [CHUNK] * (len(sent) - 1) and sum(n for _, n in sent) == to_pcm(DATA / "coffee.wav").size
+    assert [n for _, n in sent[:-1]] == [CHUNK] * (len(sent) - 1) and sum(n for _, n in sent) == to_pcm(
+        DATA / "coffee.wav"
+    ).size
     first = sent[0][0]
     early = [i for i, (at, _) in enumerate(sent) if at - first < i * CHUNK / 16000 - 0.01]
     assert not early, f"chunks {early} were sent before their time in the audio"
@@ -194,7 +196,7 @@ def test_sessions_beyond_the_worker_count_share_workers_by_load(hub_factory) -> 
             client.open_stream()
         assert time.monotonic() - started < 10, "not refused at once: it waited towards the 30 s timeout"
         for start in range(0, STEPS.size, CHUNK):  # interleaved, as live streams are
-            for session, clip in zip(sessions, clips):
+            for session, clip in zip(sessions, clips, strict=False):
                 session.send(clip[start : start + CHUNK])
         texts = [session.close().text for session in sessions]
     assert texts[:2] == alone and len(set(texts)) == 6, texts
@@ -219,7 +221,9 @@ def test_a_single_instance_still_serves_one_thing_at_a_time(hub_factory) -> None
         done: list = []
         job = threading.Thread(target=lambda: done.append(client.transcribe(TONE, timeout=20)))
         job.start()
-        wait_for(lambda: hub.status()["providers"]["echo"]["queue_depth"] == 1, what="the job queued behind the session")
+        wait_for(
+            lambda: hub.status()["providers"]["echo"]["queue_depth"] == 1, what="the job queued behind the session"
+        )
         assert not done
         session.close()
         job.join(20)
@@ -316,7 +320,10 @@ def test_stream_step_ms_from_the_config_sets_the_decode_pace(hub_factory) -> Non
         reader.start()
         for step in range(1, 9):
             send_chunks(session, STEPS[(step - 1) * 8000 : step * 8000])
-            wait_for(lambda step=step: sum(e.kind == "partial" for e in list(events)) >= step, what=f"the decode after {step * 0.5} s")
+            wait_for(
+                lambda step=step: sum(e.kind == "partial" for e in list(events)) >= step,
+                what=f"the decode after {step * 0.5} s",
+            )
         transcript = session.close()
         reader.join(30)
     assert transcript.text == " ".join(f"a{10 * (i + 1)}" for i in range(8)), transcript.text
@@ -348,12 +355,27 @@ def test_stream_window_seconds_from_the_config_reaches_the_worker(hub_factory) -
     from workers.whisper import WhisperEngine
 
     settings = {"step_ms": 1000, "window_seconds": 2.0}
-    provider = {"model": "tiny.en", "device": "cpu", "cpu_threads": 1, "stream": settings, "pool": {"min_size": 1, "max_size": 1, "max_sessions": 1}}
+    provider = {
+        "model": "tiny.en",
+        "device": "cpu",
+        "cpu_threads": 1,
+        "stream": settings,
+        "pool": {"min_size": 1, "max_size": 1, "max_sessions": 1},
+    }
     hub = hub_factory({"whisper": provider})
     pcm = np.concatenate([p for c in ("hello", "coffee") for p in (to_pcm(DATA / f"{c}.wav"), SILENCE)])
     spec = WorkerSpec(
-        id="whisper-1", provider="whisper", type="whisper", model="tiny.en", device="cpu", compute_type="int8",
-        cpu_threads=1, backend="ipc:///nowhere", shm_prefix="asrhub_x_", heartbeat_interval=1.0, options={},
+        id="whisper-1",
+        provider="whisper",
+        type="whisper",
+        model="tiny.en",
+        device="cpu",
+        compute_type="int8",
+        cpu_threads=1,
+        backend="ipc:///nowhere",
+        shm_prefix="asrhub_x_",
+        heartbeat_interval=1.0,
+        options={},
         allow_download=False,
     )
     streamer = WhisperEngine(spec).open_stream({}, StreamSettings(**settings))
@@ -375,7 +397,11 @@ def test_stream_window_seconds_from_the_config_reaches_the_worker(hub_factory) -
             session.send(pcm[start : start + CHUNK])
             if index in due_after:  # let the worker decode here, where the adapter did
                 step = due_after.index(index) + 1
-                wait_for(lambda step=step: sum(e.kind == "partial" for e in list(events)) >= step, timeout=60, what=f"step {step}")
+                wait_for(
+                    lambda step=step: sum(e.kind == "partial" for e in list(events)) >= step,
+                    timeout=60,
+                    what=f"step {step}",
+                )
         transcript = session.close()
         reader.join(30)
     assert [s.text for s in transcript.segments] == expected

@@ -76,7 +76,7 @@ def test_options_reach_the_model(hub: Hub, direct: WhisperModel) -> None:
         ints = client.transcribe((pcm * 32767).astype(np.int16))
     assert result.text == direct_text(direct, pcm, language="en", beam_size=1, temperature=0.0)
     words = [w for s in result.segments for w in s.words]
-    assert len(words) >= 10 and all(a.start <= b.start for a, b in zip(words, words[1:]))
+    assert len(words) >= 10 and all(a.start <= b.start for a, b in zip(words, words[1:], strict=False))
     assert word_error_rate(reference("stella"), ints.text) <= 0.10
 
 
@@ -128,7 +128,10 @@ def test_workers_are_pinned_round_robin(hub: Hub) -> None:
 def _cli(hub: Hub, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hub.client", "--endpoint", hub.endpoint, *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -161,7 +164,10 @@ def test_vad_filter_and_initial_prompt_reach_the_model(hub: Hub, direct: Whisper
 @pytest.mark.parametrize(
     "options, says",
     [
-        ({"language": "klingon"}, "language 'klingon' is not supported by 'tiny.en', an English-only model (supported: en)"),
+        (
+            {"language": "klingon"},
+            "language 'klingon' is not supported by 'tiny.en', an English-only model (supported: en)",
+        ),
         ({"language": "fr"}, "language 'fr' is not supported by 'tiny.en', an English-only model (supported: en)"),
         ({"task": "translate"}, "task 'translate' needs a multilingual model; 'tiny.en' is English-only"),
     ],
@@ -184,7 +190,12 @@ def test_what_the_model_cannot_do_is_refused_not_ignored(hub: Hub, options: dict
 def test_active_health_checks_pass_on_the_real_model(hub_factory) -> None:
     """Health checks send the bundled clip to the real model; a check that passes resets since_health_check
     and leaves the worker in place (one that failed would recycle it and log why)."""
-    provider = {"model": "tiny.en", "device": "cpu", "cpu_threads": 1, "pool": {"min_size": 1, "max_size": 1, "health_check_interval": 0.5}}
+    provider = {
+        "model": "tiny.en",
+        "device": "cpu",
+        "cpu_threads": 1,
+        "pool": {"min_size": 1, "max_size": 1, "health_check_interval": 0.5},
+    }
     hub = hub_factory({"whisper": provider})
     first = hub.worker_pids()
 

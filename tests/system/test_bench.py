@@ -17,13 +17,28 @@ from tests.conftest import ROOT
 def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--max-workers", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=580,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=580,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     (result_file,) = tmp_path.glob("*.json")
     assert (result_file.with_suffix(".png")).stat().st_size > 10_000
     result = json.loads(result_file.read_text())
-    assert {"ratios", "targets", "overhead", "streaming", "gateway", "hubpool", "chunks", "scheduler", "crash", "batching", "meta"} <= set(result)
+    assert {
+        "ratios",
+        "targets",
+        "overhead",
+        "streaming",
+        "gateway",
+        "hubpool",
+        "chunks",
+        "scheduler",
+        "crash",
+        "batching",
+        "meta",
+    } <= set(result)
     rows = result["batching"]["rows"]
     assert [(r["workers"], r["threads"], r["max_batch"]) for r in rows] == [(2, 1, 1), (2, 1, 4)]  # the quick run's
     assert all(r["same_text"] for r in rows) and "batched decoding in the hub" in out.stdout
@@ -40,19 +55,28 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     assert [r["resumes"] for r in resumed] == [1, 1, 1] and all(r["gap_s"] > 0 for r in resumed)
     assert result["crash"]["shm_left"] == [] and "crash under sessions" in out.stdout and "lost or doubled" in names
     long_rows = {r["setup"]: r for r in result["long_audio"]["rows"]}
-    assert {"hub, 1 worker, split off", "hub, 1 worker, split on"} <= set(long_rows) and "one long recording" in out.stdout
+    assert {"hub, 1 worker, split off", "hub, 1 worker, split on"} <= set(
+        long_rows
+    ) and "one long recording" in out.stdout
     assert long_rows["hub, 1 worker, split on"]["pieces"] >= 4 and all(r["wer"] < 0.3 for r in long_rows.values())
     assert "long audio: split on vs off" in names and "BatchedInferencePipeline" in names
 
 
-def _side(audio_per_s: float, p50_ms: float, rates: dict[str, float], rss_mb: float, processes: int, first_s: float) -> dict:
+def _side(
+    audio_per_s: float, p50_ms: float, rates: dict[str, float], rss_mb: float, processes: int, first_s: float
+) -> dict:
     quiet = {"foreign_pct": 0.0}
-    echo = {"latency": {"latency_ms": {"p50": p50_ms}, "usage": quiet}, "load": {n: {"requests_per_s": r, "usage": quiet} for n, r in rates.items()}}
+    echo = {
+        "latency": {"latency_ms": {"p50": p50_ms}, "usage": quiet},
+        "load": {n: {"requests_per_s": r, "usage": quiet} for n, r in rates.items()},
+    }
     whisper = {"audio_per_s": audio_per_s, "usage": quiet}
     return {
         "whisper": {"client": whisper, "http": {**whisper, "usage": {"foreign_pct": 80.0}}},
         "echo": {"client": echo, "http": echo},
-        "rss_mb": rss_mb, "processes": processes, "first_answer_s": first_s,
+        "rss_mb": rss_mb,
+        "processes": processes,
+        "first_answer_s": first_s,
     }
 
 
@@ -61,7 +85,11 @@ def test_peer_comparison_is_hub_over_ray_with_the_ceiling_as_the_yardstick() -> 
     from bench.peer_report import comparisons, format_table
 
     result = {
-        "ceiling": {"audio_per_s": 40.0, "usage": {"foreign_pct": 0.0}}, "concurrency": 4, "in_flight": [2, 32], "replicas": 2, "clips": [9.8, 13.2],
+        "ceiling": {"audio_per_s": 40.0, "usage": {"foreign_pct": 0.0}},
+        "concurrency": 4,
+        "in_flight": [2, 32],
+        "replicas": 2,
+        "clips": [9.8, 13.2],
         "hub": _side(36.0, 0.9, {"2": 1000.0, "32": 2000.0}, 500.0, 5, 3.0),
         "ray": _side(30.0, 3.6, {"2": 200.0, "32": 40.0}, 2500.0, 22, 12.0),
         "meta": {"ray_version": "2.60.0", "timestamp": "t", "machine": {"cores": 2}, "quick": True},
@@ -80,7 +108,9 @@ def test_peer_comparison_is_hub_over_ray_with_the_ceiling_as_the_yardstick() -> 
     assert not next(c for c in comparisons(slower) if c.figure == "start to first answer").hub_ahead
     table = format_table(result)
     sdk, http = (line for line in table.splitlines() if line.startswith("| whisper throughput"))
-    assert sdk.endswith("| 0.90 | 0.75 | 1.20 | hub ahead |") and http.endswith("| 0.90 * | 0.75 * | 1.20 | hub ahead |")
+    assert sdk.endswith("| 0.90 | 0.75 | 1.20 | hub ahead |") and http.endswith(
+        "| 0.90 * | 0.75 * | 1.20 | hub ahead |"
+    )
     assert "Ray ahead" not in table and "rerun on a quiet machine" in table
 
 
@@ -101,7 +131,9 @@ def test_the_funasr_batch_bench_runs_on_the_cpu_with_the_tiny_paraformer(tmp_pat
     from bench import funasr_batch, paraformer
 
     model = paraformer.build(tmp_path / "tiny", paraformer.TINY)
-    figures = funasr_batch.measure(tmp_path, model, funasr_batch.FunasrBatchPlan(batches=(1, 4), device="cpu", rounds=2))
+    figures = funasr_batch.measure(
+        tmp_path, model, funasr_batch.FunasrBatchPlan(batches=(1, 4), device="cpu", rounds=2)
+    )
     one, four = figures["rows"]
     assert one["mean_batch"] == 1.0 and four["mean_batch"] > 1.0  # the worker really held batches
     assert one["device"] == four["device"] == "cpu" and one["gpu_memory_used_mb"] is None

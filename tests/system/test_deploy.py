@@ -17,7 +17,9 @@ from hub.config import HubConfig, parse_config
 from tests.conftest import ROOT
 from tests.integration.test_monitoring import DOCUMENTED
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)"
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,7 +34,9 @@ PCM_BYTES_PER_SECOND = 16000 * 4  # float32 mono at 16 kHz
 def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed; it renders the Kustomize overlays (kubectl kustomize)")
-    out = subprocess.run(["kubectl", "kustomize", str(KUBE / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(KUBE / "overlays" / overlay)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return tuple(yaml.safe_load_all(out.stdout))
 
@@ -67,7 +71,12 @@ def quantity_bytes(text: str) -> int:
 def test_manifests_match_the_kubernetes_schemas(overlay: str) -> None:
     docs = rendered(overlay)
     assert {d["kind"] for d in docs} == {
-        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
     }
     for doc in docs:
         if doc["kind"] not in CRDS:
@@ -159,7 +168,10 @@ def test_services_autoscaling_and_monitoring_fit_together(overlay: str) -> None:
     for service in (zmq, http):
         assert service["spec"]["selector"].items() <= pod_labels.items()
         for port in service["spec"]["ports"]:
-            assert any(port["targetPort"] in [p["name"] for p in c["ports"]] for c in deployment["spec"]["template"]["spec"]["containers"])
+            assert any(
+                port["targetPort"] in [p["name"] for p in c["ports"]]
+                for c in deployment["spec"]["template"]["spec"]["containers"]
+            )
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
@@ -195,5 +207,10 @@ def test_the_documented_gateway_deployment_fronts_the_headless_service() -> None
     assert args[0] == "hub.gateway" and args[args.index("--hub") + 1] == f"dns+tcp://{zmq['metadata']['name']}:{port}"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     http = port_number(gateway, "http")
-    assert http == int(args[args.index("--port") + 1]) == port_number(gateway, service["spec"]["ports"][0]["targetPort"])
-    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz" and gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert (
+        http == int(args[args.index("--port") + 1]) == port_number(gateway, service["spec"]["ports"][0]["targetPort"])
+    )
+    assert (
+        gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        and gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    )

@@ -76,7 +76,10 @@ def page(chromium: tuple[Any, float], whisper_gateway: Gateway) -> Iterator[Any]
     errors: list[str] = []
     elsewhere: list[str] = []  # the page must work from the gateway alone: no CDN, no internet
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("request", lambda r: None if r.url.startswith((whisper_gateway.url, "data:", "blob:")) else elsewhere.append(r.url))
+    page.on(
+        "request",
+        lambda r: None if r.url.startswith((whisper_gateway.url, "data:", "blob:")) else elsewhere.append(r.url),
+    )
     page.goto(whisper_gateway.url + "/")
     try:
         yield page

@@ -52,7 +52,20 @@ def hosts() -> Iterator[None]:
             made.append(ns)
             ip("-n", ns, "link", "set", "lo", "up")
         for hub_ns, (near, far) in LINKS.items():
-            ip("link", "add", client_end(hub_ns), "netns", CLIENT, "type", "veth", "peer", "name", "h" + hub_ns, "netns", hub_ns)
+            ip(
+                "link",
+                "add",
+                client_end(hub_ns),
+                "netns",
+                CLIENT,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "h" + hub_ns,
+                "netns",
+                hub_ns,
+            )
             ip("-n", CLIENT, "addr", "add", f"{near}/30", "dev", client_end(hub_ns))
             ip("-n", hub_ns, "addr", "add", f"{far}/30", "dev", "h" + hub_ns)
             ip("-n", CLIENT, "link", "set", client_end(hub_ns), "up")
@@ -180,13 +193,17 @@ def test_cut_link_fails_over_and_recovers(hosts: None, tmp_path: Path) -> None:
         time.sleep(max(0.0, cut_at + REQUEST_TIMEOUT + 2 - time.monotonic()))
 
         ip("-n", CLIENT, "link", "set", client_end(HUB_A), "up")
-        served_before = reports.until(lambda r: r["served"][a] is not None, 30, "hub A to be reachable again")["served"][a]
+        served_before = reports.until(lambda r: r["served"][a] is not None, 30, "hub A to be reachable again")[
+            "served"
+        ][a]
         reports.until(lambda r: (r["served"][a] or 0) >= served_before + 10, 30, "hub A to take requests again")
 
         stop_path.touch()
         final = reports.until(lambda r: "final" in r, 40, "the driver to finish")["final"]
         assert final.get("ok", 0) > 30
-        assert final == {"ok": final["ok"]}, f"requests failed across the partition: {final}\n{(tmp_path / 'driver.log').read_text()}"
+        assert final == {"ok": final["ok"]}, (
+            f"requests failed across the partition: {final}\n{(tmp_path / 'driver.log').read_text()}"
+        )
         assert driver.wait(10) == 0
     finally:
         problems = [problem for proc, log in procs for problem in stop(proc, log)]

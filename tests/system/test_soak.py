@@ -17,7 +17,10 @@ SECONDS = float(os.environ.get("ASR_HUB_SOAK_SECONDS", "60"))
 def test_soak_passes_its_own_checks() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.soak", "--duration", str(SECONDS), "--kill-every", "10"],
-        cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 200,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 200,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "FAIL" not in out.stdout and out.stdout.count("PASS") == 4, out.stdout[-3000:]

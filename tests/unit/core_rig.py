@@ -83,7 +83,15 @@ class Rig:
         self.workforce = Workforce(self.config, self.io, Cards(), Path("/nonexistent/backend.sock"), PREFIX)
         jobs = Jobs()
         self.sessions = Sessions(jobs, self.workforce, self.reply, self.metrics)
-        self.farm = Farm(self.config, jobs, self.workforce, self.sessions, self.reply, self.metrics, Rollout(self.config.routes, self.metrics))
+        self.farm = Farm(
+            self.config,
+            jobs,
+            self.workforce,
+            self.sessions,
+            self.reply,
+            self.metrics,
+            Rollout(self.config.routes, self.metrics),
+        )
         self.next_request = 0
 
     def reply(self, client: bytes, msg_type: MsgType, request_id: str, body: dict[str, Any]) -> None:
@@ -136,7 +144,9 @@ class Rig:
 
     # --- clients -----------------------------------------------------------------------
 
-    def transcribe(self, provider: str = "echo", seconds: float = 1.0, timeout: float | None = None, **body: Any) -> str:
+    def transcribe(
+        self, provider: str = "echo", seconds: float = 1.0, timeout: float | None = None, **body: Any
+    ) -> str:
         """A client's TRANSCRIBE with inline PCM; returns its request id. Refusals land in ``replies``."""
         self.next_request += 1
         request_id = f"r{self.next_request}"
@@ -172,7 +182,9 @@ class Rig:
 
     def finish(self, request_id: str, text: str = "ok") -> None:
         worker, job_id = self.job_of(request_id)
-        self.from_worker(worker, MsgType.RESULT, job_id, {"text": text, "segments": [], "language": "en", "duration": 1.0})
+        self.from_worker(
+            worker, MsgType.RESULT, job_id, {"text": text, "segments": [], "language": "en", "duration": 1.0}
+        )
 
     def answers(self, request_id: str) -> list[tuple[MsgType, dict[str, Any]]]:
         return [(t, b) for c, t, r, b in self.replies if r == request_id]

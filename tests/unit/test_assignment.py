@@ -66,7 +66,7 @@ def test_no_session_waits_for_more_than_one_decode_of_each_other() -> None:
     for name in cost:
         at = [i for i, t in enumerate(order) if t == name]
         assert len(at) > 10, f"{name!r} starved"
-        for first, second in zip(at, at[1:]):
+        for first, second in zip(at, at[1:], strict=False):
             between = order[first + 1 : second]
             assert all(between.count(other) <= 1 for other in cost), (name, between)
 

@@ -67,7 +67,9 @@ def test_when_time_is_up_the_last_refusal_is_raised() -> None:
 def test_with_no_hub_at_all_the_error_names_the_pool_and_the_wait() -> None:
     tries = attempts(pool(), timeout=2.0)
     assert tries.next(100.0) == RETRY_PAUSE
-    with pytest.raises(HubUnreachable, match=r"no hub of the pool \(tcp://a:1, tcp://b:1\) took the request within 2.5 s"):
+    with pytest.raises(
+        HubUnreachable, match=r"no hub of the pool \(tcp://a:1, tcp://b:1\) took the request within 2.5 s"
+    ):
         tries.next(102.5)
 
 

@@ -84,7 +84,9 @@ def test_stream_resampler_equals_a_whole_file_resample(rate: int, chunk: int) ->
     pcm = (0.3 * np.random.default_rng(chunk).standard_normal(rate // 4 + 77)).astype(np.float32)
     whole = resample(pcm, rate)
     resampler = StreamResampler(rate)
-    streamed = np.concatenate([*(resampler.feed(pcm[i : i + chunk]) for i in range(0, pcm.size, chunk)), resampler.flush()])
+    streamed = np.concatenate(
+        [*(resampler.feed(pcm[i : i + chunk]) for i in range(0, pcm.size, chunk)), resampler.flush()]
+    )
     assert streamed.size == whole.size
     assert abs(streamed.size - pcm.size * 16000 / rate) < 1  # the length of the audio, to the sample
     np.testing.assert_allclose(streamed, whole, atol=1e-6)
@@ -134,7 +136,6 @@ def test_a_few_samples_at_another_rate_are_refused_not_a_crash() -> None:
     assert resample(np.full(3, 0.1, dtype=np.float32), 48000).size <= 1
     with pytest.raises(InvalidAudio):
         to_pcm(np.full(2, 0.1, dtype=np.float32), sample_rate=48000)
-
 
 
 @pytest.mark.parametrize("rate", [16000, 44100, 8000])

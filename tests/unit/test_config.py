@@ -36,7 +36,10 @@ def test_no_pool_section_or_pool_disabled_is_a_single_instance(pool: dict | None
     [
         ({"providers": {"echo": {"pool": {"min_size": "two"}}}}, "providers.echo.pool.min_size: expected an integer"),
         ({"providers": {"echo": {"pool": {"mn_size": 1}}}}, "providers.echo.pool.mn_size: unknown key"),
-        ({"providers": {"echo": {"pool": {"min_size": 3, "max_size": 2}}}}, "providers.echo.pool: min_size (3) is greater"),
+        (
+            {"providers": {"echo": {"pool": {"min_size": 3, "max_size": 2}}}},
+            "providers.echo.pool: min_size (3) is greater",
+        ),
         ({"providers": {"whisper": {"model": "/no/such/dir"}}}, "providers.whisper.model: model directory"),
         ({"providers": {"whisper": {}}}, "providers.whisper.model: required"),
         ({"providers": {"x": {"type": "nope"}}}, "providers.x.type: unknown provider type"),
@@ -50,10 +53,13 @@ def test_no_pool_section_or_pool_disabled_is_a_single_instance(pool: dict | None
         ({"nope": 1}, "nope: unknown key"),
         ({"providers": {"echo": {"pool": {"acquire_timeout": 0}}}}, "providers.echo.pool.acquire_timeout"),
         ({"hub": {"log_level": "LOUD"}, "providers": {"echo": {}}}, "hub.log_level: must be one of"),
-        ({"providers": {"whisper": {"model": "x", "options": {"beam": 5}}}}, "providers.whisper.options: beam not understood"),
+        (
+            {"providers": {"whisper": {"model": "x", "options": {"beam": 5}}}},
+            "providers.whisper.options: beam not understood",
+        ),
         ({"providers": {"whisper": {"model": "x", "options": {"beam_size": "five"}}}}, "beam_size must be an integer"),
         ({"providers": {"echo": {"pool": {"max_sessions": 9, "max_size": 2}}}}, "providers.echo.pool.max_sessions"),
-            ({"providers": {"echo": {"pool": {"sessions_per_worker": 0}}}}, "providers.echo.pool.sessions_per_worker"),
+        ({"providers": {"echo": {"pool": {"sessions_per_worker": 0}}}}, "providers.echo.pool.sessions_per_worker"),
     ],
 )
 def test_errors_name_the_key_path(data: dict, message: str) -> None:
@@ -84,7 +90,11 @@ def test_the_sample_config_documents_every_key() -> None:
     from hub.config import CurveConfig, HubSection, PoolConfig, StreamConfig
 
     text = (ROOT / "config" / "config.sample.yaml").read_text()
-    keys = {f.name for cls in (HubSection, CurveConfig, ProviderConfig, StreamConfig, PoolConfig) for f in dataclasses.fields(cls)}
+    keys = {
+        f.name
+        for cls in (HubSection, CurveConfig, ProviderConfig, StreamConfig, PoolConfig)
+        for f in dataclasses.fields(cls)
+    }
     missing = sorted(k for k in keys - {"name"} if f"{k}:" not in text)
     assert not missing, f"config/config.sample.yaml does not mention {missing}"
 
@@ -92,8 +102,12 @@ def test_the_sample_config_documents_every_key() -> None:
 def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
     pools = parse_config({"providers": {"a": {"type": "echo"}, "b": {"type": "echo", "pool": {"max_size": 3}}}})
     assert pools.providers["a"].pool.session_limit == 1 and pools.providers["a"].pool.sessions_per_worker == 1
-    assert pools.providers["b"].pool.session_limit == 3  # every worker the pool may have, full (one session each by default)
-    rollback = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "sessions_per_worker": 8}}}})
+    assert (
+        pools.providers["b"].pool.session_limit == 3
+    )  # every worker the pool may have, full (one session each by default)
+    rollback = parse_config(
+        {"providers": {"a": {"type": "echo", "pool": {"enabled": False, "sessions_per_worker": 8}}}}
+    )
     assert rollback.providers["a"].pool.sessions_per_worker == 1 and rollback.providers["a"].pool.session_limit == 1
     capped = parse_config({"providers": {"a": {"type": "echo", "pool": {"enabled": False, "max_sessions": 1}}}})
     assert capped.providers["a"].pool.session_limit == 1
@@ -105,12 +119,23 @@ def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
         ({"providers": {"echo": {"name": "x"}}}, "providers.echo.name: unknown key (known keys: allow_download, "),
         ({"providers": {"echo": {"devices": 3}}}, "providers.echo.devices: expected a list, got int 3"),
         ({"providers": {"echo": {"stream": 5}}}, "providers.echo.stream: expected a mapping, got int 5"),
-        ({"providers": {"echo": {"pool": {"max_sessions": 1.5}}}}, "providers.echo.pool.max_sessions: expected an integer, got float 1.5"),
-        ({"providers": {"echo": {}}, "routes": {"r": [{"provider": "echo", "wait": 1}]}},
-         "routes.r.providers[0].wait: unknown key (known keys: provider, weight)"),
+        (
+            {"providers": {"echo": {"pool": {"max_sessions": 1.5}}}},
+            "providers.echo.pool.max_sessions: expected an integer, got float 1.5",
+        ),
+        (
+            {"providers": {"echo": {}}, "routes": {"r": [{"provider": "echo", "wait": 1}]}},
+            "routes.r.providers[0].wait: unknown key (known keys: provider, weight)",
+        ),
         ({"providers": {"echo": {}}, "routes": {"r": [{"weight": 1}]}}, "routes.r.providers[0].provider: required"),
-        ({"providers": {"echo": {}}, "gateway": {"model_aliases": {"big": 1}}}, "gateway.model_aliases.big: expected a string, got int 1"),
-        ({"providers": {"echo": {}}, "hub": {"frontend": date(2026, 1, 1)}}, "hub: date datetime.date(2026, 1, 1) is not a config value"),
+        (
+            {"providers": {"echo": {}}, "gateway": {"model_aliases": {"big": 1}}},
+            "gateway.model_aliases.big: expected a string, got int 1",
+        ),
+        (
+            {"providers": {"echo": {}}, "hub": {"frontend": date(2026, 1, 1)}},
+            "hub: date datetime.date(2026, 1, 1) is not a config value",
+        ),
     ],
 )
 def test_errors_from_the_schema_name_the_key_path(data: dict, message: str) -> None:
@@ -125,16 +150,24 @@ def test_an_integer_is_a_number() -> None:
 
 
 def test_batching_keys_default_to_one_job_at_a_time_and_are_checked() -> None:
-    pools = parse_config({"providers": {"a": {"type": "echo", "pool": {}},
-                                        "b": {"type": "echo", "pool": {"max_batch": 16, "batch_wait_ms": 0}},
-                                        "off": {"type": "echo", "pool": {"enabled": False, "max_batch": 8}}}})
+    pools = parse_config(
+        {
+            "providers": {
+                "a": {"type": "echo", "pool": {}},
+                "b": {"type": "echo", "pool": {"max_batch": 16, "batch_wait_ms": 0}},
+                "off": {"type": "echo", "pool": {"enabled": False, "max_batch": 8}},
+            }
+        }
+    )
     assert (pools.providers["a"].pool.max_batch, pools.providers["a"].pool.batch_wait_ms) == (1, 5.0)
     assert (pools.providers["b"].pool.max_batch, pools.providers["b"].pool.batch_wait_ms) == (16, 0.0)
     assert pools.providers["off"].pool.max_batch == 1  # single-instance mode: one job at a time
-    for pool, message in (({"max_batch": 0}, "max_batch: must be a whole number from 1 to 256, got 0"),
-                          ({"max_batch": 257}, "max_batch: must be"),
-                          ({"max_batch": 2.5}, "max_batch"),
-                          ({"batch_wait_ms": -1}, "batch_wait_ms: must be from 0 to 1000")):
+    for pool, message in (
+        ({"max_batch": 0}, "max_batch: must be a whole number from 1 to 256, got 0"),
+        ({"max_batch": 257}, "max_batch: must be"),
+        ({"max_batch": 2.5}, "max_batch"),
+        ({"batch_wait_ms": -1}, "batch_wait_ms: must be from 0 to 1000"),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_config({"providers": {"a": {"type": "echo", "pool": pool}}})
 
@@ -158,7 +191,9 @@ def test_connection_and_memory_limits_are_checked(section: dict, message: str) -
 
 
 def test_a_budget_that_holds_the_largest_upload_is_accepted() -> None:
-    config = parse_config({"providers": {"echo": {"type": "echo"}}, "gateway": {"max_upload_mb": 10, "max_buffered_mb": 30}})
+    config = parse_config(
+        {"providers": {"echo": {"type": "echo"}}, "gateway": {"max_upload_mb": 10, "max_buffered_mb": 30}}
+    )
     assert config.gateway.max_buffered_mb == 30 and config.gateway.max_buffer_wait == 10
 
 

@@ -74,4 +74,3 @@ def test_limits_must_be_positive(timeout: float, cap: int) -> None:
 def test_the_sweep_runs_often_enough_for_short_deadlines() -> None:
     assert ConnectionLimits(0.5, 1).sweep_interval == pytest.approx(0.05)
     assert ConnectionLimits(60.0, 1).sweep_interval == 1.0
-

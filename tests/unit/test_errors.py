@@ -14,8 +14,17 @@ def test_every_error_crosses_processes_intact(cls: type[HubError]) -> None:
 
 
 def test_documented_codes_exist() -> None:
-    for code in ("POOL_BUSY", "ACQUIRE_TIMEOUT", "INVALID_AUDIO", "UNKNOWN_PROVIDER", "PROVIDER_UNAVAILABLE",
-                 "WORKER_CRASHED", "JOB_TIMEOUT", "BAD_REQUEST", "SHUTTING_DOWN"):
+    for code in (
+        "POOL_BUSY",
+        "ACQUIRE_TIMEOUT",
+        "INVALID_AUDIO",
+        "UNKNOWN_PROVIDER",
+        "PROVIDER_UNAVAILABLE",
+        "WORKER_CRASHED",
+        "JOB_TIMEOUT",
+        "BAD_REQUEST",
+        "SHUTTING_DOWN",
+    ):
         assert code in ERROR_CLASSES
 
 

@@ -14,7 +14,12 @@ EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.yaml"))
 
 
 def test_the_examples_are_there() -> None:
-    assert {p.name for p in EXAMPLES} >= {"cpu-dev.yaml", "single-gpu.yaml", "multi-gpu.yaml", "whisper-and-funasr.yaml"}
+    assert {p.name for p in EXAMPLES} >= {
+        "cpu-dev.yaml",
+        "single-gpu.yaml",
+        "multi-gpu.yaml",
+        "whisper-and-funasr.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", [*EXAMPLES, ROOT / "config" / "config.sample.yaml"], ids=lambda p: p.name)

@@ -37,7 +37,9 @@ NODE = [
 class FakeDriver:
     """What pynvml answers on a node: the cards above, their memory, and the processes on each."""
 
-    def __init__(self, used: dict[int, float], processes: dict[int, dict[int, float]], names_as_bytes: bool = False) -> None:
+    def __init__(
+        self, used: dict[int, float], processes: dict[int, dict[int, float]], names_as_bytes: bool = False
+    ) -> None:
         self.used, self.processes, self.bytes = used, processes, names_as_bytes
 
     def _s(self, text: str) -> str | bytes:
@@ -71,7 +73,9 @@ class FakeDriver:
         return types.SimpleNamespace(gpu=37, memory=5)
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[types.SimpleNamespace]:
-        return [types.SimpleNamespace(pid=pid, usedGpuMemory=mb * 2**20) for pid, mb in self.processes.get(h, {}).items()]
+        return [
+            types.SimpleNamespace(pid=pid, usedGpuMemory=mb * 2**20) for pid, mb in self.processes.get(h, {}).items()
+        ]
 
 
 def test_nvml_lists_cards_and_reads_each_process_memory_by_pid() -> None:
@@ -106,7 +110,10 @@ def test_without_a_mask_the_hub_uses_every_nvml_card_in_pci_order_pinned_by_uuid
 
 def test_an_inherited_mask_is_the_hub_set_and_devices_index_within_it() -> None:
     found = discover({"CUDA_VISIBLE_DEVICES": "3,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, NODE)
-    assert [(c.ordinal, c.nvml_index, c.pci_bus_id) for c in found.cards] == [(0, 3, "0000:86:00.0"), (1, 1, "0000:3b:00.0")]
+    assert [(c.ordinal, c.nvml_index, c.pci_bus_id) for c in found.cards] == [
+        (0, 3, "0000:86:00.0"),
+        (1, 1, "0000:3b:00.0"),
+    ]
     cards, problem = provider_cards((1,), found)
     assert [c.nvml_index for c in cards] == [1] and problem == ""  # devices: [1] is the mask's second card
     cards, problem = provider_cards((0, 2), found)
@@ -124,7 +131,9 @@ def test_uuid_masks_the_device_plugin_and_no_gpu_words() -> None:
     for env in ({"CUDA_VISIBLE_DEVICES": ""}, {"NVIDIA_VISIBLE_DEVICES": "void"}, {"CUDA_VISIBLE_DEVICES": "none"}):
         assert discover(env, NODE).cards == ()
     # CUDA_VISIBLE_DEVICES wins over the plugin's variable, as in CUDA itself
-    assert [c.nvml_index for c in discover({"CUDA_VISIBLE_DEVICES": "1", "NVIDIA_VISIBLE_DEVICES": "all"}, NODE).cards] == [1]
+    assert [
+        c.nvml_index for c in discover({"CUDA_VISIBLE_DEVICES": "1", "NVIDIA_VISIBLE_DEVICES": "all"}, NODE).cards
+    ] == [1]
 
 
 def test_an_invalid_entry_ends_the_list_with_a_warning() -> None:
@@ -187,7 +196,11 @@ def test_the_cap_holds_back_a_spawn_where_no_card_has_room_for_the_measured_need
     assert place("whisper", cards, occupants, readings, fraction=0.9).card == cards[0]
     readings[0] = CardReading(21000.0, 24576.0)  # 0.9 x 24576 - 21000 = 1118 MiB < 2000
     held = place("whisper", cards, occupants, readings, fraction=0.9)
-    assert held.card is None and "needs about 2000 MiB" in held.held_back and "max_gpu_memory_fraction=0.9" in held.held_back
+    assert (
+        held.card is None
+        and "needs about 2000 MiB" in held.held_back
+        and "max_gpu_memory_fraction=0.9" in held.held_back
+    )
     assert place("whisper", cards, occupants, readings, fraction=0.0).card is not None
 
 
@@ -218,13 +231,19 @@ def test_no_cards_means_the_cpu() -> None:
 def test_worker_environment_pins_one_card_in_pci_order() -> None:
     card = discover({"CUDA_VISIBLE_DEVICES": "2"}, NODE).cards[0]
     env = worker_env(ProviderConfig(name="w", type="whisper", cpu_threads=2), card)
-    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"], env["OMP_NUM_THREADS"]) == (NODE[2].uuid, "PCI_BUS_ID", "2")
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"], env["OMP_NUM_THREADS"]) == (
+        NODE[2].uuid,
+        "PCI_BUS_ID",
+        "2",
+    )
     cpu = worker_env(ProviderConfig(name="w", type="whisper"), None)
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
 def test_which_providers_are_placed_on_gpus() -> None:
-    assert uses_gpu(ProviderConfig(name="w", type="whisper")) and uses_gpu(ProviderConfig(name="e", type="echo", device="cuda"))
+    assert uses_gpu(ProviderConfig(name="w", type="whisper")) and uses_gpu(
+        ProviderConfig(name="e", type="echo", device="cuda")
+    )
     assert not uses_gpu(ProviderConfig(name="w", type="whisper", device="cpu"))
     assert not uses_gpu(ProviderConfig(name="e", type="echo"))
 
@@ -262,11 +281,17 @@ def test_the_bench_pins_bare_processes_as_the_hub_pins_workers(monkeypatch: pyte
     cards = settings.pin("cuda", 5)
     assert [c.nvml_index for c in cards if c] == [2, 0, 3, 2, 0]
     env = settings.process_env(1, cards[1])
-    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"], env["OMP_NUM_THREADS"]) == (NODE[0].uuid, "PCI_BUS_ID", "1")
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"], env["OMP_NUM_THREADS"]) == (
+        NODE[0].uuid,
+        "PCI_BUS_ID",
+        "1",
+    )
     assert settings.nvml_indices(cards) == (0, 2, 3) and settings.pin("cpu", 2) == [None, None]
 
 
-def test_the_cuda_bench_is_bounded_by_the_gpus_not_the_cores(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cuda_bench_is_bounded_by_the_gpus_not_the_cores(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from bench import __main__ as bench_main
 
     monkeypatch.setattr(bench_main, "hub_cards", lambda: discover({}, NODE[:2]).cards)

@@ -48,7 +48,9 @@ def test_every_state_is_in_the_table_and_done_is_the_end() -> None:
     assert all(JobState.NEW not in targets for targets in TRANSITIONS.values())
 
 
-def job(jobs: Jobs, kind: JobKind = JobKind.REQUEST, client: bytes = b"c", request_id: str = "1", provider: str = "p") -> Job:
+def job(
+    jobs: Jobs, kind: JobKind = JobKind.REQUEST, client: bytes = b"c", request_id: str = "1", provider: str = "p"
+) -> Job:
     has_client = kind.has_client
     return Job(
         id=jobs.new_id(kind), kind=kind, client=client if has_client else b"", request_id=request_id if has_client else "",

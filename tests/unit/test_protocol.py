@@ -78,7 +78,9 @@ def test_options_and_timeout_validation() -> None:
 
 
 def test_worker_spec_round_trip() -> None:
-    spec = WorkerSpec("w-1", "w", "whisper", "tiny.en", "auto", "auto", 1, "ipc:///x", "asrhub_a_", 1.0, {"beam_size": 1})
+    spec = WorkerSpec(
+        "w-1", "w", "whisper", "tiny.en", "auto", "auto", 1, "ipc:///x", "asrhub_a_", 1.0, {"beam_size": 1}
+    )
     assert WorkerSpec.from_json(spec.to_json()) == spec
 
 

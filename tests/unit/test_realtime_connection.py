@@ -35,7 +35,9 @@ class FakeSocket:
         self.reading.set()
 
     def say(self, body: dict[str, Any] | str) -> None:
-        self.incoming.put_nowait({"type": "websocket.receive", "text": body if isinstance(body, str) else json.dumps(body)})
+        self.incoming.put_nowait(
+            {"type": "websocket.receive", "text": body if isinstance(body, str) else json.dumps(body)}
+        )
 
     def leave(self) -> None:
         self.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})

@@ -98,7 +98,12 @@ def test_beta_transcription_session_update() -> None:
             "session": {
                 "input_audio_format": "pcm16",
                 "input_audio_transcription": {"model": "whisper-1", "language": "en"},
-                "turn_detection": {"type": "server_vad", "threshold": 0.6, "prefix_padding_ms": 200, "silence_duration_ms": 400},
+                "turn_detection": {
+                    "type": "server_vad",
+                    "threshold": 0.6,
+                    "prefix_padding_ms": 200,
+                    "silence_duration_ms": 400,
+                },
                 "input_audio_noise_reduction": None,
             },
         }
@@ -120,7 +125,10 @@ def test_beta_transcription_session_update() -> None:
         (
             {
                 "type": "session.update",
-                "session": {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+                "session": {
+                    "type": "transcription",
+                    "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                },
             },
             "invalid_value",
             "session.audio.input.format.rate",
@@ -150,7 +158,10 @@ def test_beta_transcription_session_update() -> None:
             "session.audio.input.turn_detection.threshold",
         ),
         (
-            {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"transcription": {"model": 3}}}}},
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"transcription": {"model": 3}}}},
+            },
             "invalid_value",
             "session.audio.input.transcription.model",
         ),
@@ -355,7 +366,10 @@ def test_clear_drops_the_open_items_text_but_not_a_committed_one() -> None:
     out += t.hub_event(StreamEvent("utterance", "Kept.", at=1.0))
     out += t.hub_event(final("Dropped."))  # the cleared audio's final, decoded as the session closes
     out += t.session_ended()
-    assert [e.get("delta") or e.get("transcript") for e in out if e["type"].startswith("conversation")] == ["Kept.", "Kept."]
+    assert [e.get("delta") or e.get("transcript") for e in out if e["type"].startswith("conversation")] == [
+        "Kept.",
+        "Kept.",
+    ]
     with pytest.raises(Problem):
         t.commit()  # the buffer is empty after a clear
 
@@ -412,7 +426,11 @@ def test_a_session_the_hub_ends_commits_the_open_item() -> None:
 
 def test_server_vad_settings_become_the_hub_sessions_turn_detection() -> None:
     assert ServerVad().hub_turns() == {"vad": True, "endpoint_ms": 500, "vad_threshold": 0.5}
-    assert ServerVad(threshold=0.0, silence_duration_ms=0).hub_turns() == {"vad": True, "endpoint_ms": 100, "vad_threshold": 0.2}
+    assert ServerVad(threshold=0.0, silence_duration_ms=0).hub_turns() == {
+        "vad": True,
+        "endpoint_ms": 100,
+        "vad_threshold": 0.2,
+    }
     assert ServerVad(threshold=1.0, silence_duration_ms=10_000).hub_turns()["vad_threshold"] == 0.99
 
 

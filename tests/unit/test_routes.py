@@ -20,7 +20,12 @@ from hub.wer import word_error_rate
 
 pytestmark = pytest.mark.timeout(60)
 
-PROVIDERS = {"v1": {"type": "echo"}, "v2": {"type": "echo"}, "v3": {"type": "echo"}, "off": {"type": "echo", "enabled": False}}
+PROVIDERS = {
+    "v1": {"type": "echo"},
+    "v2": {"type": "echo"},
+    "v3": {"type": "echo"},
+    "off": {"type": "echo", "enabled": False},
+}
 
 
 def config(routes_section: dict) -> dict:
@@ -28,15 +33,22 @@ def config(routes_section: dict) -> dict:
 
 
 def test_a_route_in_full_and_a_bare_list() -> None:
-    parsed = config({
-        "whisper": {
-            "providers": [{"provider": "v1", "weight": 95}, {"provider": "v2", "weight": 5}],
-            "shadow": {"provider": "v3", "fraction": 0.2},
-            "sticky": True,
-            "analysis": {"min_requests": 200, "max_error_rate_increase": 0.01, "max_latency_ratio": 1.5, "max_wer": 0.15},
-        },
-        "small": [{"provider": "v1", "weight": 1}],
-    })
+    parsed = config(
+        {
+            "whisper": {
+                "providers": [{"provider": "v1", "weight": 95}, {"provider": "v2", "weight": 5}],
+                "shadow": {"provider": "v3", "fraction": 0.2},
+                "sticky": True,
+                "analysis": {
+                    "min_requests": 200,
+                    "max_error_rate_increase": 0.01,
+                    "max_latency_ratio": 1.5,
+                    "max_wer": 0.15,
+                },
+            },
+            "small": [{"provider": "v1", "weight": 1}],
+        }
+    )
     assert parsed["whisper"].weights == {"v1": 95.0, "v2": 5.0}
     assert parsed["whisper"].shadow is not None and parsed["whisper"].shadow.fraction == 0.2
     assert parsed["whisper"].sticky and parsed["whisper"].analysis == AnalysisConfig(200, 0.01, 1.5, 0.15)
@@ -49,17 +61,35 @@ def test_a_route_in_full_and_a_bare_list() -> None:
         ({"r": [{"provider": "nope", "weight": 1}]}, "routes.r.providers[0].provider: no provider named 'nope'"),
         ({"r": [{"provider": "off", "weight": 1}]}, "routes.r.providers[0].provider: provider 'off' is disabled"),
         ({"r": [{"provider": "v1", "weight": -1}]}, "routes.r.providers[0].weight: must be >= 0"),
-        ({"r": [{"provider": "v1", "weight": 0}, {"provider": "v2", "weight": 0}]}, "routes.r.providers: the weights must add up to more than 0"),
+        (
+            {"r": [{"provider": "v1", "weight": 0}, {"provider": "v2", "weight": 0}]},
+            "routes.r.providers: the weights must add up to more than 0",
+        ),
         ({"r": [{"provider": "v1", "weight": "lots"}]}, "routes.r.providers[0].weight: expected a number"),
-        ({"r": [{"provider": "v1", "weight": 1}, {"provider": "v1", "weight": 2}]}, "routes.r.providers: a provider is listed twice"),
+        (
+            {"r": [{"provider": "v1", "weight": 1}, {"provider": "v1", "weight": 2}]},
+            "routes.r.providers: a provider is listed twice",
+        ),
         ({"r": []}, "routes.r.providers: give at least one provider"),
         ({"r": {"sticky": True}}, "routes.r.providers: required"),
         ({"r": {"providers": [{"provider": "v1"}], "colour": 1}}, "routes.r.colour: unknown key"),
         ({"v2": [{"provider": "v1", "weight": 1}]}, "routes.v2: 'v2' is also a provider's name"),
-        ({"r": {"providers": [{"provider": "v1"}], "shadow": {"provider": "zz"}}}, "routes.r.shadow.provider: no provider named 'zz'"),
-        ({"r": {"providers": [{"provider": "v1"}], "shadow": {"provider": "v2", "fraction": 1.5}}}, "routes.r.shadow.fraction: must be in (0, 1]"),
-        ({"r": {"providers": [{"provider": "v1"}], "analysis": {"min_requests": 0}}}, "routes.r.analysis.min_requests: must be at least 1"),
-        ({"r": {"providers": [{"provider": "v1"}], "analysis": {"max_wer": -0.1}}}, "routes.r.analysis.max_wer: must be >= 0"),
+        (
+            {"r": {"providers": [{"provider": "v1"}], "shadow": {"provider": "zz"}}},
+            "routes.r.shadow.provider: no provider named 'zz'",
+        ),
+        (
+            {"r": {"providers": [{"provider": "v1"}], "shadow": {"provider": "v2", "fraction": 1.5}}},
+            "routes.r.shadow.fraction: must be in (0, 1]",
+        ),
+        (
+            {"r": {"providers": [{"provider": "v1"}], "analysis": {"min_requests": 0}}},
+            "routes.r.analysis.min_requests: must be at least 1",
+        ),
+        (
+            {"r": {"providers": [{"provider": "v1"}], "analysis": {"max_wer": -0.1}}},
+            "routes.r.analysis.max_wer: must be >= 0",
+        ),
         ({"R!": [{"provider": "v1"}]}, "routes.R!: route names are"),
     ],
 )
@@ -75,7 +105,13 @@ def test_a_route_may_take_the_name_of_a_provider_it_routes_to() -> None:
 
 
 def test_gateway_aliases_may_name_a_route() -> None:
-    parsed = parse_config({"providers": PROVIDERS, "routes": {"r": [{"provider": "v1"}]}, "gateway": {"model_aliases": {"whisper-1": "r"}}})
+    parsed = parse_config(
+        {
+            "providers": PROVIDERS,
+            "routes": {"r": [{"provider": "v1"}]},
+            "gateway": {"model_aliases": {"whisper-1": "r"}},
+        }
+    )
     assert parsed.gateway.model_aliases == {"whisper-1": "r"}
 
 
@@ -152,8 +188,21 @@ def test_word_error_rate() -> None:
 
 def _job(job_id: str, provider: str, route: str = "r", shadow: bool = False) -> Job:
     kind = JobKind.SHADOW if shadow else JobKind.REQUEST
-    return Job(id=job_id, kind=kind, client=b"" if shadow else b"c", request_id=job_id, provider=provider, audio=AudioRef(1),
-               payload=None, options={}, stream=False, received_at=0.0, acquire_deadline=0.0, client_timeout=None, route=route)
+    return Job(
+        id=job_id,
+        kind=kind,
+        client=b"" if shadow else b"c",
+        request_id=job_id,
+        provider=provider,
+        audio=AudioRef(1),
+        payload=None,
+        options={},
+        stream=False,
+        received_at=0.0,
+        acquire_deadline=0.0,
+        client_timeout=None,
+        route=route,
+    )
 
 
 def _rollout(analysis: dict | None = None, shadow: dict | None = None) -> tuple[Rollout, Metrics]:
@@ -202,7 +251,9 @@ def test_set_weights_checks_names_and_sums_and_zeroes_providers_left_out() -> No
 def test_a_reload_resets_only_the_routes_whose_config_changed() -> None:
     rollout, _ = _rollout()
     rollout.set_weights("r", {"v1": 100}, {"v1", "v2"})
-    rollout.reconfigure(config({"r": {"providers": [{"provider": "v1", "weight": 50}, {"provider": "v2", "weight": 50}]}}))
+    rollout.reconfigure(
+        config({"r": {"providers": [{"provider": "v1", "weight": 50}, {"provider": "v2", "weight": 50}]}})
+    )
     assert rollout.status()["r"].weights == {"v1": 100.0, "v2": 0.0}
     rollout.reconfigure(config({"r": [{"provider": "v1", "weight": 80}, {"provider": "v2", "weight": 20}]}))
     assert rollout.status()["r"].weights == {"v1": 80.0, "v2": 20.0}
@@ -229,7 +280,11 @@ def test_a_failed_shadow_is_counted_not_compared() -> None:
     rollout.ended(shadow, "JOB_TIMEOUT", 1.0, "")
     rollout.ended(primary, None, 0.1, "text")
     status = rollout.status()["r"]
-    assert status.figures.shadow_requests == {"v3 failed": 1} and status.figures.agreement_wer == {} and rollout.pending == {}
+    assert (
+        status.figures.shadow_requests == {"v3 failed": 1}
+        and status.figures.agreement_wer == {}
+        and rollout.pending == {}
+    )
 
 
 def test_a_disagreeing_shadow_is_switched_off_by_the_analysis() -> None:
@@ -263,14 +318,20 @@ def test_a_canary_that_cannot_serve_is_routed_around_and_with_analysis_rolled_ba
     assert {plain.resolve("r", None, down) for _ in range(100)} == {"v1"}
     assert plain.status()["r"].rolled_back == {} and plain.status()["r"].weights == {"v1": 90.0, "v2": 10.0}
     analysed, metrics = rollout_of(
-        {"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}], "analysis": {"min_requests": 5}}
+        {
+            "providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}],
+            "analysis": {"min_requests": 5},
+        }
     )
     assert analysed.resolve("r", None, down) == "v1"
     state = analysed.status()["r"]
     assert state.weights == {"v1": 90.0, "v2": 0.0} and "cannot serve: it is degraded (boom)" in state.rolled_back["v2"]
     starting = {"v2": routes.Unavailable("it has no ready worker", failed=False)}
     patient, _ = rollout_of(
-        {"providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}], "analysis": {"min_requests": 5}}
+        {
+            "providers": [{"provider": "v1", "weight": 90}, {"provider": "v2", "weight": 10}],
+            "analysis": {"min_requests": 5},
+        }
     )
     assert {patient.resolve("r", None, starting) for _ in range(50)} == {"v1"}
     assert patient.status()["r"].rolled_back == {}  # not started yet is no failure

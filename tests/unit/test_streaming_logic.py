@@ -61,7 +61,7 @@ def test_words_become_final_once_two_decodes_agree_and_are_never_revised() -> No
     assert text.split() == SENTENCE  # everything, once, in order; garbled tails never committed
     assert len(finals) >= 3 and any(partials)
     assert [f.start for f in finals] == sorted(f.start for f in finals)
-    assert all(a.end <= b.start + 1e-6 for a, b in zip(finals, finals[1:]))
+    assert all(a.end <= b.start + 1e-6 for a, b in zip(finals, finals[1:], strict=False))
 
 
 def test_the_window_is_trimmed_and_the_prompt_carries_the_confirmed_text() -> None:

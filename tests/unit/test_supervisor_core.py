@@ -125,7 +125,11 @@ def test_health_checks_run_on_idle_workers_and_a_failed_one_recycles() -> None:
     rig = Rig({"echo": echo(min_size=2, max_size=2, health_check_interval=10)})
     rig.start()
     rig.run(10.5)
-    checks = [(w, m) for w, m in rig.jobs_sent() if rig.farm.jobs.get(m.id) is not None and rig.farm.jobs.get(m.id).kind is JobKind.HEALTH]
+    checks = [
+        (w, m)
+        for w, m in rig.jobs_sent()
+        if rig.farm.jobs.get(m.id) is not None and rig.farm.jobs.get(m.id).kind is JobKind.HEALTH
+    ]
     assert {w for w, _ in checks} == {"echo-1", "echo-2"}
     (good, good_msg), (bad, bad_msg) = checks
     rig.from_worker(good, MsgType.RESULT, good_msg.id, {"text": "hello"})
@@ -140,7 +144,11 @@ def test_no_health_check_while_jobs_wait() -> None:
     rig.transcribe()
     rig.transcribe()
     rig.run(11)
-    assert not [m for _, m in rig.jobs_sent() if rig.farm.jobs.get(m.id) is not None and rig.farm.jobs.get(m.id).kind is JobKind.HEALTH]
+    assert not [
+        m
+        for _, m in rig.jobs_sent()
+        if rig.farm.jobs.get(m.id) is not None and rig.farm.jobs.get(m.id).kind is JobKind.HEALTH
+    ]
 
 
 def test_the_pool_grows_while_jobs_wait_and_shrinks_when_idle() -> None:

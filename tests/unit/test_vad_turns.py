@@ -117,14 +117,18 @@ class ScriptedDecoder:
             t = start
             while t + 0.5 <= end + 1e-9:
                 if offset - 1e-9 <= t and t + 0.5 <= offset + length + 1e-9:
-                    words.append(Word(round(t - offset, 3), round(t + 0.5 - offset, 3), f" w{round((t + 0.5) * 10)}", 0.9))
+                    words.append(
+                        Word(round(t - offset, 3), round(t + 0.5 - offset, 3), f" w{round((t + 0.5) * 10)}", 0.9)
+                    )
                 t += 0.5
         return words
 
 
 def gated(utterances: list[tuple[float, float]], endpoint: float = 0.6) -> tuple[WindowStreamer, ScriptedDecoder]:
     decoder = ScriptedDecoder(utterances)
-    streamer = WindowStreamer(decoder, step_seconds=1.0, window_seconds=15.0, detector=ScriptedDetector(utterances, endpoint))
+    streamer = WindowStreamer(
+        decoder, step_seconds=1.0, window_seconds=15.0, detector=ScriptedDetector(utterances, endpoint)
+    )
     decoder.streamer = streamer
     return streamer, decoder
 
@@ -213,7 +217,9 @@ def test_silence_after_speech_is_not_handed_to_the_model_nor_its_made_up_words_k
         end = streamer._offset + pcm.size / RATE
         heard.append(end)
         words = words_of(pcm, prompt)
-        return words + ([Word(pcm.size / RATE - 0.1, pcm.size / RATE, " you", 0.3)] if end >= utterance[1] + 0.2 else [])
+        return words + (
+            [Word(pcm.size / RATE - 0.1, pcm.size / RATE, " you", 0.3)] if end >= utterance[1] + 0.2 else []
+        )
 
     streamer.decode = hallucinating
     for _ in range(18):  # to 1.8 s, no step taken yet: a worker busy with other sessions
@@ -326,7 +332,9 @@ def test_smoothed_cost() -> None:
 
 def test_heartbeat_turns_give_each_session_its_duty() -> None:
     previous = {"s1": SessionTurn(busy=1.0, step_s=1.0)}
-    turns = session_turns(previous, {"s1": {"busy": 1.5, "step_s": 2.2}, "s2": {"busy": 0.2, "step_s": 1.0}, "x": 3}, 1.0)
+    turns = session_turns(
+        previous, {"s1": {"busy": 1.5, "step_s": 2.2}, "s2": {"busy": 0.2, "step_s": 1.0}, "x": 3}, 1.0
+    )
     assert turns == {"s1": SessionTurn(1.5, 2.2, 0.5), "s2": SessionTurn(0.2, 1.0, 0.2)}
     assert session_turns(previous, None, 1.0) == {}
 
@@ -352,7 +360,10 @@ def test_a_decode_with_more_words_than_the_audio_can_hold_or_a_loop_is_not_taken
 def test_turn_detection_is_checked_at_the_edge() -> None:
     assert parse_turn_detection({}) is None  # a client from before VAD: its sessions get none
     assert parse_turn_detection({"turn_detection": {}}) == {}
-    assert parse_turn_detection({"turn_detection": {"vad": True, "endpoint_ms": 500}}) == {"vad": True, "endpoint_ms": 500}
+    assert parse_turn_detection({"turn_detection": {"vad": True, "endpoint_ms": 500}}) == {
+        "vad": True,
+        "endpoint_ms": 500,
+    }
     for bad in ({"vad": "yes"}, {"endpoint_ms": 50}, {"vad_threshold": 1.5}, {"silence": 1}):
         with pytest.raises(BadRequest, match="turn_detection"):
             parse_turn_detection({"turn_detection": bad})

@@ -84,7 +84,9 @@ class Rollout:
         """A (re)loaded config: routes whose section changed start over from it (weights, rollbacks, windows);
         unchanged routes keep what was set at run time or rolled back, so an unrelated SIGHUP undoes nothing."""
         self.routes = {
-            name: state if (state := self.routes.get(name)) is not None and state.config == config else RouteState.of(config)
+            name: state
+            if (state := self.routes.get(name)) is not None and state.config == config
+            else RouteState.of(config)
             for name, config in configs.items()
         }
         for name, state in self.routes.items():
@@ -217,11 +219,15 @@ class Rollout:
                 configured_weights=state.config.weights,
                 sticky=state.config.sticky,
                 shadow=(
-                    ShadowStatus(provider=state.config.shadow.provider, fraction=state.config.shadow.fraction, on=state.shadow_on)
+                    ShadowStatus(
+                        provider=state.config.shadow.provider, fraction=state.config.shadow.fraction, on=state.shadow_on
+                    )
                     if state.config.shadow
                     else None
                 ),
-                analysis=None if state.config.analysis is None else {p: _window(state.figures(p)) for p in state.weights},
+                analysis=None
+                if state.config.analysis is None
+                else {p: _window(state.figures(p)) for p in state.weights},
                 rolled_back=dict(state.rolled_back),
                 figures=self.metrics.route_summary(name),
             )
@@ -230,7 +236,9 @@ class Rollout:
 
 
 def _window(f: routes.WindowFigures) -> WindowStatus:
-    return WindowStatus(requests=f.requests, error_rate=round(f.error_rate, 4), p95_ms=None if f.p95 is None else round(f.p95 * 1e3, 3))
+    return WindowStatus(
+        requests=f.requests, error_rate=round(f.error_rate, 4), p95_ms=None if f.p95 is None else round(f.p95 * 1e3, 3)
+    )
 
 
 def _describe(weights: dict[str, float]) -> str:
