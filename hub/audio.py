@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -198,7 +198,8 @@ def _ffmpeg_chunks(source: str | BinaryIO, name: str) -> Iterator[np.ndarray]:
 
     resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
     try:
-        with av.open(source, metadata_errors="ignore") as container:
+        # mode "r" is the default; the stubs type a file object's open without a mode as either container
+        with cast("av.container.InputContainer", av.open(source, metadata_errors="ignore")) as container:
             if not container.streams.audio:
                 raise InvalidAudio(f"{name} has no audio stream")
             for frame in container.decode(audio=0):

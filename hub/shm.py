@@ -56,11 +56,14 @@ class PcmSegment:
     """A segment the caller owns: unlinked by ``release`` (or by the owner's tracker, or the hub's sweep)."""
 
     def __init__(self, prefix: str, data: bytes | np.ndarray, size: int = 0) -> None:
-        raw = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")  # no copy
+        # ndarray.data is memoryview(array): numpy's stubs give ndarray __buffer__ only from Python 3.12
+        raw = (np.ascontiguousarray(data).data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")  # no copy
         self.name = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
         self.size = max(len(raw), size, 1)
-        self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=self.size)
-        self._shm.buf[: len(raw)] = raw
+        self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
+            name=self.name, create=True, size=self.size
+        )
+        self.buf[: len(raw)] = raw
 
     def write(self, pcm: np.ndarray) -> None:
         """Overwrite the start of the segment with float32 samples (a reused segment's next request)."""
@@ -75,7 +78,9 @@ class PcmSegment:
     @property
     def buf(self) -> memoryview:
         assert self._shm is not None, "released"
-        return self._shm.buf
+        buf = self._shm.buf
+        assert buf is not None  # None only once closed, and release() drops a closed segment
+        return buf
 
     def release(self) -> None:
         """Close and unlink; safe to call twice and after someone else removed the segment."""

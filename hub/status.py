@@ -39,7 +39,7 @@ class Wire:
     its parent's dict) and ``OMIT_NONE`` (no key while the value is None)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _adapter(type(self)).dump_python(self, mode="json")  # type: ignore[no-any-return]
+        return _adapter(type(self)).dump_python(self, mode="json")
 
     @classmethod
     def from_dict(cls: type[W], d: Mapping[str, Any]) -> W:
@@ -62,7 +62,7 @@ class Wire:
         flat = tuple((f.name, _layout(_strip_none(hints[f.name]))) for f in fields(source) if f.metadata.get("flat"))
         return core_schema.no_info_before_validator_function(
             functools.partial(_nest, flat),
-            {k: v for k, v in schema.items() if k != "ref"},  # type: ignore[arg-type]
+            {k: v for k, v in schema.items() if k != "ref"},
             serialization=core_schema.plain_serializer_function_ser_schema(
                 functools.partial(_spread, keys), return_schema=wire
             ),

@@ -178,10 +178,11 @@ def start_hub(
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     routes: dict[str, Any] | None = None,
+    ready_timeout: float = 60.0,
 ) -> Hub:
     """Start ``python -m hub.supervisor`` on a fresh config; ``args`` are extra command-line flags (a
     ``--frontend`` among them is where the hub is reached), ``env`` extra environment variables,
-    ``routes`` the config's ``routes:`` section."""
+    ``routes`` the config's ``routes:`` section; ``ready_timeout`` how long it may take to get ready."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "hub": {"frontend": endpoint, "runtime_dir": str(tmp_path / "run"), **(hub or {})},
@@ -209,7 +210,7 @@ def start_hub(
     if ready:
         try:
             with started.client() as c:
-                c.wait_ready(timeout=60)
+                c.wait_ready(timeout=ready_timeout)
         except BaseException:
             started.stop()
             raise

@@ -221,8 +221,9 @@ class WindowStreamer:
             self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, self._ended))
         if self._later:  # utterances heard since, whose finals are not decoded yet, end with this one
             if self._later[-1][1] is None:
-                self._later[-1][1] = round(self.seconds, 3)
-                self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, self._later[-1][1]))
+                end = round(self.seconds, 3)
+                self._later[-1][1] = end
+                self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, end))
             self._ended = self._later[-1][1]
             self._later.clear()
         return self._endpoint(whole=True)

@@ -150,7 +150,7 @@ class Balancer(Generic[Client]):
     """The pool's state without I/O: which hubs exist, which are usable, which one takes the next request."""
 
     def __init__(self, make_client: Callable[[str], Client]) -> None:
-        self._make = make_client
+        self._make: Callable[[str], Client] = make_client
         self._lock = threading.Lock()
         self.members: dict[str, Member[Client]] = {}
         self.retired: list[Member[Client]] = []
@@ -396,7 +396,7 @@ class HubPool(_Pool[HubClient]):
             return [client.transcribe(pcm, provider, timeout=left, **options)]
 
         (transcript,) = self._tries(self._attempts(provider, timeout), call)
-        return transcript  # type: ignore[no-any-return]
+        return transcript
 
     def transcribe_stream(
         self,
@@ -536,7 +536,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
             return _once(client.transcribe(pcm, provider, timeout=left, **options))
 
         (transcript,) = [event async for event in self._tries(self._attempts(provider, timeout), call)]
-        return transcript  # type: ignore[no-any-return]
+        return transcript
 
     def transcribe_stream(
         self,
@@ -698,7 +698,7 @@ class _PooledSession:
 
     def close(self) -> Transcript:
         try:
-            return self._session.close()  # type: ignore[no-any-return]
+            return self._session.close()
         finally:
             self._finish()
 
@@ -720,7 +720,7 @@ class _PooledSession:
 class _AsyncPooledSession(_PooledSession):
     async def close(self) -> Transcript:  # type: ignore[override]
         try:
-            return await self._session.close()  # type: ignore[no-any-return]
+            return await self._session.close()
         finally:
             self._finish()
 

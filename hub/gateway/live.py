@@ -33,7 +33,7 @@ log = logging.getLogger("hub.gateway")
 
 router = APIRouter()
 
-ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+ENCODINGS: dict[str, np.dtype[Any]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 CONFIG_KEYS = frozenset({"type", "model", "language", "sample_rate", "encoding", "turn_detection"})
 CONFIG_TIMEOUT_S = 10.0  # a connection that sends no config by then is closed
 PIECE_BYTES = 64 * 1024  # frames are cut into pieces of at most this many bytes before they are queued

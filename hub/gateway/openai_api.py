@@ -34,7 +34,7 @@ router = APIRouter()
 
 
 def gateway_of(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state.gateway
 
 
 @router.post("/v1/audio/transcriptions")
@@ -230,7 +230,7 @@ async def _until_disconnect(work: Any, receive: Receive) -> Transcript:
         gone.cancel()
     if not job.done() or job.cancelled():
         raise ApiError("CLIENT_CLOSED", "the client closed the connection; its job was cancelled")
-    return job.result()  # type: ignore[no-any-return]
+    return job.result()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -64,7 +64,7 @@ WHISPER_LANGUAGES = tuple(
     "sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue".split()
 )
 SENSEVOICE_LANGUAGES = ("zh", "en", "yue", "ja", "ko")
-SAMPLE_TYPES = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}  # Wyoming's width in bytes → samples
+SAMPLE_TYPES: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}  # Wyoming's width in bytes → samples
 MAX_CHANNELS = 8
 ATTRIBUTIONS = {t.name: Attribution(name=t.credit, url=t.homepage) for t in PROVIDER_TYPES.values() if t.credit}
 HUB_ATTRIBUTION = Attribution(name="ASR Hub", url="")
@@ -437,7 +437,7 @@ class WyomingHandler(AsyncEventHandler):
             text, language = "", request.language
         else:
             provider = self.gateway.provider_for(request.name)
-            options = {"language": request.language} if request.language else {}
+            options: dict[str, Any] = {"language": request.language} if request.language else {}
             result = None
             async for item in self.gateway.client.transcribe_stream(pcm, provider, **options):
                 if not started:

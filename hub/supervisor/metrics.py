@@ -354,11 +354,11 @@ def _route_families(routes: dict[str, dict[str, Any]]) -> Iterator[Any]:
         "latency_ratio": ("latency_ratio", "A shadow's time on its worker over the primary's, per request"),
     }
     for name, (key, doc) in histograms.items():
-        family = HistogramMetricFamily(f"asr_hub_route_{name}", doc, labels=["route", "provider"])
+        histogram = HistogramMetricFamily(f"asr_hub_route_{name}", doc, labels=["route", "provider"])
         for route, m in routes.items():
             for provider, (buckets, total) in m[key].items():
-                family.add_metric([route, provider], buckets, total)
-        yield family
+                histogram.add_metric([route, provider], buckets, total)
+        yield histogram
 
 
 def _copy(m: ProviderMetrics) -> dict[str, Any]:

@@ -196,7 +196,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> It
         },
         "whisper": {**cpu, "model": "tiny.en"},
     }
-    started = start_hub(tmp_path_factory.mktemp("funasr-hub"), providers)
+    # five workers load torch and their models at once: on 2 cores beside the suite's other processes that
+    # takes minutes, not the usual hub's seconds
+    started = start_hub(tmp_path_factory.mktemp("funasr-hub"), providers, hub={"start_timeout": 300}, ready_timeout=300)
     yield started
     started.finish()
 
