@@ -44,7 +44,7 @@ from workers.engine import StreamSettings
 from workers.funasr import FunASREngine, clean_text, resolve_model, to_segment, to_words
 from workers.streaming import StreamUpdate
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(420)  # the first test also waits for the module hub (up to 300 s)
 
 TOKENS = ["<blank>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "<unk>"]
 N_MELS, LFR_M, DIM = 80, 7, 16
