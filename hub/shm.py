@@ -56,8 +56,8 @@ class PcmSegment:
     """A segment the caller owns: unlinked by ``release`` (or by the owner's tracker, or the hub's sweep)."""
 
     def __init__(self, prefix: str, data: bytes | np.ndarray, size: int = 0) -> None:
-        # ndarray.data is memoryview(array): numpy's stubs give ndarray __buffer__ only from Python 3.12
-        raw = (np.ascontiguousarray(data).data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")  # no copy
+        # no copy; ndarray.data is memoryview(array) (numpy's stubs give ndarray __buffer__ only from Python 3.12)
+        raw = (np.ascontiguousarray(data).data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
         self.name = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
         self.size = max(len(raw), size, 1)
         self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(

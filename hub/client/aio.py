@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -63,7 +63,10 @@ class AsyncHubClient(ClientCore):
 
     def _open_transport(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._sock, self._monitor = monitored_socket(self._ctx, self.endpoint, self.curve)
+        sock, monitor = monitored_socket(self._ctx, self.endpoint, self.curve)
+        # monitored_socket is typed for zmq.Socket; made by an asyncio Context, both are its asyncio sockets
+        self._sock = cast(zmq.asyncio.Socket, sock)
+        self._monitor = cast(zmq.asyncio.Socket, monitor)
         self._link = LinkState()
         self._pending: dict[str, asyncio.Queue[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -279,7 +282,7 @@ class AsyncHubClient(ClientCore):
         while True:
             ready = dict(await poller.poll())
             if self._monitor in ready:
-                event = parse_monitor_message(await self._monitor.recv_multipart())
+                event = parse_monitor_message(cast("list[bytes]", await self._monitor.recv_multipart()))  # copy=True
                 if self._link.take(event["event"], event["value"]):
                     gone = self._peer.lost(self._link).to_dict()
                     for request_id, inbox in list(self._pending.items()):
@@ -291,7 +294,8 @@ class AsyncHubClient(ClientCore):
         """Every reply already received, without a trip through the event loop for each."""
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK).result()  # a done future: DONTWAIT short-circuits
+                pending = cast("asyncio.Future[list[bytes]]", self._sock.recv_multipart(zmq.NOBLOCK))
+                frames = pending.result()  # a done future: DONTWAIT short-circuits
             except zmq.Again:
                 return
             try:

@@ -25,7 +25,7 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -216,7 +216,7 @@ class Balancer(Generic[Client]):
 
     def close_all(self) -> list[Client]:
         with self._lock:
-            clients = [m.client for m in [*self.members.values(), *self.retired]]
+            clients = [m.client for m in list(self.members.values()) + self.retired]
             self.members.clear()
             self.retired.clear()
             return clients
@@ -569,7 +569,7 @@ class AsyncHubPool(_Pool[AsyncHubClient]):
 
     async def _tries(
         self, attempts: Attempts[AsyncHubClient], call: Callable[[AsyncHubClient, float], AsyncIterator[Any]]
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """What ``call`` on one hub yields, that hub chosen and changed as ``attempts`` say; awaits between."""
         self._start()
         while True:

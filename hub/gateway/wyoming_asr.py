@@ -64,7 +64,8 @@ WHISPER_LANGUAGES = tuple(
     "sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue".split()
 )
 SENSEVOICE_LANGUAGES = ("zh", "en", "yue", "ja", "ko")
-SAMPLE_TYPES: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}  # Wyoming's width in bytes → samples
+# Wyoming's width in bytes → samples
+SAMPLE_TYPES: dict[int, np.dtype[Any]] = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 MAX_CHANNELS = 8
 ATTRIBUTIONS = {t.name: Attribution(name=t.credit, url=t.homepage) for t in PROVIDER_TYPES.values() if t.credit}
 HUB_ATTRIBUTION = Attribution(name="ASR Hub", url="")
