@@ -41,6 +41,7 @@ from bench.hubproc import RunningHub, echo_provider, free_port, running_hub, whi
 from hub import shm
 from hub.client import HubClient
 from hub.errors import HubError
+from hub.status import HubStatus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KILLED = "WORKER_CRASHED"  # the error of a job whose worker was killed under it (after its retry)
@@ -167,8 +168,17 @@ def snapshot(hub: RunningHub) -> dict[str, Any]:
         "supervisor_rss_mb": round(supervisor.memory_info().rss / 2**20, 1),
         "supervisor_fds": supervisor.num_fds(),
         "worker_rss_mb": workers,
-        "segments": len(shm.list_segments(shm.hub_prefix(status.hub.id))),
+        "segments": len(_segments(status)),
     }
+
+
+def _segments(status: HubStatus) -> list[str]:
+    """The hub's shared-memory segments, less those the running gateway keeps for reuse (a client's segment
+    pool lives as long as the client: the gateway's, as long as the gateway)."""
+    gateway = status.gateway.pid if status.gateway is not None else None
+    return [
+        n for n in shm.list_segments(shm.hub_prefix(status.hub.id)) if gateway is None or shm.owner_pid(n) != gateway
+    ]
 
 
 @dataclass
@@ -195,7 +205,7 @@ class Samples:
                 continue
             self.add(name, "rss_mb", rss)
             self.add(name, "fds", fds)
-        self.add("supervisor", "segments", len(shm.list_segments(shm.hub_prefix(status.hub.id))))
+        self.add("supervisor", "segments", len(_segments(status)))
 
 
 def sampler(hub: RunningHub, samples: Samples, stop: threading.Event) -> None:

@@ -22,7 +22,7 @@ from hub.client.call import (
 from hub.client.call import options as _options
 from hub.client.core import ClientCore, Hello, Readiness, monitored_socket, send_quietly
 from hub.client.session import AsyncStreamSession, open_body
-from hub.errors import HubError, HubUnreachable
+from hub.errors import HubError, HubUnreachable, JobTimeout
 from hub.protocol import Message, MsgType
 from hub.results import Segment, Transcript
 
@@ -188,7 +188,7 @@ class AsyncHubClient(ClientCore):
         while (left := wait.next_try()) is not None:
             try:
                 status = await self.status(timeout=left)
-            except HubUnreachable:
+            except (HubUnreachable, JobTimeout):  # no answer within this try (a slow first STATUS): try again
                 continue
             if wait.ready(status):
                 return status

@@ -275,7 +275,9 @@ class Call:
         waited = time.monotonic() - self.started
         if self.kind is MsgType.HELLO:
             return self.peer.unreachable(waited)
-        return JobTimeout(f"no answer within {waited:.1f} s (the client's timeout); the request was cancelled")
+        return JobTimeout(
+            f"no answer within {waited:.1f} s (the client's timeout); the request was cancelled", request_id=self.id
+        )
 
     def lost(self, link: LinkState, sent: bool = True) -> HubError:
         """The error for a connection that closed (``sent``) or stayed down before sending (not ``sent``)."""

@@ -23,7 +23,7 @@ from hub.client.call import (
 from hub.client.call import options as _options
 from hub.client.core import ClientCore, Hello, Readiness, client_socket, monitored_socket, send_quietly
 from hub.client.session import StreamSession, open_body
-from hub.errors import HubUnreachable
+from hub.errors import HubUnreachable, JobTimeout
 from hub.protocol import MsgType
 from hub.results import Segment, Transcript
 
@@ -205,7 +205,7 @@ class HubClient(ClientCore):
         while (left := wait.next_try()) is not None:
             try:
                 status = self.status(timeout=left)
-            except HubUnreachable:
+            except (HubUnreachable, JobTimeout):  # no answer within this try (a slow first STATUS): try again
                 continue
             if wait.ready(status):
                 return status
