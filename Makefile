@@ -46,9 +46,11 @@ test: $(TEST_STAMP)
 	scripts/install-test-packages.sh
 	$(PYTEST) $(FAST_TIERS) $(PYTEST_ARGS)
 
+# the system tier runs after the fast ones, one test at a time: its benchmarks and soak measure the machine
 test-all: $(TEST_STAMP)
 	scripts/install-test-packages.sh
-	$(PYTEST) tests $(PYTEST_ARGS)
+	$(PYTEST) $(FAST_TIERS) $(PYTEST_ARGS)
+	ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -p no:xdist tests/system $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
