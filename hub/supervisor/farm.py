@@ -394,7 +394,6 @@ class Farm:
             if not self.workforce.checked(worker, msg, now):
                 return
         elif job is not None and job.owner:
-            worker.jobs_done += 1
             self.pieces.on_answer(job, msg, worker.id, now)
         elif job is not None:
             code = msg.body.get("code", "INFERENCE_FAILED") if msg.type is MsgType.ERROR else None

@@ -46,11 +46,12 @@ def test_a_sticky_route_through_the_openai_api(gateway_factory) -> None:
         for extra in ({"extra_body": {"route_key": key}}, {"extra_headers": {"X-Route-Key": key}}):
             try:
                 text = client.audio.transcriptions.create(model="asr", file=("a.wav", audio), **extra).text
-                assert expected_ok and text.startswith("echo 1.000s"), (key, text)
+                # a v2 key may still be answered: while v2's worker is replaced after its failures in a row it has
+                # no ready worker, and the route sends its keys to v1 meanwhile
+                assert text.startswith("echo 1.000s"), (key, text)
             except openai.APIStatusError as exc:
                 assert not expected_ok, (key, exc)
                 assert "the canary" in json.dumps(exc.body)
     counts = gw.hub.status()["routes"]["asr"]["providers"]
-    assert (
-        counts["v1"]["requests"] + counts["v2"]["requests"] == 24 and counts["v2"]["errors"] == counts["v2"]["requests"]
-    )
+    assert counts["v1"]["requests"] + counts["v2"]["requests"] == 24 and counts["v2"]["requests"] > 0
+    assert counts["v2"]["errors"] == counts["v2"]["requests"] and counts["v1"]["errors"] == 0

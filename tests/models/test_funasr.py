@@ -527,8 +527,10 @@ def test_a_long_recording_is_split_across_the_funasr_pool_and_stitched_in_order(
     pcm = np.concatenate([part for _ in range(6) for clip in clips for part in (clip, gap)])[: 75 * 16000]
     pieces = [p for p in plan(pcm, 30 * 16000, silero_vad) if p.speech]
     with hub.client(timeout=120) as client:
+        serving = {w["id"] for w in client.status()["providers"]["funasr"]["workers"] if w["state"] in ("idle", "busy")}
         result = client.transcribe(pcm, "funasr")
-    assert result.extra["pieces"] >= 3 and set(result.worker.split(",")) == {"funasr-1", "funasr-2"}
+    # both workers of the pool took pieces (an earlier test of this module may have replaced one: ids from status)
+    assert result.extra["pieces"] >= 3 and set(result.worker.split(",")) == serving and len(serving) == 2
     assert [(s.start, s.end, s.text) for s in result.segments] == [
         (round(p.start / 16000, 3), round(p.end / 16000, 3), direct_text(models["paraformer"], pcm[p.start : p.end]))
         for p in pieces
