@@ -131,9 +131,10 @@ def check_flood(pid: int, port: int, half: bytes, deadline: float, reply: bytes,
         with seen.quiet:
             baseline = usage(pid)
         sockets, last_opened = flood(port, half)
-        # all of them held at once (a listener accepts its backlog at its own pace: allow it half the deadline)
+        # (nearly) all of them held at once: a listener accepts its backlog at its own pace, and the first ones may
+        # already meet their deadline while the last are accepted, so allow it half the deadline and 10 % short
         wait_for(
-            lambda: usage(pid).fds >= baseline.fds + FLOOD,
+            lambda: usage(pid).fds >= baseline.fds + 0.9 * FLOOD,
             deadline / 2,
             f"the flood to take hold: {baseline} -> {usage(pid)}",
         )
@@ -225,8 +226,9 @@ def test_at_the_gateway_cap_the_oldest_half_open_connection_makes_room(tmp_path:
         try:
             displaced = [sock.recv(64) for sock in sockets[:30]]  # the 20 newer ones each displaced one of these
             assert all(reply.startswith(b"HTTP/1.1 408 ") for reply in displaced), displaced
-            held = usage(pid)
-            assert held.fds <= baseline.fds + 20 and held.threads == baseline.threads, (baseline, held)
+            # a displaced connection's descriptor is freed once its 408 is written: wait for that, briefly
+            wait_for(lambda: usage(pid).fds <= baseline.fds + 20, 5, f"at most 20 held: {baseline} -> {usage(pid)}")
+            assert usage(pid).threads == baseline.threads, (baseline, usage(pid))
             one()
         finally:
             for sock in sockets:
