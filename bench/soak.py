@@ -221,16 +221,20 @@ MIN_FIT_S = 600.0  # a projection to a day is judged only from at least ten minu
 
 def projections(samples: Samples, settle_s: float) -> dict[str, Any]:
     """Per process: the fitted slopes per hour and the day's verdicts. A process whose settled samples span less
-    than ``MIN_FIT_S`` (a worker killed early, or a short run) is named in ``short_lived`` and not judged."""
+    than ``MIN_FIT_S`` (a worker killed early, or a short run) has its slopes but no verdict, and is named in
+    ``short_lived``."""
     out: dict[str, Any] = {"settle_s": settle_s, "processes": {}, "short_lived": []}
     for name, figures in samples.series.items():
         rss = figures.get("rss_mb", [])
         span = rss[-1][0] - rss[0][0] - settle_s if rss else 0.0  # settled from the process's own start
         fits = {figure: trend.fit(points, settle_s) for figure, points in figures.items()}
-        if fits.get("rss_mb") is None or span < MIN_FIT_S:
+        if fits.get("rss_mb") is None:
             out["short_lived"].append(name)
             continue
-        verdicts = trend.day_verdicts(name, fits.get("rss_mb"), fits.get("fds"), fits.get("segments"))
+        judged = span >= MIN_FIT_S
+        if not judged:
+            out["short_lived"].append(name)
+        verdicts = trend.day_verdicts(name, fits.get("rss_mb"), fits.get("fds"), fits.get("segments")) if judged else []
         out["processes"][name] = {
             "per_hour": {figure: round(f.per_hour, 4) for figure, f in fits.items() if f is not None},
             "start": {figure: round(f.start, 2) for figure, f in fits.items() if f is not None},
