@@ -486,7 +486,7 @@ class AsyncStreamSession(_SessionView):
         takes it into the shared state and wakes the others, so none waits for a message
         that another already consumed."""
         changed = self._changed
-        getter = asyncio.ensure_future(self._inbox.get())
+        getter = asyncio.ensure_future(self._take())
         waiter = asyncio.ensure_future(changed.wait())
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -494,8 +494,11 @@ class AsyncStreamSession(_SessionView):
         finally:
             # also when this task is cancelled: a getter left behind would take (and lose) the next message
             waiter.cancel()
-            if getter.done() and not getter.cancelled():
-                self._handle(getter.result())
-            else:
-                getter.cancel()  # a queued message stays queued: Queue.get only removes it when it returns
+            getter.cancel()  # a queued message stays queued: Queue.get only removes it when it returns
         return bool(done)
+
+    async def _take(self) -> None:
+        """Take the next message in as soon as it leaves the inbox, in the same step: handled later (when the
+        waiting task runs again), a sender's ``_drain`` could take the messages after it in first, and the
+        session's events would come out of order."""
+        self._handle(await self._inbox.get())
