@@ -60,10 +60,14 @@ class PcmSegment:
         raw = (np.ascontiguousarray(data).data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
         self.name = f"{prefix}{os.getpid()}_{secrets.token_hex(8)}"
         self.size = max(len(raw), size, 1)
-        self._shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(
-            name=self.name, create=True, size=self.size
-        )
-        self.buf[: len(raw)] = raw
+        self._shm: shared_memory.SharedMemory | None = None
+        try:
+            self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=self.size)
+            self.buf[: len(raw)] = raw
+        except BaseException:  # a Ctrl-C (KeyboardInterrupt) here: the caller never gets the segment to release
+            self._shm = None
+            _remove_registered(self.name)
+            raise
 
     def write(self, pcm: np.ndarray) -> None:
         """Overwrite the start of the segment with float32 samples (a reused segment's next request)."""
@@ -368,6 +372,17 @@ def share(name: str, prefix: str) -> str:
 def remove(name: str) -> bool:
     """Unlink a segment by name; False when it was already gone."""
     return _unlink(name)
+
+
+def _remove_registered(name: str) -> None:
+    """Unlink a segment this process made, and take it off the resource tracker's list whether or not it got
+    there (the tracker registers a segment at the end of its creation; attaching registers it again, once)."""
+    try:
+        segment = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+        return
+    segment.close()
+    segment.unlink()
 
 
 def create_probe() -> tuple[PcmSegment, str]:

@@ -96,7 +96,9 @@ class AsyncHubClient(ClientCore):
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._close_segments()
-        self._ctx.term()
+        # destroy, not term: a socket made but not yet recorded when a Ctrl-C (KeyboardInterrupt) cut its setup short
+        # would hold term() up for ever
+        self._ctx.destroy(linger=0)
 
     async def transcribe(
         self,

@@ -114,7 +114,9 @@ class HubClient(ClientCore):
                 sock.close(linger=0)
             self._sockets.clear()
         self._close_segments()
-        self._ctx.term()
+        # destroy, not term: a socket made but not yet recorded when a Ctrl-C (KeyboardInterrupt) cut its setup short
+        # would hold term() up for ever
+        self._ctx.destroy(linger=0)
 
     # --- public calls ---------------------------------------------------------------
 

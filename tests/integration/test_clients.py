@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import pytest
+import zmq
 
+from hub import shm
 from hub.client import AsyncHubClient, HubClient
 from hub.client.call import ProbeLease
 from hub.errors import (
@@ -326,3 +328,32 @@ def test_a_full_ring_raises_the_same_job_timeout(kind: str, hub_factory: Callabl
     finally:
         client.close()
         client.finish()
+
+
+def test_close_ends_though_a_socket_was_made_and_never_recorded() -> None:
+    """A Ctrl-C can cut a socket's setup short between its creation and the client's record of it (the CLI's
+    first contact under load): ``close`` must still end, where a context ``term`` would wait for it for ever."""
+    for client in (HubClient(f"tcp://127.0.0.1:{free_port()}"), AsyncHubClient(f"tcp://127.0.0.1:{free_port()}")):
+        stray = client._ctx.socket(zmq.DEALER)
+        stray.connect(client.endpoint)
+        closer = threading.Thread(
+            target=client.close if isinstance(client, HubClient) else lambda c=client: asyncio.run(c.close()),
+            daemon=True,
+        )
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), f"{type(client).__name__}.close() is still waiting"
+        assert stray.closed
+
+
+def test_a_segment_whose_creation_is_interrupted_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt after the segment exists but before its maker holds it leaves nothing in /dev/shm."""
+    before = shm.list_segments()
+
+    def interrupted(self: shm.PcmSegment) -> memoryview:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shm.PcmSegment, "buf", property(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        shm.create_probe()
+    assert shm.list_segments() == before

@@ -295,19 +295,20 @@ def test_concurrent_requests_use_both_funasr_workers(hub: Hub) -> None:
 
 
 def test_whisper_and_funasr_served_at_the_same_time(hub: Hub, models: dict[str, Path]) -> None:
-    """The FunASR jobs are sent while whisper's is running, and the intervals the workers spent on them
-    (each answer's arrival less its inference time) overlap: one pool does not wait for the other."""
+    """The FunASR jobs are sent while whisper's is on its worker, and they are answered before it: one pool
+    does not wait for the other. (Intervals of inference time would need the whisper worker to have started
+    decoding when the status says busy; under load it may still be reading the request then.)"""
     speech = np.concatenate([to_pcm(DATA / f"{c}.wav") for c in ("coffee", "stella", "weather")])
     pcm = to_pcm(DATA / "coffee.wav")
     results: dict[str, Any] = {}
-    ran: dict[str, tuple[float, float]] = {}
+    ran: dict[str, float] = {}
     with hub.client() as client:
 
         def run(provider: str, audio: np.ndarray) -> None:
             result = client.transcribe(audio, provider, timeout=120)
             done = time.monotonic()
             results[provider] = result
-            ran[provider] = (done - result.inference_ms / 1000, done)
+            ran[provider] = done
 
         whisper = threading.Thread(target=run, args=("whisper", speech))
         whisper.start()
@@ -317,14 +318,15 @@ def test_whisper_and_funasr_served_at_the_same_time(hub: Hub, models: dict[str, 
             t.start()
         for t in (whisper, *others):
             t.join(120)
+    assert not [t for t in (whisper, *others) if t.is_alive()], "a request thread did not finish in 120 s"
+    assert set(results) == {"whisper", "funasr", "sensevoice"}, results
     references = " ".join(reference(c) for c in ("coffee", "stella", "weather"))
     assert word_error_rate(references, results["whisper"].text) <= 0.10, results["whisper"].text
     assert results["funasr"].text == direct_text(models["paraformer"], pcm)
     assert results["sensevoice"].text == direct_text(models["sensevoice"], pcm, language="en")
     for provider in ("funasr", "sensevoice"):
         assert results[provider].worker.startswith(f"{provider}-")
-        start, end = ran[provider]
-        assert start < ran["whisper"][1] and ran["whisper"][0] < end, ran  # the two ran at the same time
+        assert ran[provider] < ran["whisper"], ran  # answered while whisper's job was still running
 
 
 # --- live sessions ---------------------------------------------------------------------
