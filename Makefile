@@ -38,7 +38,7 @@ run: install
 
 # The tiers (tests/README.md): unit (no process, no socket), integration (echo hubs), models (faster-whisper,
 # FunASR), system (what needs minutes or outside tools). PYTEST_JOBS runs test files in parallel processes.
-FAST_TIERS := tests/unit tests/integration tests/models
+FAST_TIERS := tests/models tests/integration tests/unit  # the heaviest tier first: xdist hands out files in this order
 PYTEST_JOBS ?= 4
 PYTEST := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile)
 

@@ -129,6 +129,7 @@ def play(hub: Hub, pcm: np.ndarray, **open_kwargs: object) -> tuple[list[tuple[f
             session.send(pcm[offset : offset + CHUNK])
         transcript = session.close()
         reader.join(30)
+    assert not reader.is_alive(), "the session's results did not end within 30 s of its close"
     return events, transcript.inference_ms / 1000 / max(1, int(transcript.extra.get("decodes", 1))), transcript.text
 
 
@@ -164,11 +165,13 @@ def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(
     vad_hub: Hub, engine: WhisperEngine
 ) -> None:
     """On an idle worker the final comes within 1 s of the utterance's end. The machine running the tests is
-    shared, so the bound grows by what each decode costs here beyond an idle core's, for the two decodes that
-    may stand between an utterance's end and its final (one under way, the end's own)."""
-    slower = max(0.0, decode_seconds(engine) - IDLE_DECODE_S)
+    shared, so the bound grows by what each decode costs here beyond an idle core's (measured before the session
+    and on the worker during it, whichever is slower), for the two decodes that may stand between an
+    utterance's end and its final (one under way, the end's own)."""
+    before = decode_seconds(engine)
     pcm = padded((1.5, 3.0, 3.0), ("coffee", "weather"))
-    events, _, text = play(vad_hub, pcm)
+    events, during, text = play(vad_hub, pcm)
+    slower = max(0.0, max(before, during) - IDLE_DECODE_S)  # the load may change while the session plays
     parts = utterances(events)
     assert len(parts) == 2
     for part, name in zip(parts, ("coffee", "weather"), strict=False):
