@@ -67,10 +67,36 @@ def script_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+PORTS_BELOW_EPHEMERAL = range(20000, 32768)  # the kernel's ephemeral range starts at 32768 here (and by default)
+PORT_BLOCKS = 8  # test processes that may run at once (pytest-xdist's gw0..gw7)
+
+
+def _port_block() -> range:
+    """This test process's own ports: a block of ``PORTS_BELOW_EPHEMERAL`` by its pytest-xdist worker number."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
+    size = len(PORTS_BELOW_EPHEMERAL) // PORT_BLOCKS
+    start = PORTS_BELOW_EPHEMERAL.start + index * size
+    return range(start, start + size)
+
+
+_PORTS = _port_block()
+_next_port = iter(random.sample(_PORTS, len(_PORTS)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now that no other test process will be given: ``bind(0)`` hands a port just released to the
+    next caller, so two test processes could get the same one and one's hub answered the other's client (a CURVE
+    hub refused a test's plain client). Each process takes its ports from a block of its own, below the
+    ephemeral range (which the kernel's outgoing connections use), in a shuffled order."""
+    for port in _next_port:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"every port of {_PORTS} was handed out")
 
 
 @dataclass

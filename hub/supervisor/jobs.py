@@ -389,6 +389,10 @@ class Jobs:
             if j.kind is JobKind.PIECE and j.provider == provider and j.worker is not None
         )
 
+    def live_sessions(self) -> list[Job]:
+        """Every live session its client still waits for, open or waiting for a worker."""
+        return [j for j in self._by_request.values() if j.kind is JobKind.SESSION]
+
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider`` their clients still wait for, open or waiting for a worker."""
         return sum(1 for j in self._by_request.values() if j.kind is JobKind.SESSION and j.provider == provider)

@@ -66,6 +66,7 @@ TICK_INTERVAL = 0.05  # seconds between timer passes (reap, deadlines, heartbeat
 SHM_SWEEP_INTERVAL = 2.0
 SAMPLE_INTERVAL = 1.0  # how often worker memory is read
 MAX_BATCH = 256  # messages read from one socket before the loop looks at the others
+SHUTDOWN_CLOSE = "the hub is shutting down"  # the reason a live session is closed with when the hub stops
 SIGNALS = ("HUP", "INT", "TERM", "TTIN", "TTOU")  # each handled by ``Supervisor.handle_<name lowercased>``
 
 
@@ -235,6 +236,7 @@ class Supervisor:
         log.info("%s: shutting down (no new jobs; up to %.0f s for jobs in flight, hub.drain_timeout)", why, timeout)
         self.farm.begin_shutdown()
         self.shutdown_deadline = time.monotonic() + timeout
+        self.sessions.close_all(SHUTDOWN_CLOSE, time.monotonic())
 
     def _finished(self, now: float) -> bool:
         if not self.farm.stopping:

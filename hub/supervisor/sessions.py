@@ -98,6 +98,13 @@ class Sessions:
         if job.worker is not None:  # else the worker that takes the session over is told (``started``)
             self._send_close(job, now)
 
+    def close_all(self, reason: str, now: float) -> None:
+        """Close every live session (the hub is shutting down): each worker decodes what its sessions hold and
+        answers, so their clients get every final and the reason within the drain, instead of a session that
+        keeps the hub waiting until its client leaves or its idle timeout passes."""
+        for job in self.jobs.live_sessions():
+            self.close_session(job, reason, now)
+
     def _of(self, client: bytes, request_id: str) -> Job:
         job = self.jobs.of_request(client, request_id)
         if job is None or job.kind is not JobKind.SESSION:

@@ -101,3 +101,19 @@ def test_a_stale_pid_file_and_socket_are_replaced_on_the_next_start(hub_factory)
         for pid in leftover:
             os.kill(pid, signal.SIGKILL)
     assert not leftover and not pid_file.exists() and not socket.exists()
+
+
+def test_a_shutdown_closes_live_sessions_and_their_clients_get_every_final_and_the_reason(hub_factory) -> None:
+    """A session whose client went quiet would hold the drain until its idle timeout (300 s here): stopping, the
+    hub closes every session, its worker answers with what it heard, and the hub is gone within seconds."""
+    hub = hub_factory(
+        {"echo": echo_provider(min_size=1, max_size=1, session_idle_timeout=300)}, hub={"drain_timeout": 300}
+    )
+    with hub.client() as client:
+        session = client.open_stream("echo")
+        session.send(np.full(16000, 0.02, dtype=np.float32))  # one second: two echo "words" of RMS 20
+        assert next(iter(session.results())).text == "a20 a20"  # its first step: the worker has the audio
+        hub.proc.send_signal(signal.SIGTERM)
+        assert hub.proc.wait(30) == 0
+        transcript = session.close()
+    assert transcript.text == "a20 a20" and transcript.extra["closed_reason"] == "the hub is shutting down"

@@ -37,11 +37,22 @@ class FakeWorkforce:
         self.steps.append(step)
 
 
+class FakeSessions:
+    """What the signal handlers may touch of the live sessions: closing them all."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def close_all(self, reason: str, now: float) -> None:
+        self.closed.append(reason)
+
+
 def supervisor() -> Supervisor:
     """A supervisor with no socket and no process: only what the signal handlers read."""
     sup = Supervisor.__new__(Supervisor)
     sup.farm = FakeFarm()  # type: ignore[assignment]
     sup.workforce = FakeWorkforce()  # type: ignore[assignment]
+    sup.sessions = FakeSessions()  # type: ignore[assignment]
     sup.sig_queue = deque()
     sup.shutdown_deadline = 0.0
     sup.config_path = None
@@ -72,6 +83,7 @@ def test_term_starts_a_shutdown_and_a_second_signal_ends_its_wait() -> None:
     sup.handle_signals()
     assert sup.farm.stopping
     assert sup.shutdown_deadline == pytest.approx(time.monotonic() + 30.0, abs=1.0)
+    assert sup.sessions.closed == ["the hub is shutting down"]  # type: ignore[attr-defined]
     sup.sig_queue.append(signal.SIGINT)
     sup.handle_signals()
     assert sup.shutdown_deadline == 0.0

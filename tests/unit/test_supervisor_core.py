@@ -223,6 +223,22 @@ def test_an_idle_session_is_closed_and_a_stuck_flush_fails_alone() -> None:
     assert rig.state(worker) is WorkerState.IDLE  # the worker serves on
 
 
+def test_a_shutdown_closes_every_live_session_with_its_reason() -> None:
+    """Stopping, the hub asks each session's worker to flush and answer at once: a session whose client went
+    quiet would otherwise hold the drain until its idle timeout."""
+    rig = Rig({"echo": echo(min_size=2, max_size=2, session_idle_timeout=30)})
+    rig.start()
+    sessions = [rig.open_session(), rig.open_session()]
+    rig.farm.begin_shutdown()
+    rig.sessions.close_all("the hub is shutting down", rig.t)
+    for session in sessions:
+        worker, job_id = rig.job_of(session)
+        closes = [m for w, m in rig.io.sent if m.type is MsgType.STREAM_CLOSE and m.id == job_id and w == worker]
+        assert [m.body for m in closes] == [{"reason": "the hub is shutting down"}]
+    rig.sessions.close_all("the hub is shutting down", rig.t)  # a second signal: nothing is closed twice
+    assert len([m for _, m in rig.io.sent if m.type is MsgType.STREAM_CLOSE]) == 2
+
+
 def test_a_cancelled_queued_job_never_reaches_a_worker() -> None:
     rig = Rig({"echo": echo(min_size=1, max_size=1)})
     rig.start()
