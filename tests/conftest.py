@@ -67,6 +67,31 @@ def script_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+# The files whose tests take longest (make test's --durations, 2 cores), heaviest first: pytest-xdist hands out
+# files in collection order, so these start first and the short files fill the processes at the end, instead of
+# one long file starting last and running alone.
+HEAVY_FIRST = (
+    "tests/models/test_sessions.py",
+    "tests/models/test_live_vad.py",
+    "tests/models/test_funasr.py",
+    "tests/integration/test_resilience.py",
+    "tests/integration/test_farm.py",
+    "tests/models/test_whisper.py",
+    "tests/integration/test_gateway_many_hubs.py",
+    "tests/integration/test_resume.py",
+    "tests/models/test_gateway_openai.py",
+    "tests/integration/test_gray_release.py",
+    "tests/models/test_long_whisper.py",
+    "tests/integration/test_long_audio.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The heaviest files first (``HEAVY_FIRST``), the rest in the order given."""
+    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 PORTS_BELOW_EPHEMERAL = range(20000, 32768)  # the kernel's ephemeral range starts at 32768 here (and by default)
 PORT_BLOCKS = 8  # test processes that may run at once (pytest-xdist's gw0..gw7)
 
