@@ -35,6 +35,7 @@ from hub.client.aio import AsyncHubClient, AsyncTranscriptStream
 from hub.client.call import CurveKeys
 from hub.client.sync import HubClient, TranscriptStream
 from hub.errors import (
+    AuthFailed,
     HubError,
     HubUnreachable,
     PoolBusy,
@@ -244,7 +245,9 @@ class Attempts(Generic[Client]):
             # if it ended: close attempts.succeeded(); stop
 
     ``POOL_BUSY``, ``SHUTTING_DOWN`` and ``HUB_UNREACHABLE`` are tried on another hub, never once part of the
-    answer has reached the caller. The methods that end a try return the clients the balancer found safe to
+    answer has reached the caller. So is ``AUTH_FAILED`` (a hub that stops in the middle of a first handshake
+    can look like one refusing the client), but only on hubs not tried yet: when every hub has refused the
+    client's key, that is final at once. The methods that end a try return the clients the balancer found safe to
     close. With ``keep`` (a live session), a try that succeeded stays counted on its hub until the session ends.
     """
 
@@ -258,6 +261,7 @@ class Attempts(Generic[Client]):
     tried: set[str] = field(default_factory=set)
     last: HubError | None = None
     has_answered: bool = False
+    refusals: set[str] = field(default_factory=set)  # hubs that refused the client in the handshake
 
     def left(self, now: float) -> float:
         return max(0.0, self.deadline - now)
@@ -277,6 +281,9 @@ class Attempts(Generic[Client]):
             )
         self.member = self.balancer.choose(self.provider, self.tried)
         if self.member is None:
+            if self.tried and self.tried <= self.refusals:
+                assert self.last is not None
+                raise self.last  # every hub refused the client's key: no other hub, and no wait, changes that
             self.tried.clear()
             return min(RETRY_PAUSE, left)
         return self.member
@@ -288,12 +295,14 @@ class Attempts(Generic[Client]):
     def failed(self, exc: BaseException) -> tuple[bool, list[Client]]:
         """The try raised ``exc``: whether to try another hub (else re-raise it), and the clients to close."""
         member = self._take()
-        retry = isinstance(exc, RETRYABLE) and not self.has_answered
+        retry = isinstance(exc, (*RETRYABLE, AuthFailed)) and not self.has_answered
         closable = []
         if retry:
             assert isinstance(exc, HubError)
             self.last = exc
             self.tried.add(member.endpoint)
+            if isinstance(exc, AuthFailed):
+                self.refusals.add(member.endpoint)
             closable = self.balancer.failed(member, exc)
         return retry, closable + self.balancer.release(member)
 

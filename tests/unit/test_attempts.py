@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hub.client.balance import RETRY_PAUSE, Attempts, Balancer, Member
-from hub.errors import HubUnreachable, JobTimeout, PoolBusy, ShuttingDown
+from hub.errors import AuthFailed, HubUnreachable, JobTimeout, PoolBusy, ShuttingDown
 
 A, B = "tcp://a:1", "tcp://b:1"
 
@@ -114,3 +114,31 @@ def test_ending_a_try_that_was_not_started_is_a_bug() -> None:
     tries = attempts(pool(A))
     with pytest.raises(AssertionError):
         tries.succeeded()
+
+
+def test_a_hub_refusing_the_key_sends_the_request_to_another_and_all_refusing_is_final_at_once() -> None:
+    """A hub that stops in the middle of a client's first handshake can look like a refusal: the request goes to
+    another hub. When every hub has refused the key, that is the answer at once, not after the timeout."""
+    tries = attempts(pool(A, B))
+    hub(tries.next(100.0))
+    assert tries.failed(AuthFailed("refused"))[0]
+    other = hub(tries.next(100.1))
+    assert tries.succeeded() == [] and other.in_flight == 0
+    refused = AuthFailed("refused")
+    tries = attempts(pool(A, B))
+    for now in (100.0, 100.1):
+        hub(tries.next(now))
+        assert tries.failed(refused)[0]
+    with pytest.raises(AuthFailed) as raised:
+        tries.next(100.2)
+    assert raised.value is refused
+
+
+def test_a_refusal_beside_a_busy_hub_waits_and_tries_both_again() -> None:
+    tries = attempts(pool(A, B))
+    hub(tries.next(100.0))
+    tries.failed(AuthFailed("refused"))
+    hub(tries.next(100.1))
+    tries.failed(PoolBusy("full"))
+    assert tries.next(100.2) == RETRY_PAUSE  # not final: the busy hub may take it on the next round
+    assert hub(tries.next(100.3)).in_flight == 1
