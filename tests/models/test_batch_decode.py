@@ -7,7 +7,6 @@ timings); FunASR a tiny offline Paraformer (as in ``tests/models/test_funasr.py`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,38 +92,3 @@ def test_whisper_fails_a_job_with_bad_audio_alone(whisper: Any) -> None:
     outcomes = whisper.transcribe_batch([_item(good), _item(good, temperature=[0.0, 0.2], beam_size=0)])
     assert isinstance(outcomes[0], EngineResult) and outcomes[0].text == "Hello world."
     assert isinstance(outcomes[1], Exception)
-
-
-# --- FunASR: generate over a list -------------------------------------------------------
-
-
-def test_funasr_decodes_a_batch_in_one_generate_and_only_padding_can_change_a_shorter_jobs_tail(tmp_path: Path) -> None:
-    """FunASR pads a batch to its longest audio. Here (a tiny Paraformer with random weights) that changed the
-    last tokens of one of the four clips (weather, padded from 3.9 s to stella's 4.7 s): the longest clip, and
-    any batch of equal lengths, decode exactly as alone; the others are compared by their common prefix."""
-    pytest.importorskip("funasr", reason="the funasr extra is not installed (make install EXTRAS=funasr)")
-    from tests.models.test_funasr import build_tiny_model
-    from workers.funasr import FunASREngine
-
-    engine = FunASREngine(_spec("funasr", str(build_tiny_model("paraformer", tmp_path / "paraformer"))))
-    calls: list[int] = []
-    generate = engine._model.generate
-    engine._model.generate = lambda **kw: (
-        calls.append(len(kw["input"]) if isinstance(kw["input"], list) else 1),
-        generate(**kw),
-    )[1]
-    clips = [to_pcm(DATA / f"{name}.wav") for name in CLIPS]
-    alone = [engine.transcribe(pcm, {}, lambda s: None) for pcm in clips]
-    calls.clear()
-    batched = engine.transcribe_batch([_item(pcm) for pcm in clips])
-    assert calls == [len(CLIPS)]
-    texts = [b.text for b in batched if isinstance(b, EngineResult)]
-    longest = max(range(len(clips)), key=lambda i: clips[i].size)
-    assert texts[longest] == alone[longest].text
-    for text, one in zip(texts, alone, strict=True):
-        same = next(
-            (i for i, (x, y) in enumerate(zip(text, one.text, strict=False)) if x != y), min(len(text), len(one.text))
-        )
-        assert same >= 0.75 * len(one.text), f"batched {text!r} and alone {one.text!r} part before their tails"
-    twice = engine.transcribe_batch([_item(clips[0]), _item(clips[0])])
-    assert [t.text for t in twice if isinstance(t, EngineResult)] == [alone[0].text] * 2

@@ -40,7 +40,7 @@ from hub.client.session import StreamEvent
 from hub.errors import BadRequest, ProviderUnavailable
 from hub.protocol import WorkerSpec
 from tests.conftest import DATA, Hub, reference, start_hub, word_error_rate
-from workers.engine import StreamSettings
+from workers.engine import DecodeItem, EngineResult, StreamSettings
 from workers.funasr import FunASREngine, clean_text, resolve_model, to_segment, to_words
 from workers.streaming import StreamUpdate
 
@@ -538,3 +538,36 @@ def test_a_long_recording_is_split_across_the_funasr_pool_and_stitched_in_order(
         (round(p.start / 16000, 3), round(p.end / 16000, 3), direct_text(models["paraformer"], pcm[p.start : p.end]))
         for p in pieces
     ]
+
+
+# --- batches: one generate over a list (the batching issue) ---------------------------
+
+
+def test_funasr_decodes_a_batch_in_one_generate_and_only_padding_can_change_a_shorter_jobs_tail(
+    models: dict[str, Path],
+) -> None:
+    """FunASR pads a batch to its longest audio. Here (a tiny Paraformer with random weights) that changed the
+    last tokens of one of the four clips (weather, padded from 3.9 s to stella's 4.7 s): the longest clip, and
+    any batch of equal lengths, decode exactly as alone; the others are compared by their common prefix."""
+    engine = FunASREngine(_spec(str(models["paraformer"])))
+    calls: list[int] = []
+    generate = engine._model.generate
+    engine._model.generate = lambda **kw: (
+        calls.append(len(kw["input"]) if isinstance(kw["input"], list) else 1),
+        generate(**kw),
+    )[1]
+    clips = [to_pcm(DATA / f"{name}.wav") for name in ("coffee", "hello", "stella", "weather")]
+    alone = [engine.transcribe(pcm, {}, lambda s: None) for pcm in clips]
+    calls.clear()
+    batched = engine.transcribe_batch([DecodeItem(pcm, {}) for pcm in clips])
+    assert calls == [len(clips)]
+    texts = [b.text for b in batched if isinstance(b, EngineResult)]
+    longest = max(range(len(clips)), key=lambda i: clips[i].size)
+    assert texts[longest] == alone[longest].text
+    for text, one in zip(texts, alone, strict=True):
+        same = next(
+            (i for i, (x, y) in enumerate(zip(text, one.text, strict=False)) if x != y), min(len(text), len(one.text))
+        )
+        assert same >= 0.75 * len(one.text), f"batched {text!r} and alone {one.text!r} part before their tails"
+    twice = engine.transcribe_batch([DecodeItem(clips[0], {}), DecodeItem(clips[0], {})])
+    assert [t.text for t in twice if isinstance(t, EngineResult)] == [alone[0].text] * 2
