@@ -40,7 +40,7 @@ run: install
 # FunASR), system (what needs minutes or outside tools). PYTEST_JOBS runs test files in parallel processes.
 FAST_TIERS := tests/models tests/integration tests/unit  # the heaviest tier first: xdist hands out files in this order
 PYTEST_JOBS ?= 4
-PYTEST := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile)
+PYTEST := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 test: $(TEST_STAMP)
 	scripts/install-test-packages.sh
