@@ -103,7 +103,9 @@ def test_a_cancelled_held_job_leaves_its_workers_batch(hub_factory) -> None:
     with hub.client() as client:
         blocker = threading.Thread(target=client.transcribe, args=(_pcm(0.05),), kwargs={"sleep": 1.5})
         blocker.start()
-        wait_for(lambda: hub.status()["providers"]["echo"]["workers"][0]["jobs_held"] == 1, what="the first job held")
+        # the worker says when a batch starts (held by the worker is not yet decoding: read together, the two
+        # jobs would make one batch)
+        wait_for(lambda: "decoding a batch of 1 job(s)" in hub.log(), what="the first job's batch to start")
         started = time.monotonic()
         with pytest.raises(JobTimeout):
             client.transcribe(_pcm(0.1), timeout=0.5)  # held behind the blocker's batch, then given up

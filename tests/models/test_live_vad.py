@@ -166,8 +166,9 @@ def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(
 ) -> None:
     """On an idle worker the final comes within 1 s of the utterance's end. The machine running the tests is
     shared, so the bound grows by what each decode costs here beyond an idle core's (measured before the session
-    and on the worker during it, whichever is slower), for the two decodes that may stand between an
-    utterance's end and its final (one under way, the end's own)."""
+    and on the worker during it, whichever is slower), for the three decodes that may stand between an
+    utterance's end and its final (one under way, the one at the pause, the end's own when the pause's did not
+    hear it all)."""
     before = decode_seconds(engine)
     pcm = padded((1.5, 3.0, 3.0), ("coffee", "weather"))
     events, during, text = play(vad_hub, pcm)
@@ -186,7 +187,7 @@ def test_the_event_contract_and_a_final_within_a_second_of_the_utterance_end(
         start, end = part[0][1].at, part[stopped][1].at
         assert start < end <= marker.at + 1e-6 and marker.at == end
         late = marker_time - end
-        assert late <= 1.0 + 2 * slower, (
+        assert late <= 1.0 + 3 * slower, (
             f"the final came {late:.2f} s after the utterance ended ({slower:.2f} s slower decodes)"
         )
     assert text == " ".join(m[-1][1].text for m in parts)
