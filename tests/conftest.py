@@ -92,6 +92,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_python_sets_it() -> Iterator[None]:
+    """Every test starts with Python's own SIGINT handler in this process. A shell without job control starts
+    a background command (``make test &``) with SIGINT ignored, a process keeps an ignored signal ignored
+    across fork and exec, and Python then installs no KeyboardInterrupt handler: every CLI a test started
+    shrugged off its Ctrl-C, and the two Ctrl-C tests failed."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 PORTS_BELOW_EPHEMERAL = range(20000, 32768)  # the kernel's ephemeral range starts at 32768 here (and by default)
 PORT_BLOCKS = 8  # test processes that may run at once (pytest-xdist's gw0..gw7)
 
