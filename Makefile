@@ -40,7 +40,8 @@ run: install
 # FunASR), system (what needs minutes or outside tools). PYTEST_JOBS runs test files in parallel processes.
 FAST_TIERS := tests/models tests/integration tests/unit  # the heaviest tier first: xdist hands out files in this order
 PYTEST_JOBS ?= 4
-PYTEST := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile --no-loadscope-reorder)
+PYTEST_SERIAL := ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest
+PYTEST := $(PYTEST_SERIAL) $(if $(filter-out 0 1,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 test: $(TEST_STAMP)
 	scripts/install-test-packages.sh
@@ -50,7 +51,7 @@ test: $(TEST_STAMP)
 test-all: $(TEST_STAMP)
 	scripts/install-test-packages.sh
 	$(PYTEST) $(FAST_TIERS) $(PYTEST_ARGS)
-	ASR_HUB_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -p no:xdist tests/system $(PYTEST_ARGS)
+	$(PYTEST_SERIAL) -p no:xdist tests/system $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

@@ -395,7 +395,7 @@ class Jobs:
 
     def sessions(self, provider: str) -> int:
         """Live sessions of ``provider`` their clients still wait for, open or waiting for a worker."""
-        return sum(1 for j in self._by_request.values() if j.kind is JobKind.SESSION and j.provider == provider)
+        return sum(1 for j in self.live_sessions() if j.provider == provider)
 
     @property
     def in_flight(self) -> int:

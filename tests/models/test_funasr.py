@@ -39,7 +39,7 @@ from hub.audio import to_pcm
 from hub.client.session import StreamEvent
 from hub.errors import BadRequest, ProviderUnavailable
 from hub.protocol import WorkerSpec
-from tests.conftest import DATA, Hub, reference, start_hub, word_error_rate
+from tests.conftest import CLIPS, DATA, Hub, reference, start_hub, word_error_rate
 from workers.engine import DecodeItem, EngineResult, StreamSettings
 from workers.funasr import FunASREngine, clean_text, resolve_model, to_segment, to_words
 from workers.streaming import StreamUpdate
@@ -556,7 +556,7 @@ def test_funasr_decodes_a_batch_in_one_generate_and_only_padding_can_change_a_sh
         calls.append(len(kw["input"]) if isinstance(kw["input"], list) else 1),
         generate(**kw),
     )[1]
-    clips = [to_pcm(DATA / f"{name}.wav") for name in ("coffee", "hello", "stella", "weather")]
+    clips = [to_pcm(DATA / f"{name}.wav") for name in CLIPS]
     alone = [engine.transcribe(pcm, {}, lambda s: None) for pcm in clips]
     calls.clear()
     batched = engine.transcribe_batch([DecodeItem(pcm, {}) for pcm in clips])
