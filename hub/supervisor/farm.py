@@ -74,7 +74,9 @@ class Farm:
         self.rollout = rollout  # routes: which provider a routed request goes to, shadows, the end of every routed job
         self.inline_bytes = 0  # PCM bytes that crossed the supervisor (only clients without shared memory)
         # long requests split into pieces across the pool (``hub.supervisor.pieces``)
-        self.pieces = Pieces(self.jobs, metrics, self.place, self.fail, self._split_answered, self._split_segment)
+        self.pieces = Pieces(
+            self.jobs, metrics, self.place, self.fail, self._split_answered, self._split_segment, self._abandon
+        )
 
     @property
     def pools(self) -> dict[str, ProviderPool]:
@@ -135,7 +137,14 @@ class Farm:
             return
         if job.kind is JobKind.SESSION:
             self.sessions.close_session(job, "the client went away", now)
-        elif job.worker is not None:  # a held job not started yet leaves its worker's next batch
+            self.jobs.abandon(job)
+        else:
+            self._abandon(job)
+
+    def _abandon(self, job: Job) -> None:
+        """Give up a job on a worker: one it holds and has not started leaves its next batch (CANCEL), one it
+        decodes finishes; either way its answer goes nowhere."""
+        if job.worker is not None:
             self.workforce.send(job.worker, MsgType.CANCEL, job.id)
         self.jobs.abandon(job)
 
@@ -438,8 +447,8 @@ class Farm:
             )
 
     def _batched(self, worker: WorkerHandle, msg: Message, now: float) -> None:
-        """The worker starts decoding held jobs together in one forward pass: counted for the batch-size
-        histogram and the status' mean batch."""
+        """The worker starts decoding held jobs (or stepping live sessions) together in one forward pass: counted
+        for the batch-size histogram and the status' mean batch."""
         jobs = msg.body.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             return

@@ -42,6 +42,7 @@ Place = Callable[[Job, float], None]  # give a job a worker or queue it (the far
 Fail = Callable[[Job, HubError, float], None]  # end the client's request with an error
 Answer = Callable[[Job, dict[str, Any], float], None]  # the client's request's stitched RESULT body
 Segment = Callable[[Job, dict[str, Any]], None]  # one SEGMENT to the client of the request
+Abandon = Callable[[Job], None]  # give up a job on a worker: called back if it is held, its answer dropped
 
 
 def wants_split(samples: int, pool: PoolConfig, asked: bool) -> bool:
@@ -54,7 +55,14 @@ class Pieces:
     """The split requests of a farm, by the request's job id."""
 
     def __init__(
-        self, jobs: Jobs, metrics: Metrics, place: Place, fail: Fail, answer: Answer, segment: Segment
+        self,
+        jobs: Jobs,
+        metrics: Metrics,
+        place: Place,
+        fail: Fail,
+        answer: Answer,
+        segment: Segment,
+        abandon: Abandon,
     ) -> None:
         self.jobs = jobs
         self.metrics = metrics
@@ -62,6 +70,7 @@ class Pieces:
         self.fail = fail
         self.answer = answer
         self.segment = segment
+        self.abandon = abandon
         self.splits: dict[str, Split] = {}
 
     def start(self, request: Job, pool: PoolConfig, now: float) -> None:
@@ -189,7 +198,7 @@ class Pieces:
             if part.state is JobState.QUEUED:
                 self.jobs.finish(part)
             elif part.state is JobState.RUNNING:
-                self.jobs.abandon(part)
+                self.abandon(part)
 
     def _piece(self, owner: Job, split: Split, index: int, now: float) -> Job:
         """The PIECE job of piece ``index``: its part of the request's segment (or of the inline payload)."""

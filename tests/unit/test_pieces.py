@@ -27,7 +27,8 @@ class Farm:
         self.answers: list[dict[str, Any]] = []
         self.errors: list[HubError] = []
         self.segments: list[dict[str, Any]] = []
-        self.pieces = Pieces(self.jobs, Metrics(), self.place, self.fail, self.answer, self.segment)
+        self.called_back: list[str] = []  # the jobs given up on their workers
+        self.pieces = Pieces(self.jobs, Metrics(), self.place, self.fail, self.answer, self.segment, self.abandon)
 
     def place(self, job: Job, now: float) -> None:
         self.jobs.place(job, queued=True)
@@ -42,6 +43,10 @@ class Farm:
 
     def segment(self, job: Job, body: dict[str, Any]) -> None:
         self.segments.append(body)
+
+    def abandon(self, job: Job) -> None:
+        self.called_back.append(job.id)
+        self.jobs.abandon(job)
 
     def run(self, worker: str) -> Job:
         job = self.jobs.next_waiting("p")
@@ -153,6 +158,7 @@ def test_a_cancel_drops_queued_parts_and_abandons_running_ones() -> None:
     running = farm.run("w2")
     farm.pieces.cancel(owner)
     assert running.state is JobState.ABANDONED and farm.jobs.queued("p") == 0 and farm.jobs.in_flight == 0
+    assert farm.called_back == [plan.id, running.id]  # called back from their workers (they may be held there)
     assert not farm.pieces.wanted(running)
 
 

@@ -101,3 +101,24 @@ def test_the_clients_deadline_fails_the_request_once_and_empties_the_queue() -> 
     rig.run(25)
     assert [rig.error_of(request)] == ["ACQUIRE_TIMEOUT"] and len(rig.answers(request)) == 1
     assert rig.farm.jobs.queued("echo") == 0 and rig.farm.in_flight == 0
+
+
+def test_a_client_that_gives_up_has_the_pieces_its_workers_hold_called_back() -> None:
+    """With max_batch 2 each worker holds a piece beside the one it decodes; the client gives up: every piece
+    on a worker is called back (CANCEL: a held one leaves its batch), no queued one is sent, and answers that
+    still come go nowhere."""
+    rig = Rig({"echo": echo(min_size=2, max_size=2, max_batch=2)})
+    rig.start()
+    request = rig.transcribe(seconds=130)
+    ((worker, first),) = sent_jobs(rig)
+    plan(rig, worker, first.id, [30, 60, 90, 120], 130)
+    pieces = sent_jobs(rig)[1:]
+    assert len(pieces) == 4 and rig.farm.jobs.queued("echo") == 1  # two on each worker, the fifth waits
+    rig.farm.cancel(b"client-1", request, rig.t)
+    called_back = [(w, m.id) for w, m in rig.io.sent if m.type is MsgType.CANCEL]
+    assert sorted(called_back) == sorted((w, m.id) for w, m in pieces)
+    assert rig.farm.jobs.queued("echo") == 0 and len(sent_jobs(rig)) == 5  # the queued piece never goes out
+    for w, m in pieces:
+        answer(rig, w, m.id, "too late")
+    assert rig.answers(request) == []  # the client gave up: nothing goes to it
+    assert rig.farm.in_flight == 0
