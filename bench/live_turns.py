@@ -130,16 +130,18 @@ def _run(client: HubClient, provider: str, audio: list[tuple[np.ndarray, str]]) 
 
 
 def measure(
-    workdir: Path, scenario: str, device: str = "cpu", vads: tuple[bool, ...] = (False, True)
+    workdir: Path, scenario: str, device: str = "cpu", vads: tuple[bool, ...] = (False, True), max_batch: int = 1
 ) -> dict[str, Any]:
     """``scenario`` ``duty`` or ``continuous``, with each VAD setting in ``vads``: a hub of 2 one-thread workers
-    each (``sessions_per_worker`` 4, so placement alone decides the spread); for ``duty`` also one session alone."""
+    each (``sessions_per_worker`` 4, so placement alone decides the spread; ``max_batch`` over 1 lets a worker's
+    due sessions step in one pass); for ``duty`` also one session alone."""
     count = 8 if scenario == "duty" else 4
     audio = [duty_cycle_audio(i) for i in range(count)] if scenario == "duty" else [continuous_audio()] * count
     rows = []
     for vad in vads:
         provider = whisper_provider(2, 1, device)
         provider["pool"]["sessions_per_worker"] = 4
+        provider["pool"]["max_batch"] = max_batch
         provider["stream"] = {"vad": vad}
         with (
             running_hub(workdir, f"turns-{scenario}-{'vad' if vad else 'plain'}", {"whisper": provider}) as hub,
@@ -150,7 +152,7 @@ def measure(
                 alone = [_run(client, "whisper", [audio[i]]) for i in range(2)]
                 row["alone_wer"] = round(float(np.mean([a["wer"]["mean"] for a in alone])), 4)
             rows.append(row)
-    return {"scenario": scenario, "device": device, "rows": rows}
+    return {"scenario": scenario, "device": device, "max_batch": max_batch, "rows": rows}
 
 
 def targets(figures: dict[str, Any]) -> list[str]:
@@ -178,7 +180,8 @@ def targets(figures: dict[str, Any]) -> list[str]:
 
 def summary(figures: dict[str, Any]) -> str:
     lines = [
-        f"\n{figures['scenario']} scenario ({figures['rows'][0]['sessions']} sessions on 2 workers x 1 thread):",
+        f"\n{figures['scenario']} scenario ({figures['rows'][0]['sessions']} sessions on 2 workers x 1 thread, "
+        f"max_batch {figures.get('max_batch', 1)}):",
         "  VAD  final p50/p95/max s      utterance end→marker p50/p95 s  WER mean/max    decodes/session-min",
     ]
     for r in figures["rows"]:

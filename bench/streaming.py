@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         help="decodes per session-minute of both scenarios' audio, VAD off and on, no clock",
     )
     parser.add_argument("--vad", choices=("off", "on", "both"), default="both", help="with --duty-cycle/--continuous")
+    parser.add_argument(
+        "--max-batch", type=int, default=1, help="with --duty-cycle/--continuous: pool.max_batch (steps in one pass)"
+    )
     parser.add_argument("--undisturbed", type=int, default=2, help="with --crash: undisturbed runs (at least 2)")
     parser.add_argument(
         "--window-seconds", type=float, help="with --crash: stream.window_seconds (default 15, longer than a clip)"
@@ -282,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.duty_cycle or args.continuous:
             vads = {"off": (False,), "on": (True,), "both": (False, True)}[args.vad]
-            figures = live_turns.measure(Path(workdir), "duty" if args.duty_cycle else "continuous", args.device, vads)
+            scenario = "duty" if args.duty_cycle else "continuous"
+            figures = live_turns.measure(Path(workdir), scenario, args.device, vads, args.max_batch)
             print(json.dumps(figures, indent=2))
             print(live_turns.summary(figures))
             return 0

@@ -63,7 +63,7 @@ class MsgType(str, Enum):
     READY = "READY"
     LOAD_FAILED = "LOAD_FAILED"
     HEARTBEAT = "HEARTBEAT"
-    BATCH = "BATCH"  # the held jobs it starts decoding together now (body: jobs)
+    BATCH = "BATCH"  # the held jobs (or live sessions) it starts decoding together now (body: jobs)
 
 
 _TYPES = {t.value.encode(): t for t in MsgType}

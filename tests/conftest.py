@@ -77,6 +77,7 @@ HEAVY_FIRST = (
     "tests/integration/test_resilience.py",
     "tests/integration/test_farm.py",
     "tests/models/test_whisper.py",
+    "tests/models/test_live_batch.py",
     "tests/integration/test_gateway_many_hubs.py",
     "tests/integration/test_resume.py",
     "tests/models/test_gateway_openai.py",

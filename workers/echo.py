@@ -28,7 +28,7 @@ from hub.protocol import SAMPLE_RATE, WorkerSpec
 from hub.provider_types import ECHO
 from hub.results import Segment, Word
 from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, StreamSettings
-from workers.streaming import WindowStreamer
+from workers.streaming import Window, WindowStreamer
 
 WORD_SECONDS = 0.5
 
@@ -76,6 +76,7 @@ class EchoEngine:
         """There is no model to load; only the decodes are counted, for ``fail_from`` and ``fail_every``."""
         self.device = "cuda" if spec.device == "cuda" else "cpu"
         self.decodes = 0
+        self._windows: dict[float, EchoWindows] = {}  # a live decoder per ``sleep``
 
     def transcribe(self, pcm: np.ndarray, options: dict[str, Any], on_segment: OnSegment) -> EngineResult:
         (outcome,) = self.transcribe_batch([DecodeItem(pcm, options, on_segment)])
@@ -109,11 +110,24 @@ class EchoEngine:
         return options.get("language")
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
-        """The same window and agreement rule as whisper, over ``echo_words``; ``sleep`` slows each decode."""
+        """The same window and agreement rule as whisper, over ``echo_words``; ``sleep`` slows each decode, and
+        sessions with the same ``sleep`` share one decoder, so the worker can step them together."""
         delay = float(options.get("sleep", 0.0))
+        decoder = self._windows.setdefault(delay, EchoWindows(delay))
+        return WindowStreamer(decoder, settings.step_ms / 1000, settings.window_seconds, batch=decoder.many)
 
-        def decode(pcm: np.ndarray, prompt: str) -> list[Word]:
-            time.sleep(delay)
-            return echo_words(pcm)
 
-        return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds)
+class EchoWindows:
+    """Echo's live decode: ``echo_words`` of the window after ``delay`` seconds; ``many`` hears several
+    windows in one pass that sleeps once, as one forward pass over a batch would take about one decode's time."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __call__(self, pcm: np.ndarray, prompt: str) -> list[Word]:
+        time.sleep(self.delay)
+        return echo_words(pcm)
+
+    def many(self, windows: Sequence[Window]) -> list[list[Word] | Exception]:
+        time.sleep(self.delay)
+        return [echo_words(pcm) for pcm, _ in windows]

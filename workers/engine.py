@@ -19,7 +19,7 @@ from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.provider_types import PROVIDER_TYPES
 from hub.results import Segment
-from workers.streaming import Decode, SpeechEvent, StreamUpdate, WindowStreamer
+from workers.streaming import Decode, DecodeMany, SpeechEvent, StreamUpdate, WindowStreamer
 from workers.vad import SpeechDetector
 
 OnSegment = Callable[[Segment], None]
@@ -47,6 +47,9 @@ class DecodeItem:
     pcm: np.ndarray
     options: dict[str, Any]
     on_segment: OnSegment = no_segments
+    # a piece of a long recording, cut at a pause: whisper decodes its window in one pass and keeps the text
+    # after the last timestamp as a last segment, instead of decoding that tail again (``workers.whisper_batch``)
+    piece: bool = False
 
 
 Outcome = EngineResult | Exception  # one item's result, or what failed it (that item alone)
@@ -132,10 +135,11 @@ class StreamSettings:
     vad_threshold: float = 0.5
 
 
-def window_streamer(decode: Decode, settings: StreamSettings) -> WindowStreamer:
-    """The local-agreement streamer over ``decode``, gated by Silero VAD where ``settings.vad``."""
+def window_streamer(decode: Decode, settings: StreamSettings, batch: DecodeMany | None = None) -> WindowStreamer:
+    """The local-agreement streamer over ``decode``, gated by Silero VAD where ``settings.vad``; ``batch`` (if
+    any) hears the windows of several sessions in one call."""
     detector = SpeechDetector(settings.vad_threshold, settings.endpoint_ms) if settings.vad else None
-    return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds, detector)
+    return WindowStreamer(decode, settings.step_ms / 1000, settings.window_seconds, detector, batch)
 
 
 def check_options(engine: Engine, provider_type: str, options: dict[str, Any]) -> None:

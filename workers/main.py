@@ -37,6 +37,7 @@ from workers.batch import batch_ready
 from workers.cuda import visible_pci_bus_ids
 from workers.engine import DecodeItem, Engine, Outcome, StreamSettings, check_options, load_engine, no_segments
 from workers.session import Session
+from workers.streaming import StreamUpdate, step_together
 from workers.turns import JOB, next_turn, stretched_step
 
 log = logging.getLogger("workers")
@@ -78,7 +79,9 @@ class Worker:
     at a time: take every message waiting, then decode whatever has waited longest (``workers.turns``).
     The one-shot jobs it holds (up to ``max_batch``, sent by the supervisor while it has room) decode
     together in one forward pass (``Engine.transcribe_batch``) once the batch is full or its oldest job
-    has waited ``batch_wait_ms`` (``workers.batch.batch_ready``)."""
+    has waited ``batch_wait_ms`` (``workers.batch.batch_ready``). A session's turn steps, with it, up to
+    ``max_batch`` due sessions that share its decoder, in one forward pass. Every pass (jobs or steps) is
+    told to the supervisor (BATCH) for the batch-size figures."""
 
     def __init__(self, spec: WorkerSpec, engine: Engine, sock: zmq.Socket) -> None:
         self.spec = spec
@@ -113,10 +116,40 @@ class Worker:
                 if turn == JOB:
                     self.run_batch([self.jobs.popleft()[0] for _ in range(min(len(self.jobs), self.spec.max_batch))])
                 elif turn is not None:
-                    self._guard(self.sessions[turn], lambda session: self._spent(session.step()))
+                    self._step(self.sessions[turn])
         finally:
             for session in self.sessions.values():
                 session.close()
+
+    def _step(self, first: Session) -> None:
+        """Step ``first``, and in the same forward pass the due sessions that may join it (``_joining``)."""
+        together = [first, *self._joining(first)]
+        self.send(MsgType.BATCH, self.spec.id, {"jobs": [s.id for s in together]})
+        if len(together) == 1:
+            self._guard(first, lambda session: self._spent(session.step()))
+            return
+        started = time.perf_counter()
+        updates = step_together([streamer for s in together if (streamer := s.batched) is not None])
+        share = (time.perf_counter() - started) / len(together)
+        for session, update in zip(together, updates, strict=True):
+            self._guard(session, self._stepped(update, share))
+
+    def _joining(self, first: Session) -> list[Session]:
+        """With ``max_batch`` over 1, the other due sessions that share ``first``'s decoder, the longest waiting
+        first, up to ``max_batch`` in all."""
+        mine = first.batched
+        if mine is None or self.spec.max_batch < 2:
+            return []
+        others = [
+            s
+            for s in self.sessions.values()
+            if s is not first and s.due_since is not None and (b := s.batched) is not None and b.batch == mine.batch
+        ]
+        return sorted(others, key=lambda s: s.due_since or 0.0)[: self.spec.max_batch - 1]
+
+    def _stepped(self, update: StreamUpdate | Exception, share: float) -> Callable[[Session], None]:
+        """What a session does with its step's outcome from a shared pass."""
+        return lambda session: self._spent(session.stepped(update, share))
 
     def _batch_ready(self) -> bool:
         if not self.jobs:
@@ -260,7 +293,8 @@ class Worker:
         def on_segment(segment: Segment) -> None:
             self.send(MsgType.SEGMENT, msg.id, segment.to_dict())
 
-        return DecodeItem(pcm, options, on_segment if msg.body.get("stream") else no_segments)
+        piece = msg.body.get("piece") is True
+        return DecodeItem(pcm, options, on_segment if msg.body.get("stream") else no_segments, piece)
 
     def _plan(self, msg: Message) -> dict[str, Any]:
         """Where to cut a long request (``workers.cutting``): each piece goes to the supervisor as a SEGMENT

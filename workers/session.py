@@ -9,12 +9,14 @@ writes on only over audio before ``keep``. A session opened with ``resume`` take
 worker that died (``hub.resume``). With ``stream.vad``, the session also tells its client where speech
 starts and stops and when all of an utterance's finals have been sent (EVENT), and decodes only speech.
 A session's step interval is its worker's to stretch (``pace``) when its sessions need more decoding than
-it can do (``workers.turns.stretched_step``); ``cost`` is what its decodes have been taking.
+it can do (``workers.turns.stretched_step``); ``cost`` is what its decodes have been taking. Sessions whose
+streamers share a ``batch`` may be stepped together, in one forward pass (``stepped``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +30,7 @@ from hub.protocol import SAMPLE_RATE, Message, MsgType, WorkerSpec
 from hub.results import Segment, join_text
 from hub.resume import keep_from
 from workers.engine import Engine, StreamSettings, check_options
-from workers.streaming import SpeechEvent, StreamUpdate
+from workers.streaming import SpeechEvent, StreamUpdate, WindowStreamer
 from workers.turns import smoothed
 
 
@@ -101,10 +103,26 @@ class Session:
         self.interval = self.step_seconds if self.legacy else max(self.step_seconds, seconds)
         self.streamer.pace(self.interval)
 
+    @property
+    def batched(self) -> WindowStreamer | None:
+        """Its streamer, where its steps can share a forward pass with those of other sessions with the same
+        ``batch`` (``workers.streaming.step_together``); None where they cannot."""
+        streamer = self.streamer
+        return streamer if isinstance(streamer, WindowStreamer) and streamer.batch is not None else None
+
     def step(self) -> float:
         """Decode its window once; returns the seconds the decode took."""
+        started = time.perf_counter()
+        update = self.streamer.step()
+        return self.stepped(update, time.perf_counter() - started)
+
+    def stepped(self, update: StreamUpdate | Exception, spent: float) -> float:
+        """A step's outcome, decoded alone or with other sessions' steps (``spent``: this session's share of the
+        pass): its text and events go to the client; an exception raises (the step failed). Returns ``spent``."""
         self.due_since = None
-        spent = self._emit(self.streamer.step)
+        if isinstance(update, Exception):
+            raise update
+        self._send(update, spent)
         self.cost = smoothed(self.cost, spent)
         return spent
 
@@ -114,8 +132,8 @@ class Session:
         its own ``utterance`` event."""
         spent = 0.0
         while self.streamer.urgent:
-            spent += self._emit(self.streamer.step)
-        spent += self._emit(self.streamer.finish)
+            spent += self._timed(self.streamer.step)
+        spent += self._timed(self.streamer.finish)
         self.send(
             MsgType.RESULT,
             {
@@ -140,10 +158,15 @@ class Session:
     def _event(self, event: SpeechEvent) -> None:
         self.send(MsgType.EVENT, {"kind": event.kind.value, "text": event.text, "at": event.at, **self._position()})
 
-    def _emit(self, decode: Any) -> float:
+    def _timed(self, decode: Callable[[], StreamUpdate]) -> float:
         started = time.perf_counter()
-        update: StreamUpdate = decode()
+        update = decode()
         spent = time.perf_counter() - started
+        self._send(update, spent)
+        return spent
+
+    def _send(self, update: StreamUpdate, spent: float) -> None:
+        """What a decode produced, to the client: boundaries heard, the final, the partial, an utterance's end."""
         self.busy += spent
         position = self._position()
         for event in self.streamer.events():  # a close that ended an utterance still in progress
@@ -155,4 +178,3 @@ class Session:
             self.send(MsgType.PARTIAL, {"text": update.partial, **position})
         for event in update.events:
             self._event(event)
-        return spent

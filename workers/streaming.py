@@ -18,13 +18,18 @@ at once without decoding again (else its end is decoded then). Either way the se
 ``WindowStreamer`` only needs ``decode(pcm, prompt) -> list[Word]`` with times relative
 to the start of ``pcm``, so it serves any adapter (whisper, FunASR without an online
 model, echo) and is tested with a scripted decoder (and a scripted detector).
+
+A step makes at most one decode. ``stepping`` is the step as a generator that hands out that decode's
+window (audio and prompt) and takes its words back, so a worker can step several sessions at once and
+hear all their windows in one batched call (``step_together``, with the streamers' shared ``batch``);
+``step`` is the same step with the streamer's own ``decode``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -36,6 +41,8 @@ from hub.results import Segment, Word
 from workers.vad import Boundary, SpeechEdge
 
 Decode = Callable[[np.ndarray, str], list[Word]]
+Window = tuple[np.ndarray, str]  # what one decode hears: the audio, and the confirmed text before it as the prompt
+DecodeMany = Callable[[Sequence[Window]], list[list[Word] | Exception]]  # several windows in one model call
 PROMPT_CHARS = 200
 MAX_OVERLAP = 5
 TOLERANCE = 0.1  # seconds
@@ -98,12 +105,16 @@ def _segment(words: list[Word]) -> Segment:
     )
 
 
+Step = Generator[Window, list[Word], "StreamUpdate"]  # a step: hands out its window (at most once), takes its words
+
+
 @dataclass
 class WindowStreamer:
     decode: Decode
     step_seconds: float = 1.0
     window_seconds: float = 15.0
     detector: Detector | None = None  # with one, only speech is decoded (``stream.vad``)
+    batch: DecodeMany | None = None  # hears the windows of streamers sharing it in one call (``step_together``)
     _window: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     _offset: float = 0.0  # stream time of the window's first sample
     _fresh: int = 0  # samples fed since the last step
@@ -193,10 +204,14 @@ class WindowStreamer:
     def step(self) -> StreamUpdate:
         """Decode the window; commit the words this decode and the previous one agree on. With VAD, once an
         utterance has ended: decode it, commit all of it, and start the window after it."""
+        return self._run(self.stepping())
+
+    def stepping(self) -> Step:
+        """``step`` as a generator: it yields the window to decode (if any) and is sent back its words."""
         if self.detector is not None and self._ended is not None:
-            return self._endpoint()
+            return (yield from self._endpoint())
         self._fresh = 0
-        current = self._hypothesis(self._speech_samples())
+        current = yield from self._hypothesis(self._speech_samples())
         agreed = 0
         for old, new in zip(self._previous, current, strict=False):
             if _norm(old.word) != _norm(new.word):
@@ -210,8 +225,21 @@ class WindowStreamer:
     def finish(self) -> StreamUpdate:
         """The stream ended: decode what is left once more and commit all of it (with VAD, only an utterance
         in progress, which ends here)."""
+        return self._run(self._finishing())
+
+    def _run(self, step: Step) -> StreamUpdate:
+        """A step or finish, its decode made with ``decode``."""
+        try:
+            window = next(step)
+            while True:
+                window = step.send(self.decode(*window))
+        except StopIteration as done:
+            update: StreamUpdate = done.value
+            return update
+
+    def _finishing(self) -> Step:
         if self.detector is None:
-            final = self._commit(self._hypothesis()) if self._window.size else None
+            final = self._commit((yield from self._hypothesis())) if self._window.size else None
             self._previous = []
             return StreamUpdate(final=final, partial="")
         if self._started is None:
@@ -226,9 +254,9 @@ class WindowStreamer:
                 self._heard.append(SpeechEvent(EventKind.SPEECH_STOPPED, end))
             self._ended = self._later[-1][1]
             self._later.clear()
-        return self._endpoint(whole=True)
+        return (yield from self._endpoint(whole=True))
 
-    def _endpoint(self, whole: bool = False) -> StreamUpdate:
+    def _endpoint(self, whole: bool = False) -> Step:
         """The utterance that ended at ``_ended``: decode it (and ``TAIL_S`` of the silence after it, or all the
         window if ``whole``), commit every word, say ``utterance``, and start the window after it."""
         assert self._started is not None and self._ended is not None
@@ -236,7 +264,7 @@ class WindowStreamer:
         if not whole and not self._later and self._decoded_to >= self._ended + min(PAUSE_S, TAIL_S):
             words = self._previous  # the last decode heard the whole utterance: nothing new to hear
         else:
-            words = self._hypothesis(round((end - self._offset) * SAMPLE_RATE))
+            words = yield from self._hypothesis(round((end - self._offset) * SAMPLE_RATE))
         # a word that begins in the silence after the utterance is one the model made up there ("you")
         final = self._commit([w for w in words if w.start < self._ended + TOLERANCE])
         text = "".join(w.word for w in self._committed if w.end > self._started - TOLERANCE).strip()
@@ -262,7 +290,7 @@ class WindowStreamer:
             self._window = self._window[cut:]
             self._offset += cut / SAMPLE_RATE
 
-    def _hypothesis(self, samples: int | None = None) -> list[Word]:
+    def _hypothesis(self, samples: int | None = None) -> Generator[Window, list[Word], list[Word]]:
         # the prompt is the confirmed text whose audio has left the window: text still in the window is
         # decoded again, and a model given it as a prompt tends to skip its audio
         before = [w for w in self._committed if w.end <= self._offset + TOLERANCE]
@@ -277,7 +305,7 @@ class WindowStreamer:
                 w.word,
                 float(w.probability),
             )
-            for w in self.decode(pcm, prompt)
+            for w in (yield pcm, prompt)
         ]
         last = self._committed[-1].end if self._committed else 0.0
         # timestamps drift between decodes: keep what starts after the committed end, give or take TOLERANCE,
@@ -315,3 +343,50 @@ class WindowStreamer:
             return
         self._window = self._window[cut:]
         self._offset += cut / SAMPLE_RATE
+
+
+def step_together(streamers: Sequence[WindowStreamer]) -> list[StreamUpdate | Exception]:
+    """One step of each of ``streamers`` (which share one ``batch``), every decode they make in one call to it.
+
+    A step that needs no decode (an utterance the last decode already heard whole) ends without one. An
+    outcome that is an exception is that streamer's alone (its step failed, or the batch could not hear its
+    window) and leaves the streamer unusable: its session ends with the error."""
+    batch = streamers[0].batch
+    assert batch is not None and all(s.batch == batch for s in streamers), "streamers that do not share a batch"
+    outcomes: list[StreamUpdate | Exception | None] = [None] * len(streamers)
+    steps = [s.stepping() for s in streamers]
+    waiting: list[tuple[int, Window]] = []
+    for index, step in enumerate(steps):
+        try:
+            waiting.append((index, next(step)))
+        except StopIteration as done:
+            outcomes[index] = done.value
+        except Exception as exc:
+            outcomes[index] = exc
+    heard: list[list[Word] | Exception] = []
+    if waiting:
+        try:
+            heard = batch([window for _, window in waiting])
+        except Exception as exc:
+            heard = [exc] * len(waiting)
+    for (index, _), words in zip(waiting, heard, strict=True):
+        outcomes[index] = _resume(steps[index], words)
+    ended = [outcome for outcome in outcomes if outcome is not None]
+    assert len(ended) == len(streamers), "a step without an outcome"
+    return ended
+
+
+def _resume(step: Step, words: list[Word] | Exception) -> StreamUpdate | Exception:
+    """A step handed its decode's words (or the reason there are none) and run to its end."""
+    if isinstance(words, Exception):
+        step.close()
+        return words
+    try:
+        step.send(words)
+    except StopIteration as done:
+        update: StreamUpdate = done.value
+        return update
+    except Exception as exc:
+        return exc
+    step.close()
+    return RuntimeError("a live step asked for a second decode")

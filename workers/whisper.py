@@ -12,7 +12,7 @@ from hub.errors import BadRequest
 from hub.protocol import WorkerSpec
 from hub.provider_types import WHISPER
 from hub.results import Segment, Word, join_text
-from workers.batch import decode_groups, one_by_one
+from workers.batch import decode_groups, one_by_one, option_key
 from workers.cuda import warn_cpu_fallback
 from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, StreamSettings, window_streamer
 from workers.streaming import WindowStreamer
@@ -93,6 +93,7 @@ class WhisperEngine:
         self._name = spec.model
         self._languages = list(self._model.supported_languages)
         self._multilingual = bool(self._model.model.is_multilingual)
+        self._decoders: dict[str, WindowDecoder] = {}  # a live decoder per option set (a handful: no eviction)
 
     def _check(self, options: dict[str, Any]) -> None:
         if (problem := language_problem(options, self._name, self._languages, self._multilingual)) is not None:
@@ -120,14 +121,17 @@ class WhisperEngine:
 
     def transcribe_batch(self, items: Sequence[DecodeItem]) -> list[Outcome]:
         """Jobs with the same options in one encode + generate (``workers.whisper_batch``); a job that path
-        cannot reproduce exactly (``window_batch`` says which) decodes alone, as does a group of one."""
+        cannot reproduce exactly (``window_batch`` says which) decodes alone, as does a group of one (but a
+        piece of a long recording, decoded in one pass of its window even alone)."""
         return decode_groups(items, self._decode_group, self.transcribe)
 
     def _decode_group(self, items: Sequence[DecodeItem]) -> list[Outcome]:
         options = items[0].options
         self._check(options)  # a language the model lacks fails the group's jobs, each with the reason
         batched: list[EngineResult | None] = [None] * len(items)
-        if len(items) > 1 and batchable(self._model, settings(self._model, self._arguments(options))):
+        if (len(items) > 1 or items[0].piece) and batchable(
+            self._model, settings(self._model, self._arguments(options))
+        ):
             batched = window_batch(self._model, items, self._arguments(options))
         alone = [item for item, result in zip(items, batched, strict=True) if result is None]
         rest = iter(one_by_one(self.transcribe, alone))
@@ -142,7 +146,12 @@ class WhisperEngine:
 
     def open_stream(self, options: dict[str, Any], settings: StreamSettings) -> WindowStreamer:
         """Local agreement over a growing window, one encode-generate-align per step (``WindowDecoder``);
-        the confirmed text is the next decode's prompt."""
+        the confirmed text is the next decode's prompt. Sessions with the same options share one decoder,
+        whose ``many`` hears their windows in one pass when the worker steps them together."""
         self._check(options)
         options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt", "vad_filter")}
-        return window_streamer(WindowDecoder(self._model, options), settings)
+        key = option_key(options)
+        if key not in self._decoders:
+            self._decoders[key] = WindowDecoder(self._model, options)
+        decoder = self._decoders[key]
+        return window_streamer(decoder, settings, decoder.many)

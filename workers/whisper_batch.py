@@ -10,7 +10,10 @@ back to be decoded alone (``window_batch`` returns ``None`` for it), so the answ
 
 - audio longer than one window (the windows of one recording depend on each other's text),
 - a first try the temperature fallback rejects (too repetitive, too unlikely) while others remain,
-- a window whose text stops before its end (``transcribe`` would decode the rest again),
+- a window whose text stops before its end (``transcribe`` would decode the rest again), except a piece of a
+  long recording (``DecodeItem.piece``): it was cut at a pause, so the rest is the end of its speech and the
+  silence after it, and its text after the last timestamp is kept as its last segment (``_tail``) instead: one
+  pass per piece, alone or batched,
 - options this path does not reproduce: ``vad_filter``, sampling at the first temperature, and a
   multilingual model asked to detect the language.
 """
@@ -59,7 +62,7 @@ def window_batch(model: Any, items: Sequence[DecodeItem], options: dict[str, Any
     """Decode ``items`` (all with ``options``) in one pass; ``None`` for an item that must be decoded alone."""
     from faster_whisper.audio import pad_or_trim
     from faster_whisper.tokenizer import Tokenizer
-    from faster_whisper.transcribe import WhisperModel, get_compression_ratio, get_suppressed_tokens
+    from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
     run = settings(model, options)
     extractor = model.feature_extractor
@@ -67,8 +70,8 @@ def window_batch(model: Any, items: Sequence[DecodeItem], options: dict[str, Any
     frames = [f.shape[-1] - 1 for f in features]  # transcribe's content_frames
     fits = [i for i, n in enumerate(frames) if 0 < n <= extractor.nb_max_frames]
     results: list[EngineResult | None] = [None] * len(items)
-    if len(fits) < 2:
-        return results
+    if len(fits) < 2 and not any(items[i].piece for i in fits):
+        return results  # one job alone: transcribe is the same decode
     language = run["language"] if model.model.is_multilingual else "en"
     tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task=run["task"], language=language)
     previous = tokenizer.encode(" " + run["initial_prompt"].strip()) if run["initial_prompt"] else []
@@ -114,19 +117,34 @@ def window_batch(model: Any, items: Sequence[DecodeItem], options: dict[str, Any
             segment_duration=size * extractor.time_per_frame,
             seek=0,
         )
+        if items[index].piece and not single_ending:
+            segments += _tail(tokens, segments, tokenizer, model.time_precision, size * extractor.time_per_frame)
         silent = _no_speech(run, avg_logprob, output.no_speech_prob)
         decoded.append((index, segments, silent, seek, single_ending))
     if run["word_timestamps"] and decoded:
-        _word_timings(model, WhisperModel, tokenizer, encoded, fits, frames, decoded, tokens_of, run)
+        _word_timings(model, tokenizer, encoded, fits, frames, decoded, tokens_of, run)
     for index, segments, silent, seek, single_ending in decoded:
         if not silent and run["word_timestamps"] and not single_ending:
             end = next((w["end"] for s in reversed(segments) for w in reversed(s["words"])), None)
             if end is not None and end > 0:
                 seek = round(end * model.frames_per_second)
-        if not silent and seek < frames[index]:
+        if not silent and seek < frames[index] and not items[index].piece:
             continue  # transcribe would decode the rest of this window again: alone
         results[index] = _result(items[index], [] if silent else segments, tokenizer, run, language)
     return results
+
+
+def _tail(
+    tokens: list[int], segments: list[dict[str, Any]], tokenizer: Any, precision: float, duration: float
+) -> list[dict[str, Any]]:
+    """A piece's text after its last complete segment, as one more segment to the end of the piece (none if
+    there is no text there). ``transcribe`` would decode the window again from the last timestamp to hear it;
+    a piece ends at a pause, so what follows that timestamp is the end of its speech and silence."""
+    rest = tokens[sum(len(s["tokens"]) for s in segments) :]
+    if not any(t < tokenizer.eot for t in rest):
+        return []
+    start = (rest[0] - tokenizer.timestamp_begin) * precision if rest[0] >= tokenizer.timestamp_begin else 0.0
+    return [{"seek": 0, "start": start, "end": max(start, duration), "tokens": rest}]
 
 
 def _falls_back(run: dict[str, Any], text: str, avg_logprob: float, no_speech: float, ratio: Any) -> bool:
@@ -148,7 +166,6 @@ def _no_speech(run: dict[str, Any], avg_logprob: float, no_speech: float) -> boo
 
 def _word_timings(
     model: Any,
-    whisper_model: Any,
     tokenizer: Any,
     encoded: Any,
     fits: list[int],
@@ -157,32 +174,44 @@ def _word_timings(
     tokens_of: dict[int, list[int]],
     run: dict[str, Any],
 ) -> None:
-    """One ``align`` over the whole pass, then faster-whisper's own word placement for each item alone.
-
-    ``add_word_timestamps`` over a batch carries the last spoken time from one item to the next (right for
-    the chunks of one file, wrong for separate jobs), so it runs once per item, given that item's row of
-    the batch's alignment instead of aligning again."""
+    """One ``align`` over the whole pass, then faster-whisper's own word placement for each item alone."""
     by_index = {index: segments for index, segments, *_ in decoded}
     # a kept item's segments' tokens, as transcribe aligns them; an item left to decode alone keeps its row
     rows = [[t for s in by_index[i] for t in s["tokens"]] if i in by_index else tokens_of[i] for i in fits]
     text_tokens = [[t for t in tokens if t < tokenizer.eot] for tokens in rows]
     alignments = model.find_alignment(tokenizer, text_tokens, encoded, [frames[i] for i in fits])
     for row, index in enumerate(fits):
-        if index not in by_index:
-            continue
-        one = SimpleNamespace(
-            find_alignment=lambda *args, row=row: [alignments[row]], frames_per_second=model.frames_per_second
-        )
-        whisper_model.add_word_timestamps(
-            one,
-            [by_index[index]],
-            tokenizer,
-            None,
-            frames[index],
-            run["prepend_punctuations"],
-            run["append_punctuations"],
-            last_speech_timestamp=0.0,
-        )
+        if index in by_index:
+            place_words(
+                model,
+                by_index[index],
+                tokenizer,
+                alignments[row],
+                frames[index],
+                run["prepend_punctuations"],
+                run["append_punctuations"],
+            )
+
+
+def place_words(
+    model: Any,
+    segments: list[dict[str, Any]],
+    tokenizer: Any,
+    alignment: list[dict[str, Any]],
+    frames: int,
+    prepend: str,
+    append: str,
+) -> None:
+    """faster-whisper's own word placement for one window's ``segments``, given that window's row of a batch's
+    alignment (``find_alignment`` over the batch). ``add_word_timestamps`` over a batch would carry the last
+    spoken time from one window to the next: right for the chunks of one file, wrong for separate jobs or
+    sessions, so it runs once per window, handed its row instead of aligning again."""
+    from faster_whisper.transcribe import WhisperModel
+
+    one = SimpleNamespace(find_alignment=lambda *args: [alignment], frames_per_second=model.frames_per_second)
+    WhisperModel.add_word_timestamps(
+        one, [segments], tokenizer, None, frames, prepend, append, last_speech_timestamp=0.0
+    )
 
 
 def _result(

@@ -159,7 +159,8 @@ class Job:
             return {**body, "resume": self.resume.to_dict()} if self.resume else body
         if self.kind is JobKind.PLAN:
             return {"audio": self.audio.to_dict(), "plan": self.options}
-        return {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
+        job = {"audio": self.audio.to_dict(), "options": self.options, "stream": self.stream}
+        return {**job, "piece": True} if self.kind is JobKind.PIECE else job
 
 
 def health_job(job_id: str, provider: str, now: float) -> Job:

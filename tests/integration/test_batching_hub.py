@@ -15,7 +15,7 @@ import pytest
 
 from hub.errors import HubError, JobTimeout
 from tests.conftest import echo_provider, wait_for
-from workers.echo import echo_text
+from workers.echo import echo_text, echo_words
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,3 +118,30 @@ def test_a_cancelled_held_job_leaves_its_workers_batch(hub_factory) -> None:
     cancelled = [line for line in hub.log().splitlines() if "cancelled by its client" in line]
     assert len(cancelled) == 1 and cancelled[0].split()[cancelled[0].split().index("job") + 1] not in " ".join(batches)
     assert echo["errors"] == {"JOB_TIMEOUT": 1} and echo["workers"][0]["jobs_held"] == 0
+
+
+@pytest.mark.parametrize("max_batch, mean", [(1, 1.0), (3, 2.0)])
+def test_live_sessions_of_one_worker_step_together_in_one_pass(hub_factory, max_batch: int, mean: float) -> None:
+    """Three live sessions on a worker that holds three, their audio sent while the worker decodes a one-shot
+    job: once it is done, with max_batch 3 all three step in one pass (the status' mean batch: the job's pass
+    of one, then the sessions' pass of three), with max_batch 1 every pass is one; either way each session's
+    text is its own audio's."""
+    hub = hub_factory(
+        {"echo": echo_provider(min_size=1, max_size=1, sessions_per_worker=3, max_batch=max_batch, batch_wait_ms=0)}
+    )
+    # each half second at its own level: echo's words differ from one to the next (and from session to session)
+    audios = [np.repeat(np.float32(0.1 * k) + 0.01 * np.arange(1, 7, dtype=np.float32), 8000) for k in (1, 2, 3)]
+    with hub.client() as client:
+        sessions = [client.open_stream() for _ in audios]
+        job = threading.Thread(target=client.transcribe, args=(_pcm(0.05),), kwargs={"sleep": 2.0})
+        job.start()
+        wait_for(lambda: hub.status()["providers"]["echo"]["workers"][0]["state"] == "busy", what="the job decoding")
+        for session, pcm in zip(sessions, audios, strict=True):
+            session.send(pcm)
+        job.join(30)
+        # each session's first step (its partial) before its close, which would decode everything instead
+        assert [next(session.results()).kind for session in sessions] == ["partial"] * 3
+        texts = [session.close().text for session in sessions]
+        status = hub.status()["providers"]["echo"]
+    assert texts == [" ".join(w.word.strip() for w in echo_words(pcm)) for pcm in audios]
+    assert status["mean_batch"] == pytest.approx(mean), hub.log()

@@ -15,9 +15,13 @@ from workers.cutting import MIN_GAP, Cut, Piece, all_speech, find_cut, overlaps,
 S = SAMPLE_RATE
 
 
-def test_the_cut_goes_in_the_middle_of_the_longest_pause_of_the_window() -> None:
+def test_the_cut_goes_in_the_latest_phrase_pause_of_the_window_else_the_longest_pause() -> None:
+    # a pause of at least 300 ms is a phrase's end: the latest one wins, even over a longer one before it
+    assert find_cut([(0, 3 * S), (4 * S, 8 * S), (int(8.4 * S), 10 * S)], 0, 10 * S) == int(8.2 * S)
+    # one shorter than that does not: the longest pause then
+    assert find_cut([(0, 3 * S), (4 * S, 8 * S), (int(8.2 * S), 10 * S)], 0, 10 * S) == int(3.5 * S)
     speech = [(0, 5 * S), (int(5.3 * S), 8 * S), (int(8.5 * S), 12 * S)]
-    assert find_cut(speech, 4 * S, 10 * S) == (8 * S + int(8.5 * S)) // 2  # 0.5 s beats 0.3 s
+    assert find_cut(speech, 4 * S, 10 * S) == (8 * S + int(8.5 * S)) // 2  # the later of two phrase pauses
     assert find_cut(speech, 4 * S, 8 * S) == (5 * S + int(5.3 * S)) // 2  # the longer pause is outside
     assert find_cut([(0, 3 * S), (4 * S, 6 * S), (7 * S, 9 * S)], 0, 9 * S) == int(6.5 * S)  # a tie: the latest
 
@@ -78,14 +82,15 @@ def test_overlaps() -> None:
 
 
 def _talk_with_pauses(names: list[str], pause_s: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The committed clips one after another with ``pause_s`` of silence between; and where each pause is."""
+    """The committed clips one after another with ``pause_s`` of silence between; and where each pause is (from
+    the end of a clip's speech: a clip ends in about 0.4 s of its own silence)."""
     parts, pauses, at = [], [], 0
     for name in names:
         clip = read_wav(DATA / f"{name}.wav")
+        spoken = int(np.nonzero(np.abs(clip) > 0.01)[0][-1]) + 1  # the end of its speech
         parts += [clip, np.zeros(int(pause_s * S), np.float32)]
-        at += clip.size
-        pauses.append((at, at + int(pause_s * S)))
-        at += int(pause_s * S)
+        pauses.append((at + spoken, at + clip.size + int(pause_s * S)))
+        at += clip.size + int(pause_s * S)
     return np.concatenate(parts), pauses
 
 
@@ -103,7 +108,8 @@ def test_silero_cuts_in_the_pause_before_a_sentence_that_straddles_the_naive_bou
         assert any(a + MIN_GAP // 2 <= p.end <= b - MIN_GAP // 2 for a, b in pauses), (
             f"cut at {p.end / S:.2f} s is not in a pause"
         )
-    assert all(p.speech for p in pieces)
+    assert all(p.speech for p in pieces[:-1])
+    assert pieces[-1].speech is (pieces[-1].start < pauses[-1][0])  # the last may hold only the final pause
 
 
 def test_silero_hears_no_speech_in_silence_or_a_tone() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import pytest
 
 from hub.results import Word
-from workers.streaming import WindowStreamer
+from workers.echo import echo_words
+from workers.streaming import StreamUpdate, Window, WindowStreamer, step_together
 
 SENTENCE = "the quick brown fox jumps over the lazy dog and runs far away into the green hills".split()
 WORD_SECONDS = 0.5
@@ -79,6 +83,71 @@ def test_repeated_words_at_the_seam_are_dropped() -> None:
     streamer._committed = [Word(0, 0.5, " over", 1), Word(0.5, 1.0, " the", 1)]
     jittered = [Word(0.9, 1.02, " the", 1), Word(1.0, 1.5, " lazy", 1)]
     assert streamer._repeated(jittered) == 1
+
+
+class Windows:
+    """echo's words for each window heard; ``calls`` counts the windows of each call to ``many``."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, pcm: np.ndarray, prompt: str) -> list[Word]:
+        return echo_words(pcm)
+
+    def many(self, windows: Sequence[Window]) -> list[list[Word] | Exception]:
+        self.calls.append(len(windows))
+        return [echo_words(pcm) for pcm, _ in windows]
+
+
+def _noise(levels: tuple[float, ...], seconds: float) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [(level * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for level in levels]
+
+
+def test_steps_taken_together_give_what_steps_taken_alone_give_in_one_call_per_round() -> None:
+    """Three streams stepped together (their windows heard in one call) and the same three stepped alone:
+    the same updates, step for step; every round of steps is one call with all three windows."""
+    audios = _noise((0.1, 0.2, 0.3), 6.0)
+    shared = Windows()
+    together = [WindowStreamer(shared, 1.0, 3.0, batch=shared.many) for _ in audios]
+    alone = [WindowStreamer(Windows(), 1.0, 3.0) for _ in audios]
+    got_together: list[list[StreamUpdate | Exception]] = [[] for _ in audios]
+    got_alone: list[list[StreamUpdate | Exception]] = [[] for _ in audios]
+    for start in range(0, audios[0].size, 1600):
+        for streamers in (together, alone):
+            for streamer, pcm in zip(streamers, audios, strict=True):
+                streamer.feed(pcm[start : start + 1600])
+        due = [i for i, streamer in enumerate(together) if streamer.due]
+        assert due == [i for i, streamer in enumerate(alone) if streamer.due]
+        if due:
+            for i, update in zip(due, step_together([together[i] for i in due]), strict=True):
+                got_together[i].append(update)
+            for i in due:
+                got_alone[i].append(alone[i].step())
+    assert got_together == got_alone
+    assert shared.calls == [3] * 6  # a step a second, all three in each call
+    finals = [
+        " ".join(u.final.text for u in updates if isinstance(u, StreamUpdate) and u.final) for updates in got_alone
+    ]
+    assert len(set(finals)) == 3 and all(finals)  # each stream its own words
+
+
+def test_a_failed_batch_fails_every_step_in_it_and_a_failed_window_fails_its_step_alone() -> None:
+    def broken(windows: Sequence[Window]) -> list[list[Word] | Exception]:
+        raise RuntimeError("the model broke")
+
+    def second_fails(windows: Sequence[Window]) -> list[list[Word] | Exception]:
+        return [echo_words(pcm) if i != 1 else ValueError("window 1") for i, (pcm, _) in enumerate(windows)]
+
+    for batch, expected in ((broken, ["the model broke"] * 3), (second_fails, [None, "window 1", None])):
+        streamers = [WindowStreamer(Windows(), 1.0, 3.0, batch=batch) for _ in range(3)]
+        for streamer, pcm in zip(streamers, _noise((0.1, 0.2, 0.3), 1.0), strict=True):
+            streamer.feed(pcm)
+        outcomes = step_together(streamers)
+        assert [str(o) if isinstance(o, Exception) else None for o in outcomes] == expected
+        assert all(isinstance(o, (Exception, StreamUpdate)) for o in outcomes)
+    with pytest.raises(AssertionError, match="do not share a batch"):
+        step_together([WindowStreamer(Windows(), batch=broken), WindowStreamer(Windows(), batch=second_fails)])
 
 
 def test_segment_texts_join_with_spaces_except_between_unspaced_scripts() -> None:
