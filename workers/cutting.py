@@ -8,12 +8,9 @@ at a seam by an overlap or a gap. What is left is a word cut in two, and the cut
 - the search for piece ``k``'s end looks at the second half of its longest allowed extent,
   ``[start + piece / 2, start + piece]``, so a piece is never longer than ``piece`` samples (one
   Whisper window at the default 30 s) and never shorter than half of it (the last piece excepted);
-- inside that window the cut goes in the middle of the latest stretch the VAD calls non-speech that lasts
-  ``ENOUGH`` (a pause between phrases), so pieces fill their window: each piece costs one padded 30 s window
-  whatever it holds, and fuller pieces are fewer windows to decode (a 299 s recording: 14 pieces with the
-  longest pause of each window, 11 with the latest); where no pause lasts that long, in the longest one (ties:
-  the latest). Only a stretch of at least ``MIN_GAP`` counts, so the cut is at least half of that away from
-  any speech the VAD heard;
+- inside that window the cut goes in the middle of the longest stretch the VAD calls non-speech (ties:
+  the latest), and only a stretch of at least ``MIN_GAP`` counts, so the cut is at least half of that
+  away from any speech the VAD heard;
 - only where the VAD hears speech across the whole window (someone talks for 15 s without a 100 ms
   pause, or a tone or noise the VAD takes for speech) does the cut fall at the quietest 100 ms of the
   window (``quietest``): between words, the energy of speech drops; inside a word it does not.
@@ -36,7 +33,6 @@ Span = tuple[int, int]  # [start, end) in samples
 Vad = Callable[[np.ndarray], list[Span]]  # the speech spans of a stretch of audio, relative to its start
 
 MIN_GAP = SAMPLE_RATE // 10  # the shortest pause a cut may go in: 100 ms, so the cut is >= 50 ms from speech
-ENOUGH = 3 * SAMPLE_RATE // 10  # a pause this long (300 ms) is a phrase's end: the latest one is taken
 QUIET_WINDOW = SAMPLE_RATE // 10  # the fallback cut's window: 100 ms
 QUIET_HOP = SAMPLE_RATE // 100  # ... tried every 10 ms
 
@@ -63,24 +59,19 @@ class Piece:
         return {"start": self.start, "end": self.end, "speech": self.speech, "cut": self.cut.value}
 
 
-def find_cut(speech: Sequence[Span], lo: int, hi: int, min_gap: int = MIN_GAP, enough: int = ENOUGH) -> int | None:
-    """The middle of the latest non-speech stretch of ``[lo, hi)`` of at least ``enough`` samples, else of the
-    longest of at least ``min_gap`` (ties: the latest), or None when there is none. ``speech`` is sorted by
-    start; spans may reach outside."""
-    gaps: list[Span] = []
+def find_cut(speech: Sequence[Span], lo: int, hi: int, min_gap: int = MIN_GAP) -> int | None:
+    """The middle of the longest non-speech stretch of ``[lo, hi)`` of at least ``min_gap`` samples (ties:
+    the latest), or None when there is none. ``speech`` is sorted by start; spans may reach outside."""
+    best: Span | None = None
     cursor = lo
     for start, end in [*speech, (hi, hi)]:
         gap = (cursor, min(max(start, cursor), hi))
-        if gap[1] - gap[0] >= min_gap:
-            gaps.append(gap)
+        if gap[1] - gap[0] >= min_gap and (best is None or gap[1] - gap[0] >= best[1] - best[0]):
+            best = gap
         cursor = max(cursor, end)
         if cursor >= hi:
             break
-    if not gaps:
-        return None
-    long = [gap for gap in gaps if gap[1] - gap[0] >= enough]
-    best = long[-1] if long else max(reversed(gaps), key=lambda gap: gap[1] - gap[0])
-    return (best[0] + best[1]) // 2
+    return None if best is None else (best[0] + best[1]) // 2
 
 
 def quietest(pcm: np.ndarray, lo: int, hi: int, window: int = QUIET_WINDOW, hop: int = QUIET_HOP) -> int:
