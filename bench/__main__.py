@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import batching, chart, chunks, crash, gateway, hubpool, long_audio, report, scheduler, streaming
+from bench import batching, chart, chunks, crash, gateway, hubpool, live_turns, long_audio, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds=120.0 if args.quick else 300.0, workers=tuple(sorted({1, min(2, args.max_workers)}))
         )
         result["long_audio"] = long_audio.measure(workdir, args.device, long_plan)
+        say("live at scale: the duty-cycle and continuous-speech scenarios, VAD on, at real time")
+        result["live_turns"] = {
+            scenario: live_turns.measure(workdir, scenario, args.device, vads=(True,))
+            for scenario in ("duty", "continuous")
+        }
     result["clips"] = [duration(c) for c in clips]
     result["meta"] = {
         "timestamp": stamp,
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(result))
     print(streaming.summary(result["streaming"]))
     print(batching.hub_summary(result["batching"]))
+    for figures in result["live_turns"].values():
+        print(live_turns.summary(figures))
     say(f"done in {elapsed():.0f} s: {json_path} and {png_path}")
     return 0
 

@@ -178,6 +178,33 @@ def targets(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+def bench_targets(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 27's targets for ``make bench``: each row of ``measure`` as report targets (p95 ≤ 3 s, and for
+    the duty cycle the WER against one session alone)."""
+    from bench.report import _target
+
+    out = []
+    for row in figures["rows"]:
+        vad = "VAD on" if row["vad"] else "VAD off"
+        ends = row["utterance_latency_s"]["p95"] if figures["scenario"] == "duty" and row["vad"] else None
+        p95 = ends if ends is not None else row["final_latency_s"]["p95"]
+        what = "utterance end → final" if ends is not None else "final after its last word"
+        name = f"live {figures['scenario']}, {row['sessions']} sessions on 2 workers, {vad}: {what} p95"
+        out.append(_target(name, p95 if p95 is not None else float("inf"), 3.0, False, "s"))
+        if "alone_wer" in row:
+            out.append(
+                _target(
+                    f"live {figures['scenario']}, {vad}: WER over one session alone",
+                    row["wer"]["mean"] - row["alone_wer"],
+                    0.02,
+                    False,
+                    "",
+                    f"{row['wer']['mean']:.3f} vs {row['alone_wer']:.3f}",
+                )
+            )
+    return out
+
+
 def summary(figures: dict[str, Any]) -> str:
     lines = [
         f"\n{figures['scenario']} scenario ({figures['rows'][0]['sessions']} sessions on 2 workers x 1 thread, "

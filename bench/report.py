@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import long_audio
+from bench import live_turns, long_audio
 from bench.procstats import FOREIGN_LIMIT_PCT, disturbed
 
 Result = dict[str, Any]
@@ -85,6 +85,7 @@ def targets(result: Result) -> list[Result]:
         *(scheduler_targets(result["scheduler"]) if "scheduler" in result else []),
         *(crash_targets(result["crash"]) if "crash" in result else []),
         *(long_audio.targets(result["long_audio"]) if "long_audio" in result else []),
+        *(t for figures in result.get("live_turns", {}).values() for t in live_turns.bench_targets(figures)),
     ]
 
 

@@ -61,7 +61,7 @@ class PoolConfig:
     )
     # live sessions one worker serves at once, taking turns; 1 because on tiny.en on a CPU core only one kept
     # speech-to-final p95 near 3 s (bench/README.md, sessions per worker); raise it for capacity or faster decodes
-    sessions_per_worker: int = 1
+    sessions_per_worker: int = 4
     max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0
     max_session_seconds: float = 3600.0
@@ -91,7 +91,7 @@ class StreamConfig:
 
     step_ms: int = 1000
     window_seconds: float = 15.0
-    vad: bool = False
+    vad: bool = True
     endpoint_ms: int = 600
     vad_threshold: float = 0.5
 

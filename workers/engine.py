@@ -130,7 +130,7 @@ class StreamSettings:
 
     step_ms: int = 1000
     window_seconds: float = 15.0
-    vad: bool = False
+    vad: bool = True
     endpoint_ms: int = 600
     vad_threshold: float = 0.5
 

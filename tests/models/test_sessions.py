@@ -357,7 +357,7 @@ def test_stream_window_seconds_from_the_config_reaches_the_worker(hub_factory) -
     from workers.engine import StreamSettings
     from workers.whisper import WhisperEngine
 
-    settings = {"step_ms": 1000, "window_seconds": 2.0}
+    settings = {"step_ms": 1000, "window_seconds": 2.0, "vad": False}  # a step (and a partial) every second
     provider = {
         "model": "tiny.en",
         "device": "cpu",

@@ -60,6 +60,11 @@ def test_smallest_benchmark_runs_and_reports_every_comparison(tmp_path: Path) ->
     ) and "one long recording" in out.stdout
     assert long_rows["hub, 1 worker, split on"]["pieces"] >= 4 and all(r["wer"] < 0.3 for r in long_rows.values())
     assert "long audio: split on vs off" in names and "BatchedInferencePipeline" in names
+    for scenario in ("duty", "continuous"):
+        (row,) = result["live_turns"][scenario]["rows"]
+        assert row["vad"] and row["final_latency_s"]["p95"] is not None and row["wer"]["mean"] < 0.3, row
+    assert "live duty, 8 sessions on 2 workers, VAD on: utterance end → final p95" in names
+    assert "live continuous, 4 sessions on 2 workers, VAD on" in names and "continuous scenario" in out.stdout
 
 
 def _side(

@@ -102,9 +102,8 @@ def test_the_sample_config_documents_every_key() -> None:
 def test_sessions_in_a_single_instance_take_its_one_worker() -> None:
     pools = parse_config({"providers": {"a": {"type": "echo"}, "b": {"type": "echo", "pool": {"max_size": 3}}}})
     assert pools.providers["a"].pool.session_limit == 1 and pools.providers["a"].pool.sessions_per_worker == 1
-    assert (
-        pools.providers["b"].pool.session_limit == 3
-    )  # every worker the pool may have, full (one session each by default)
+    # every worker the pool may have, full (four sessions each by default)
+    assert pools.providers["b"].pool.session_limit == 12 and pools.providers["b"].pool.sessions_per_worker == 4
     rollback = parse_config(
         {"providers": {"a": {"type": "echo", "pool": {"enabled": False, "sessions_per_worker": 8}}}}
     )
