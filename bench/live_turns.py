@@ -44,6 +44,11 @@ class Played:
     seconds: float = 0.0
 
 
+SESSION_GRACE_S = (
+    120.0  # a session may end this long after its audio (its last decodes, its close) before it counts as hung
+)
+
+
 def play(client: HubClient, pcm: np.ndarray, start_at: float, provider: str) -> Played:
     """Stream ``pcm`` at real time from ``start_at`` (monotonic clock) in 100 ms chunks."""
     out = Played(seconds=pcm.size / RATE)
@@ -97,16 +102,27 @@ def _percentile(values: list[float], q: float) -> float | None:
 def _run(client: HubClient, provider: str, audio: list[tuple[np.ndarray, str]]) -> dict[str, Any]:
     """Every session of ``audio`` at once (starts staggered over one second): the row of figures."""
     results: list[Played] = [Played()] * len(audio)
+    errors: list[BaseException] = []
     begin = time.monotonic() + 0.5
 
     def one(i: int) -> None:
-        results[i] = play(client, audio[i][0], begin + i / len(audio), provider)
+        try:
+            results[i] = play(client, audio[i][0], begin + i / len(audio), provider)
+        except Exception as exc:  # counted: a session that failed must fail the run, not read as silence
+            errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(audio))]
     for thread in threads:
         thread.start()
+    deadline = begin + max(pcm.size for pcm, _ in audio) / RATE + SESSION_GRACE_S
     for thread in threads:
-        thread.join()
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(thread.is_alive() for thread in threads)
+    if errors or alive:
+        raise RuntimeError(
+            f"{len(errors)} of {len(audio)} sessions failed ({'; '.join(map(repr, errors[:3]))}) and {alive} did "
+            f"not end within {SESSION_GRACE_S:.0f} s of their audio"
+        )
     finals = [x for r in results for x in r.finals]
     utterances = [x for r in results for x in r.utterances]
     wers = [word_error_rate(said, r.text) for r, (_, said) in zip(results, audio, strict=False)]
