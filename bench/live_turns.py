@@ -44,9 +44,8 @@ class Played:
     seconds: float = 0.0
 
 
-SESSION_GRACE_S = (
-    120.0  # a session may end this long after its audio (its last decodes, its close) before it counts as hung
-)
+# a session may end this long after its audio (its last decodes, its close) before it counts as hung
+SESSION_GRACE_S = 120.0
 
 
 def play(client: HubClient, pcm: np.ndarray, start_at: float, provider: str) -> Played:
@@ -171,18 +170,22 @@ def measure(
     return {"scenario": scenario, "device": device, "max_batch": max_batch, "rows": rows}
 
 
+def _judged(scenario: str, row: dict[str, Any]) -> tuple[float | None, str]:
+    """The p95 a row is judged by, and what it measures. The duty cycle's target is the final "after each
+    utterance ends": with VAD, the utterance's end to its final (the marker that carries it); without VAD there
+    is no utterance end, so each final's delay after its last word is judged, as it is for continuous speech."""
+    if scenario == "duty" and row["vad"] and row["utterance_latency_s"]["p95"] is not None:
+        return row["utterance_latency_s"]["p95"], "utterance end → final"
+    return row["final_latency_s"]["p95"], "final after its last word"
+
+
 def targets(figures: dict[str, Any]) -> list[str]:
     """Each row against the issue's target: met or missed, with the figures that decide it."""
     lines = []
     for row in figures["rows"]:
-        # the duty cycle's target is the final "after each utterance ends": with VAD, the utterance's end to its
-        # final (the marker that carries it); without VAD there is no utterance end, so each final's delay after
-        # its last word is judged, as it is for continuous speech
-        ends = row["utterance_latency_s"]["p95"] if figures["scenario"] == "duty" and row["vad"] else None
-        p95 = ends if ends is not None else row["final_latency_s"]["p95"]
+        p95, measure = _judged(figures["scenario"], row)
         latency = p95 is not None and p95 <= 3.0
         verdict = latency
-        measure = "utterance end → final" if ends is not None else "final after its last word"
         what = f"{measure} p95 {p95} s (≤ 3 s: {'met' if latency else 'missed'})"
         if "alone_wer" in row:
             wer_ok = row["wer"]["mean"] <= row["alone_wer"] + 0.02
@@ -202,9 +205,7 @@ def bench_targets(figures: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for row in figures["rows"]:
         vad = "VAD on" if row["vad"] else "VAD off"
-        ends = row["utterance_latency_s"]["p95"] if figures["scenario"] == "duty" and row["vad"] else None
-        p95 = ends if ends is not None else row["final_latency_s"]["p95"]
-        what = "utterance end → final" if ends is not None else "final after its last word"
+        p95, what = _judged(figures["scenario"], row)
         name = f"live {figures['scenario']}, {row['sessions']} sessions on 2 workers, {vad}: {what} p95"
         out.append(_target(name, p95 if p95 is not None else float("inf"), 3.0, False, "s"))
         if "alone_wer" in row:

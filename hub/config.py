@@ -59,8 +59,9 @@ class PoolConfig:
     max_gpu_memory_fraction: float = (
         0.0  # 0: off; else a new worker starts only where it fits under this share of a card
     )
-    # live sessions one worker serves at once, taking turns; 1 because on tiny.en on a CPU core only one kept
-    # speech-to-final p95 near 3 s (bench/README.md, sessions per worker); raise it for capacity or faster decodes
+    # live sessions one worker serves at once, taking turns; 4 because with VAD and one decode per step four
+    # mostly silent sessions per tiny.en CPU worker keep finals within 3 s (bench/README.md, live at scale);
+    # continuous talkers need about one worker per two
     sessions_per_worker: int = 4
     max_sessions: int | None = None  # live sessions of the whole pool at most; None: max_size * sessions_per_worker
     session_idle_timeout: float = 30.0

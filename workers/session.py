@@ -112,9 +112,7 @@ class Session:
 
     def step(self) -> float:
         """Decode its window once; returns the seconds the decode took."""
-        started = time.perf_counter()
-        update = self.streamer.step()
-        return self.stepped(update, time.perf_counter() - started)
+        return self.stepped(*_timed(self.streamer.step))
 
     def stepped(self, update: StreamUpdate | Exception, spent: float) -> float:
         """A step's outcome, decoded alone or with other sessions' steps (``spent``: this session's share of the
@@ -132,8 +130,8 @@ class Session:
         its own ``utterance`` event."""
         spent = 0.0
         while self.streamer.urgent:
-            spent += self._timed(self.streamer.step)
-        spent += self._timed(self.streamer.finish)
+            spent += self._send(*_timed(self.streamer.step))
+        spent += self._send(*_timed(self.streamer.finish))
         self.send(
             MsgType.RESULT,
             {
@@ -158,15 +156,9 @@ class Session:
     def _event(self, event: SpeechEvent) -> None:
         self.send(MsgType.EVENT, {"kind": event.kind.value, "text": event.text, "at": event.at, **self._position()})
 
-    def _timed(self, decode: Callable[[], StreamUpdate]) -> float:
-        started = time.perf_counter()
-        update = decode()
-        spent = time.perf_counter() - started
-        self._send(update, spent)
-        return spent
-
-    def _send(self, update: StreamUpdate, spent: float) -> None:
-        """What a decode produced, to the client: boundaries heard, the final, the partial, an utterance's end."""
+    def _send(self, update: StreamUpdate, spent: float) -> float:
+        """What a decode produced, to the client: boundaries heard, the final, the partial, an utterance's end.
+        Returns ``spent``, the decode's seconds."""
         self.busy += spent
         position = self._position()
         for event in self.streamer.events():  # a close that ended an utterance still in progress
@@ -178,3 +170,11 @@ class Session:
             self.send(MsgType.PARTIAL, {"text": update.partial, **position})
         for event in update.events:
             self._event(event)
+        return spent
+
+
+def _timed(decode: Callable[[], StreamUpdate]) -> tuple[StreamUpdate, float]:
+    """A decode's update, and the seconds it took."""
+    started = time.perf_counter()
+    update = decode()
+    return update, time.perf_counter() - started

@@ -228,14 +228,16 @@ class WindowStreamer:
         return self._run(self._finishing())
 
     def _run(self, step: Step) -> StreamUpdate:
-        """A step or finish, its decode made with ``decode``."""
+        """A step or finish, its decode (if any) made with ``decode``."""
         try:
             window = next(step)
-            while True:
-                window = step.send(self.decode(*window))
         except StopIteration as done:
             update: StreamUpdate = done.value
             return update
+        outcome = _resume(step, self.decode(*window))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _finishing(self) -> Step:
         if self.detector is None:
@@ -377,7 +379,8 @@ def step_together(streamers: Sequence[WindowStreamer]) -> list[StreamUpdate | Ex
 
 
 def _resume(step: Step, words: list[Word] | Exception) -> StreamUpdate | Exception:
-    """A step handed its decode's words (or the reason there are none) and run to its end."""
+    """A step that asked for its one decode, handed the words (or the reason there are none) and run to its end;
+    a failure is returned, and a step asking for a second decode is one."""
     if isinstance(words, Exception):
         step.close()
         return words
