@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import batching, chart, chunks, crash, gateway, hubpool, live_turns, long_audio, report, scheduler, streaming
+from bench import batching, chunks, crash, gateway, hubpool, live_turns, long_audio, report, scheduler, streaming
 from bench.clips import build_clips, duration
 from bench.matrix import MatrixPlan, run_matrix
 from bench.overhead import OverheadPlan, measure
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{stamp}.json", args.out / f"{stamp}.png"
     json_path.write_text(json.dumps(result, indent=1, default=str))
+    from bench import chart  # matplotlib builds its font cache (running fc-list) on its first import
+
     chart.draw(result, png_path)
     print(report.format_table(result))
     print(streaming.summary(result["streaming"]))
