@@ -13,6 +13,9 @@ PYTEST_ARGS ?=
 # venv (a CUDA build on a GPU host, say) is kept: override with `make install TORCH='torch==X'`.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Python caches compiled modules (its default): the tests start hundreds of hubs, workers and gateways, and
+# pytest rewrites every test file in each of its processes; recompiling them each time cost a minute of CPU
+unexport PYTHONDONTWRITEBYTECODE
 comma := ,
 ALL_EXTRAS := whisper,test$(if $(EXTRAS),$(comma)$(EXTRAS),)
 TEST_EXTRAS := $(ALL_EXTRAS)$(if $(findstring funasr,$(EXTRAS)),,$(comma)funasr)
