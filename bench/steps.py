@@ -1,12 +1,14 @@
-"""The cost of a live-session step on tiny.en, before and after "one decode per step" (issue 27, item 2).
+"""The cost of a live-session step on tiny.en, before and after "one decode per step" (issue 27, item 2), and
+with the encoder's input padded to the window instead of 30 s.
 
 Before: the worker's old step, ``WhisperModel.transcribe(window, word_timestamps=True)``, which decodes a
 second time when the window ends inside a segment and retries at higher temperatures after a poor
-decode. After: ``workers.whisper_step.WindowDecoder``, one encode, one generate and one alignment.
-Two ``WindowStreamer`` sessions, one per decoder, are fed the committed clips (46 s) a step at a time
-in lockstep in one process with a worker's settings (1 thread, int8), so both see the same windows and
-the same machine noise; every step's time and its calls into CTranslate2 (encodes and generates) are
-counted, and the two sessions' final texts are compared (word error rate of after against before).
+decode. After: ``workers.whisper_step.WindowDecoder``, one encode, one generate and one alignment, its audio
+padded to ``stream.window_seconds`` (15 s by default) as a VAD-gated session's step is; "padded": the same
+decoder padding to Whisper's 30 s, as it was first built and as a session without VAD still has it. Three ``WindowStreamer`` sessions, one per decoder, are fed the committed clips (46 s) a
+step at a time in lockstep in one process with a worker's settings (1 thread, int8), so all see the same
+windows and the same machine noise; every step's time and its calls into CTranslate2 (encodes and generates)
+are counted, and the final texts are compared with what the clips say and with each other.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench.batching import one_thread
-from bench.clips import build_clips
+from bench.live_turns import continuous_audio
 from bench.settings import MODEL, compute_type
 from hub.wer import word_error_rate
 
@@ -47,6 +49,7 @@ def measure(step_s: float = 1.0, device: str = "cpu") -> dict[str, Any]:
     from faster_whisper import WhisperModel
 
     from hub.results import Word
+    from workers.engine import StreamSettings
     from workers.streaming import WindowStreamer
     from workers.whisper import resolve_model
     from workers.whisper_step import WindowDecoder
@@ -61,13 +64,17 @@ def measure(step_s: float = 1.0, device: str = "cpu") -> dict[str, Any]:
         )
         return [Word(w.start, w.end, w.word, w.probability) for s in segments for w in s.words or ()]
 
-    streams = {"before": WindowStreamer(before, step_s), "after": WindowStreamer(WindowDecoder(model, {}), step_s)}
+    window = StreamSettings().window_seconds
+    streams = {
+        "before": WindowStreamer(before, step_s),
+        "padded": WindowStreamer(WindowDecoder(model, {}, 30.0), step_s),
+        "after": WindowStreamer(WindowDecoder(model, {}, window), step_s),
+    }
     figures: dict[str, dict[str, list[float]]] = {
         name: {"seconds": [], "encode": [], "generate": []} for name in streams
     }
     texts: dict[str, list[str]] = {name: [] for name in streams}
-    gap = np.zeros(8000, dtype=np.float32)
-    pcm = np.concatenate([part for clip in build_clips() for part in (clip, gap)])
+    pcm, said = continuous_audio()
     step = int(step_s * 16000)
     for offset in range(0, pcm.size, step):
         for name, stream in streams.items():
@@ -89,6 +96,7 @@ def measure(step_s: float = 1.0, device: str = "cpu") -> dict[str, Any]:
             "encodes_per_step": round(statistics.mean(f["encode"]), 2),
             "generates_per_step": round(statistics.mean(f["generate"]), 2),
             "text": " ".join(texts[name]),
+            "wer": round(word_error_rate(said, " ".join(texts[name])), 4),
         }
         for name, f in figures.items()
     }
@@ -97,23 +105,34 @@ def measure(step_s: float = 1.0, device: str = "cpu") -> dict[str, Any]:
         "step_s": step_s,
         "device": device,
         **rows,
+        "window_s": window,
         "ratio": round(rows["before"]["mean_s"] / rows["after"]["mean_s"], 2),
+        "ratio_padded": round(rows["padded"]["mean_s"] / rows["after"]["mean_s"], 2),
         "wer_after_vs_before": round(word_error_rate(rows["before"]["text"], rows["after"]["text"]), 4),
+        "wer_after_vs_padded": round(word_error_rate(rows["padded"]["text"], rows["after"]["text"]), 4),
     }
 
 
 def summary(f: dict[str, Any]) -> str:
     lines = [
         f"\nlive-session steps over {f['audio_s']:g} s of clips, a step every {f['step_s']:g} s, tiny.en, 1 thread:",
-        "  decode                      steps  mean s  p50 s  max s  encodes/step  generates/step",
+        "  decode                      steps  mean s  p50 s  max s  encodes/step  generates/step    WER",
     ]
-    for name, label in (("before", "transcribe(word_timestamps)"), ("after", "one encode+generate+align")):
+    labels = (
+        ("before", "transcribe(word_timestamps)"),
+        ("padded", "one decode, padded to 30 s"),
+        ("after", f"one decode, padded to {f['window_s']:g} s"),
+    )
+    for name, label in labels:
         r = f[name]
         lines.append(
             f"  {label:<27} {r['steps']:>5}  {r['mean_s']:>6.3f} {r['p50_s']:>6.3f} {r['max_s']:>6.3f}"
-            f"  {r['encodes_per_step']:>12.2f}  {r['generates_per_step']:>14.2f}"
+            f"  {r['encodes_per_step']:>12.2f}  {r['generates_per_step']:>14.2f}  {r['wer']:>5.1%}"
         )
     lines.append(
         f"  before/after: {f['ratio']:.2f}x mean step cost; WER of the texts after vs before: {f['wer_after_vs_before']:.1%}"
+    )
+    lines.append(
+        f"  padded/after: {f['ratio_padded']:.2f}x mean step cost; WER after vs padded: {f['wer_after_vs_padded']:.1%}"
     )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from workers.whisper_batch import batchable, settings, window_batch
 from workers.whisper_step import WindowDecoder
 
 BUNDLED_MODEL = "tiny.en"
+WHISPER_WINDOW_S = 30.0  # the audio Whisper was trained to hear at once
 
 
 def resolve_model(model: str) -> str:
@@ -150,8 +151,11 @@ class WhisperEngine:
         whose ``many`` hears their windows in one pass when the worker steps them together."""
         self._check(options)
         options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt", "vad_filter")}
-        key = option_key(options)
+        # the encoder hears a VAD-gated window (speech only) padded to the window, one that may be silence
+        # padded to Whisper's 30 s, whose no-speech detection keeps words out of silence (``WindowDecoder``)
+        pad = settings.window_seconds if settings.vad else WHISPER_WINDOW_S
+        key = f"{option_key(options)}/{pad}"
         if key not in self._decoders:
-            self._decoders[key] = WindowDecoder(self._model, options)
+            self._decoders[key] = WindowDecoder(self._model, options, pad)
         decoder = self._decoders[key]
         return window_streamer(decoder, settings, decoder.many)

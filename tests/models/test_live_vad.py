@@ -88,11 +88,11 @@ def test_vad_decodes_at_most_40_percent_of_a_mostly_silent_session_with_the_same
     plain, plain_decodes = stream_through(engine, pcm, vad=False)
     assert gated_decodes <= 0.4 * plain_decodes, (gated_decodes, plain_decodes)
     said = " ".join(reference(n) for n in spoken)
-    # the words said, as without VAD, and nothing made up in the silences (without VAD, tiny.en hears
-    # "Thank you." in them here): every word of the gated text is in the plain one, in order
+    # the words said, as well as without VAD, and nothing made up in the silences (without VAD, tiny.en hears
+    # "Thank you." in them here): every word of the gated text was said, in order
     assert word_error_rate(said, gated) <= min(0.05, word_error_rate(said, plain)), (said, gated, plain)
-    plain_words = iter(normalized(plain))
-    assert all(word in plain_words for word in normalized(gated)), (gated, plain)
+    said_words = iter(normalized(said))
+    assert all(word in said_words for word in normalized(gated)), (gated, said)
 
 
 def normalized(text: str) -> list[str]:
@@ -105,7 +105,9 @@ def vad_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         "model": "tiny.en",
         "device": "cpu",
         "cpu_threads": 1,
-        "stream": {"vad": True},
+        # a step every 0.5 s: four talking sessions then need about twice the decoding one worker can do
+        # (a decode of ~0.25 s each), which the overloaded-worker test needs
+        "stream": {"vad": True, "step_ms": 500},
         "pool": {"min_size": 1, "max_size": 1, "sessions_per_worker": 4},
     }
     started = start_hub(tmp_path_factory.mktemp("vad"), {"whisper": provider})
@@ -145,7 +147,7 @@ def utterances(events: list[tuple[float, StreamEvent]]) -> list[list[tuple[float
     return cut
 
 
-IDLE_DECODE_S = 0.5  # a tiny.en decode of a few seconds on an idle core (DESIGN.md)
+IDLE_DECODE_S = 0.5  # the bounds' floor for a decode: a step's decode takes 0.25-0.5 s on an idle core
 UTTERANCE_PERIOD_S = 5.0  # the overloaded test's clips with their 1.5 s gaps: an utterance ends every 5-6 s
 
 
@@ -201,10 +203,11 @@ def test_a_session_can_turn_vad_off_and_then_nothing_new_is_sent(vad_hub: Hub) -
 
 
 def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_hub: Hub, engine: WhisperEngine) -> None:
-    """Four sessions talking at once on one one-thread worker, each a decode of ~0.5 s a second: more than it
-    can do. Their steps stretch evenly; every utterance still gets its final within the decodes that can stand
-    before it (one under way and the four sessions' ends, which come together here), and partials never lag
-    further behind the audio than a stretched round and a decode: the lag does not grow with the stream."""
+    """Four sessions talking at once on one one-thread worker, each two decodes of ~0.25 s a second: more than
+    it can do. Their steps stretch evenly; every utterance still gets its final within the decodes that can stand
+    before it (one under way and the four sessions' ends, which come together here, and one more for the spread
+    of decode times on a loaded machine: the bound takes their mean), and partials never lag further behind the
+    audio than a stretched round and a decode: the lag does not grow with the stream."""
     pcm = padded((0.3, 1.5, 1.5, 2.0))
     cost = decode_seconds(engine)
     if 4 * cost > 0.8 * UTTERANCE_PERIOD_S:
@@ -233,7 +236,7 @@ def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_h
         for part in parts:
             marker_time, marker = part[-1]
             late = marker_time - marker.at
-            assert late <= 1.0 + 5 * decode, f"a final {late:.1f} s after its utterance (a decode: {decode:.2f} s)"
+            assert late <= 1.0 + 6 * decode, f"a final {late:.1f} s after its utterance (a decode: {decode:.2f} s)"
         lags = [t - e.heard for t, e in events if e.kind == "partial"]
         assert max(lags, default=0.0) <= 1.0 + 6 * decode, f"partials fell behind: {max(lags):.1f} s"
         assert word_error_rate(said, text) <= 0.2, text

@@ -351,7 +351,7 @@ def test_sessions_go_by_measured_duty_not_by_count_and_fresh_ones_spread() -> No
 def test_a_decode_with_more_words_than_the_audio_can_hold_or_a_loop_is_not_taken() -> None:
     from workers.whisper_step import WindowDecoder
 
-    decoder = WindowDecoder(None, {})
+    decoder = WindowDecoder(None, {}, 15.0)
     assert not decoder._unheard("Please bring me a cup of coffee and a glass of water.", 3.0)
     assert decoder._unheard("The low world. Today the weather is sunny with a light breeze in the afternoon.", 1.5)
     assert decoder._unheard("with a light breeze, " * 12, 30.0)  # a loop, however long the window
