@@ -1,14 +1,15 @@
-"""The cost of a live-session step on tiny.en, before and after "one decode per step" (issue 27, item 2), and
-with the encoder's input padded to the window instead of 30 s.
+"""The cost of a live-session step on tiny.en, before and after "one decode per step" (issue 27, item 2), and with
+the encoder's input padded to the window instead of 30 s.
 
-Before: the worker's old step, ``WhisperModel.transcribe(window, word_timestamps=True)``, which decodes a
-second time when the window ends inside a segment and retries at higher temperatures after a poor
-decode. After: ``workers.whisper_step.WindowDecoder``, one encode, one generate and one alignment, its audio
-padded to ``stream.window_seconds`` (15 s by default) as a VAD-gated session's step is; "padded": the same
-decoder padding to Whisper's 30 s, as it was first built and as a session without VAD still has it. Three ``WindowStreamer`` sessions, one per decoder, are fed the committed clips (46 s) a
-step at a time in lockstep in one process with a worker's settings (1 thread, int8), so all see the same
-windows and the same machine noise; every step's time and its calls into CTranslate2 (encodes and generates)
-are counted, and the final texts are compared with what the clips say and with each other.
+Before: the worker's old step, ``WhisperModel.transcribe(window, word_timestamps=True)``, which decodes a second
+time when the window ends inside a segment and retries at higher temperatures after a poor decode. After:
+``workers.whisper_step.WindowDecoder``, one encode, one generate and one alignment, its audio padded to
+``stream.window_seconds`` (15 s by default) as a VAD-gated session's step is; "padded": the same decoder padding
+to Whisper's 30 s, as it was first built and as a session without VAD still has it. Three ``WindowStreamer``
+sessions, one per decoder, are fed the committed clips (46 s) a step at a time in lockstep in one process with a
+worker's settings (1 thread, int8), so all see the same windows and the same machine noise; every step's time and
+its calls into CTranslate2 (encodes and generates) are counted, and the final texts are compared with what the
+clips say and with each other.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from workers.batch import decode_groups, one_by_one, option_key
 from workers.cuda import warn_cpu_fallback
 from workers.engine import DecodeItem, EngineResult, OnSegment, Outcome, StreamSettings, window_streamer
 from workers.streaming import WindowStreamer
-from workers.whisper_batch import batchable, settings, window_batch
+from workers.whisper_batch import batchable, by_padding, settings, window_batch
 from workers.whisper_step import WindowDecoder
 
 BUNDLED_MODEL = "tiny.en"
@@ -133,7 +133,11 @@ class WhisperEngine:
         if (len(items) > 1 or items[0].piece) and batchable(
             self._model, settings(self._model, self._arguments(options))
         ):
-            batched = window_batch(self._model, items, self._arguments(options))
+            extractor = self._model.feature_extractor
+            for group in by_padding(items, extractor.hop_length, extractor.nb_max_frames):
+                results = window_batch(self._model, [items[i] for i in group], self._arguments(options))
+                for index, result in zip(group, results, strict=True):
+                    batched[index] = result
         alone = [item for item, result in zip(items, batched, strict=True) if result is None]
         rest = iter(one_by_one(self.transcribe, alone))
         return [result if result is not None else next(rest) for result in batched]

@@ -98,3 +98,23 @@ def test_echo_decodes_a_batch_in_one_pass_and_one_jobs_fault_fails_it_alone() ->
         echo_text(b),
     ]
     assert engine.decodes == 4  # every job counts as a decode, for fail_from and fail_every
+
+
+def test_a_piece_is_padded_to_its_next_second_and_a_job_to_whisper_s_30_s() -> None:
+    """The encoder hears a job padded to 30 s, as ``transcribe`` does, and a piece of a long recording padded only
+    up to its next ``PIECE_PAD_S``; items share a pass only with items of the same padding."""
+    from workers.engine import DecodeItem
+    from workers.whisper_batch import PIECE_PAD_S, by_padding, encoder_frames
+
+    hop, most = 160, 3000  # faster-whisper's feature extractor: 100 frames a second, 30 s at most
+    assert PIECE_PAD_S == 1  # the figures below are worked out for 1 s
+
+    def item(seconds: float, piece: bool) -> DecodeItem:
+        return DecodeItem(np.zeros(round(seconds * 16000), dtype=np.float32), {}, piece=piece)
+
+    assert encoder_frames(item(3.0, piece=False), hop, most) == most
+    assert encoder_frames(item(21.3, piece=True), hop, most) == 2200  # 2131 frames of content
+    assert encoder_frames(item(16.0, piece=True), hop, most) == 1700  # 1601
+    assert encoder_frames(item(30.0, piece=True), hop, most) == most  # never past Whisper's window
+    items = [item(21.3, True), item(3.0, False), item(21.2, True), item(16.0, True), item(9.0, False)]
+    assert by_padding(items, hop, most) == [[0, 2], [1, 4], [3]]
