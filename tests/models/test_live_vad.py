@@ -99,6 +99,9 @@ def normalized(text: str) -> list[str]:
     return "".join(c for c in text.lower() if c.isalnum() or c.isspace() or c == "'").split()
 
 
+VAD_HUB_STEP_S = 0.5
+
+
 @pytest.fixture(scope="module")
 def vad_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     provider = {
@@ -107,7 +110,7 @@ def vad_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         "cpu_threads": 1,
         # a step every 0.5 s: four talking sessions then need about twice the decoding one worker can do
         # (a decode of ~0.25 s each), which the overloaded-worker test needs
-        "stream": {"vad": True, "step_ms": 500},
+        "stream": {"vad": True, "step_ms": round(VAD_HUB_STEP_S * 1000)},
         "pool": {"min_size": 1, "max_size": 1, "sessions_per_worker": 4},
     }
     started = start_hub(tmp_path_factory.mktemp("vad"), {"whisper": provider})
@@ -227,7 +230,7 @@ def test_an_overloaded_worker_keeps_producing_finals_with_no_stale_backlog(vad_h
         time.sleep(1.0)
     for thread in threads:
         thread.join()
-    assert max(t["step_s"] for t in status_seen) > 1.0, "the worker never stretched its steps"
+    assert max(t["step_s"] for t in status_seen) > VAD_HUB_STEP_S, "the worker never stretched its steps"
     said = " ".join(reference(n) for n in SPOKEN)
     decode = max(IDLE_DECODE_S, *(d for _, d, _ in results))  # what a decode cost on the worker, this run
     for events, _, text in results:
