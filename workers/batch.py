@@ -10,7 +10,7 @@ fails alone and the others still get their text.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,11 +33,12 @@ def option_key(options: Mapping[str, Any]) -> str:
     return json.dumps(dict(options), sort_keys=True, default=repr)
 
 
-def groups(items: Sequence[DecodeItem]) -> list[list[int]]:
-    """The items' indices split by option set, each group in arrival order, groups in order of their first item."""
-    by_key: dict[str, list[int]] = {}
+def groups(items: Sequence[DecodeItem], key: Callable[[DecodeItem], Hashable] | None = None) -> list[list[int]]:
+    """The items' indices split by ``key`` (by default their option set), each group in arrival order, groups in
+    order of their first item."""
+    by_key: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
-        by_key.setdefault(option_key(item.options), []).append(index)
+        by_key.setdefault(key(item) if key else option_key(item.options), []).append(index)
     return list(by_key.values())
 
 

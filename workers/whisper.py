@@ -20,7 +20,6 @@ from workers.whisper_batch import batchable, by_padding, settings, window_batch
 from workers.whisper_step import WindowDecoder
 
 BUNDLED_MODEL = "tiny.en"
-WHISPER_WINDOW_S = 30.0  # the audio Whisper was trained to hear at once
 
 
 def resolve_model(model: str) -> str:
@@ -157,7 +156,7 @@ class WhisperEngine:
         options = {k: v for k, v in options.items() if k not in ("word_timestamps", "initial_prompt", "vad_filter")}
         # the encoder hears a VAD-gated window (speech only) padded to the window, one that may be silence
         # padded to Whisper's 30 s, whose no-speech detection keeps words out of silence (``WindowDecoder``)
-        pad = settings.window_seconds if settings.vad else WHISPER_WINDOW_S
+        pad = settings.window_seconds if settings.vad else float(self._model.feature_extractor.chunk_length)
         key = f"{option_key(options)}/{pad}"
         if key not in self._decoders:
             self._decoders[key] = WindowDecoder(self._model, options, pad)

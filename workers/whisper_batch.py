@@ -36,6 +36,7 @@ import numpy as np
 
 from hub.protocol import SAMPLE_RATE
 from hub.results import Segment, Word, join_text
+from workers.batch import groups
 from workers.engine import DecodeItem, EngineResult
 
 PIECE_PAD_S = 1  # seconds: a piece's audio is padded up to a multiple of this for the encoder, not to 30 s
@@ -79,10 +80,7 @@ def encoder_frames(item: DecodeItem, hop_length: int, max_frames: int) -> int:
 
 def by_padding(items: Sequence[DecodeItem], hop_length: int, max_frames: int) -> list[list[int]]:
     """The indices of ``items`` grouped by their encoder input's length (``encoder_frames``), in order."""
-    groups: dict[int, list[int]] = {}
-    for index, item in enumerate(items):
-        groups.setdefault(encoder_frames(item, hop_length, max_frames), []).append(index)
-    return list(groups.values())
+    return groups(items, lambda item: encoder_frames(item, hop_length, max_frames))
 
 
 def window_batch(model: Any, items: Sequence[DecodeItem], options: dict[str, Any]) -> list[EngineResult | None]:
