@@ -33,12 +33,16 @@ def option_key(options: Mapping[str, Any]) -> str:
     return json.dumps(dict(options), sort_keys=True, default=repr)
 
 
-def groups(items: Sequence[DecodeItem], key: Callable[[DecodeItem], Hashable] | None = None) -> list[list[int]]:
+def by_options(item: DecodeItem) -> str:
+    return option_key(item.options)
+
+
+def groups(items: Sequence[DecodeItem], key: Callable[[DecodeItem], Hashable] = by_options) -> list[list[int]]:
     """The items' indices split by ``key`` (by default their option set), each group in arrival order, groups in
     order of their first item."""
     by_key: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
-        by_key.setdefault(key(item) if key else option_key(item.options), []).append(index)
+        by_key.setdefault(key(item), []).append(index)
     return list(by_key.values())
 
 
