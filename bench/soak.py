@@ -6,8 +6,9 @@ the gateway. Every ``--kill-every`` seconds a random worker is SIGKILLed. Every 
 run reads each process's RSS and open descriptors (supervisor, each worker, gateway) and the hub's
 shared-memory segments. At the end it reports requests done, errors by code, p99 latency, each lost
 request (its kind, request id and the supervisor's log lines for it), and per process the slope of RSS,
-descriptors and segments per hour from a regression over the run (the first ``--settle`` seconds left
-out) with its projection to 24 hours (``bench.trend``). It passes only with no lost or hung request, an
+descriptors and segments per hour from a line through each five minutes' lowest reading (the first
+``--settle`` seconds left out; ``bench.trend`` says why) with its projection to 24 hours; the readings
+themselves are kept in the results file. It passes only with no lost or hung request, an
 error rate under 0.1 % (jobs hit by a kill excluded), descriptors and segments back at their baseline,
 and each projection within its bound: RSS growth at most 5 % a day, no descriptor and no segment more.
 """
@@ -227,7 +228,7 @@ def projections(samples: Samples, settle_s: float) -> dict[str, Any]:
     for name, figures in samples.series.items():
         rss = figures.get("rss_mb", [])
         span = rss[-1][0] - rss[0][0] - settle_s if rss else 0.0  # settled from the process's own start
-        fits = {figure: trend.fit(points, settle_s) for figure, points in figures.items()}
+        fits = {figure: trend.fit_floors(points, settle_s) for figure, points in figures.items()}
         if fits.get("rss_mb") is None:
             out["short_lived"].append(name)
             continue
@@ -300,7 +301,8 @@ def soak(duration: float, kill_every: float, settle_s: float, workdir: Path) -> 
         time.sleep(SETTLE_S)
         end = snapshot(hub)
         lost = lost_report(tally, hub.log_path)
-    return verdict(tally, kills, hung, start, end, duration, projections(samples, settle_s), lost)
+    report = verdict(tally, kills, hung, start, end, duration, projections(samples, settle_s), lost)
+    return report | {"samples": samples.series}
 
 
 def _wait_gateway(port: int, timeout: float = 60.0) -> None:
@@ -372,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k not in ("start", "end", "day", "lost", "checks")}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in report.items() if k not in ("start", "end", "day", "lost", "checks", "samples")}, indent=2
+        )
+    )
     for lost in report["lost"]:
         print(f"LOST {lost['kind']} request {lost['request_id']} at {lost['at']} s: {lost['code']} {lost['message']}")
         for line in lost["log"]:

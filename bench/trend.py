@@ -4,6 +4,12 @@ with the soak's verdicts (pure; tested in tests/unit/test_trend.py).
 A soak of half an hour cannot show a day, but a leak shows as a slope: RSS, open descriptors or shared-memory
 segments that grow at a steady rate. The first minutes are left out of the fit (``settle_s``): caches, the
 allocator's arenas and the first workers' model pages fill then, and that growth stops.
+
+The line goes through each window's floor (``floors``), not through every reading: work in flight only adds to
+a reading (a connection being opened, a worker being replaced, an upload's buffer, a request's segment), by a
+few descriptors or MiB at random moments, and a line through those readings swings either way by more than
+the bounds (two 45-minute soaks with descriptors back at their baseline fitted -17 and +99 a day). What a
+leak keeps raises the floor as well.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 
 DAY_S = 24 * 3600.0
 MAX_RSS_GROWTH = 0.05  # projected RSS growth over a day, as a fraction of the fitted level at the start
+FLOOR_WINDOW_S = 300.0  # a series is fitted through its lowest reading in each window this long
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,35 @@ def fit(points: Sequence[tuple[float, float]], settle_s: float = 0.0) -> Trend |
     slope = sum((t - mean_t) * (v - mean_v) for t, v in kept) / spread if spread > 0 else 0.0
     level = mean_v + slope * (kept[0][0] - mean_t)
     return Trend(start=level, per_hour=slope * 3600.0, samples=n)
+
+
+def floors(points: Sequence[tuple[float, float]], window_s: float = FLOOR_WINDOW_S) -> list[tuple[float, float]]:
+    """The lowest value in each consecutive ``window_s`` of a series, at the window's start; a last window shorter
+    than half of one is left out (fewer readings make a higher floor)."""
+    if not points:
+        return []
+    first, last = points[0][0], points[-1][0]
+    lowest: dict[int, float] = {}
+    for t, v in points:
+        index = int((t - first) // window_s)
+        lowest[index] = min(v, lowest.get(index, v))
+    if last - first - max(lowest) * window_s < window_s / 2:
+        del lowest[max(lowest)]
+    return [(first + index * window_s, v) for index, v in sorted(lowest.items())]
+
+
+def fit_floors(
+    points: Sequence[tuple[float, float]], settle_s: float, window_s: float = FLOOR_WINDOW_S
+) -> Trend | None:
+    """``fit`` through the floors of the readings after the first ``settle_s`` seconds, in windows of ``window_s``
+    or, where the readings span less than four of those, of a quarter of their span (a short run still has a
+    slope to print)."""
+    first = points[0][0] if points else 0.0
+    kept = [(t, v) for t, v in points if t - first >= settle_s]
+    span = kept[-1][0] - kept[0][0] if kept else 0.0
+    if span <= 0:
+        return None
+    return fit(floors(kept, min(window_s, span / 4)))
 
 
 @dataclass(frozen=True)

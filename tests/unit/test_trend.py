@@ -1,4 +1,6 @@
-from bench.trend import DAY_S, Trend, day_verdicts, fit
+import random
+
+from bench.trend import DAY_S, Trend, day_verdicts, fit, fit_floors, floors
 
 
 def test_a_flat_series_has_no_slope_and_passes() -> None:
@@ -31,3 +33,38 @@ def test_one_descriptor_a_day_fails_and_too_few_samples_is_no_verdict() -> None:
     assert [v.ok for v in day_verdicts("gateway", None, fds, None)] == [False]
     assert fit([(0.0, 1.0), (1.0, 2.0)]) is None and fit([]) is None
     assert Trend(start=0.0, per_hour=1.0, samples=3).growth_fraction() == 0.0 and DAY_S == 86400.0
+
+
+def test_readings_raised_by_work_in_flight_do_not_make_a_slope() -> None:
+    # 23 descriptors held, plus 0-8 more at random moments (connections opening, a worker being replaced),
+    # weighted towards the end of the run: a line through every reading climbs, one through the floors does not
+    rng = random.Random(7)
+    points = [
+        (float(t), 23.0 + (rng.randint(0, 8) if rng.random() < 0.2 + t / 3600 else 0)) for t in range(0, 2700, 10)
+    ]
+    assert fit(points, settle_s=600).projected() > 1.0  # type: ignore[union-attr]
+    held = fit_floors(points, settle_s=600)
+    assert held is not None and held.projected() == 0.0 and held.start == 23.0
+    assert all(v.ok for v in day_verdicts("supervisor", None, held, held))
+
+
+def test_a_leak_raises_the_floors() -> None:
+    points = [
+        (float(t), 23.0 + t // 600 + (3 if t % 70 == 0 else 0)) for t in range(0, 2700, 10)
+    ]  # one more every 10 min
+    leak = fit_floors(points, settle_s=600)
+    assert leak is not None and 5.0 < leak.per_hour < 7.0
+    assert [v.ok for v in day_verdicts("supervisor", None, leak, None)] == [False]
+
+
+def test_floors_are_each_windows_lowest_reading_and_drop_a_short_last_window() -> None:
+    points = [(0.0, 5.0), (100.0, 3.0), (299.0, 4.0), (300.0, 9.0), (450.0, 8.0), (600.0, 1.0), (700.0, 2.0)]
+    assert floors(points, 300.0) == [(0.0, 3.0), (300.0, 8.0)]  # 600-700 spans less than half a window
+    assert floors(points + [(760.0, 7.0)], 300.0) == [(0.0, 3.0), (300.0, 8.0), (600.0, 1.0)]
+    assert floors([]) == [] and fit_floors([], 0.0) is None and fit_floors([(0.0, 1.0)], 0.0) is None
+
+
+def test_a_short_run_still_has_floors_to_fit() -> None:
+    points = [(float(t), 60.0 + t / 3600.0) for t in range(0, 61, 10)]  # a 60 s run: readings 10 s apart
+    trend = fit_floors(points, settle_s=20.0)
+    assert trend is not None and trend.samples >= 3 and abs(trend.per_hour - 1.0) < 0.05
