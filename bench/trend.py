@@ -57,32 +57,27 @@ def fit(points: Sequence[tuple[float, float]], settle_s: float = 0.0) -> Trend |
 
 
 def floors(points: Sequence[tuple[float, float]], window_s: float = FLOOR_WINDOW_S) -> list[tuple[float, float]]:
-    """The lowest value in each consecutive ``window_s`` of a series, at the window's start; a last window shorter
-    than half of one is left out (fewer readings make a higher floor)."""
+    """Each window's lowest reading, with its time: the series' span is cut into equal windows of about
+    ``window_s``, at least three (so that a short run still has a slope)."""
     if not points:
         return []
-    first, last = points[0][0], points[-1][0]
-    lowest: dict[int, float] = {}
+    first, span = points[0][0], points[-1][0] - points[0][0]
+    count = max(3, round(span / window_s))
+    width = span / count if span > 0 else 1.0
+    lowest: dict[int, tuple[float, float]] = {}
     for t, v in points:
-        index = int((t - first) // window_s)
-        lowest[index] = min(v, lowest.get(index, v))
-    if last - first - max(lowest) * window_s < window_s / 2:
-        del lowest[max(lowest)]
-    return [(first + index * window_s, v) for index, v in sorted(lowest.items())]
+        index = min(int((t - first) // width), count - 1)
+        if index not in lowest or v < lowest[index][1]:
+            lowest[index] = (t, v)
+    return [lowest[index] for index in sorted(lowest)]
 
 
 def fit_floors(
     points: Sequence[tuple[float, float]], settle_s: float, window_s: float = FLOOR_WINDOW_S
 ) -> Trend | None:
-    """``fit`` through the floors of the readings after the first ``settle_s`` seconds, in windows of ``window_s``
-    or, where the readings span less than four of those, of a quarter of their span (a short run still has a
-    slope to print)."""
+    """``fit`` through the floors of the readings after the first ``settle_s`` seconds."""
     first = points[0][0] if points else 0.0
-    kept = [(t, v) for t, v in points if t - first >= settle_s]
-    span = kept[-1][0] - kept[0][0] if kept else 0.0
-    if span <= 0:
-        return None
-    return fit(floors(kept, min(window_s, span / 4)))
+    return fit(floors([(t, v) for t, v in points if t - first >= settle_s], window_s))
 
 
 @dataclass(frozen=True)

@@ -57,14 +57,15 @@ def test_a_leak_raises_the_floors() -> None:
     assert [v.ok for v in day_verdicts("supervisor", None, leak, None)] == [False]
 
 
-def test_floors_are_each_windows_lowest_reading_and_drop_a_short_last_window() -> None:
-    points = [(0.0, 5.0), (100.0, 3.0), (299.0, 4.0), (300.0, 9.0), (450.0, 8.0), (600.0, 1.0), (700.0, 2.0)]
-    assert floors(points, 300.0) == [(0.0, 3.0), (300.0, 8.0)]  # 600-700 spans less than half a window
-    assert floors(points + [(760.0, 7.0)], 300.0) == [(0.0, 3.0), (300.0, 8.0), (600.0, 1.0)]
+def test_floors_are_each_windows_lowest_reading_at_its_time() -> None:
+    points = [(0.0, 5.0), (100.0, 3.0), (299.0, 4.0), (300.0, 9.0), (450.0, 8.0), (600.0, 1.0), (900.0, 2.0)]
+    assert floors(points, 300.0) == [(100.0, 3.0), (450.0, 8.0), (600.0, 1.0)]  # 900 s falls in the last window
+    assert floors(points[:4], 300.0) == [(0.0, 5.0), (100.0, 3.0), (299.0, 4.0)]  # a short span: three windows
     assert floors([]) == [] and fit_floors([], 0.0) is None and fit_floors([(0.0, 1.0)], 0.0) is None
 
 
 def test_a_short_run_still_has_floors_to_fit() -> None:
-    points = [(float(t), 60.0 + t / 3600.0) for t in range(0, 61, 10)]  # a 60 s run: readings 10 s apart
-    trend = fit_floors(points, settle_s=20.0)
-    assert trend is not None and trend.samples >= 3 and abs(trend.per_hour - 1.0) < 0.05
+    for last in (51, 61):  # a 60 s run: readings 10 s apart, the first 20 s left out
+        points = [(float(t), 60.0 + t / 3600.0) for t in range(0, last, 10)]
+        trend = fit_floors(points, settle_s=20.0)
+        assert trend is not None and trend.samples == 3 and abs(trend.per_hour - 1.0) < 1e-6
