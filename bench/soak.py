@@ -6,7 +6,7 @@ the gateway. Every ``--kill-every`` seconds a random worker is SIGKILLed. Every 
 run reads each process's RSS and open descriptors (supervisor, each worker, gateway) and the hub's
 shared-memory segments. At the end it reports requests done, errors by code, p99 latency, each lost
 request (its kind, request id and the supervisor's log lines for it), and per process the slope of RSS,
-descriptors and segments per hour from a line through each five minutes' lowest reading (the first
+descriptors and segments per hour from a line through the lowest reading of each window of about five minutes (the first
 ``--settle`` seconds left out; ``bench.trend`` says why) with its projection to 24 hours; the readings
 themselves are kept in the results file. It passes only with no lost or hung request, an
 error rate under 0.1 % (jobs hit by a kill excluded), descriptors and segments back at their baseline,

@@ -41,10 +41,7 @@ class Trend:
 def fit(points: Sequence[tuple[float, float]], settle_s: float = 0.0) -> Trend | None:
     """The least-squares line through (seconds, value) after the first ``settle_s`` seconds; None with fewer than
     three points left (no slope to speak of)."""
-    if not points:
-        return None
-    first = points[0][0]
-    kept = [(t - first, v) for t, v in points if t - first >= settle_s]
+    kept = settled(points, settle_s)
     if len(kept) < 3:
         return None
     n = len(kept)
@@ -76,8 +73,13 @@ def fit_floors(
     points: Sequence[tuple[float, float]], settle_s: float, window_s: float = FLOOR_WINDOW_S
 ) -> Trend | None:
     """``fit`` through the floors of the readings after the first ``settle_s`` seconds."""
+    return fit(floors(settled(points, settle_s), window_s))
+
+
+def settled(points: Sequence[tuple[float, float]], settle_s: float) -> list[tuple[float, float]]:
+    """The readings taken ``settle_s`` seconds or more after the first."""
     first = points[0][0] if points else 0.0
-    return fit(floors([(t, v) for t, v in points if t - first >= settle_s], window_s))
+    return [(t, v) for t, v in points if t - first >= settle_s]
 
 
 @dataclass(frozen=True)
